@@ -1,0 +1,107 @@
+"""Reading published checkpoint files safely and strictly into a model.
+
+Checkpoints are untrusted input: they are always read with ``torch.load(weights_only=True)``.
+The only globals allowed beyond torch's own are the numpy scalar/array types that files written
+by older mmcv carry in ``meta`` (a palette, a best score); anything else is refused.
+"""
+from __future__ import annotations
+
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+__all__ = ["load_checkpoint", "read_checkpoint"]
+
+_SHOW = 5  # mismatches named in an error message
+
+
+def _numpy_globals() -> list:
+    """numpy types that old mmcv ``meta`` dicts contain, under both numpy 1.x and 2.x paths."""
+    found = [np.dtype, np.ndarray]
+    for module_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            module = __import__(module_name, fromlist=["scalar", "_reconstruct"])
+        except ImportError:
+            continue
+        found += [getattr(module, "scalar"), getattr(module, "_reconstruct")]
+        break
+    found += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return found
+
+
+def read_checkpoint(path: Union[str, Path]) -> Tuple["OrderedDict[str, torch.Tensor]", dict]:
+    """Return ``(state_dict, meta)`` from a published file, without ever unpickling arbitrary code.
+
+    Accepts ``{'meta': ..., 'state_dict': ...}``, a bare state dict, and ``module.``-prefixed keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}; check the path or run `psp-zoo get NAME`")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "global" in str(exc).lower() or "weights_only" in str(exc):
+            raise CheckpointError(
+                f"refused to load {path}: it needs arbitrary unpickling, which could run code "
+                f"({first[:160]}). psp-zoo loads weights only; re-save the file as a plain state dict "
+                f"from code you trust"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first[:160]}); "
+                              f"delete it and download it again") from None
+    except Exception as exc:  # any other failure of the (safe) unpickler: truncated or foreign bytes
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or another format: {first[:160]}); "
+            f"delete it and download it again"
+        ) from None
+
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        state_dict, meta = obj["state_dict"], obj.get("meta") or {}
+    else:
+        state_dict, meta = obj, {}
+    if not isinstance(state_dict, Mapping) or not state_dict or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
+    ):
+        raise CheckpointError(f"{path} holds no state dict of tensors; expected mmseg's "
+                              f"{{'meta', 'state_dict'}} format or a plain state dict")
+    if all(k.startswith("module.") for k in state_dict):
+        state_dict = OrderedDict((k[len("module."):], v) for k, v in state_dict.items())
+    return OrderedDict(state_dict), dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def _mismatches(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list:
+    expected = model.state_dict()
+    problems = []
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:_SHOW])}{more}")
+    return problems
+
+
+def load_checkpoint(model: nn.Module, path: Union[str, Path]) -> dict:
+    """Load a published file into ``model`` strictly (every key and shape must match); return meta."""
+    state_dict, meta = read_checkpoint(path)
+    problems = _mismatches(model, state_dict)
+    if problems:
+        raise CheckpointError(
+            f"{Path(path).name} does not fit {type(model).__name__}: {'; '.join(problems)}. "
+            f"Check that the checkpoint's depth, widths and num_classes match the model"
+        )
+    model.load_state_dict(state_dict, strict=True)
+    return meta

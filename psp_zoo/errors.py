@@ -1,0 +1,34 @@
+"""Exceptions for user-facing mistakes.
+
+Every error a user can cause (a bad name, a broken file, a missing dataset folder) is a
+``PspZooError``: its message says what was wrong and what to do, and the CLI prints it on one
+line and exits non-zero instead of showing a traceback.
+"""
+from __future__ import annotations
+
+
+class PspZooError(Exception):
+    """Base class of every error psp-zoo raises for bad input or an unusable environment."""
+
+
+class ManifestError(PspZooError, ValueError):
+    """A manifest file is malformed: names the entry and the field."""
+
+
+class UnknownModelError(PspZooError, KeyError):
+    """A checkpoint name is not in the manifest: lists the closest valid names."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; show it as written
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(PspZooError):
+    """A checkpoint file is unreadable, unsafe, or does not fit the model."""
+
+
+class DownloadError(PspZooError):
+    """A checkpoint could not be fetched or verified."""
+
+
+class DatasetError(PspZooError):
+    """A dataset folder is missing, incomplete or unreadable."""

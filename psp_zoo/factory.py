@@ -1,0 +1,42 @@
+"""Build a manifest entry's model: resolve -> build -> (fetch) -> load, in four visible steps."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .errors import PspZooError
+from .manifest import get_checkpoint
+from .model import PSPNet
+
+__all__ = ["create_model"]
+
+
+def create_model(name: str, *, pretrained: bool = True, checkpoint: Union[None, str, Path] = None,
+                 device: Union[str, torch.device] = "cpu", manifest=None) -> PSPNet:
+    """The PSPNet of manifest entry ``name`` in eval mode, with its published weights.
+
+    ``checkpoint=PATH`` loads a local file instead of the published one; ``pretrained=False``
+    returns randomly initialised weights.
+    """
+    entry = get_checkpoint(name, manifest=manifest)
+    model = PSPNet(**entry.model_kwargs())
+    if checkpoint is not None:
+        path = Path(checkpoint)
+    elif pretrained:
+        path = _fetch(entry)
+    else:
+        path = None
+    if path is not None:
+        meta = load_checkpoint(model, path)
+        model.checkpoint_meta = meta
+    model.checkpoint_entry = entry
+    return model.eval().to(device)
+
+
+def _fetch(entry) -> Path:
+    raise PspZooError(
+        f"cannot fetch {entry.name} yet: pass checkpoint=PATH to a downloaded copy of {entry.filename}"
+    )

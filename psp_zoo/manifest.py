@@ -1,0 +1,482 @@
+"""The checkpoint manifest: typed, frozen records loaded and validated from ``model_index.yml``.
+
+The built-in manifest lists every PSPNet checkpoint of the mmsegmentation v0.5 model zoo. A user
+manifest (``PSP_ZOO_MANIFEST`` or an explicit path, several joined with ``os.pathsep``) has the same
+schema and adds entries or overrides built-in ones by name, e.g. for private checkpoints.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+import yaml
+
+from .errors import ManifestError, PspZooError, UnknownModelError
+
+__all__ = [
+    "DATASETS",
+    "Published",
+    "DatasetSpec",
+    "Checkpoint",
+    "Manifest",
+    "load_manifest",
+    "get_manifest",
+    "get_checkpoint",
+    "list_models",
+]
+
+#: Dataset keys psp-zoo knows how to read and evaluate.
+DATASETS = ("cityscapes", "ade20k", "voc12aug", "pascal_context", "pascal_context_59")
+
+MANIFEST_ENV = "PSP_ZOO_MANIFEST"
+BUILTIN_MANIFEST = Path(__file__).with_name("model_index.yml")
+
+# Published-table column names as they appear in the manifest and in the README tables.
+PUBLISHED_FIELDS = {
+    "mIoU": ("miou", 0.0, 100.0),
+    "mIoU(ms+flip)": ("miou_ms_flip", 0.0, 100.0),
+    "Mem (GB)": ("mem_gb", 0.0, 1000.0),
+    "Inf time (fps)": ("fps", 0.0, 100000.0),
+}
+ARCH_FIELDS = ("num_classes", "stem_channels", "base_channels", "channels", "aux_channels")
+TEST_FIELDS = ("mode", "img_scale", "crop_size", "stride", "align_corners")
+ENTRY_REQUIRED = ("name", "dataset", "depth", "crop_size", "schedule", "weights", "hash", "published")
+ENTRY_OPTIONAL = ("aliases", "backbone", "log", "sha256", "test", "model")
+DATASET_FIELDS = ("num_classes", "img_scale", "reduce_zero_label", "train_images_per_gpu", "test")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_HEX8_RE = re.compile(r"^[0-9a-f]{8}$")
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+# The hashed file name convention: <anything>-<8 hex>.pth at the end of the URL path.
+_WEIGHTS_RE = re.compile(r"^(?P<stem>[^/?#]+-(?P<hash>[0-9a-f]{8}))\.pth$")
+
+
+@dataclass(frozen=True)
+class Published:
+    """The numbers the results table claims for one checkpoint (None where it shows '-')."""
+
+    miou: Optional[float] = None
+    miou_ms_flip: Optional[float] = None
+    mem_gb: Optional[float] = None
+    fps: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class TestSettings:
+    """How a checkpoint is evaluated: the resize target, whole or sliding-window inference."""
+
+    mode: str
+    img_scale: Tuple[int, int]
+    align_corners: bool
+    crop_size: Optional[Tuple[int, int]] = None
+    stride: Optional[Tuple[int, int]] = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Evaluation facts of one dataset (REFERENCE.md, "Test pipeline")."""
+
+    key: str
+    num_classes: int
+    img_scale: Tuple[int, int]
+    reduce_zero_label: bool
+    train_images_per_gpu: int
+    test: TestSettings
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One published checkpoint file with everything needed to build, fetch and evaluate it."""
+
+    name: str
+    aliases: Tuple[str, ...]
+    dataset: str
+    backbone: str
+    depth: int
+    crop_size: Tuple[int, int]
+    schedule: int
+    url: str
+    log_url: Optional[str]
+    hash_prefix: str
+    sha256: Optional[str]
+    num_classes: int
+    reduce_zero_label: bool
+    train_images_per_gpu: int
+    test: TestSettings
+    published: Published
+    arch: Tuple[Tuple[str, int], ...] = field(default=())
+    source: str = "builtin"
+
+    # Flat views of the test settings, the names users and checks rely on.
+    @property
+    def img_scale(self) -> Tuple[int, int]:
+        return self.test.img_scale
+
+    @property
+    def test_mode(self) -> str:
+        return self.test.mode
+
+    @property
+    def test_crop_size(self) -> Optional[Tuple[int, int]]:
+        return self.test.crop_size
+
+    @property
+    def test_stride(self) -> Optional[Tuple[int, int]]:
+        return self.test.stride
+
+    @property
+    def align_corners(self) -> bool:
+        return self.test.align_corners
+
+    @property
+    def filename(self) -> str:
+        """The hashed weight file name, e.g. ``<name>_<date>_<time>-<hash8>.pth``."""
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def file_stem(self) -> str:
+        return self.filename[: -len(".pth")]
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments for :class:`psp_zoo.PSPNet` that build this checkpoint's network."""
+        kwargs = {
+            "depth": self.depth,
+            "num_classes": self.num_classes,
+            "align_corners": self.align_corners,
+        }
+        kwargs.update(dict(self.arch))
+        return kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers: each raises ManifestError naming the source, the entry and the field
+
+
+class _Where:
+    def __init__(self, source: str, entry: str):
+        self.source, self.entry = source, entry
+
+    def fail(self, fld: str, msg: str) -> "None":
+        raise ManifestError(f"{self.source}: {self.entry}: field '{fld}': {msg}")
+
+    def pair(self, value: Any, fld: str) -> Tuple[int, int]:
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        ):
+            self.fail(fld, f"expected two positive integers like [512, 1024], got {value!r}")
+        return int(value[0]), int(value[1])
+
+    def pos_int(self, value: Any, fld: str) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            self.fail(fld, f"expected a positive integer, got {value!r}")
+        return int(value)
+
+    def boolean(self, value: Any, fld: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(fld, f"expected true or false, got {value!r}")
+        return value
+
+    def mapping(self, value: Any, fld: str) -> Mapping:
+        if not isinstance(value, Mapping):
+            self.fail(fld, f"expected a mapping, got {type(value).__name__}")
+        return value
+
+    def known_keys(self, value: Mapping, allowed: Iterable[str], fld: str) -> None:
+        unknown = sorted(set(map(str, value)) - set(allowed))
+        if unknown:
+            self.fail(f"{fld}.{unknown[0]}" if fld else unknown[0],
+                      f"unknown field; allowed: {', '.join(allowed)}")
+
+
+def _parse_test(where: _Where, raw: Mapping, base: Optional[TestSettings], fld: str) -> TestSettings:
+    where.mapping(raw, fld)
+    where.known_keys(raw, TEST_FIELDS, fld)
+    merged = dict(base.__dict__) if base else {}
+    merged.update(raw)
+    mode = merged.get("mode")
+    if mode not in ("whole", "slide"):
+        where.fail(f"{fld}.mode", f"expected 'whole' or 'slide', got {mode!r}")
+    if "img_scale" not in merged:
+        where.fail(f"{fld}.img_scale", "missing")
+    settings = {
+        "mode": mode,
+        "img_scale": where.pair(merged["img_scale"], f"{fld}.img_scale"),
+        "align_corners": where.boolean(merged.get("align_corners", False), f"{fld}.align_corners"),
+        "crop_size": None,
+        "stride": None,
+    }
+    if mode == "slide":
+        for key in ("crop_size", "stride"):
+            if merged.get(key) is None:
+                where.fail(f"{fld}.{key}", "required when mode is 'slide'")
+            settings[key] = where.pair(merged[key], f"{fld}.{key}")
+    return TestSettings(**settings)
+
+
+def _parse_dataset(source: str, key: str, raw: Any) -> DatasetSpec:
+    where = _Where(source, f"datasets.{key}")
+    if key not in DATASETS:
+        where.fail("name", f"unknown dataset; psp-zoo reads: {', '.join(DATASETS)}")
+    where.mapping(raw, "")
+    where.known_keys(raw, DATASET_FIELDS, "")
+    for fld in DATASET_FIELDS:
+        if fld not in raw:
+            where.fail(fld, "missing")
+    img_scale = where.pair(raw["img_scale"], "img_scale")
+    test_raw = dict(where.mapping(raw["test"], "test"))
+    test_raw.setdefault("img_scale", list(img_scale))
+    return DatasetSpec(
+        key=key,
+        num_classes=where.pos_int(raw["num_classes"], "num_classes"),
+        img_scale=img_scale,
+        reduce_zero_label=where.boolean(raw["reduce_zero_label"], "reduce_zero_label"),
+        train_images_per_gpu=where.pos_int(raw["train_images_per_gpu"], "train_images_per_gpu"),
+        test=_parse_test(where, test_raw, None, "test"),
+    )
+
+
+def _parse_published(where: _Where, raw: Any) -> Published:
+    where.mapping(raw, "published")
+    where.known_keys(raw, PUBLISHED_FIELDS, "published")
+    values = {}
+    for column, (attr, low, high) in PUBLISHED_FIELDS.items():
+        value = raw.get(column)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                where.fail(f"published.{column}", f"expected a number or null, got {value!r}")
+            if not low < value <= high:
+                where.fail(f"published.{column}", f"{value} is out of range ({low}, {high}]")
+            value = float(value)
+        values[attr] = value
+    return Published(**values)
+
+
+def _parse_entry(source: str, index: int, raw: Any, datasets: Mapping[str, DatasetSpec]) -> Checkpoint:
+    label = f"models[{index}]"
+    if isinstance(raw, Mapping) and isinstance(raw.get("name"), str):
+        label += f" '{raw['name']}'"
+    where = _Where(source, label)
+    where.mapping(raw, "")
+    where.known_keys(raw, ENTRY_REQUIRED + ENTRY_OPTIONAL, "")
+    for fld in ENTRY_REQUIRED:
+        if fld not in raw:
+            where.fail(fld, "missing")
+
+    name = raw["name"]
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        where.fail("name", f"expected a name of letters, digits, '_', '-', '.', got {name!r}")
+    aliases = raw.get("aliases") or []
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and _NAME_RE.match(a) for a in aliases):
+        where.fail("aliases", f"expected a list of names, got {aliases!r}")
+    dataset = raw["dataset"]
+    if dataset not in datasets:
+        where.fail("dataset", f"unknown dataset {dataset!r}; expected one of: {', '.join(datasets)}")
+    spec = datasets[dataset]
+    depth = raw["depth"]
+    if depth not in (50, 101):
+        where.fail("depth", f"expected 50 or 101, got {depth!r}")
+
+    url = raw["weights"]
+    if not isinstance(url, str) or not re.match(r"^(https?|file)://", url):
+        where.fail("weights", f"expected an http(s):// or file:// URL, got {url!r}")
+    match = _WEIGHTS_RE.match(url.rsplit("/", 1)[-1])
+    if not match:
+        where.fail("weights", f"file name must end in -<8 hex digits>.pth (the SHA-256 prefix), got {url!r}")
+    hash_prefix = raw["hash"]
+    if not isinstance(hash_prefix, str) or not _HEX8_RE.match(hash_prefix):
+        where.fail("hash", f"expected 8 lowercase hex digits, got {hash_prefix!r}")
+    if match.group("hash") != hash_prefix:
+        where.fail("hash", f"{hash_prefix!r} does not match the weights file name ({match.group('hash')!r})")
+    sha256 = raw.get("sha256")
+    if sha256 is not None and (not isinstance(sha256, str) or not _HEX64_RE.match(sha256)
+                               or not sha256.startswith(hash_prefix)):
+        where.fail("sha256", f"expected 64 lowercase hex digits starting with {hash_prefix!r}, got {sha256!r}")
+    log_url = raw.get("log")
+    if log_url is not None and not isinstance(log_url, str):
+        where.fail("log", f"expected a URL or null, got {log_url!r}")
+
+    arch = dict(where.mapping(raw.get("model") or {}, "model"))
+    where.known_keys(arch, ARCH_FIELDS, "model")
+    for key, value in arch.items():
+        where.pos_int(value, f"model.{key}")
+    num_classes = arch.pop("num_classes", spec.num_classes)
+
+    test = spec.test
+    if raw.get("test") is not None:
+        test = _parse_test(where, raw["test"], spec.test, "test")
+
+    backbone = raw.get("backbone") or f"R-{depth}-D8"
+    if backbone != f"R-{depth}-D8":
+        where.fail("backbone", f"expected 'R-{depth}-D8' for depth {depth}, got {backbone!r}")
+
+    return Checkpoint(
+        name=name,
+        aliases=tuple(aliases),
+        dataset=dataset,
+        backbone=backbone,
+        depth=depth,
+        crop_size=where.pair(raw["crop_size"], "crop_size"),
+        schedule=where.pos_int(raw["schedule"], "schedule"),
+        url=url,
+        log_url=log_url,
+        hash_prefix=hash_prefix,
+        sha256=sha256,
+        num_classes=num_classes,
+        reduce_zero_label=spec.reduce_zero_label,
+        train_images_per_gpu=spec.train_images_per_gpu,
+        test=test,
+        published=_parse_published(where, raw["published"]),
+        arch=tuple(sorted(arch.items())),
+        source=source,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class Manifest:
+    """An ordered collection of checkpoints with name, alias and file-stem lookup."""
+
+    def __init__(self, datasets: Mapping[str, DatasetSpec], checkpoints: Sequence[Checkpoint]):
+        self.datasets = dict(datasets)
+        self._checkpoints = {c.name: c for c in checkpoints}
+        self._lookup: dict = {}
+        for ckpt in self._checkpoints.values():
+            for key in (ckpt.name, *ckpt.aliases, ckpt.file_stem, ckpt.filename):
+                owner = self._lookup.get(key)
+                if owner is not None and owner.name != ckpt.name:
+                    raise ManifestError(
+                        f"{ckpt.source}: models '{ckpt.name}': field 'aliases': {key!r} already "
+                        f"names '{owner.name}'; every name and alias must be unique"
+                    )
+                self._lookup[key] = ckpt
+
+    def __iter__(self):
+        return iter(self._checkpoints.values())
+
+    def __len__(self) -> int:
+        return len(self._checkpoints)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._lookup
+
+    @property
+    def names(self) -> list:
+        return list(self._checkpoints)
+
+    def get(self, name: str) -> Checkpoint:
+        if isinstance(name, str) and name in self._lookup:
+            return self._lookup[name]
+        raise UnknownModelError(self._unknown_message(name))
+
+    def _unknown_message(self, name: Any) -> str:
+        candidates = self.names + [a for c in self for a in c.aliases]
+        close = difflib.get_close_matches(str(name), candidates, n=5, cutoff=0.5)
+        if not close:  # fall back on shared tokens, e.g. 'pspnet_r50_cityscapes'
+            tokens = set(re.split(r"[_\-]", str(name).lower())) - {"", "pspnet"}
+            scored = sorted(((len(tokens & set(re.split(r"[_\-]", n))), n) for n in self.names), reverse=True)
+            close = [n for score, n in scored[:5] if score > 0]
+        hint = f"did you mean: {', '.join(close)}" if close else "run `psp-zoo list` to see them"
+        return f"unknown checkpoint {name!r}; {hint}"
+
+    def list(self, dataset: Optional[str] = None, pattern: Optional[str] = None) -> list:
+        if dataset is not None and dataset not in self.datasets:
+            raise PspZooError(f"unknown dataset {dataset!r}; expected one of: {', '.join(self.datasets)}")
+        return [
+            c.name for c in self
+            if (dataset is None or c.dataset == dataset)
+            and (pattern is None or fnmatch.fnmatchcase(c.name, pattern)
+                 or any(fnmatch.fnmatchcase(a, pattern) for a in c.aliases))
+        ]
+
+
+def _read_yaml(path: Path) -> Mapping:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError(f"cannot read manifest {path}: {exc.strerror or exc}; check the path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, Mapping):
+        raise ManifestError(f"{path}: expected a mapping with 'models' at the top level")
+    unknown = sorted(set(data) - {"version", "datasets", "models"})
+    if unknown:
+        raise ManifestError(f"{path}: unknown top-level field {unknown[0]!r}; allowed: version, datasets, models")
+    if data.get("version", 1) != 1:
+        raise ManifestError(f"{path}: field 'version': this psp-zoo reads version 1, got {data.get('version')!r}")
+    if not isinstance(data.get("models", []), list):
+        raise ManifestError(f"{path}: field 'models': expected a list of entries")
+    if not isinstance(data.get("datasets", {}), Mapping):
+        raise ManifestError(f"{path}: field 'datasets': expected a mapping of dataset keys")
+    return data
+
+
+def load_manifest(*user_paths: Union[str, Path], builtin: bool = True) -> Manifest:
+    """Read the built-in manifest, then each user manifest in order (later ones override)."""
+    datasets: dict = {}
+    entries: dict = {}
+    sources = ([BUILTIN_MANIFEST] if builtin else []) + [Path(p) for p in user_paths]
+    for path in sources:
+        data = _read_yaml(path)
+        source = "model_index.yml" if path == BUILTIN_MANIFEST else str(path)
+        for key, raw in (data.get("datasets") or {}).items():
+            datasets[key] = _parse_dataset(source, key, raw)
+        seen = set()
+        for index, raw in enumerate(data.get("models") or []):
+            ckpt = _parse_entry(source, index, raw, datasets)
+            if ckpt.name in seen:
+                raise ManifestError(f"{source}: models[{index}] '{ckpt.name}': field 'name': duplicate name")
+            seen.add(ckpt.name)
+            entries.pop(ckpt.name, None)  # an override replaces the entry and its aliases
+            entries[ckpt.name] = ckpt
+    return Manifest(datasets, list(entries.values()))
+
+
+_CACHE: dict = {}
+
+
+def _user_manifest_paths(manifest: Union[None, str, Path, Sequence]) -> Tuple[str, ...]:
+    if manifest is None:
+        manifest = os.environ.get(MANIFEST_ENV) or ()
+    if isinstance(manifest, (str, Path)):
+        manifest = [p for p in str(manifest).split(os.pathsep) if p]
+    return tuple(str(Path(p).expanduser()) for p in manifest)
+
+
+def get_manifest(manifest: Union[None, str, Path, Sequence] = None) -> Manifest:
+    """The manifest in force: built-in plus ``manifest`` (or ``$PSP_ZOO_MANIFEST``) overrides.
+
+    Cached per set of files and their modification times, so an edited user manifest is reread.
+    """
+    paths = _user_manifest_paths(manifest)
+    stamp = []
+    for p in paths:
+        try:
+            stamp.append(os.stat(p).st_mtime_ns)
+        except OSError:
+            stamp.append(None)  # load_manifest reports the unreadable path
+    key = (paths, tuple(stamp))
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = load_manifest(*paths)
+    return _CACHE[key]
+
+
+def get_checkpoint(name: str, *, manifest: Union[None, str, Path, Sequence] = None) -> Checkpoint:
+    """The manifest record for a name, an alias (mmseg 1.x config name) or a weight file stem."""
+    return get_manifest(manifest).get(name)
+
+
+def list_models(dataset: Optional[str] = None, pattern: Optional[str] = None, *,
+                manifest: Union[None, str, Path, Sequence] = None) -> list:
+    """Checkpoint names in manifest order, filtered by dataset and a shell-style wildcard."""
+    return get_manifest(manifest).list(dataset=dataset, pattern=pattern)

@@ -1,0 +1,43 @@
+"""Shared test fixtures: paths into ../shared and the two tiny reference checkpoints."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures" / "mmseg"
+TINY = ("r50", "r101")
+
+
+def tiny_info(tag: str) -> dict:
+    """index.json's record for a tiny fixture: checkpoint file name, sha256 and PSPNet config."""
+    return json.loads((FIXTURES / "index.json").read_text())[tag]
+
+
+def tiny_checkpoint_path(tag: str) -> Path:
+    return FIXTURES / tiny_info(tag)["checkpoint"]
+
+
+def tiny_model(tag: str, align_corners: bool = False):
+    from psp_zoo import PSPNet, load_checkpoint
+
+    model = PSPNet(align_corners=align_corners, **tiny_info(tag)["config"]).eval()
+    load_checkpoint(model, tiny_checkpoint_path(tag))
+    return model
+
+
+def tiny_expected(tag: str, align_corners: bool) -> dict:
+    data = torch.load(FIXTURES / f"tiny_pspnet_{tag}-d8_expected.pt", weights_only=True)
+    return data[f"align_corners_{align_corners}"]
+
+
+@pytest.fixture(autouse=True)
+def _isolate_environment(monkeypatch, tmp_path_factory):
+    """No test reads the user's manifest, cache or network settings."""
+    for var in ("PSP_ZOO_MANIFEST", "PSP_ZOO_HOME", "PSP_ZOO_MIRROR", "PSP_ZOO_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))

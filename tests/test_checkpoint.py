@@ -1,0 +1,135 @@
+"""Loading published files: strict, weights-only, with clear errors for anything else."""
+from __future__ import annotations
+
+import os
+import pickle
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+
+from psp_zoo import CheckpointError, PSPNet, PspZooError, create_model, load_checkpoint, read_checkpoint
+
+from conftest import tiny_checkpoint_path, tiny_info
+
+
+def _tiny(tag="r50", **kw):
+    return PSPNet(**{**tiny_info(tag)["config"], **kw})
+
+
+def test_loads_meta_and_returns_it():
+    meta = load_checkpoint(_tiny(), tiny_checkpoint_path("r50"))
+    assert meta["CLASSES"] == ("road", "car", "sky", "tree", "person")
+    assert meta["mmseg_version"] == "1.2.2"
+
+
+@pytest.mark.parametrize("wrap", ["bare", "module", "meta_with_numpy"])
+def test_accepts_published_variants(tmp_path, wrap):
+    state_dict, _ = read_checkpoint(tiny_checkpoint_path("r50"))
+    if wrap == "bare":
+        obj = state_dict
+    elif wrap == "module":
+        obj = {"state_dict": OrderedDict(("module." + k, v) for k, v in state_dict.items())}
+    else:  # older mmcv: numpy scalars and arrays inside meta
+        obj = {"meta": {"PALETTE": np.array([[1, 2, 3]], dtype=np.uint8), "best": np.float64(0.5),
+                        "iter": np.int64(7)}, "state_dict": state_dict}
+    path = tmp_path / "variant.pth"
+    torch.save(obj, path)
+    model = _tiny()
+    meta = load_checkpoint(model, path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state_dict[k])
+    if wrap == "meta_with_numpy":
+        assert meta["best"] == 0.5 and meta["PALETTE"].tolist() == [[1, 2, 3]]
+
+
+def test_mismatched_keys_name_the_first_few(tmp_path):
+    state_dict, _ = read_checkpoint(tiny_checkpoint_path("r50"))
+    state_dict.pop("decode_head.conv_seg.bias")
+    state_dict["decode_head.extra.weight"] = torch.zeros(1)
+    path = tmp_path / "broken.pth"
+    torch.save({"state_dict": state_dict}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(_tiny(), path)
+    message = str(info.value)
+    assert "1 missing: decode_head.conv_seg.bias" in message
+    assert "1 unexpected: decode_head.extra.weight" in message
+
+
+def test_wrong_architecture_reports_shapes():
+    with pytest.raises(CheckpointError, match=r"shape mismatch: .*conv_seg.weight \(5, 16, 1, 1\) vs model \(7, 16, 1, 1\)"):
+        load_checkpoint(_tiny(num_classes=7), tiny_checkpoint_path("r50"))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(_tiny(depth=101), tiny_checkpoint_path("r50"))
+
+
+def test_truncated_and_foreign_files_are_refused(tmp_path):
+    data = tiny_checkpoint_path("r50").read_bytes()
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(_tiny(), truncated)
+    text = tmp_path / "notes.pth"
+    text.write_text("this is not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(_tiny(), text)
+    tensor_list = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], tensor_list)
+    with pytest.raises(CheckpointError, match="no state dict"):
+        load_checkpoint(_tiny(), tensor_list)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(_tiny(), tmp_path / "absent.pth")
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    state_dict, _ = read_checkpoint(tiny_checkpoint_path("r50"))
+    path = tmp_path / "evil.pth"
+    torch.save({"meta": {"hook": _Payload(str(marker))}, "state_dict": state_dict}, path)
+    with pytest.raises(CheckpointError, match="arbitrary unpickling"):
+        load_checkpoint(_tiny(), path)
+    assert not marker.exists()
+    # the same payload as a legacy (non-zip) pickle file
+    legacy = tmp_path / "evil_legacy.pth"
+    torch.save({"state_dict": state_dict, "x": _Payload(str(marker))}, legacy,
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(_tiny(), legacy)
+    assert not marker.exists()
+    # and the payload really would run if unpickled in full
+    with open(path, "rb"):
+        pass
+    pickle.loads(pickle.dumps(_Payload(str(marker))))
+    assert marker.exists()
+
+
+def test_create_model_from_local_checkpoint(tmp_path):
+    manifest = tmp_path / "m.yml"
+    manifest.write_text(f"""
+models:
+  - name: tiny_r50
+    dataset: cityscapes
+    depth: 50
+    crop_size: [64, 64]
+    schedule: 10
+    weights: file://{tiny_checkpoint_path('r50')}
+    hash: "5c6bb156"
+    published: {{}}
+    model: {{num_classes: 5, stem_channels: 8, base_channels: 8, channels: 16, aux_channels: 8}}
+""")
+    model = create_model("tiny_r50", checkpoint=tiny_checkpoint_path("r50"), manifest=str(manifest))
+    assert not model.training
+    assert model.checkpoint_entry.name == "tiny_r50"
+    unloaded = create_model("tiny_r50", pretrained=False, manifest=str(manifest))
+    assert not torch.equal(unloaded.decode_head.conv_seg.weight, model.decode_head.conv_seg.weight)

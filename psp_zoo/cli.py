@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 from typing import Callable, Iterator, List, Optional
 
@@ -227,8 +228,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except PspZooError as exc:
         print(f"psp-zoo {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except BrokenPipeError:  # output piped into `head`: stop quietly
-        sys.stdout = None
+    except BrokenPipeError:  # output piped into `head`: stop quietly (recipe from the signal docs)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"psp-zoo {args.command}: interrupted", file=sys.stderr)

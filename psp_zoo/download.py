@@ -207,10 +207,11 @@ def download(name_or_url: NameOrUrl, *, cache_dir: Union[None, str, Path] = None
     final = _cache_root(cache_dir) / target.filename
     if final.is_file() and _marker_matches(final, target):
         return final  # the common case: no lock, no hashing
-    if offline if offline is not None else _env_flag(OFFLINE_ENV):
+    offline = _env_flag(OFFLINE_ENV) if offline is None else offline
+    if offline:
         return _from_cache_only(final, target)
     _make_dirs(final)
-    with _locked(final, quiet):
+    with _locked(final):
         if _is_verified(final, target):
             return final  # present already, or fetched by another process while we waited
         url = resolve_url(target.url, mirror)
@@ -244,7 +245,7 @@ def _make_dirs(final: Path) -> None:
 class _locked:
     """A per-file inter-process lock; says so when another process holds it, then waits."""
 
-    def __init__(self, final: Path, quiet: Optional[bool]):
+    def __init__(self, final: Path):
         self.final, self.lock = final, filelock.FileLock(str(_housekeeping(final, ".lock")))
 
     def __enter__(self):

@@ -42,7 +42,7 @@ class CheckpointServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
         self.base = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True).start()
         for tag in TINY:
             self.files[ZOO_DIR + tiny_checkpoint_path(tag).name] = tiny_checkpoint_path(tag).read_bytes()
 

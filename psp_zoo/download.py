@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
@@ -54,6 +54,8 @@ _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _NOT_THERE_STATUS = {401, 403, 404, 410}
 
 NameOrUrl = Union[str, Checkpoint]
+CacheDir = Union[None, str, Path]
+ManifestPaths = Union[None, str, Path, Sequence[Union[str, Path]]]  # as psp_zoo.get_manifest takes
 
 
 @dataclass(frozen=True)
@@ -82,12 +84,12 @@ class _Retryable(Exception):
 # where things are
 
 
-def cache_dir(path: Union[None, str, Path] = None) -> Path:
+def cache_dir(path: CacheDir = None) -> Path:
     """The checkpoint cache: ``path``, else ``$PSP_ZOO_HOME``, else ``torch.hub.get_dir()/checkpoints``."""
     return _cache_root(path)
 
 
-def _cache_root(path: Union[None, str, Path]) -> Path:
+def _cache_root(path: CacheDir) -> Path:
     # torch.hub and mmseg (via mmengine) save published files here under the same hashed names
     if path is None:
         path = os.environ.get(HOME_ENV) or Path(torch.hub.get_dir()) / "checkpoints"
@@ -102,7 +104,7 @@ def resolve_url(url: str, mirror: Optional[str] = None) -> str:
     return url
 
 
-def _target(name_or_url: NameOrUrl, manifest=None, sha256: Optional[str] = None) -> _Target:
+def _target(name_or_url: NameOrUrl, manifest: ManifestPaths = None, sha256: Optional[str] = None) -> _Target:
     if isinstance(name_or_url, Checkpoint):
         entry = name_or_url
     elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", name_or_url):
@@ -118,7 +120,7 @@ def _target(name_or_url: NameOrUrl, manifest=None, sha256: Optional[str] = None)
     return _Target(entry.url, entry.filename, entry.hash_prefix, sha256 or entry.sha256, label=entry.name)
 
 
-def cached_path(name_or_url: NameOrUrl, *, cache_dir: Union[None, str, Path] = None, manifest=None) -> Path:
+def cached_path(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, manifest: ManifestPaths = None) -> Path:
     """Where the verified file of a checkpoint name, manifest record or URL lives (or would live)."""
     return _cache_root(cache_dir) / _target(name_or_url, manifest).filename
 
@@ -175,7 +177,7 @@ def _is_verified(final: Path, target: _Target) -> bool:
     return True
 
 
-def cache_state(name_or_url: NameOrUrl, *, cache_dir: Union[None, str, Path] = None, manifest=None) -> str:
+def cache_state(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, manifest: ManifestPaths = None) -> str:
     """'cached' (verified), 'corrupt' (wrong hash), 'partial' (an interrupted download) or 'missing'."""
     target = _target(name_or_url, manifest)
     final = _cache_root(cache_dir) / target.filename
@@ -184,7 +186,7 @@ def cache_state(name_or_url: NameOrUrl, *, cache_dir: Union[None, str, Path] = N
     return "partial" if _housekeeping(final, ".part").is_file() else "missing"
 
 
-def is_cached(name_or_url: NameOrUrl, *, cache_dir: Union[None, str, Path] = None, manifest=None) -> bool:
+def is_cached(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, manifest: ManifestPaths = None) -> bool:
     """True if the checkpoint's file is in the cache with the right hash."""
     return cache_state(name_or_url, cache_dir=cache_dir, manifest=manifest) == "cached"
 
@@ -193,8 +195,8 @@ def is_cached(name_or_url: NameOrUrl, *, cache_dir: Union[None, str, Path] = Non
 # fetching
 
 
-def download(name_or_url: NameOrUrl, *, cache_dir: Union[None, str, Path] = None, mirror: Optional[str] = None,
-             offline: Optional[bool] = None, quiet: Optional[bool] = None, manifest=None,
+def download(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, mirror: Optional[str] = None,
+             offline: Optional[bool] = None, quiet: Optional[bool] = None, manifest: ManifestPaths = None,
              sha256: Optional[str] = None, retries: Optional[int] = None, backoff: Optional[float] = None,
              timeout: Optional[float] = None) -> Path:
     """The verified local path of a checkpoint (name, alias, manifest record or URL), fetching it if needed.

@@ -6,8 +6,13 @@ that tried several things and some failed exits 1 after doing the rest.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
 import sys
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 from . import __version__
 from .errors import PspZooError
@@ -39,6 +44,182 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: List[Callable] = []
 
 
+# --------------------------------------------------------------------------------------------
+# checkpoint hub: list, info, get
+
+
+def _add_cache_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", metavar="DIR", default=None,
+                        help="checkpoint cache (default: $PSP_ZOO_HOME, else torch.hub's checkpoints folder)")
+
+
+def _list_frame(args: argparse.Namespace):
+    import pandas as pd
+
+    from .download import is_cached
+    from .manifest import get_manifest
+
+    manifest = get_manifest(args.manifest)
+    rows = []
+    for name in manifest.list(dataset=args.dataset, pattern=args.pattern):
+        entry = manifest.get(name)
+        published = entry.published
+        rows.append({
+            "name": entry.name, "dataset": entry.dataset, "backbone": entry.backbone,
+            "crop": "x".join(map(str, entry.crop_size)), "schedule": entry.schedule,
+            "mIoU": published.miou, "mIoU(ms+flip)": published.miou_ms_flip,
+            "Mem (GB)": published.mem_gb, "Inf time (fps)": published.fps,
+            "cached": is_cached(entry, cache_dir=args.cache_dir),
+        })
+    columns = ["name", "dataset", "backbone", "crop", "schedule", "mIoU", "mIoU(ms+flip)",
+               "Mem (GB)", "Inf time (fps)", "cached"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    frame = _list_frame(args)
+    if args.format == "json":
+        print(frame.to_json(orient="records", indent=1))
+    elif args.format == "csv":
+        print(frame.to_csv(index=False), end="")
+    else:
+        from tabulate import tabulate
+
+        shown = frame.assign(cached=frame["cached"].map({True: "yes", False: "no"}))
+        shown = shown.astype(object).where(shown.notna(), None)  # '-' like the published table
+        print(tabulate(shown, headers="keys", tablefmt="github", showindex=False, missingval="-"))
+    return 0
+
+
+def _register_list(sub) -> None:
+    parser = sub.add_parser("list", help="the published checkpoints, their numbers and cache state")
+    parser.add_argument("--dataset", help="only this dataset (cityscapes, ade20k, voc12aug, pascal_context, ...)")
+    parser.add_argument("--pattern", help="only names matching this shell wildcard, e.g. '*r101*'")
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    _add_manifest_option(parser)
+    _add_cache_options(parser)
+    parser.set_defaults(func=_cmd_list)
+
+
+def _info_fields(args: argparse.Namespace) -> dict:
+    from .download import cache_state, cached_path, resolve_url
+    from .manifest import get_checkpoint
+
+    entry = get_checkpoint(args.name, manifest=args.manifest)
+    fields = dataclasses.asdict(entry)
+    fields["test"] = {k: v for k, v in fields["test"].items() if v is not None}
+    fields["arch"] = dict(entry.arch)
+    fields.update(
+        filename=entry.filename,
+        download_url=resolve_url(entry.url, args.mirror),
+        cache_path=str(cached_path(entry, cache_dir=args.cache_dir)),
+        cache_state=cache_state(entry, cache_dir=args.cache_dir),
+    )
+    return fields
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    fields = _info_fields(args)
+    if args.format == "json":
+        print(json.dumps(fields, indent=1))
+        return 0
+    width = max(map(len, fields))
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+        elif isinstance(value, (list, tuple)):
+            value = ", ".join(map(str, value)) or "-"
+        print(f"{key:<{width}}  {'-' if value is None else value}")
+    return 0
+
+
+def _register_info(sub) -> None:
+    parser = sub.add_parser("info", help="every field of one checkpoint, its cache path and state")
+    parser.add_argument("name", help="checkpoint name, alias or file stem")
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--mirror", metavar="BASE", default=None,
+                        help="show the download URL on this mirror (default: $PSP_ZOO_MIRROR)")
+    _add_manifest_option(parser)
+    _add_cache_options(parser)
+    parser.set_defaults(func=_cmd_info)
+
+
+def _selected_checkpoints(args: argparse.Namespace) -> list:
+    """The entries ``get`` should fetch; every name is checked before anything is downloaded."""
+    from .manifest import get_manifest
+
+    if sum((bool(args.names), args.dataset is not None, args.all)) != 1:
+        raise PspZooError("give checkpoint names, --dataset D or --all (exactly one of them)")
+    manifest = get_manifest(args.manifest)
+    if args.all:
+        return list(manifest)
+    if args.dataset is not None:
+        names = manifest.list(dataset=args.dataset)
+        if not names:
+            raise PspZooError(f"the manifest has no checkpoints for dataset {args.dataset!r}")
+        return [manifest.get(n) for n in names]
+    entries = []
+    for name in args.names:
+        matches = manifest.list(pattern=name) if any(c in name for c in "*?[") else [name]
+        if not matches:
+            raise PspZooError(f"no checkpoint name matches {name!r}; run `psp-zoo list` to see them")
+        entries += [manifest.get(n) for n in matches]
+    return list({e.name: e for e in entries}.values())
+
+
+@contextlib.contextmanager
+def _progress_messages(quiet: bool) -> Iterator[None]:
+    """Show psp_zoo's progress log (retries, waiting on a lock) on stderr for this command."""
+    logger = logging.getLogger("psp_zoo")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("psp-zoo: %(message)s"))
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    from .download import download
+
+    entries = _selected_checkpoints(args)
+    failed = 0
+    with _progress_messages(args.quiet):
+        for entry in entries:
+            try:
+                path = download(entry, cache_dir=args.cache_dir, mirror=args.mirror,
+                                offline=args.offline or None, quiet=args.quiet)
+            except PspZooError as exc:
+                failed += 1
+                print(f"psp-zoo get: error: {entry.name}: {exc}", file=sys.stderr, flush=True)
+                continue
+            print(path, flush=True)
+    return EXIT_FAILED if failed else 0
+
+
+def _register_get(sub) -> None:
+    parser = sub.add_parser("get", help="download and verify checkpoints; prints each local path")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="checkpoint names, aliases or shell wildcards")
+    parser.add_argument("--dataset", help="every checkpoint of this dataset")
+    parser.add_argument("--all", action="store_true", help="every checkpoint in the manifest")
+    parser.add_argument("--mirror", metavar="BASE", default=None,
+                        help="replaces https://download.openmmlab.com/ (default: $PSP_ZOO_MIRROR)")
+    parser.add_argument("--offline", action="store_true",
+                        help="use only the cache (default: $PSP_ZOO_OFFLINE)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or messages, only paths and errors")
+    _add_manifest_option(parser)
+    _add_cache_options(parser)
+    parser.set_defaults(func=_cmd_get)
+
+
+COMMANDS += [_register_list, _register_info, _register_get]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -47,6 +228,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except PspZooError as exc:
         print(f"psp-zoo {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # output piped into `head`: stop quietly (recipe from the signal docs)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"psp-zoo {args.command}: interrupted", file=sys.stderr)
         return 130

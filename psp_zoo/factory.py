@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 
 from .checkpoint import load_checkpoint
-from .errors import PspZooError
+from .download import download
 from .manifest import get_checkpoint
 from .model import PSPNet
 
@@ -15,18 +15,21 @@ __all__ = ["create_model"]
 
 
 def create_model(name: str, *, pretrained: bool = True, checkpoint: Union[None, str, Path] = None,
-                 device: Union[str, torch.device] = "cpu", manifest=None) -> PSPNet:
+                 device: Union[str, torch.device] = "cpu", manifest=None,
+                 cache_dir: Union[None, str, Path] = None, mirror: Optional[str] = None,
+                 offline: Optional[bool] = None, quiet: Optional[bool] = None) -> PSPNet:
     """The PSPNet of manifest entry ``name`` in eval mode, with its published weights.
 
-    ``checkpoint=PATH`` loads a local file instead of the published one; ``pretrained=False``
-    returns randomly initialised weights.
+    The weights are downloaded and verified, or found in the cache (see :func:`psp_zoo.download`
+    for ``cache_dir``, ``mirror``, ``offline`` and ``quiet``). ``checkpoint=PATH`` loads a local
+    file instead of the published one; ``pretrained=False`` returns randomly initialised weights.
     """
     entry = get_checkpoint(name, manifest=manifest)
     model = PSPNet(**entry.model_kwargs())
     if checkpoint is not None:
         path = Path(checkpoint)
     elif pretrained:
-        path = _fetch(entry)
+        path = download(entry, cache_dir=cache_dir, mirror=mirror, offline=offline, quiet=quiet)
     else:
         path = None
     if path is not None:
@@ -35,8 +38,3 @@ def create_model(name: str, *, pretrained: bool = True, checkpoint: Union[None, 
     model.checkpoint_entry = entry
     return model.eval().to(device)
 
-
-def _fetch(entry) -> Path:
-    raise PspZooError(
-        f"cannot fetch {entry.name} yet: pass checkpoint=PATH to a downloaded copy of {entry.filename}"
-    )

@@ -41,3 +41,26 @@ def _isolate_environment(monkeypatch, tmp_path_factory):
     for var in ("PSP_ZOO_MANIFEST", "PSP_ZOO_HOME", "PSP_ZOO_MIRROR", "PSP_ZOO_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+
+
+@pytest.fixture
+def hub_server():
+    """A checkpoint host on 127.0.0.1 serving the tiny fixtures (see hub_server.py)."""
+    from hub_server import CheckpointServer
+
+    server = CheckpointServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def hub_manifest(hub_server, tmp_path):
+    """A user manifest whose entries tiny_r50 / tiny_r101 are hosted by ``hub_server``."""
+    from hub_server import write_manifest
+
+    return write_manifest(tmp_path / "tiny_manifest.yml", hub_server.base)
+
+
+@pytest.fixture
+def hub_cache(tmp_path):
+    return tmp_path / "cache"

@@ -1,0 +1,147 @@
+"""`psp-zoo list / info / get`: output, exit codes, one-line errors, and one download for two processes."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pandas as pd
+import pytest
+
+from psp_zoo.cli import main
+
+from conftest import REPO, tiny_checkpoint_path, tiny_info
+from hub_server import OPENMMLAB, write_manifest
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_list_shows_published_numbers_and_cache_state(capsys, hub_server, hub_manifest, hub_cache):
+    args = ("--manifest", hub_manifest, "--cache-dir", hub_cache)
+    code, out, _ = run_cli(capsys, "list", "--format", "json", "--pattern", "tiny*", *args)
+    rows = json.loads(out)
+    assert code == 0 and [r["name"] for r in rows] == ["tiny_r50", "tiny_r101"]
+    assert rows[0]["mIoU"] == 1.5 and rows[0]["Mem (GB)"] is None and rows[0]["cached"] is False
+
+    assert run_cli(capsys, "get", "tiny_r50", "--quiet", *args)[0] == 0
+    code, out, _ = run_cli(capsys, "list", "--format", "csv", "--dataset", "cityscapes", *args)
+    frame = pd.read_csv(io.StringIO(out))
+    assert len(frame) == 10 and frame.set_index("name")["cached"].to_dict()["tiny_r50"]
+    assert frame.set_index("name").loc["pspnet_r50-d8_512x1024_40k_cityscapes", "mIoU"] == 77.85
+
+    code, out, _ = run_cli(capsys, "list", "--pattern", "tiny*", *args)
+    table = out.splitlines()
+    assert table[0].startswith("| name") and "| yes" in table[2] and "| no" in table[3] and len(table) == 4
+
+
+def test_info_shows_every_field_and_the_cache(capsys, hub_manifest, hub_cache, hub_server):
+    args = ("--manifest", hub_manifest, "--cache-dir", hub_cache)
+    code, out, _ = run_cli(capsys, "info", "tiny-r101-alias", "--format", "json", *args)
+    fields = json.loads(out)
+    assert code == 0 and fields["name"] == "tiny_r101" and fields["sha256"] == tiny_info("r101")["sha256"]
+    assert fields["cache_path"] == str(hub_cache / tiny_checkpoint_path("r101").name)
+    assert fields["cache_state"] == "missing" and fields["arch"]["base_channels"] == 8
+    assert fields["url"] == hub_server.url("r101") and fields["test"]["mode"] == "whole"
+
+    run_cli(capsys, "get", "tiny_r101", "--quiet", *args)
+    code, out, _ = run_cli(capsys, "info", "tiny_r101", *args)
+    text = dict(line.split(None, 1) for line in out.splitlines())
+    assert text["cache_state"] == "cached" and text["depth"] == "101" and text["crop_size"] == "64, 64"
+
+
+def test_get_prints_verified_paths(capsys, hub_server, hub_manifest, hub_cache):
+    code, out, err = run_cli(capsys, "get", "tiny_*", "--quiet", "--manifest", hub_manifest,
+                             "--cache-dir", hub_cache)
+    assert code == 0 and err == ""
+    assert out.splitlines() == [str(hub_cache / tiny_checkpoint_path(t).name) for t in ("r50", "r101")]
+
+
+def test_get_tries_the_rest_and_exits_nonzero(capsys, hub_server, hub_manifest, hub_cache):
+    hub_server.script("r50", "404")
+    code, out, err = run_cli(capsys, "get", "tiny_r50", "tiny_r101", "--quiet",
+                             "--manifest", hub_manifest, "--cache-dir", hub_cache)
+    assert code == 1 and out.splitlines() == [str(hub_cache / tiny_checkpoint_path("r101").name)]
+    line = _one_line(err)
+    assert line.startswith("psp-zoo get: error: tiny_r50: ") and "HTTP 404" in line and "--mirror" in line
+
+
+def test_get_offline_and_mirror(capsys, hub_server, tmp_path, hub_cache, monkeypatch):
+    manifest = write_manifest(tmp_path / "official.yml", OPENMMLAB)
+    monkeypatch.setenv("PSP_ZOO_MANIFEST", str(manifest))
+    monkeypatch.setenv("PSP_ZOO_HOME", str(hub_cache))
+    code, _, err = run_cli(capsys, "get", "tiny_r50", "--offline")
+    assert code == 1 and "is not in the cache" in _one_line(err) and str(hub_cache) in err
+    code, out, err = run_cli(capsys, "get", "tiny_r50", "--mirror", hub_server.base)
+    assert code == 0 and out.strip() == str(hub_cache / tiny_checkpoint_path("r50").name)
+    assert "downloading " + hub_server.url("r50") in err  # progress messages when not --quiet
+    assert run_cli(capsys, "get", "tiny_r50", "--offline", "--quiet")[:2] == (0, out)
+    assert len(hub_server.log) == 1
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["get", "tiny_r5", "tiny_r50"], "unknown checkpoint 'tiny_r5'; did you mean: tiny_r50"),
+    (["get"], "give checkpoint names, --dataset D or --all"),
+    (["get", "tiny_r50", "--all"], "give checkpoint names, --dataset D or --all"),
+    (["get", "--dataset", "pascal_context_59"], "no checkpoints for dataset 'pascal_context_59'"),
+    (["get", "nothing*"], "no checkpoint name matches 'nothing*'"),
+    (["list", "--dataset", "kitti"], "unknown dataset 'kitti'"),
+    (["info", "pspnet_r50_cityscapes"], "did you mean: "),
+])
+def test_user_errors_are_one_line_and_nothing_is_fetched(capsys, hub_server, hub_manifest, argv, expected):
+    code, out, err = run_cli(capsys, *argv, "--manifest", hub_manifest)
+    assert code == 2 and expected in _one_line(err) and hub_server.log == []
+
+
+def test_a_broken_manifest_is_one_line(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "info", "tiny_r50", "--manifest", tmp_path / "missing.yml")
+    assert code == 2 and "cannot read manifest" in _one_line(err)
+
+
+def _psp_zoo(*argv, stderr=subprocess.PIPE) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "psp_zoo", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=stderr, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_two_processes_download_once(hub_server, hub_manifest, hub_cache):
+    args = ("get", "tiny_r50", "--manifest", hub_manifest, "--cache-dir", hub_cache)
+    hub_server.script("r50", "stall:300000")  # the first download pauses mid-file until released
+    first = _psp_zoo(*args)
+    assert hub_server.stalled.wait(120), "first process never started downloading"
+    second = _psp_zoo(*args)
+    waiting, lines = threading.Event(), []
+
+    def read_stderr():
+        for line in second.stderr:
+            lines.append(line)
+            if "waiting for another process" in line:
+                waiting.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    assert waiting.wait(120), "".join(lines)  # the second process is blocked on the lock ...
+    hub_server.released.set()  # ... while the first one finishes
+    outputs = [p.communicate(timeout=120)[0] for p in (first, second)]
+    reader.join(30)
+    assert [first.returncode, second.returncode] == [0, 0], lines
+    assert outputs[0] == outputs[1] == f"{hub_cache / tiny_checkpoint_path('r50').name}\n"
+    assert len(hub_server.requests_for("r50")) == 1
+
+
+def test_the_console_entry_reports_an_unknown_name_without_traceback(hub_manifest):
+    process = _psp_zoo("get", "tiny_r55", "--manifest", hub_manifest)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2 and out == ""
+    assert _one_line(err).startswith("psp-zoo get: error: unknown checkpoint 'tiny_r55'; did you mean: tiny_r50")

@@ -188,6 +188,12 @@ class _Parser:
         value = self.get(data, key, (int, float), fld, optional)
         return None if value is None else float(value)
 
+    def names(self, data: Mapping, key: str) -> Tuple[str, ...]:
+        values = self.get(data, key, (list,), key)
+        if not all(isinstance(v, str) for v in values):
+            self.fail(key, f"expected a list of names, got {values!r}")
+        return tuple(values)
+
     def metrics(self, data: Any, fld: str) -> Optional[Metrics]:
         if data is None:
             return None
@@ -256,7 +262,7 @@ class _Parser:
                               limit=self.get(images, "limit", (int,), "images.limit", True)),
             settings=self.get(data, "settings", (dict,), "settings"),
             precision=self.get(data, "precision", (str,), "precision"),
-            optimizations=tuple(self.get(data, "optimizations", (list,), "optimizations")),
+            optimizations=self.names(data, "optimizations"),
             single_scale=self.metrics(metrics.get("single_scale"), "metrics.single_scale"),
             ms_flip=self.metrics(metrics.get("ms_flip"), "metrics.ms_flip"),
             speed=self.speed(data.get("speed")),

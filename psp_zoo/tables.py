@@ -193,7 +193,7 @@ def build_tables(manifest: ManifestArg = None, results: Sequence[ResultRecord] =
 
 def _cell(row: pd.Series, column: str) -> str:
     published = _published_text(column, row[column])
-    if row["Label"] is None or (isinstance(row["Label"], float) and math.isnan(row["Label"])):
+    if not isinstance(row["Label"], str):  # no result for this row
         return published
     reproduced, diff = row[f"{column} reproduced"], row[f"{column} diff"]
     if reproduced is None or pd.isna(reproduced):

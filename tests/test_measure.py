@@ -62,10 +62,10 @@ def test_inference_peak_memory_on_cpu_is_labelled():
 
 def test_training_memory_runs_on_cpu_with_tiny_config():
     config = dict(tiny_info("r50")["config"], align_corners=False)
-    use = training_memory(config, (64, 64), 2, "cpu")
+    use = training_memory(config, (32, 48), 2, "cpu")
     assert use.kind == "cpu peak RSS"
     assert use.gb > 0
-    assert "64x64" in use.detail and "2 image(s)" in use.detail
+    assert "32x48" in use.detail and "2 image(s)" in use.detail
 
 
 def test_training_loss_is_decode_plus_weighted_aux_and_skips_ignored_pixels():

@@ -32,3 +32,7 @@ class DownloadError(PspZooError):
 
 class DatasetError(PspZooError):
     """A dataset folder is missing, incomplete or unreadable."""
+
+
+class ResultsError(PspZooError):
+    """A results file is malformed or a results folder is missing: names the file and the field."""

@@ -1,0 +1,122 @@
+"""Results files: schema round trip, strict reading, atomic writes, resumable partial state."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from psp_zoo.errors import ResultsError
+from psp_zoo.results import (ImageCount, MemoryUse, Metrics, PartialState, ResultRecord, Speed,
+                             device_tag, environment_info, read_result, read_results, result_path,
+                             write_result)
+
+
+def make_record(name="pspnet_r50-d8_512x1024_40k_cityscapes", dataset="cityscapes", *, miou=0.778,
+                device_kind="cuda", device_name="NVIDIA H100 80GB HBM3", fps=9.5, mem_gb=6.3,
+                ms_flip=0.791, torch_version="2.5.1", limit=None, count=500, status="complete"):
+    env = {"device_kind": device_kind, "device_name": device_name, "torch": torch_version,
+           "cuda": "12.4", "cudnn": "90100", "python": "3.11.7", "numpy": "2.0", "psp_zoo": "0.1.0",
+           "git_revision": "abcdef123456", "platform": "Linux"}
+    names = ["road", "sidewalk", "rare"]
+    metrics = lambda m: Metrics.from_fractions(  # noqa: E731
+        names, aacc=0.95, miou=m, macc=0.85, iou=[0.9, m, float("nan")], acc=[0.95, 0.8, float("nan")])
+    mem_kind = "cuda max_memory_allocated" if device_kind == "cuda" else "cpu peak RSS"
+    return ResultRecord(
+        checkpoint=name, dataset=dataset, environment=env,
+        images=ImageCount(count=count, available=500, limit=limit),
+        settings={"mode": "whole", "img_scale": [2048, 1024]},
+        single_scale=metrics(miou), ms_flip=None if ms_flip is None else metrics(ms_flip),
+        speed=Speed(fps=fps, images_timed=195, warmup=5, device_kind=device_kind),
+        training_memory=MemoryUse(gb=mem_gb, kind=mem_kind, detail="training"),
+        inference_memory=MemoryUse(gb=1.5, kind=mem_kind, detail="inference"),
+        status=status, error=None if status == "complete" else "CUDA out of memory",
+        date="2025-06-01T12:00:00+00:00")
+
+
+def test_record_round_trip_keeps_every_field(tmp_path):
+    record = make_record()
+    path = result_path(tmp_path, record.checkpoint, record.environment)
+    assert path == tmp_path / record.checkpoint / "cuda-nvidia-h100-80gb-hbm3.json"
+    write_result(path, record)
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == 1 and data["metrics"]["ms_flip"]["mIoU"] == pytest.approx(79.1)
+    assert data["metrics"]["single_scale"]["per_class"]["rare"] == {"IoU": None, "Acc": None}
+    assert read_result(path) == record
+
+
+def test_result_path_names_device_and_precision(tmp_path):
+    cpu = {"device_kind": "cpu", "device_name": "Intel Xeon"}
+    assert device_tag(cpu) == "cpu"
+    assert result_path(tmp_path, "m", cpu, "fp16").name == "cpu_fp16.json"
+
+
+def test_environment_info_has_versions_and_no_hostname():
+    env = environment_info("cpu")
+    assert env["device_kind"] == "cpu" and env["torch"] == torch.__version__
+    assert {"cuda", "cudnn", "python", "psp_zoo", "git_revision", "device_name"} <= set(env)
+    host = socket.gethostname()
+    if len(host) >= 4:
+        assert host not in json.dumps(env)
+
+
+def test_failed_write_leaves_old_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "m" / "cpu.json"
+    write_result(path, make_record(miou=0.5))
+    before = path.read_bytes()
+
+    def crash(fd):
+        raise OSError("disk full")  # after the new bytes went to the temporary file
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_result(path, make_record(miou=0.7))
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cpu.json"]  # no temporary left behind
+
+
+def test_read_results_rejects_a_bad_file_by_name(tmp_path):
+    write_result(tmp_path / "a" / "cpu.json", make_record())
+    bad = tmp_path / "b" / "cpu.json"
+    data = make_record().to_dict()
+    data["speed"]["fps"] = "fast"
+    bad.parent.mkdir()
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match=r"b/cpu\.json: field 'speed\.fps'"):
+        read_results(tmp_path)
+    with pytest.warns(UserWarning, match="skipping"):
+        assert len(read_results(tmp_path, strict=False)) == 1
+    bad.write_text('{"schema_version": 1, "checkpoint": "x"')  # truncated by hand
+    with pytest.raises(ResultsError, match="not valid JSON"):
+        read_results(tmp_path)
+
+
+def test_read_results_rejects_other_schema_versions_and_missing_dir(tmp_path):
+    data = make_record().to_dict()
+    data["schema_version"] = 99
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "cpu.json").write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match="schema_version"):
+        read_results(tmp_path)
+    with pytest.raises(ResultsError, match="does not exist"):
+        read_results(tmp_path / "nowhere")
+
+
+def test_partial_state_round_trip_and_guards(tmp_path):
+    fingerprint = {"checkpoint": "m", "ms_flip": True, "images": 7}
+    state = PartialState.for_result(tmp_path / "m" / "cpu.json", fingerprint, every=3)
+    assert state.load() is None
+    hist = {"intersect": torch.arange(5, dtype=torch.float64), "label": np.full(5, 7, dtype=np.int64)}
+    assert not state.maybe_save(2, hist)
+    assert state.maybe_save(3, hist)
+    next_index, arrays = PartialState.for_result(tmp_path / "m" / "cpu.json", fingerprint).load()
+    assert next_index == 3
+    np.testing.assert_array_equal(arrays["intersect"], np.arange(5))
+    assert arrays["label"].dtype == np.int64
+    other = PartialState(state.path, {**fingerprint, "ms_flip": False})
+    with pytest.warns(UserWarning, match="other settings"):
+        assert other.load() is None
+    state.clear()
+    assert not state.path.exists() and state.load() is None

@@ -61,7 +61,7 @@ def write_cityscapes(folder: Path, *, label_ids: bool = False, seed: int = 0) ->
         else:
             label = _labels(rng, h, w, [0, 1, 2, 3, 4, 255])
             _write_label(folder / "gtFine" / "val" / f"{name}_gtFine_labelTrainIds.png", label)
-        written[f"{name}_leftImg8bit"] = (rgb, label)
+        written[name] = (rgb, label)
     return written
 
 

@@ -8,6 +8,9 @@ result dict.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
@@ -23,7 +26,7 @@ from .metrics import ConfusionMatrix
 from .transforms import target_scales
 
 __all__ = ["evaluate", "predictions", "accumulate", "summarize", "resolve_device", "resolve_settings",
-           "TEST_OVERRIDES"]
+           "write_result", "TEST_OVERRIDES"]
 
 #: Test settings a caller may override by keyword (e.g. ``mode='slide', crop_size=(512, 512)``).
 TEST_OVERRIDES = ("mode", "img_scale", "crop_size", "stride", "align_corners")
@@ -159,3 +162,17 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
     result["settings"] = {**dataclasses.asdict(settings), "scales": scales,
                           "num_classes": target.num_classes, "reduce_zero_label": target.reduce_zero_label}
     return result
+
+
+def write_result(result: Dict[str, object], path: Union[str, Path]) -> None:
+    """Write an ``evaluate`` result as JSON atomically (temp file, then rename); NaN stays NaN."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(result, handle, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,6 +1,7 @@
 """End-to-end ``evaluate`` on generated mini datasets against metrics computed from predictions."""
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 
@@ -12,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from psp_zoo import ConfusionMatrix, PspZooError, classes, evaluate, predict_probs
+from psp_zoo.cli import main
 from psp_zoo.manifest import TestSettings as Settings
 
 import minidata
@@ -85,8 +87,9 @@ def test_ms_flip_equals_direct_metrics(ade):
     _evaluate_on_ade(PixelClassifier(5), ade, ms_flip=True, limit=2)
 
 
-def test_manifest_name_with_local_checkpoint(ade, tmp_path):
-    folder, names = ade
+@pytest.fixture
+def tiny_manifest(tmp_path):
+    """A user manifest serving the tiny r50 fixture as an ADE20K entry with small slide settings."""
     info = tiny_info("r50")
     manifest = tmp_path / "tiny.yml"
     manifest.write_text(textwrap.dedent(f"""
@@ -102,6 +105,12 @@ def test_manifest_name_with_local_checkpoint(ade, tmp_path):
             test: {{img_scale: [64, 32], mode: slide, crop_size: [24, 24], stride: [16, 16]}}
             model: {{num_classes: 5, stem_channels: 8, base_channels: 8, channels: 16, aux_channels: 8}}
     """))
+    return manifest
+
+
+def test_manifest_name_with_local_checkpoint(ade, tiny_manifest):
+    folder, names = ade
+    manifest = tiny_manifest
     result = evaluate("tiny_pspnet_r50-d8_ade20k", folder, manifest=str(manifest), limit=2,
                       checkpoint=tiny_checkpoint_path("r50"), device="cpu", num_workers=1, progress=False)
     settings = Settings(mode="slide", img_scale=(64, 32), align_corners=False, crop_size=(24, 24), stride=(16, 16))
@@ -136,3 +145,20 @@ def test_bad_calls_are_user_errors(ade):
         evaluate(model, folder, dataset="ade20k", mode="slide")
     with pytest.raises(PspZooError, match="checkpoint="):
         evaluate(model, folder, dataset="ade20k", checkpoint=tiny_checkpoint_path("r50"))
+
+
+def test_cli_evaluate_prints_and_writes_json(ade, tiny_manifest, tmp_path, capsys):
+    folder, _ = ade
+    out = tmp_path / "results" / "tiny.json"
+    argv = ["evaluate", "tiny_pspnet_r50-d8_ade20k", "--data-root", str(folder.parent), "--limit", "2",
+            "--manifest", str(tiny_manifest), "--checkpoint", str(tiny_checkpoint_path("r50")),
+            "--device", "cpu", "--workers", "0", "--json", str(out)]
+    assert main(argv) == 0
+    written = json.loads(out.read_text())
+    expected = evaluate("tiny_pspnet_r50-d8_ade20k", folder, manifest=str(tiny_manifest), limit=2,
+                        checkpoint=tiny_checkpoint_path("r50"), device="cpu", num_workers=0, progress=False)
+    assert written["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-12) and written["num_images"] == 2
+    assert f"mIoU {expected['mIoU']:.2f}" in capsys.readouterr().out
+    assert main(argv[:3] + [str(tmp_path / "nowhere")] + argv[4:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a folder" in err and len(err.splitlines()) == 1

@@ -193,7 +193,7 @@ def read_label(path: PathLike) -> np.ndarray:
     try:
         with Image.open(path) as image:
             label = np.array(image)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SyntaxError) as exc:  # Pillow raises SyntaxError on some broken PNGs
         raise DatasetError(f"cannot read label {path}: {exc}; re-extract the dataset") from None
     if label.ndim != 2:
         raise DatasetError(f"label {path} has shape {label.shape}: expected a single-channel "

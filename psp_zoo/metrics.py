@@ -9,7 +9,7 @@ that all three histograms come out exactly as the reference's.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional, Union
+from typing import Dict, Union
 
 import numpy as np
 import torch

@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import functools
 import hashlib
+import io
 import math
 import os
 import platform
@@ -32,6 +33,7 @@ import torch
 import yaml
 
 from .errors import PspZooError
+from .results import atomic_write
 
 __all__ = ["TINY_ARCH", "write_tiny_checkpoint", "write_mini_cityscapes", "manifest_entry", "write_manifest",
            "serve_folder", "run_selftest"]
@@ -53,6 +55,24 @@ def _hashed_name(folder: Path, name: str, stamp: str, digest: str) -> Path:
     return folder / f"{name}_{stamp}-{digest[:8]}.pth"
 
 
+def _calibrate_batchnorm(model: torch.nn.Module) -> None:
+    """Give BN the statistics of real activations and random affine terms: with default ones a
+    random 50-layer net's signal fades and its output ignores the input; with these it does not."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # running stats = plain average over the calibration batches
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0.0, 0.1)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(2, 3, 64, 64))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 0.1
+    model.eval()
+
+
 def write_tiny_checkpoint(folder: PathLike, name: str = SELFTEST_NAME, *, num_classes: int = 19,
                           depth: int = 50, seed: int = 0, stamp: Optional[str] = None) -> Path:
     """A tiny-width PSPNet (``TINY_ARCH``) with seeded weights and non-trivial BN statistics, saved
@@ -63,25 +83,15 @@ def write_tiny_checkpoint(folder: PathLike, name: str = SELFTEST_NAME, *, num_cl
     folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(seed)
-        model = PSPNet(depth=depth, num_classes=num_classes, **TINY_ARCH).eval()
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):  # identity BN would hide BN bugs
-                module.weight.data.uniform_(0.5, 1.5)
-                module.bias.data.normal_(0.0, 0.1)
-                module.running_mean.normal_(0.0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
+        model = PSPNet(depth=depth, num_classes=num_classes, **TINY_ARCH)
+        _calibrate_batchnorm(model)
     stamp = stamp or datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
     meta = {"psp_zoo_selftest": True, "seed": seed, "arch": dict(TINY_ARCH, depth=depth, num_classes=num_classes)}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"meta": meta, "state_dict": model.state_dict()}, tmp)
-        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-        final = _hashed_name(folder, name, stamp, digest)
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()  # in memory: a file's name would end up inside the zip, changing the hash
+    torch.save({"meta": meta, "state_dict": model.state_dict()}, buffer)
+    data = buffer.getvalue()
+    final = _hashed_name(folder, name, stamp, hashlib.sha256(data).hexdigest())
+    atomic_write(final, data)
     return final
 
 
@@ -285,16 +295,14 @@ class _SelfTest:
         from .manifest import get_checkpoint
 
         url = f"{self.base_url}/pspnet/{SELFTEST_NAME}/{self.checkpoint_file.name}"
-        good = manifest_entry(self.checkpoint_file, url, test=SELFTEST_TEST_SETTINGS)
-        corrupt = self._corrupt_copy(good)
-        self.manifest = write_manifest(self.work / "manifest.yml", [good, corrupt])
-        self.entry = get_checkpoint(good["name"], manifest=self.manifest)
+        entry = manifest_entry(self.checkpoint_file, url, test=SELFTEST_TEST_SETTINGS)
+        self.manifest = write_manifest(self.work / "manifest.yml", [entry])
+        self.entry = get_checkpoint(entry["name"], manifest=self.manifest)
         cache, options = self.work / "cache", dict(offline=False, quiet=True, retries=1, backoff=0.1)
         with _no_proxy_for_localhost():
             self.downloaded = download(self.entry, cache_dir=cache, **options)
-            try:
-                download(get_checkpoint(corrupt["name"], manifest=self.manifest),  # same file name:
-                         cache_dir=self.work / "cache-for-corrupt-copy", **options)  # its own cache
+            try:  # the same file name, hence its own cache
+                download(self._corrupt_copy(), sha256=entry["sha256"], cache_dir=self.work / "cache-2", **options)
             except DownloadError as exc:
                 if "SHA-256 mismatch" not in str(exc):
                     raise
@@ -304,15 +312,14 @@ class _SelfTest:
             raise PspZooError(f"{self.downloaded} is not in the cache after the download")
         return f"{self.downloaded} (SHA-256 verified; a corrupted copy was rejected)"
 
-    def _corrupt_copy(self, good: dict) -> dict:
-        """The same file with one byte changed, served under the good file's hashed name."""
+    def _corrupt_copy(self) -> str:
+        """The URL of the checkpoint with one byte changed, served under the same hashed name."""
         data = bytearray(self.checkpoint_file.read_bytes())
         data[len(data) // 2] ^= 0xFF
         bad_dir = self.work / "zoo" / "corrupt"
         bad_dir.mkdir(parents=True, exist_ok=True)
         (bad_dir / self.checkpoint_file.name).write_bytes(bytes(data))
-        url = f"{self.base_url}/corrupt/{self.checkpoint_file.name}"
-        return dict(good, name=f"{good['name']}_corrupt", weights=url)
+        return f"{self.base_url}/corrupt/{self.checkpoint_file.name}"
 
     def dataset(self) -> str:
         from .datasets import list_items
@@ -419,12 +426,14 @@ def _work_folder(keep: Optional[PathLike], stack: contextlib.ExitStack) -> Path:
 
 
 def run_selftest(*, keep: Optional[PathLike] = None, port: int = 0, device: Optional[str] = None,
-                 stream: TextIO = sys.stdout) -> int:
+                 stream: Optional[TextIO] = None) -> int:
     """Run every step, print a report on ``stream``; returns the number of steps that did not pass.
 
     ``keep`` is a new or empty folder to leave the files in (default: a temporary folder, removed).
     ``port`` is the local server's port (0: any free one). ``device`` defaults to CUDA if available.
+    ``stream`` defaults to standard output.
     """
+    stream = stream or sys.stdout
     with contextlib.ExitStack() as stack:
         work = _work_folder(keep, stack)
         test = _SelfTest(work, port, device, stack)

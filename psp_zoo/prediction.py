@@ -26,8 +26,8 @@ from .manifest import DATASETS, TestSettings, get_manifest
 from .results import atomic_write
 from .visualize import legend, overlay, save_palette_png, save_rgb_png
 
-__all__ = ["Predictor", "predict", "predict_files", "read_input_image", "PRECISIONS", "IMAGE_EXTENSIONS", "OUTPUT_FORMATS",
-           "expand_image_args", "output_stems"]
+__all__ = ["Predictor", "predict", "predict_files", "read_input_image", "expand_image_args", "output_stems",
+           "PRECISIONS", "IMAGE_EXTENSIONS", "OUTPUT_FORMATS"]
 
 PathLike = Union[str, Path]
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -99,7 +99,9 @@ class Predictor:
     @staticmethod
     def _model_facts(model: torch.nn.Module, dataset: Optional[str], manifest) -> Tuple[str, TestSettings, int]:
         entry = getattr(model, "checkpoint_entry", None)  # set by create_model
-        if entry is not None and dataset in (None, entry.dataset):
+        if entry is not None:
+            if dataset not in (None, entry.dataset):
+                raise PspZooError(f"{entry.name} is a {entry.dataset} checkpoint; it has no {dataset} classes")
             return entry.dataset, entry.test, entry.num_classes
         if dataset not in DATASETS:
             raise PspZooError(f"predicting with a model object needs dataset=, one of: {', '.join(DATASETS)}")
@@ -190,32 +192,37 @@ def _images_in(folder: Path, out_dir: Optional[Path]) -> List[Path]:
     return found
 
 
+def _expand(arg: str, out_dir: Optional[Path]) -> List[Path]:
+    kinds = ", ".join(IMAGE_EXTENSIONS)
+    if glob.has_magic(arg):
+        found = []
+        for match in map(Path, sorted(glob.glob(arg, recursive=True))):
+            found += _images_in(match, out_dir) if match.is_dir() else [match] if _is_image(match) else []
+        if not found:
+            raise PspZooError(f"{arg!r} matches no image ({kinds})")
+        return found
+    path = Path(arg)
+    if path.is_dir():
+        found = _images_in(path, out_dir)
+        if not found:
+            raise PspZooError(f"folder {arg} holds no image ({kinds})")
+        return found
+    if not path.exists():
+        raise PspZooError(f"no such file or folder: {arg}")
+    return [path]  # named explicitly: taken whatever its extension
+
+
 def expand_image_args(args: Sequence[str], out_dir: Optional[PathLike] = None) -> List[Path]:
     """Files, folders (their images, not recursive) and globs (``**`` recurses) -> image paths.
 
     Raises PspZooError naming the first argument that is missing or matches no image, before any
-    work is done. A file named explicitly is taken whatever its extension. Duplicates are dropped.
+    work is done. Inputs named twice are done once; earlier outputs in ``out_dir`` are not inputs.
     """
     out = Path(out_dir) if out_dir is not None else None
-    paths: List[Path] = []
-    for arg in args:
-        if glob.has_magic(arg):
-            matches = [Path(m) for m in sorted(glob.glob(arg, recursive=True))]
-            found = [p for m in matches for p in (_images_in(m, out) if m.is_dir() else [m] if _is_image(m) else [])]
-            if not found:
-                raise PspZooError(f"{arg!r} matches no image ({', '.join(IMAGE_EXTENSIONS)})")
-        elif Path(arg).is_dir():
-            found = _images_in(Path(arg), out)
-            if not found:
-                raise PspZooError(f"folder {arg} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
-        elif Path(arg).exists():
-            found = [Path(arg)]
-        else:
-            raise PspZooError(f"no such file or folder: {arg}")
-        paths += found
     unique: Dict[Path, Path] = {}
-    for path in paths:
-        unique.setdefault(path.resolve(), path)
+    for arg in args:
+        for path in _expand(arg, out):
+            unique.setdefault(path.resolve(), path)
     return list(unique.values())
 
 

@@ -42,9 +42,9 @@ def _write_image(path: Path, height: int, width: int, seed: int) -> np.ndarray:
     return read_image(path)  # what a JPEG decodes to
 
 
-def _expected_labels(manifest: Path, rgb: np.ndarray, **changes) -> np.ndarray:
+def _expected_labels(manifest: Path, rgb: np.ndarray, ms_flip: bool = False, **changes) -> np.ndarray:
     settings = dataclasses.replace(get_checkpoint(NAME, manifest=manifest).test, **changes)
-    return predict_probs(tiny_model("r50"), rgb, settings).argmax(dim=0).numpy()
+    return predict_probs(tiny_model("r50"), rgb, settings, ms_flip).argmax(dim=0).numpy()
 
 
 def _predict(capsys, manifest: Path, *argv):
@@ -77,7 +77,7 @@ def test_predict_writes_labels_overlay_and_legend_at_the_input_size(capsys, mani
 
 
 def test_npy_holds_the_labels_of_the_png(capsys, manifest, tmp_path):
-    _write_image(tmp_path / "a.png", 30, 50, 2)
+    rgb = _write_image(tmp_path / "a.png", 30, 50, 2)
     assert _predict(capsys, manifest, tmp_path / "a.png", "--out", tmp_path / "png")[0] == 0
     code, lines, _ = _predict(capsys, manifest, tmp_path / "a.png", "--out", tmp_path / "npy", "--format", "npy")
     assert code == 0 and lines == [str(tmp_path / "npy" / "a.npy")]
@@ -85,6 +85,12 @@ def test_npy_holds_the_labels_of_the_png(capsys, manifest, tmp_path):
     assert raw.dtype == np.uint8 and raw.shape == (30, 50)
     np.testing.assert_array_equal(raw, np.array(Image.open(tmp_path / "png" / "a_labels.png")))
     assert sorted(p.name for p in (tmp_path / "npy").iterdir()) == ["a.npy"]
+
+    code, _, _ = _predict(capsys, manifest, tmp_path / "a.png", "--out", tmp_path / "ms", "--format", "npy",
+                          "--ms-flip")
+    ms_flip = np.load(tmp_path / "ms" / "a.npy")
+    assert code == 0 and not np.array_equal(ms_flip, raw)
+    np.testing.assert_array_equal(ms_flip, _expected_labels(manifest, rgb, ms_flip=True))
 
 
 def test_a_broken_image_is_reported_and_the_rest_are_done(capsys, manifest, tmp_path):
@@ -132,6 +138,8 @@ def test_python_api_with_a_name_or_a_model_object(manifest, tmp_path):
     by_name = psp_zoo.predict(NAME, tmp_path / "api.png", manifest=manifest, device="cpu",
                               checkpoint=tiny_checkpoint_path("r50"))
     np.testing.assert_array_equal(by_name, _expected_labels(manifest, rgb))
+    with pytest.raises(psp_zoo.PspZooError, match="is a cityscapes checkpoint"):
+        psp_zoo.predict(NAME, rgb, manifest=manifest, checkpoint=tiny_checkpoint_path("r50"), dataset="ade20k")
     # A model object takes the dataset's test settings (here with a smaller img_scale) and its align_corners.
     model = tiny_model("r50", align_corners=True)
     by_model = psp_zoo.predict(model, rgb, dataset="cityscapes", img_scale=(80, 60), device="cpu")

@@ -87,6 +87,15 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint cache (default: $PSP_ZOO_HOME, else torch.hub's checkpoints folder)")
 
 
+def _add_fetch_options(parser: argparse.ArgumentParser) -> None:
+    """Where checkpoint files come from: mirror, offline, cache folder."""
+    parser.add_argument("--mirror", metavar="BASE", default=None,
+                        help="replaces https://download.openmmlab.com/ (default: $PSP_ZOO_MIRROR)")
+    parser.add_argument("--offline", action="store_true",
+                        help="use only the cache (default: $PSP_ZOO_OFFLINE)")
+    _add_cache_options(parser)
+
+
 def _list_frame(args: argparse.Namespace):
     import pandas as pd
 
@@ -241,13 +250,9 @@ def _register_get(sub) -> None:
                         help="checkpoint names, aliases or shell wildcards")
     parser.add_argument("--dataset", help="every checkpoint of this dataset")
     parser.add_argument("--all", action="store_true", help="every checkpoint in the manifest")
-    parser.add_argument("--mirror", metavar="BASE", default=None,
-                        help="replaces https://download.openmmlab.com/ (default: $PSP_ZOO_MIRROR)")
-    parser.add_argument("--offline", action="store_true",
-                        help="use only the cache (default: $PSP_ZOO_OFFLINE)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages, only paths and errors")
     _add_manifest_option(parser)
-    _add_cache_options(parser)
+    _add_fetch_options(parser)
     parser.set_defaults(func=_cmd_get)
 
 
@@ -341,11 +346,8 @@ def _register_predict(sub) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32 (the reference)")
     parser.add_argument("--checkpoint", metavar="PATH", default=None,
                         help="load this local file instead of the published weights")
-    parser.add_argument("--mirror", metavar="BASE", default=None,
-                        help="replaces https://download.openmmlab.com/ (default: $PSP_ZOO_MIRROR)")
-    parser.add_argument("--offline", action="store_true", help="use only the cache (default: $PSP_ZOO_OFFLINE)")
     _add_manifest_option(parser)
-    _add_cache_options(parser)
+    _add_fetch_options(parser)
     parser.set_defaults(func=_cmd_predict)
 
 

@@ -19,13 +19,12 @@ import io
 import math
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, TextIO, Tuple, Union
+from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, TextIO, Tuple, Union
 
 import cv2
 import numpy as np

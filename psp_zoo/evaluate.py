@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
+import math
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
@@ -23,6 +22,7 @@ from .factory import create_model
 from .inference import SLIDE_BATCH_SIZE, infer_probs
 from .manifest import DATASETS, TestSettings, get_checkpoint, get_manifest
 from .metrics import ConfusionMatrix
+from .results import atomic_write
 from .transforms import target_scales
 
 __all__ = ["evaluate", "predictions", "accumulate", "summarize", "resolve_device", "resolve_settings",
@@ -164,15 +164,15 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
     return result
 
 
-def write_result(result: Dict[str, object], path: Union[str, Path]) -> None:
-    """Write an ``evaluate`` result as JSON atomically (temp file, then rename); NaN stays NaN."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(result, handle, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def write_result(result: Dict[str, object], path: Union[str, Path]) -> Path:
+    """Write an ``evaluate`` result as standard JSON, atomically; NaN (an absent class) becomes null."""
+    def clean(value):
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+    atomic_write(path, json.dumps(clean(result), indent=1, allow_nan=False) + "\n")
+    return Path(path)

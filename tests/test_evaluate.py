@@ -158,6 +158,10 @@ def test_cli_evaluate_prints_and_writes_json(ade, tiny_manifest, tmp_path, capsy
     expected = evaluate("tiny_pspnet_r50-d8_ade20k", folder, manifest=str(tiny_manifest), limit=2,
                         checkpoint=tiny_checkpoint_path("r50"), device="cpu", num_workers=0, progress=False)
     assert written["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-12) and written["num_images"] == 2
+    # standard JSON: a class absent from the labels and predictions is null, not NaN
+    absent = [k for k, v in expected["IoU"].items() if v != v]
+    assert all(written["IoU"][k] is None for k in absent)
+    assert "NaN" not in out.read_text()
     assert f"mIoU {expected['mIoU']:.2f}" in capsys.readouterr().out
     assert main(argv[:3] + [str(tmp_path / "nowhere")] + argv[4:]) == 2
     err = capsys.readouterr().err.strip()

@@ -87,6 +87,15 @@ def _add_cache_options(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint cache (default: $PSP_ZOO_HOME, else torch.hub's checkpoints folder)")
 
 
+def _add_fetch_options(parser: argparse.ArgumentParser) -> None:
+    """Where checkpoint files come from: mirror, offline, cache folder."""
+    parser.add_argument("--mirror", metavar="BASE", default=None,
+                        help="replaces https://download.openmmlab.com/ (default: $PSP_ZOO_MIRROR)")
+    parser.add_argument("--offline", action="store_true",
+                        help="use only the cache (default: $PSP_ZOO_OFFLINE)")
+    _add_cache_options(parser)
+
+
 def _list_frame(args: argparse.Namespace):
     import pandas as pd
 
@@ -241,13 +250,9 @@ def _register_get(sub) -> None:
                         help="checkpoint names, aliases or shell wildcards")
     parser.add_argument("--dataset", help="every checkpoint of this dataset")
     parser.add_argument("--all", action="store_true", help="every checkpoint in the manifest")
-    parser.add_argument("--mirror", metavar="BASE", default=None,
-                        help="replaces https://download.openmmlab.com/ (default: $PSP_ZOO_MIRROR)")
-    parser.add_argument("--offline", action="store_true",
-                        help="use only the cache (default: $PSP_ZOO_OFFLINE)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages, only paths and errors")
     _add_manifest_option(parser)
-    _add_cache_options(parser)
+    _add_fetch_options(parser)
     parser.set_defaults(func=_cmd_get)
 
 
@@ -294,6 +299,85 @@ def _run_tables(args: argparse.Namespace) -> int:
 
 
 COMMANDS.append(_register_tables)
+
+
+# --------------------------------------------------------------------------------------------
+# predict and selftest
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .prediction import Predictor, expand_image_args, predict_files
+
+    paths = expand_image_args(args.images, args.out)  # every argument is checked before work starts
+    with _progress_messages(quiet=False):
+        predictor = Predictor.create(args.name, ms_flip=args.ms_flip, device=args.device,
+                                     precision=args.precision, manifest=args.manifest,
+                                     checkpoint=args.checkpoint, cache_dir=args.cache_dir,
+                                     mirror=args.mirror, offline=args.offline or None)
+    failed = 0
+    for path, outcome in predict_files(predictor, paths, args.out, args.format):
+        if isinstance(outcome, PspZooError):
+            failed += 1
+            print(f"psp-zoo predict: error: {outcome}", file=sys.stderr, flush=True)
+        else:
+            print(" ".join(map(str, outcome)), flush=True)
+    return EXIT_FAILED if failed else 0
+
+
+def _register_predict(sub) -> None:
+    from .prediction import IMAGE_EXTENSIONS, OUTPUT_FORMATS, PRECISIONS
+
+    parser = sub.add_parser(
+        "predict", help="segment images: palette PNG, overlay and legend per image",
+        description="Segment images with a checkpoint through its own test pipeline (resize, whole or "
+                    "sliding-window inference, align_corners). For each image writes <stem>_labels.png "
+                    "(class ids as pixel values, in the dataset's palette), <stem>_overlay.png and "
+                    "<stem>_legend.png, or <stem>.npy with --format npy, and prints the written paths. "
+                    "An unreadable image is reported and the rest are done; the exit code is then 1.")
+    parser.add_argument("name", help="checkpoint name, alias or file stem")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help=f"image files, folders (their {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} "
+                             f"images) or quoted globs ('**' recurses)")
+    parser.add_argument("--out", metavar="DIR", default="predictions", help="output folder (default: predictions)")
+    parser.add_argument("--format", choices=OUTPUT_FORMATS, default="png",
+                        help="png: labels, overlay and legend pictures; npy: raw H x W uint8 labels")
+    parser.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test-time augmentation")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32 (the reference)")
+    parser.add_argument("--checkpoint", metavar="PATH", default=None,
+                        help="load this local file instead of the published weights")
+    _add_manifest_option(parser)
+    _add_fetch_options(parser)
+    parser.set_defaults(func=_cmd_predict)
+
+
+COMMANDS.append(_register_predict)
+
+
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from .selftest import run_selftest
+
+    return EXIT_FAILED if run_selftest(keep=args.keep, port=args.port, device=args.device) else 0
+
+
+def _register_selftest(sub) -> None:
+    parser = sub.add_parser(
+        "selftest", help="check this installation end to end, offline",
+        description="Prove the installation works without internet: print versions and devices, write a "
+                    "tiny checkpoint in the published format, serve it from 127.0.0.1, download and verify "
+                    "it into a temporary cache, evaluate it on a small dataset in the Cityscapes layout, "
+                    "render a results table and a prediction. Each step prints ok or FAILED with the "
+                    "reason; the exit code is 1 if any step did not pass. Your own caches, manifests "
+                    "and results are never written.")
+    parser.add_argument("--keep", metavar="DIR", default=None,
+                        help="write everything into this new or empty folder and keep it (default: a "
+                             "temporary folder, removed afterwards)")
+    parser.add_argument("--port", type=int, default=0, help="port of the local server (default 0: any free port)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.set_defaults(func=_cmd_selftest)
+
+
+COMMANDS.append(_register_selftest)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -64,3 +64,13 @@ def hub_manifest(hub_server, tmp_path):
 @pytest.fixture
 def hub_cache(tmp_path):
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def single_thread():
+    """torch on one thread: on a machine whose few cores are shared, its thread pool can spend
+    far longer waiting than computing (a tiny model's forward went from 3 ms to 800 ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

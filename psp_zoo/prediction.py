@@ -1,0 +1,257 @@
+"""Segment your own images with a checkpoint: label maps, palette PNGs, overlays and legends.
+
+Every image goes through the checkpoint's own test pipeline (its resize, whole or sliding-window
+mode and ``align_corners``) via :func:`psp_zoo.inference.predict_probs`, so a prediction here is
+exactly what the evaluation scores. ``Predictor`` loads the model once for many images;
+``predict`` is the one-call form for a single image.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import io
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .datasets import classes, palette, read_image
+from .errors import DatasetError, PspZooError
+from .evaluate import resolve_device, resolve_settings
+from .factory import create_model
+from .inference import predict_probs
+from .manifest import DATASETS, TestSettings, get_manifest
+from .results import atomic_write
+from .visualize import legend, overlay, save_palette_png, save_rgb_png
+
+__all__ = ["Predictor", "predict", "predict_files", "read_input_image", "expand_image_args", "output_stems",
+           "PRECISIONS", "IMAGE_EXTENSIONS", "OUTPUT_FORMATS"]
+
+PathLike = Union[str, Path]
+PRECISIONS = ("fp32", "bf16", "fp16")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+OUTPUT_FORMATS = ("png", "npy")
+# What one image produces, by format; used to name outputs and to skip earlier outputs as inputs.
+OUTPUT_SUFFIXES = {"png": ("_labels.png", "_overlay.png", "_legend.png"), "npy": (".npy",)}
+
+
+# HOOK(speed): the one place where reduced precision plugs in once branch `speed` (psp_zoo.optimize)
+# is merged: add its precisions to PRECISIONS_AVAILABLE and return
+# ``optimize(model, precision=precision)`` from _apply_precision for anything but fp32.
+PRECISIONS_AVAILABLE = ("fp32",)
+
+
+def _check_precision(precision: str) -> None:
+    """Refuse an unknown or not yet available precision before any model is loaded."""
+    if precision not in PRECISIONS:
+        raise PspZooError(f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}")
+    if precision not in PRECISIONS_AVAILABLE:
+        raise PspZooError(f"precision {precision!r} is not available in this version of psp-zoo yet; "
+                          f"use --precision fp32 (the reference path)")
+
+
+def _apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """The model to run at ``precision``; fp32 is the reference path and runs the model as is."""
+    return model
+
+
+def _class_names(dataset: str, num_classes: int) -> Tuple[str, ...]:
+    names = classes(dataset)
+    # A model with another class count (e.g. a small test model) names its classes by index.
+    return names[:num_classes] if len(names) >= num_classes else tuple(str(i) for i in range(num_classes))
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A model with the test settings it is run with; call it on H x W x 3 uint8 RGB images."""
+
+    model: torch.nn.Module
+    dataset: str
+    settings: TestSettings
+    num_classes: int
+    ms_flip: bool = False
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def create(cls, name_or_model: Union[str, torch.nn.Module], *, dataset: Optional[str] = None,
+               ms_flip: bool = False, device: Union[None, str, torch.device] = None, precision: str = "fp32",
+               manifest=None, checkpoint: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None,
+               mirror: Optional[str] = None, offline: Optional[bool] = None,
+               **test_overrides) -> "Predictor":
+        """From a manifest name (its weights and test settings) or a model object (``dataset=``'s
+        test settings with the model's ``align_corners``). Keywords as :func:`psp_zoo.evaluate`."""
+        _check_precision(precision)
+        device = resolve_device(device)
+        if isinstance(name_or_model, str):
+            model = create_model(name_or_model, checkpoint=checkpoint, manifest=manifest, device=device,
+                                 cache_dir=cache_dir, mirror=mirror, offline=offline)
+        elif checkpoint is not None:
+            raise PspZooError("checkpoint= selects the weights of a named model; load them into the "
+                              "model object yourself (psp_zoo.load_checkpoint) or pass a manifest name")
+        else:
+            model = name_or_model.eval().to(device)
+        dataset, settings, num_classes = cls._model_facts(model, dataset, manifest)
+        settings = resolve_settings(settings, test_overrides)
+        return cls(_apply_precision(model, precision), dataset, settings, num_classes, ms_flip, device)
+
+    @staticmethod
+    def _model_facts(model: torch.nn.Module, dataset: Optional[str], manifest) -> Tuple[str, TestSettings, int]:
+        entry = getattr(model, "checkpoint_entry", None)  # set by create_model
+        if entry is not None:
+            if dataset not in (None, entry.dataset):
+                raise PspZooError(f"{entry.name} is a {entry.dataset} checkpoint; it has no {dataset} classes")
+            return entry.dataset, entry.test, entry.num_classes
+        if dataset not in DATASETS:
+            raise PspZooError(f"predicting with a model object needs dataset=, one of: {', '.join(DATASETS)}")
+        spec = get_manifest(manifest).datasets[dataset]
+        settings = dataclasses.replace(spec.test, align_corners=bool(getattr(model, "align_corners",
+                                                                             spec.test.align_corners)))
+        return dataset, settings, int(getattr(model, "num_classes", spec.num_classes))
+
+    @property
+    def class_names(self) -> Tuple[str, ...]:
+        return _class_names(self.dataset, self.num_classes)
+
+    @property
+    def palette(self) -> Tuple[Tuple[int, int, int], ...]:
+        return palette(self.dataset)
+
+    def __call__(self, image_rgb: np.ndarray) -> np.ndarray:
+        """The H x W uint8 label map (class ids) of one H x W x 3 uint8 RGB image."""
+        probs = predict_probs(self.model, image_rgb, self.settings, self.ms_flip, device=self.device)
+        return probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
+
+    def write(self, image_rgb: np.ndarray, labels: np.ndarray, out_dir: PathLike, stem: str,
+              fmt: str = "png") -> List[Path]:
+        """Save one prediction under ``out_dir``: palette PNG, overlay and legend, or raw ``.npy``."""
+        out_dir = Path(out_dir)
+        if fmt == "npy":
+            buffer = io.BytesIO()
+            np.save(buffer, labels)
+            path = out_dir / f"{stem}.npy"
+            atomic_write(path, buffer.getvalue())
+            return [path]
+        if fmt != "png":
+            raise PspZooError(f"unknown output format {fmt!r}; expected one of: {', '.join(OUTPUT_FORMATS)}")
+        labels_name, overlay_name, legend_name = (stem + s for s in OUTPUT_SUFFIXES["png"])
+        return [
+            save_palette_png(out_dir / labels_name, labels, self.palette),
+            save_rgb_png(out_dir / overlay_name, overlay(image_rgb, labels, self.palette)),
+            save_rgb_png(out_dir / legend_name, legend(labels, self.palette, self.class_names)),
+        ]
+
+
+def read_input_image(path: PathLike) -> np.ndarray:
+    """H x W x 3 uint8 RGB of an image file, decoded by OpenCV as the reference decodes images."""
+    try:
+        return read_image(path)
+    except DatasetError:
+        raise PspZooError(f"cannot read image {path}: missing, truncated or not an image file") from None
+
+
+def _as_rgb(image: Union[PathLike, np.ndarray]) -> np.ndarray:
+    if isinstance(image, (str, Path)):
+        return read_input_image(image)
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise PspZooError(f"expected an H x W x 3 uint8 RGB image, got {image.dtype} array of shape {image.shape}")
+    return image
+
+
+def predict(name_or_model: Union[str, torch.nn.Module], image: Union[PathLike, np.ndarray], *,
+            dataset: Optional[str] = None, ms_flip: bool = False, device: Union[None, str, torch.device] = None,
+            precision: str = "fp32", manifest=None, checkpoint: Optional[PathLike] = None,
+            **kwargs) -> np.ndarray:
+    """The H x W uint8 label map of one image (a file path, or an H x W x 3 uint8 RGB array).
+
+    ``name_or_model`` is a manifest name (its weights are fetched and its test settings used) or a
+    model object with ``dataset=``. For many images build a :class:`Predictor` once instead: this
+    loads the model on every call. Other keywords go to :meth:`Predictor.create`.
+    """
+    predictor = Predictor.create(name_or_model, dataset=dataset, ms_flip=ms_flip, device=device,
+                                 precision=precision, manifest=manifest, checkpoint=checkpoint, **kwargs)
+    return predictor(_as_rgb(image))
+
+
+# --------------------------------------------------------------------------------------------
+# command-line inputs and output names
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _images_in(folder: Path, out_dir: Optional[Path]) -> List[Path]:
+    """The images directly in ``folder``; in the output folder, earlier outputs are not inputs."""
+    found = sorted(p for p in folder.iterdir() if _is_image(p))
+    if out_dir is not None and folder.resolve() == out_dir.resolve():
+        made = tuple(s for suffixes in OUTPUT_SUFFIXES.values() for s in suffixes)
+        found = [p for p in found if not p.name.endswith(made)]
+    return found
+
+
+def _expand(arg: str, out_dir: Optional[Path]) -> List[Path]:
+    kinds = ", ".join(IMAGE_EXTENSIONS)
+    if glob.has_magic(arg):
+        found = []
+        for match in map(Path, sorted(glob.glob(arg, recursive=True))):
+            found += _images_in(match, out_dir) if match.is_dir() else [match] if _is_image(match) else []
+        if not found:
+            raise PspZooError(f"{arg!r} matches no image ({kinds})")
+        return found
+    path = Path(arg)
+    if path.is_dir():
+        found = _images_in(path, out_dir)
+        if not found:
+            raise PspZooError(f"folder {arg} holds no image ({kinds})")
+        return found
+    if not path.exists():
+        raise PspZooError(f"no such file or folder: {arg}")
+    return [path]  # named explicitly: taken whatever its extension
+
+
+def expand_image_args(args: Sequence[str], out_dir: Optional[PathLike] = None) -> List[Path]:
+    """Files, folders (their images, not recursive) and globs (``**`` recurses) -> image paths.
+
+    Raises PspZooError naming the first argument that is missing or matches no image, before any
+    work is done. Inputs named twice are done once; earlier outputs in ``out_dir`` are not inputs.
+    """
+    out = Path(out_dir) if out_dir is not None else None
+    unique: Dict[Path, Path] = {}
+    for arg in args:
+        for path in _expand(arg, out):
+            unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def output_stems(paths: Sequence[Path]) -> List[str]:
+    """A distinct output stem per input: the file stem, prefixed by its folder's name where stems
+    repeat (``a/x.png``, ``b/x.png`` -> ``a_x``, ``b_x``), numbered if that still repeats."""
+    counts = collections.Counter(p.stem for p in paths)
+    wanted = [p.stem if counts[p.stem] == 1 else f"{p.resolve().parent.name}_{p.stem}" for p in paths]
+    stems: List[str] = []
+    for stem in wanted:
+        candidate, number = stem, 2
+        while candidate in stems:  # same folder name too (or x.png beside x.jpg)
+            candidate, number = f"{stem}-{number}", number + 1
+        stems.append(candidate)
+    return stems
+
+
+def predict_files(predictor: Predictor, paths: Sequence[Path], out_dir: PathLike, fmt: str = "png"
+                  ) -> Iterator[Tuple[Path, Union[List[Path], PspZooError]]]:
+    """Predict and save each image; yields (input, written files) or (input, the error) and goes on.
+
+    An unreadable image, a failed write or running out of GPU memory on one image is that
+    image's error; the others are still done.
+    """
+    for path, stem in zip(paths, output_stems(paths)):
+        try:
+            image = read_input_image(path)
+            yield path, predictor.write(image, predictor(image), out_dir, stem, fmt)
+        except PspZooError as exc:
+            yield path, exc
+        except (OSError, torch.cuda.OutOfMemoryError) as exc:
+            yield path, PspZooError(f"{path}: {type(exc).__name__}: {exc}")

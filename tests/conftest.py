@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,10 @@ def _isolate_environment(monkeypatch, tmp_path_factory):
     for var in ("PSP_ZOO_MANIFEST", "PSP_ZOO_HOME", "PSP_ZOO_MIRROR", "PSP_ZOO_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+    # the local test servers must be reached directly even where a proxy is configured
+    no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY", ""), "127.0.0.1", "localhost"]))
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    monkeypatch.setenv("no_proxy", no_proxy)
 
 
 @pytest.fixture

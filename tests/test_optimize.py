@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, tiny_expected, tiny_model
+from conftest import REPO, TINY, tiny_expected, tiny_model
 
 from psp_zoo import PspZooError
 from psp_zoo.optimize import cpu_supports_bf16, fold_batchnorm, optimize
@@ -19,7 +19,7 @@ def max_rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).abs().max() / ref.abs().max())
 
 
-@pytest.fixture(scope="module", params=["r50", "r101"])
+@pytest.fixture(scope="module", params=TINY)
 def tag(request) -> str:
     return request.param
 

@@ -333,6 +333,7 @@ def environment(device: torch.device, note: str) -> dict:
         "cpu_native_bf16": cpu_supports_bf16(),
         "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "load_average_1_5_15min": list(os.getloadavg()),  # other processes sharing the machine
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "weights": f"random (seeded), BN statistics calibrated on random images, residual BN scale x{RESIDUAL_SCALE}",
         "note": note,

@@ -10,6 +10,7 @@ from .inference import ms_flip_inference, predict_probs, slide_inference, whole_
 from .manifest import Checkpoint, Published, get_checkpoint, get_manifest, list_models, load_manifest
 from .metrics import ConfusionMatrix
 from .model import PSPNet
+from .optimize import optimize
 from .prediction import Predictor, predict
 from .transforms import ms_flip_scales, rescale_size
 
@@ -21,6 +22,6 @@ __all__ = [
     "download", "cache_dir", "cached_path", "cache_state", "is_cached",
     "evaluate", "whole_inference", "slide_inference", "ms_flip_inference", "predict_probs",
     "ConfusionMatrix", "SegmentationDataset", "make_loader", "classes", "palette", "rescale_size",
-    "ms_flip_scales", "predict", "Predictor",
+    "ms_flip_scales", "predict", "Predictor", "optimize",
     "PspZooError", "ManifestError", "UnknownModelError", "CheckpointError", "DownloadError", "DatasetError",
 ]

@@ -23,6 +23,26 @@ EXIT_FAILED = 1  # the command ran, but some of its work failed
 EXIT_USAGE = 2   # bad input: nothing was done
 
 
+def _add_speed_options(parser: argparse.ArgumentParser) -> None:
+    """How the loaded model is prepared (psp_zoo.optimize); the default is the exact fp32 fast path."""
+    from .optimize import PRECISIONS
+
+    group = parser.add_argument_group("inference speed (default: fp32 with BN folded into convs, "
+                                      "channels-last; within 1e-5 of the plain model)")
+    group.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                       help="bf16: CUDA or a CPU with native bf16; fp16: CUDA only. Not fp32 = not the "
+                            "reference numerics; recorded in results")
+    group.add_argument("--compile", action="store_true", help="torch.compile (inductor) the model")
+    group.add_argument("--no-fuse-bn", dest="fuse_bn", action="store_false", help="keep BN layers separate")
+    group.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                       help="run in the default NCHW memory format")
+
+
+def _speed_kwargs(args: argparse.Namespace) -> dict:
+    return dict(precision=args.precision, compile=args.compile, fuse_bn=args.fuse_bn,
+                channels_last=args.channels_last)
+
+
 def _add_manifest_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", metavar="FILE", action="append", default=None,
                         help="user manifest adding or overriding entries (repeatable; "
@@ -56,6 +76,7 @@ def register_evaluate(sub) -> None:
     parser.add_argument("--workers", type=int, metavar="N", help="image decoding processes")
     parser.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
     _add_manifest_option(parser)
+    _add_speed_options(parser)
     parser.set_defaults(func=_run_evaluate)
 
 
@@ -63,7 +84,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, write_result
 
     result = evaluate(args.model, args.data_root, ms_flip=args.ms_flip, limit=args.limit, device=args.device,
-                      manifest=args.manifest, checkpoint=args.checkpoint, num_workers=args.workers)
+                      manifest=args.manifest, checkpoint=args.checkpoint, num_workers=args.workers,
+                      **_speed_kwargs(args))
     print(f"{result['model']} on {result['dataset']} ({result['num_images']} images, "
           f"{'ms+flip' if result['ms_flip'] else 'single-scale'}, {result['device']})")
     for name, iou in result["IoU"].items():
@@ -311,7 +333,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     paths = expand_image_args(args.images, args.out)  # every argument is checked before work starts
     with _progress_messages(quiet=False):
         predictor = Predictor.create(args.name, ms_flip=args.ms_flip, device=args.device,
-                                     precision=args.precision, manifest=args.manifest,
+                                     **_speed_kwargs(args), manifest=args.manifest,
                                      checkpoint=args.checkpoint, cache_dir=args.cache_dir,
                                      mirror=args.mirror, offline=args.offline or None)
     failed = 0
@@ -325,7 +347,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _register_predict(sub) -> None:
-    from .prediction import IMAGE_EXTENSIONS, OUTPUT_FORMATS, PRECISIONS
+    from .prediction import IMAGE_EXTENSIONS, OUTPUT_FORMATS
 
     parser = sub.add_parser(
         "predict", help="segment images: palette PNG, overlay and legend per image",
@@ -343,11 +365,11 @@ def _register_predict(sub) -> None:
                         help="png: labels, overlay and legend pictures; npy: raw H x W uint8 labels")
     parser.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test-time augmentation")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32 (the reference)")
     parser.add_argument("--checkpoint", metavar="PATH", default=None,
                         help="load this local file instead of the published weights")
     _add_manifest_option(parser)
     _add_fetch_options(parser)
+    _add_speed_options(parser)
     parser.set_defaults(func=_cmd_predict)
 
 

@@ -22,6 +22,7 @@ from .factory import create_model
 from .inference import SLIDE_BATCH_SIZE, infer_probs
 from .manifest import DATASETS, TestSettings, get_checkpoint, get_manifest
 from .metrics import ConfusionMatrix
+from .optimize import check_options, optimize
 from .results import atomic_write
 from .transforms import target_scales
 
@@ -134,6 +135,7 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
              ms_flip: bool = False, limit: Optional[int] = None, device: Union[None, str, torch.device] = None,
              manifest=None, checkpoint: Union[None, str, Path] = None, num_workers: Optional[int] = None,
              progress: Optional[bool] = None, batch_size: Optional[int] = SLIDE_BATCH_SIZE,
+             precision: str = "fp32", compile: bool = False, fuse_bn: bool = True, channels_last: bool = True,
              **test_overrides) -> Dict[str, object]:
     """Score a checkpoint (manifest name) or a model object on a validation set, as the reference.
 
@@ -141,11 +143,16 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
     model (put in eval mode and moved to ``device``), ``dataset`` is required and that dataset's
     default settings apply, with the model's ``align_corners``. Keywords in ``TEST_OVERRIDES``
     override either. ``limit`` scores the first N images in sorted order. ``progress``: True/False,
-    or None for a bar only on a terminal. Returns percentages, per-class scores keyed by class
-    name, the image count and the settings used.
+    or None for a bar only on a terminal. ``precision``, ``compile``, ``fuse_bn`` and
+    ``channels_last`` go to :func:`psp_zoo.optimize`; the default is the exact fp32 fast path.
+    Returns percentages, per-class scores keyed by class name, the image count, the settings and
+    the optimizations used.
     """
     device = resolve_device(device)
+    speed = dict(precision=precision, compile=compile, fuse_bn=fuse_bn, channels_last=channels_last)
+    check_options(device=device, **speed)  # before anything is downloaded or built
     target = _resolve_target(name_or_model, dataset, manifest, checkpoint, device)
+    model = optimize(target.model, **speed)
     settings = resolve_settings(target.settings, test_overrides)
     scales = target_scales(settings.img_scale, ms_flip)
     data = SegmentationDataset(target.dataset, data_root, img_scales=scales, limit=limit,
@@ -154,10 +161,11 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
     metric = ConfusionMatrix(target.num_classes, device=device)
     bar = tqdm(samples, total=len(data), desc=f"{target.name} {'ms+flip' if ms_flip else 'single-scale'}",
                unit="img", disable=None if progress is None else not progress)
-    count = accumulate(target.model, bar, settings, metric, ms_flip=ms_flip, device=device,
+    count = accumulate(model, bar, settings, metric, ms_flip=ms_flip, device=device,
                        batch_size=batch_size)
     result = {"model": target.name, "dataset": target.dataset, "data_root": str(data_root),
-              "num_images": count, "ms_flip": ms_flip, "device": str(device)}
+              "num_images": count, "ms_flip": ms_flip, "device": str(device),
+              "optimizations": model.optimizations}
     result.update(summarize(metric, _class_names(target.dataset, target.num_classes)))
     result["settings"] = {**dataclasses.asdict(settings), "scales": scales,
                           "num_classes": target.num_classes, "reduce_zero_label": target.reduce_zero_label}

@@ -17,7 +17,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .errors import PspZooError
 
-__all__ = ["optimize", "OptimizedModel", "fold_batchnorm", "PRECISIONS", "cpu_supports_bf16"]
+__all__ = ["optimize", "OptimizedModel", "fold_batchnorm", "check_options", "PRECISIONS", "cpu_supports_bf16"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,7 +76,7 @@ def optimize(model: nn.Module, *, precision: str = "fp32", channels_last: bool =
     The result's ``.optimizations`` dict records what was applied.
     """
     device = _model_device(model)
-    _validate(precision, device, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile)
+    check_options(precision, device, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile)
     freezing = bool(compile) if freezing is None else bool(freezing and compile)
     prepared = copy.deepcopy(model).eval()
     for param in prepared.parameters():
@@ -153,7 +153,12 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _validate(precision: str, device: torch.device, **flags: Any) -> None:
+def check_options(precision: str, device: Any = "cpu", **flags: Any) -> None:
+    """Refuse an unknown precision, a non-bool flag or a precision the device cannot run.
+
+    Called by ``optimize`` and, before any model is downloaded or built, by the commands.
+    """
+    device = torch.device(device)
     if precision not in PRECISIONS:
         raise PspZooError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     for name, value in flags.items():

@@ -23,38 +23,18 @@ from .evaluate import resolve_device, resolve_settings
 from .factory import create_model
 from .inference import predict_probs
 from .manifest import DATASETS, TestSettings, get_manifest
+from .optimize import check_options, optimize
 from .results import atomic_write
 from .visualize import legend, overlay, save_palette_png, save_rgb_png
 
 __all__ = ["Predictor", "predict", "predict_files", "read_input_image", "expand_image_args", "output_stems",
-           "PRECISIONS", "IMAGE_EXTENSIONS", "OUTPUT_FORMATS"]
+           "IMAGE_EXTENSIONS", "OUTPUT_FORMATS"]
 
 PathLike = Union[str, Path]
-PRECISIONS = ("fp32", "bf16", "fp16")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 OUTPUT_FORMATS = ("png", "npy")
 # What one image produces, by format; used to name outputs and to skip earlier outputs as inputs.
 OUTPUT_SUFFIXES = {"png": ("_labels.png", "_overlay.png", "_legend.png"), "npy": (".npy",)}
-
-
-# HOOK(speed): the one place where reduced precision plugs in once branch `speed` (psp_zoo.optimize)
-# is merged: add its precisions to PRECISIONS_AVAILABLE and return
-# ``optimize(model, precision=precision)`` from _apply_precision for anything but fp32.
-PRECISIONS_AVAILABLE = ("fp32",)
-
-
-def _check_precision(precision: str) -> None:
-    """Refuse an unknown or not yet available precision before any model is loaded."""
-    if precision not in PRECISIONS:
-        raise PspZooError(f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}")
-    if precision not in PRECISIONS_AVAILABLE:
-        raise PspZooError(f"precision {precision!r} is not available in this version of psp-zoo yet; "
-                          f"use --precision fp32 (the reference path)")
-
-
-def _apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """The model to run at ``precision``; fp32 is the reference path and runs the model as is."""
-    return model
 
 
 def _class_names(dataset: str, num_classes: int) -> Tuple[str, ...]:
@@ -77,13 +57,15 @@ class Predictor:
     @classmethod
     def create(cls, name_or_model: Union[str, torch.nn.Module], *, dataset: Optional[str] = None,
                ms_flip: bool = False, device: Union[None, str, torch.device] = None, precision: str = "fp32",
+               compile: bool = False, fuse_bn: bool = True, channels_last: bool = True,
                manifest=None, checkpoint: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None,
                mirror: Optional[str] = None, offline: Optional[bool] = None,
                **test_overrides) -> "Predictor":
         """From a manifest name (its weights and test settings) or a model object (``dataset=``'s
         test settings with the model's ``align_corners``). Keywords as :func:`psp_zoo.evaluate`."""
-        _check_precision(precision)
         device = resolve_device(device)
+        speed = dict(precision=precision, compile=compile, fuse_bn=fuse_bn, channels_last=channels_last)
+        check_options(device=device, **speed)  # before anything is downloaded or built
         if isinstance(name_or_model, str):
             model = create_model(name_or_model, checkpoint=checkpoint, manifest=manifest, device=device,
                                  cache_dir=cache_dir, mirror=mirror, offline=offline)
@@ -94,7 +76,7 @@ class Predictor:
             model = name_or_model.eval().to(device)
         dataset, settings, num_classes = cls._model_facts(model, dataset, manifest)
         settings = resolve_settings(settings, test_overrides)
-        return cls(_apply_precision(model, precision), dataset, settings, num_classes, ms_flip, device)
+        return cls(optimize(model, **speed), dataset, settings, num_classes, ms_flip, device)
 
     @staticmethod
     def _model_facts(model: torch.nn.Module, dataset: Optional[str], manifest) -> Tuple[str, TestSettings, int]:

@@ -166,3 +166,18 @@ def test_cli_evaluate_prints_and_writes_json(ade, tiny_manifest, tmp_path, capsy
     assert main(argv[:3] + [str(tmp_path / "nowhere")] + argv[4:]) == 2
     err = capsys.readouterr().err.strip()
     assert "is not a folder" in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_runs_the_fast_path_by_default_and_records_it(ade, tiny_manifest):
+    folder, _ = ade
+    kwargs = dict(manifest=str(tiny_manifest), limit=2, checkpoint=tiny_checkpoint_path("r50"),
+                  device="cpu", num_workers=0, progress=False)
+    fast = evaluate("tiny_pspnet_r50-d8_ade20k", folder, **kwargs)
+    plain = evaluate("tiny_pspnet_r50-d8_ade20k", folder, fuse_bn=False, channels_last=False, **kwargs)
+    assert fast["optimizations"]["fuse_bn"] and fast["optimizations"]["channels_last"]
+    assert fast["optimizations"]["folded_bn"] > 0 and fast["optimizations"]["precision"] == "fp32"
+    assert not plain["optimizations"]["fuse_bn"] and not plain["optimizations"]["channels_last"]
+    # folding BN changes rounding only: the confusion matrix, hence every score, is the same
+    assert fast["IoU"] == pytest.approx(plain["IoU"], nan_ok=True) and fast["aAcc"] == plain["aAcc"]
+    with pytest.raises(PspZooError, match="needs a CUDA device"):
+        evaluate("tiny_pspnet_r50-d8_ade20k", folder, precision="fp16", **kwargs)

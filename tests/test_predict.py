@@ -120,7 +120,7 @@ def test_same_stems_from_different_folders_do_not_collide(capsys, manifest, tmp_
     (["missing.png"], "no such file or folder: missing.png"),
     (["*.webp"], "'*.webp' matches no image"),
     (["empty"], "folder empty holds no image"),
-    (["ok.png", "--precision", "bf16"], "precision 'bf16' is not available"),
+    (["ok.png", "--precision", "fp16", "--device", "cpu"], "precision 'fp16' needs a CUDA device"),
 ])
 def test_bad_inputs_are_one_line_errors_before_any_work(capsys, manifest, tmp_path, monkeypatch, argv, expected):
     monkeypatch.chdir(tmp_path)

@@ -7,7 +7,7 @@ the median over rounds of baseline_time[r] / variant_time[r], so load from other
 a shared machine hits both sides of each ratio. Numerics (max relative logit difference,
 argmax agreement) are against the eager fp32 output on the same input.
 
-A slide case compares the one-window-at-a-time loop of the reference (docs/REFERENCE.md's grid)
+A slide case compares psp_zoo.slide_inference one window at a time (the reference loop, REFERENCE.md grid)
 with all windows in one batch.
 
     python benchmarks/speed.py                      # defaults for the device found
@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))  # benchmark the checkout this script lives in
 from torchvision.models.resnet import Bottleneck  # noqa: E402
 
 from psp_zoo import PSPNet, load_checkpoint  # noqa: E402
+from psp_zoo.inference import slide_inference  # noqa: E402
 from psp_zoo.optimize import cpu_supports_bf16, optimize  # noqa: E402
 
 MODEL_CONFIGS = {
@@ -81,50 +82,6 @@ SLIDE_VARIANTS: Dict[str, Tuple[Optional[dict], bool]] = {  # name -> (optimize 
     "fast_fp32_batched": (dict(), True),
     "fast_bf16_batched": (dict(precision="bf16"), True),
 }
-
-
-# ----------------------------------------------------------------------------- slide inference
-def slide_windows(height: int, width: int, crop: Tuple[int, int],
-                  stride: Tuple[int, int]) -> List[Tuple[int, int, int, int]]:
-    """(y1, y2, x1, x2) of each window, in the reference's row-major order and grid."""
-    (hc, wc), (hs, ws) = crop, stride
-    rows = max(height - hc + hs - 1, 0) // hs + 1
-    cols = max(width - wc + ws - 1, 0) // ws + 1
-    windows = []
-    for r in range(rows):
-        for c in range(cols):
-            y2, x2 = min(r * hs + hc, height), min(c * ws + wc, width)
-            windows.append((max(y2 - hc, 0), y2, max(x2 - wc, 0), x2))
-    return windows
-
-
-def slide_loop(model: Callable, img: torch.Tensor, crop, stride, num_classes: int) -> torch.Tensor:
-    """The reference: one window per model call, logits summed and divided by the window count."""
-    n, _, height, width = img.shape
-    logits = img.new_zeros((n, num_classes, height, width))
-    count = img.new_zeros((n, 1, height, width))
-    for y1, y2, x1, x2 in slide_windows(height, width, crop, stride):
-        logits[:, :, y1:y2, x1:x2] += model(img[:, :, y1:y2, x1:x2])
-        count[:, :, y1:y2, x1:x2] += 1
-    return logits / count
-
-
-def slide_batched(model: Callable, img: torch.Tensor, crop, stride, num_classes: int) -> torch.Tensor:
-    """All windows of equal size in one model call (a batch of one image's windows)."""
-    # TODO(lead): switch to psp_zoo.inference.slide_inference once branch `eval` is merged.
-    n, _, height, width = img.shape
-    logits = img.new_zeros((n, num_classes, height, width))
-    count = img.new_zeros((n, 1, height, width))
-    by_size: Dict[Tuple[int, int], list] = {}
-    for window in slide_windows(height, width, crop, stride):
-        by_size.setdefault((window[1] - window[0], window[3] - window[2]), []).append(window)
-    for windows in by_size.values():
-        batch = torch.cat([img[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in windows])
-        out = model(batch)
-        for i, (y1, y2, x1, x2) in enumerate(windows):
-            logits[:, :, y1:y2, x1:x2] += out[i * n:(i + 1) * n]
-            count[:, :, y1:y2, x1:x2] += 1
-    return logits / count
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -293,8 +250,8 @@ def slide_calls(model: PSPNet, img: torch.Tensor, crop, stride,
     calls = {}
     for name, (kwargs, batched) in variants.items():
         net, options = _prepared(model, kwargs)
-        infer = slide_batched if batched else slide_loop
-        run = lambda t, net=net, infer=infer: infer(net, t, crop, stride, model.num_classes)  # noqa: E731
+        # batch_size=1 is the reference's one-window-at-a-time loop; None stacks every window
+        run = lambda t, net=net, bs=None if batched else 1: slide_inference(net, t, crop, stride, batch_size=bs)  # noqa: E731
         calls[name] = (_no_grad_call(run, img), {**options, "slide": "batched" if batched else "loop"})
     return calls
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from psp_zoo import CheckpointError, PSPNet, PspZooError, create_model, load_checkpoint, read_checkpoint
+from psp_zoo import CheckpointError, PSPNet, create_model, load_checkpoint, read_checkpoint
 
 from conftest import tiny_checkpoint_path, tiny_info
 

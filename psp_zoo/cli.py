@@ -42,8 +42,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def register_evaluate(sub) -> None:
+    parser = sub.add_parser("evaluate", help="score one checkpoint on a validation set, as the reference",
+                            description="Evaluate one manifest checkpoint (single-scale, or --ms-flip) "
+                                        "and print aAcc, mIoU, mAcc and per-class IoU in percent.")
+    parser.add_argument("model", help="manifest name, alias or weight file stem")
+    parser.add_argument("--data-root", required=True, metavar="DIR",
+                        help="the dataset folder or a folder containing it (e.g. data/)")
+    parser.add_argument("--checkpoint", metavar="FILE", help="local weights file instead of the published one")
+    parser.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test (12 passes per image)")
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--workers", type=int, metavar="N", help="image decoding processes")
+    parser.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
+    _add_manifest_option(parser)
+    parser.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, write_result
+
+    result = evaluate(args.model, args.data_root, ms_flip=args.ms_flip, limit=args.limit, device=args.device,
+                      manifest=args.manifest, checkpoint=args.checkpoint, num_workers=args.workers)
+    print(f"{result['model']} on {result['dataset']} ({result['num_images']} images, "
+          f"{'ms+flip' if result['ms_flip'] else 'single-scale'}, {result['device']})")
+    for name, iou in result["IoU"].items():
+        print(f"  {name:<24} IoU {iou:6.2f}  Acc {result['Acc'][name]:6.2f}")
+    print(f"aAcc {result['aAcc']:.2f}  mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}")
+    if args.json:
+        write_result(result, args.json)
+    return 0
+
+
 # Each entry adds one subcommand to the parser and sets ``func`` on its namespace.
-COMMANDS: List[Callable] = []
+COMMANDS: List[Callable] = [register_evaluate]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,178 @@
+"""One model on one validation set -> the reference's aAcc, mIoU, mAcc and per-class scores.
+
+``evaluate`` is the whole job; its parts are reusable: ``predictions`` yields each image's
+prediction in dataset order, ``accumulate`` feeds them into a ``ConfusionMatrix`` (so a caller
+can shard the dataset, keep partial state and all-reduce), ``summarize`` turns a matrix into the
+result dict.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+from tqdm import tqdm
+
+from .datasets import Sample, SegmentationDataset, classes, make_loader
+from .errors import PspZooError
+from .factory import create_model
+from .inference import SLIDE_BATCH_SIZE, infer_probs
+from .manifest import DATASETS, TestSettings, get_checkpoint, get_manifest
+from .metrics import ConfusionMatrix
+from .transforms import target_scales
+
+__all__ = ["evaluate", "predictions", "accumulate", "summarize", "resolve_device", "resolve_settings",
+           "write_result", "TEST_OVERRIDES"]
+
+#: Test settings a caller may override by keyword (e.g. ``mode='slide', crop_size=(512, 512)``).
+TEST_OVERRIDES = ("mode", "img_scale", "crop_size", "stride", "align_corners")
+
+
+def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
+    """``device`` as a torch.device; None picks CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_settings(base: TestSettings, overrides: Dict[str, object]) -> TestSettings:
+    """``base`` with keyword overrides applied and checked (slide needs crop_size and stride)."""
+    unknown = sorted(set(overrides) - set(TEST_OVERRIDES))
+    if unknown:
+        raise PspZooError(f"unknown test setting {unknown[0]!r}; settable: {', '.join(TEST_OVERRIDES)}")
+    fields = {key: tuple(value) if isinstance(value, (list, tuple)) else value
+              for key, value in overrides.items()}
+    settings = dataclasses.replace(base, **fields)
+    if settings.mode not in ("whole", "slide"):
+        raise PspZooError(f"test mode must be 'whole' or 'slide', got {settings.mode!r}")
+    if settings.mode == "slide" and (settings.crop_size is None or settings.stride is None):
+        raise PspZooError("slide inference needs crop_size=(h, w) and stride=(h, w)")
+    return settings
+
+
+def predictions(model, samples: Iterable[Sample], settings: TestSettings, *, ms_flip: bool = False,
+                device: Union[None, str, torch.device] = None,
+                batch_size: Optional[int] = SLIDE_BATCH_SIZE) -> Iterator[Tuple[Sample, torch.Tensor]]:
+    """(sample, H x W predicted class indices on ``device``) for each sample, in order."""
+    device = resolve_device(device)
+    for sample in samples:
+        probs = infer_probs(model, sample.inputs, sample.ori_size, settings, ms_flip, device=device,
+                            batch_size=batch_size)
+        yield sample, probs.argmax(dim=0)
+
+
+def accumulate(model, samples: Iterable[Sample], settings: TestSettings, metric: ConfusionMatrix, *,
+               ms_flip: bool = False, device: Union[None, str, torch.device] = None,
+               batch_size: Optional[int] = SLIDE_BATCH_SIZE) -> int:
+    """Add every sample's prediction to ``metric``; returns the number of images seen."""
+    seen = 0
+    for sample, pred in predictions(model, samples, settings, ms_flip=ms_flip, device=device,
+                                    batch_size=batch_size):
+        metric.update(pred, sample.label.to(pred.device, non_blocking=True))
+        seen += 1
+    return seen
+
+
+def _percent_by_class(values, names: Sequence[str]) -> Dict[str, float]:
+    return {name: float(value) * 100.0 for name, value in zip(names, values)}
+
+
+def summarize(metric: ConfusionMatrix, class_names: Sequence[str]) -> Dict[str, object]:
+    """aAcc, mIoU, mAcc and per-class IoU / Acc keyed by class name, all in percent (NaN kept)."""
+    scores = metric.compute()
+    return {
+        "aAcc": scores["aAcc"] * 100.0,
+        "mIoU": scores["mIoU"] * 100.0,
+        "mAcc": scores["mAcc"] * 100.0,
+        "IoU": _percent_by_class(scores["IoU"], class_names),
+        "Acc": _percent_by_class(scores["Acc"], class_names),
+    }
+
+
+def _class_names(dataset: str, num_classes: int) -> Tuple[str, ...]:
+    names = classes(dataset)
+    # A model with another class count (e.g. a test fixture) is scored by index.
+    return names if len(names) == num_classes else tuple(str(i) for i in range(num_classes))
+
+
+@dataclasses.dataclass
+class _Target:
+    model: torch.nn.Module
+    name: str
+    dataset: str
+    settings: TestSettings  # before keyword overrides
+    num_classes: int
+    reduce_zero_label: bool
+
+
+def _resolve_target(name_or_model, dataset: Optional[str], manifest, checkpoint, device: torch.device) -> _Target:
+    if isinstance(name_or_model, str):
+        entry = get_checkpoint(name_or_model, manifest=manifest)
+        if dataset is not None and dataset != entry.dataset:
+            raise PspZooError(f"{entry.name} is a {entry.dataset} checkpoint; it cannot be scored on {dataset}")
+        model = create_model(entry.name, checkpoint=checkpoint, manifest=manifest, device=device)
+        return _Target(model, entry.name, entry.dataset, entry.test, entry.num_classes, entry.reduce_zero_label)
+    if checkpoint is not None:
+        raise PspZooError("checkpoint= selects the weights of a named model; load them into the model "
+                          "object yourself (psp_zoo.load_checkpoint) or pass a manifest name")
+    if dataset not in DATASETS:
+        raise PspZooError(f"evaluating a model object needs dataset=, one of: {', '.join(DATASETS)}")
+    spec = get_manifest(manifest).datasets[dataset]
+    model = name_or_model
+    settings = dataclasses.replace(spec.test, align_corners=bool(getattr(model, "align_corners",
+                                                                         spec.test.align_corners)))
+    num_classes = int(getattr(model, "num_classes", spec.num_classes))
+    return _Target(model.eval().to(device), type(model).__name__, dataset, settings, num_classes,
+                   spec.reduce_zero_label)
+
+
+def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[str] = None,
+             ms_flip: bool = False, limit: Optional[int] = None, device: Union[None, str, torch.device] = None,
+             manifest=None, checkpoint: Union[None, str, Path] = None, num_workers: Optional[int] = None,
+             progress: Optional[bool] = None, batch_size: Optional[int] = SLIDE_BATCH_SIZE,
+             **test_overrides) -> Dict[str, object]:
+    """Score a checkpoint (manifest name) or a model object on a validation set, as the reference.
+
+    With a name, its manifest test settings apply (``checkpoint=PATH`` loads a local file). With a
+    model (put in eval mode and moved to ``device``), ``dataset`` is required and that dataset's
+    default settings apply, with the model's ``align_corners``. Keywords in ``TEST_OVERRIDES``
+    override either. ``limit`` scores the first N images in sorted order. ``progress``: True/False,
+    or None for a bar only on a terminal. Returns percentages, per-class scores keyed by class
+    name, the image count and the settings used.
+    """
+    device = resolve_device(device)
+    target = _resolve_target(name_or_model, dataset, manifest, checkpoint, device)
+    settings = resolve_settings(target.settings, test_overrides)
+    scales = target_scales(settings.img_scale, ms_flip)
+    data = SegmentationDataset(target.dataset, data_root, img_scales=scales, limit=limit,
+                               reduce_zero_label=target.reduce_zero_label)
+    samples = make_loader(data, num_workers=num_workers, pin_memory=device.type == "cuda")
+    metric = ConfusionMatrix(target.num_classes, device=device)
+    bar = tqdm(samples, total=len(data), desc=f"{target.name} {'ms+flip' if ms_flip else 'single-scale'}",
+               unit="img", disable=None if progress is None else not progress)
+    count = accumulate(target.model, bar, settings, metric, ms_flip=ms_flip, device=device,
+                       batch_size=batch_size)
+    result = {"model": target.name, "dataset": target.dataset, "data_root": str(data_root),
+              "num_images": count, "ms_flip": ms_flip, "device": str(device)}
+    result.update(summarize(metric, _class_names(target.dataset, target.num_classes)))
+    result["settings"] = {**dataclasses.asdict(settings), "scales": scales,
+                          "num_classes": target.num_classes, "reduce_zero_label": target.reduce_zero_label}
+    return result
+
+
+def write_result(result: Dict[str, object], path: Union[str, Path]) -> None:
+    """Write an ``evaluate`` result as JSON atomically (temp file, then rename); NaN stays NaN."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(result, handle, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -300,14 +300,17 @@ COMMANDS.append(_register_tables)
 # reproduce
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+    return parse
 
 
 def _register_reproduce(sub) -> None:
@@ -324,7 +327,7 @@ def _register_reproduce(sub) -> None:
     parser.add_argument("--models", metavar="PATTERN", help="only names matching this shell wildcard")
     parser.add_argument("--no-ms-flip", dest="ms_flip", action="store_false",
                         help="skip the multi-scale + flip evaluation (6x slower than single-scale)")
-    parser.add_argument("--limit", type=_positive_int, metavar="N",
+    parser.add_argument("--limit", type=_int_at_least(1), metavar="N",
                         help="only the first N images (sorted by name), for scores and speed")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--results", metavar="DIR", default=DEFAULT_RESULTS_DIR,
@@ -333,19 +336,19 @@ def _register_reproduce(sub) -> None:
     parser.add_argument("--mirror", metavar="BASE", default=None,
                         help="replaces https://download.openmmlab.com/ (default: $PSP_ZOO_MIRROR)")
     parser.add_argument("--offline", action="store_true", help="use only the checkpoint cache")
-    parser.add_argument("--num-workers", type=int, metavar="N", help="image decoding processes")
+    parser.add_argument("--num-workers", type=_int_at_least(0), metavar="N", help="image decoding processes")
     parser.add_argument("--precision", default="fp32", help="model precision (default fp32, as published)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--no-train-mem", dest="train_memory", action="store_false",
                         help="skip the training-memory step (slow on CPU for full-size models)")
-    parser.add_argument("--speed-images", type=_positive_int, metavar="N",
+    parser.add_argument("--speed-images", type=_int_at_least(1), metavar="N",
                         help="images timed for fps, warm-up included (default: 200 on CUDA as "
                              "published, 20 on CPU; --limit bounds it)")
-    parser.add_argument("--speed-warmup", type=int, default=5, metavar="N",
+    parser.add_argument("--speed-warmup", type=_int_at_least(0), default=5, metavar="N",
                         help="untimed warm-up images (default 5)")
-    parser.add_argument("--save-every", type=_positive_int, default=50, metavar="N",
+    parser.add_argument("--save-every", type=_int_at_least(1), default=50, metavar="N",
                         help="save the evaluation state every N images, for resuming (default 50)")
-    parser.add_argument("--crash-after", type=_positive_int, help=argparse.SUPPRESS)  # tests: a kill
+    parser.add_argument("--crash-after", type=_int_at_least(1), help=argparse.SUPPRESS)  # tests: a kill
     _add_manifest_option(parser)
     _add_cache_options(parser)
     parser.set_defaults(func=_run_reproduce)

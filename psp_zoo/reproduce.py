@@ -434,6 +434,15 @@ class _Job:
         return record, False
 
 
+def _check_options(opts: ReproduceOptions) -> None:
+    _check_optimizations(opts.precision, opts.compile)
+    for name, value, minimum in (("limit", opts.limit, 1), ("speed_images", opts.speed_images, 1),
+                                 ("speed_warmup", opts.speed_warmup, 0), ("save_every", opts.save_every, 1),
+                                 ("num_workers", opts.num_workers, 0)):
+        if value is not None and value < minimum:
+            raise PspZooError(f"--{name.replace('_', '-')} must be a whole number >= {minimum}, got {value}")
+
+
 def _resolve_device(device: Union[None, str, torch.device]) -> torch.device:
     resolved = resolve_device(device)
     if resolved.type not in ("cpu", "cuda"):
@@ -452,9 +461,7 @@ def reproduce(dataset: str, data_root: Union[str, Path], *, models: Optional[str
     recorded with status "failed" and the others still run.
     """
     opts = ReproduceOptions(**options)
-    _check_optimizations(opts.precision, opts.compile)
-    if opts.limit is not None and opts.limit < 1:
-        raise PspZooError(f"--limit must be a positive number of images, got {opts.limit}")
+    _check_options(opts)
     entries = select_checkpoints(dataset, models, opts.manifest)
     everything = list_items(dataset, data_root)  # checks the data folder before any download
     parallel, resolved = Distributed.from_env(_resolve_device(device))

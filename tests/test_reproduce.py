@@ -46,6 +46,15 @@ def _small_manifest(path: Path, base: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared machine their syncing costs ~5x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A checkpoint host, a manifest of tiny_r50 / tiny_r101 on it, a cache and a mini Cityscapes."""
@@ -155,7 +164,7 @@ def test_a_killed_run_resumes_and_ends_with_the_same_numbers(capsys, setup, unin
     # 3 single-scale images (saved at 2 and at the end), then 1 ms+flip image not yet saved: killed
     argv = _argv(setup, results, "--models", "tiny_r50", "--no-train-mem", "--save-every", "2")
     killed = subprocess.run([sys.executable, "-m", "psp_zoo", *argv, "--crash-after", "4"],
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert killed.returncode == CRASH_EXIT_CODE, killed.stderr
     assert not (results / "tiny_r50" / "cpu.json").exists()
     partials = sorted(p.name for p in (results / "tiny_r50").glob("*.partial.npz"))

@@ -268,10 +268,10 @@ class _CheckpointRun:
 
     def record(self, **fields: Any) -> ResultRecord:
         job = self.job
+        scored = len(job.items) if fields.get("status", "complete") == "complete" else 0
         return ResultRecord(checkpoint=self.entry.name, dataset=self.entry.dataset,
                             environment=job.environment, precision=self.options.precision,
-                            images=ImageCount(count=len(job.items), available=job.available,
-                                              limit=self.options.limit),
+                            images=ImageCount(count=scored, available=job.available, limit=self.options.limit),
                             settings=self.recorded_settings(), **fields)
 
     def recorded_settings(self) -> Dict[str, Any]:
@@ -411,26 +411,35 @@ class _Job:
         if self.options.crash_after is not None and self.images_scored >= self.options.crash_after:
             os._exit(CRASH_EXIT_CODE)  # a hard kill: no cleanup, no flush, nothing written after
 
+    def say(self, level: int, message: str, *args: Any) -> None:
+        """Log on rank 0 only: one line per event, not one per process."""
+        if self.dist.is_main:
+            log.log(level, message, *args)
+
     def reproduce(self, entry: Checkpoint) -> Tuple[ResultRecord, bool]:
         """(record, skipped) for one checkpoint; rank 0 writes it."""
         run = _CheckpointRun(entry, self)
         if self.options.force:
             run.clear_partials()
-        finished = self.dist.from_main(None if self.options.force else _is_finished(run.path, self.options))
+        finished = None
+        if self.dist.is_main and not self.options.force:
+            finished = _is_finished(run.path, self.options)
+        finished = self.dist.from_main(finished)
         if finished is not None:
-            log.info("%s %s: skipped, finished results in %s (--force redoes it)",
+            self.say(logging.INFO, "%s %s: skipped, finished results in %s (--force redoes it)",
                      self.position(entry), entry.name, run.path)
             return finished, True
-        log.info("%s %s: reproducing on %s", self.position(entry), entry.name, self.environment["device_name"])
+        self.say(logging.INFO, "%s %s: reproducing on %s", self.position(entry), entry.name,
+                 self.environment["device_name"])
         record = run.run()
         if self.dist.is_main:
             write_result(run.path, record)
         self.dist.barrier()  # the results file exists before any rank forgets its partial state
         if record.status == "complete":
             run.clear_partials()
-            log.info("%s %s: wrote %s", self.position(entry), entry.name, run.path)
+            self.say(logging.INFO, "%s %s: wrote %s", self.position(entry), entry.name, run.path)
         else:
-            log.error("%s %s: failed: %s", self.position(entry), entry.name, record.error)
+            self.say(logging.ERROR, "%s %s: failed: %s", self.position(entry), entry.name, record.error)
         return record, False
 
 

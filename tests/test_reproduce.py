@@ -120,7 +120,7 @@ def test_reproduce_records_everything_and_tables_show_both_columns(capsys, setup
     assert record.settings["test"]["img_scale"] == SMALL_SCALE and record.settings["world_size"] == 1
     assert {"torch", "psp_zoo", "git_revision", "device_name", "python"} <= set(record.environment)
     failed = read_result(results / "tiny_r101" / "cpu.json")
-    assert failed.status == "failed" and "404" in failed.error
+    assert failed.status == "failed" and "404" in failed.error and failed.images.count == 0
     assert "| PSPNet [1] " in out and "1.50 / " in out  # the summary: published / reproduced
 
     code, tables, _ = _cli(capsys, "tables", "--results", results, "--manifest", setup["manifest"])

@@ -287,7 +287,8 @@ class _CheckpointRun:
         job = self.job
         rank = f".rank{job.dist.rank}of{job.dist.world_size}" if job.dist.world_size > 1 else ""
         fingerprint = {
-            "checkpoint": self.entry.name, "file": self.entry.filename, "settings": dataclasses.asdict(self.settings),
+            "checkpoint": self.entry.name, "file": self.entry.filename,
+            "settings": dataclasses.asdict(self.settings),
             "pass": pass_name, "num_classes": self.entry.num_classes,
             "reduce_zero_label": self.entry.reduce_zero_label, "limit": self.options.limit,
             "images": hashlib.sha256("\n".join(i.name for i in job.items).encode()).hexdigest(),
@@ -321,7 +322,8 @@ class _CheckpointRun:
         return evaluate_split(model, shard, self.settings, self.entry.num_classes, ms_flip=ms_flip,
                               device=job.device, partial=self.partial(pass_name),
                               num_workers=self.options.num_workers, progress=job.progress,
-                              desc=f"{job.position(self.entry)} {self.entry.name} {pass_name.replace('_', '-')}",
+                              desc=f"{job.position(self.entry)} {self.entry.name} "
+                                   f"{pass_name.replace('_', '-')}",
                               after_image=job.count_image)
 
     def measure(self, model) -> Dict[str, Any]:
@@ -331,7 +333,8 @@ class _CheckpointRun:
         count = min(options.speed_images or default_count, len(job.items))
         warmup = min(options.speed_warmup, count - 1)  # few images: still time at least one
         data = SegmentationDataset(entry.dataset, job.data_root, items=job.items[:count],
-                                   img_scales=[self.settings.img_scale], reduce_zero_label=entry.reduce_zero_label)
+                                   img_scales=[self.settings.img_scale],
+                                   reduce_zero_label=entry.reduce_zero_label)
         # on CPU, loader workers would compete with the timed model for the cores
         workers = 0 if job.device.type == "cpu" else options.num_workers
 

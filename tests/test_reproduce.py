@@ -67,7 +67,8 @@ def setup(tmp_path_factory):
 
 
 def _argv(setup, results: Path, *extra: str) -> list:
-    return ["reproduce", "--dataset", "cityscapes", "--data-root", str(setup["data"]), "--results", str(results),
+    return ["reproduce", "--dataset", "cityscapes", "--data-root", str(setup["data"]),
+            "--results", str(results),
             "--manifest", str(setup["manifest"]), "--cache-dir", str(setup["cache"]), *QUICK, *extra]
 
 
@@ -161,18 +162,26 @@ def test_user_errors_are_one_line_before_any_work(capsys, setup, tmp_path, extra
 
 def test_a_killed_run_resumes_and_ends_with_the_same_numbers(capsys, setup, uninterrupted, tmp_path):
     results = tmp_path / "results"
-    # 3 single-scale images (saved at 2 and at the end), then 1 ms+flip image not yet saved: killed
     argv = _argv(setup, results, "--models", "tiny_r50", "--no-train-mem", "--save-every", "2")
-    killed = subprocess.run([sys.executable, "-m", "psp_zoo", *argv, "--crash-after", "4"],
-                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-    assert killed.returncode == CRASH_EXIT_CODE, killed.stderr
-    assert not (results / "tiny_r50" / "cpu.json").exists()
+
+    def killed_after(images: int) -> str:
+        run = subprocess.run([sys.executable, "-m", "psp_zoo", *argv, "--crash-after", str(images)],
+                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                             capture_output=True, text=True)
+        assert run.returncode == CRASH_EXIT_CODE, run.stderr
+        assert not (results / "tiny_r50" / "cpu.json").exists()
+        return run.stderr
+
+    # single-scale saved after image 2; image 3 scored, not saved, lost with the kill
+    killed_after(3)
+    # resumes at 2, finishes single-scale (saved), ms+flip saved after 2 of 3 images, killed again
+    assert "single-scale: resuming at image 2 of 3" in killed_after(3)
     partials = sorted(p.name for p in (results / "tiny_r50").glob("*.partial.npz"))
-    assert partials == ["cpu.json.single_scale.partial.npz"]
+    assert partials == ["cpu.json.ms_flip.partial.npz", "cpu.json.single_scale.partial.npz"]
 
     code, out, err = _cli(capsys, *argv)
     assert code == 0, err
-    assert "single-scale: resuming at image 3 of 3" in err and "ms-flip: resuming" not in err
+    assert "single-scale: resuming at image 3 of 3" in err and "ms-flip: resuming at image 2 of 3" in err
     assert not list((results / "tiny_r50").glob("*.partial.npz"))  # consumed
     assert _scores(_result(results, "tiny_r50")) == _scores(uninterrupted)
 

@@ -401,6 +401,84 @@ def _register_selftest(sub) -> None:
 
 COMMANDS.append(_register_selftest)
 
+# --------------------------------------------------------------------------------------------
+# reproduce
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def _register_reproduce(sub) -> None:
+    parser = sub.add_parser(
+        "reproduce", help="re-evaluate and re-measure a dataset's checkpoints, write results files",
+        description="For each checkpoint of the dataset: fetch, load, score single-scale and "
+                    "ms+flip, measure fps and memory as published, write one results file per "
+                    "checkpoint and device. Finished checkpoints are skipped and a killed run "
+                    "resumes; under `torchrun --nproc_per_node N -m psp_zoo reproduce ...` the "
+                    "images are shared out across the processes.")
+    parser.add_argument("--dataset", required=True, help="cityscapes, ade20k, voc12aug, pascal_context, ...")
+    parser.add_argument("--data-root", required=True, metavar="PATH",
+                        help="the dataset folder, or a folder that contains it")
+    parser.add_argument("--models", metavar="PATTERN", help="only names matching this shell wildcard")
+    parser.add_argument("--no-ms-flip", dest="ms_flip", action="store_false",
+                        help="skip the multi-scale + flip evaluation (6x slower than single-scale)")
+    parser.add_argument("--limit", type=_int_at_least(1), metavar="N",
+                        help="only the first N images (sorted by name), for scores and speed")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--results", metavar="DIR", default=DEFAULT_RESULTS_DIR,
+                        help=f"results folder (default: ./{DEFAULT_RESULTS_DIR})")
+    parser.add_argument("--force", action="store_true", help="redo checkpoints that have finished results")
+    parser.add_argument("--num-workers", type=_int_at_least(0), metavar="N", help="image decoding processes")
+    parser.add_argument("--no-train-mem", dest="train_memory", action="store_false",
+                        help="skip the training-memory step (slow on CPU for full-size models)")
+    parser.add_argument("--speed-images", type=_int_at_least(1), metavar="N",
+                        help="images timed for fps, warm-up included (default: 200 on CUDA as "
+                             "published, 20 on CPU; --limit bounds it)")
+    parser.add_argument("--speed-warmup", type=_int_at_least(0), default=5, metavar="N",
+                        help="untimed warm-up images (default 5)")
+    parser.add_argument("--save-every", type=_int_at_least(1), default=50, metavar="N",
+                        help="save the evaluation state every N images, for resuming (default 50)")
+    parser.add_argument("--crash-after", type=_int_at_least(1), help=argparse.SUPPRESS)  # tests: a kill
+    _add_manifest_option(parser)
+    _add_fetch_options(parser)
+    _add_speed_options(parser)
+    parser.set_defaults(func=_run_reproduce)
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce, summary
+
+    with _progress_messages(quiet=False):
+        report = reproduce(
+            args.dataset, args.data_root, models=args.models, device=args.device,
+            ms_flip=args.ms_flip, limit=args.limit, results_dir=args.results, force=args.force,
+            manifest=args.manifest, mirror=args.mirror, offline=args.offline or None,
+            cache_dir=args.cache_dir, num_workers=args.num_workers, **_speed_kwargs(args),
+            speed_images=args.speed_images, speed_warmup=args.speed_warmup,
+            train_memory=args.train_memory, save_every=args.save_every, crash_after=args.crash_after)
+    if report.rank == 0:
+        sys.stdout.write(summary(report, args.manifest))
+        done = len(report.records) - len(report.failed)
+        print(f"\n{done} of {len(report.records)} checkpoint(s) reproduced ({len(report.skipped)} "
+              f"already done); results in {args.results}", flush=True)
+    if report.failed:
+        print(f"psp-zoo reproduce: failed: {', '.join(report.failed)}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+COMMANDS.append(_register_reproduce)
+
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()

@@ -34,10 +34,21 @@ TEST_OVERRIDES = ("mode", "img_scale", "crop_size", "stride", "align_corners")
 
 
 def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
-    """``device`` as a torch.device; None picks CUDA when available, else CPU."""
+    """``device`` as a torch.device; None picks CUDA when available, else CPU.
+
+    A device this torch cannot use is a user error, refused before any work.
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise PspZooError(f"unsupported device {str(device)!r}; use cpu, cuda or cuda:N")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise PspZooError(f"--device {device}: no CUDA device is available to this torch; use --device cpu")
+    return resolved
 
 
 def resolve_settings(base: TestSettings, overrides: Dict[str, object]) -> TestSettings:

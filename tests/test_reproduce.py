@@ -1,0 +1,229 @@
+"""`psp-zoo reproduce` end to end: tiny checkpoints from a local HTTP host, a 3-image Cityscapes set.
+
+The tiny fixture models have 5 classes and the mini Cityscapes labels use 0-4 and 255, so every
+label is a valid class (the metrics name the classes by index). Test images are resized to
+(32, 16) instead of Cityscapes' (2048, 1024) through the user manifest's ``test`` override.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+
+from psp_zoo import evaluate
+from psp_zoo.cli import main
+from psp_zoo.datasets import SegmentationDataset
+from psp_zoo.manifest import get_checkpoint
+from psp_zoo.metrics import ConfusionMatrix
+from psp_zoo.reproduce import CRASH_EXIT_CODE, evaluate_split, reproduce
+from psp_zoo.results import read_result
+
+import minidata
+from conftest import REPO, tiny_checkpoint_path, tiny_model
+from hub_server import CheckpointServer, manifest_text
+
+SMALL_SCALE = [32, 16]
+# a quick run: no decoding workers, 3 images timed after 1 warm-up
+QUICK = ("--num-workers", "0", "--speed-images", "3", "--speed-warmup", "1")
+
+
+def _small_manifest(path: Path, base: str) -> Path:
+    data = yaml.safe_load(manifest_text(base))
+    for entry in data["models"]:
+        entry["test"] = {"img_scale": SMALL_SCALE}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared machine their syncing costs ~5x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A checkpoint host, a manifest of tiny_r50 / tiny_r101 on it, a cache and a mini Cityscapes."""
+    folder = tmp_path_factory.mktemp("reproduce")
+    server = CheckpointServer()
+    minidata.write_cityscapes(folder / "cityscapes")
+    yield {"server": server, "manifest": _small_manifest(folder / "manifest.yml", server.base),
+           "cache": folder / "cache", "data": folder / "cityscapes", "tmp": folder}
+    server.close()
+
+
+def _argv(setup, results: Path, *extra: str) -> list:
+    return ["reproduce", "--dataset", "cityscapes", "--data-root", str(setup["data"]),
+            "--results", str(results),
+            "--manifest", str(setup["manifest"]), "--cache-dir", str(setup["cache"]), *QUICK, *extra]
+
+
+def _cli(capsys, *argv) -> tuple:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _result(results: Path, name: str) -> dict:
+    return json.loads((results / name / "cpu.json").read_text())
+
+
+def _scores(data: dict) -> dict:
+    """What must not depend on how the run was split or interrupted."""
+    return {"images": data["images"], "metrics": data["metrics"], "status": data["status"]}
+
+
+@pytest.fixture(scope="module")
+def first_run(setup):
+    """Both tiny checkpoints, tiny_r101's download refused: (exit code, stdout, stderr, results)."""
+    results = setup["tmp"] / "first_run"
+    setup["server"].script("r101", "404")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(_argv(setup, results, "--models", "tiny_*"))
+    return code, out.getvalue(), err.getvalue(), results, _result(results, "tiny_r50")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(first_run):
+    """tiny_r50 reproduced in one go by one process: the numbers other runs must equal."""
+    return first_run[4]
+
+
+def test_reproduce_records_everything_and_tables_show_both_columns(capsys, setup, first_run):
+    code, out, err, results, _ = first_run
+    assert code == 1 and "failed: tiny_r101" in err  # and tiny_r50 was still reproduced
+    record = read_result(results / "tiny_r50" / "cpu.json")
+    assert record.status == "complete" and record.precision == "fp32"
+    assert (record.images.count, record.images.available, record.images.limit) == (3, 3, None)
+    for ms_flip, metrics in ((False, record.single_scale), (True, record.ms_flip)):
+        expected = evaluate("tiny_r50", setup["data"], manifest=setup["manifest"], device="cpu",
+                            num_workers=0, checkpoint=tiny_checkpoint_path("r50"), ms_flip=ms_flip)
+        assert metrics.miou == pytest.approx(expected["mIoU"], abs=1e-9)
+        assert metrics.per_class["3"]["IoU"] == pytest.approx(expected["IoU"]["3"], abs=1e-9)
+    assert record.speed.device_kind == "cpu" and (record.speed.images_timed, record.speed.warmup) == (2, 1)
+    assert record.inference_memory.kind == record.training_memory.kind == "cpu peak RSS"
+    assert record.training_memory.gb > 0 and "64x64, 2 image(s)" in record.training_memory.detail
+    assert record.settings["test"]["img_scale"] == SMALL_SCALE and record.settings["world_size"] == 1
+    assert {"torch", "psp_zoo", "git_revision", "device_name", "python"} <= set(record.environment)
+    failed = read_result(results / "tiny_r101" / "cpu.json")
+    assert failed.status == "failed" and "404" in failed.error and failed.images.count == 0
+    assert "| PSPNet [1] " in out and "1.50 / " in out  # the summary: published / reproduced
+
+    code, tables, _ = _cli(capsys, "tables", "--results", results, "--manifest", setup["manifest"])
+    assert code == 0
+    row = next(line for line in tables.splitlines() if line.startswith("| PSPNet [1]"))
+    assert f"1.50 / {record.single_scale.miou:.2f} ({record.single_scale.miou - 1.5:+.2f})" in row
+    assert f"- / {record.ms_flip.miou:.2f}" in row
+    assert "not reproduced: tiny_r101 failed" in tables
+
+
+def test_a_rerun_skips_finished_checkpoints_and_retries_failed_ones(capsys, setup, first_run):
+    results = first_run[3]
+    record = read_result(results / "tiny_r50" / "cpu.json")
+    setup["server"].script("r101", "404")
+    requests_before = len(setup["server"].log)
+    code, out, err = _cli(capsys, *_argv(setup, results, "--models", "tiny_*"))
+    assert code == 1 and "tiny_r50: skipped" in err and "1 already done" in out
+    assert read_result(results / "tiny_r50" / "cpu.json") == record  # not rewritten
+    assert len(setup["server"].log) == requests_before + 1  # tiny_r101 was tried again
+    # a finished run with other settings (here: a limit) is not "finished" for this one
+    code, _, err = _cli(capsys, *_argv(setup, results, "--models", "tiny_r50", "--limit", "2",
+                                       "--no-ms-flip", "--no-train-mem"))
+    assert code == 0 and "skipped" not in err
+    assert read_result(results / "tiny_r50" / "cpu.json").images.limit == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--models", "nope*"), "no cityscapes checkpoint matches 'nope*'; the cityscapes checkpoints are: "),
+    (("--precision", "fp16"), "precision 'fp16' is not available"),
+])
+def test_user_errors_are_one_line_before_any_work(capsys, setup, tmp_path, extra, message):
+    code, out, err = _cli(capsys, *_argv(setup, tmp_path / "results", *extra))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    if "nope" in message:
+        assert "tiny_r50, tiny_r101" in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_killed_run_resumes_and_ends_with_the_same_numbers(capsys, setup, uninterrupted, tmp_path):
+    results = tmp_path / "results"
+    argv = _argv(setup, results, "--models", "tiny_r50", "--no-train-mem", "--save-every", "2")
+
+    def killed_after(images: int) -> str:
+        run = subprocess.run([sys.executable, "-m", "psp_zoo", *argv, "--crash-after", str(images)],
+                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                             capture_output=True, text=True)
+        assert run.returncode == CRASH_EXIT_CODE, run.stderr
+        assert not (results / "tiny_r50" / "cpu.json").exists()
+        return run.stderr
+
+    # single-scale saved after image 2; image 3 scored, not saved, lost with the kill
+    killed_after(3)
+    # resumes at 2, finishes single-scale (saved), ms+flip saved after 2 of 3 images, killed again
+    assert "single-scale: resuming at image 2 of 3" in killed_after(3)
+    partials = sorted(p.name for p in (results / "tiny_r50").glob("*.partial.npz"))
+    assert partials == ["cpu.json.ms_flip.partial.npz", "cpu.json.single_scale.partial.npz"]
+
+    code, out, err = _cli(capsys, *argv)
+    assert code == 0, err
+    assert "single-scale: resuming at image 3 of 3" in err and "ms-flip: resuming at image 2 of 3" in err
+    assert not list((results / "tiny_r50").glob("*.partial.npz"))  # consumed
+    assert _scores(_result(results, "tiny_r50")) == _scores(uninterrupted)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tiny_r50_split(manifest: Path, data_root: Path, rank: int = 0, world_size: int = 1) -> ConfusionMatrix:
+    """tiny_r50's single-scale confusion matrix of one shard, not reduced."""
+    settings = get_checkpoint("tiny_r50", manifest=manifest).test
+    data = SegmentationDataset("cityscapes", data_root, img_scales=[settings.img_scale])
+    return evaluate_split(tiny_model("r50"), data.shard(rank, world_size), settings, 5, ms_flip=False,
+                          device=torch.device("cpu"), num_workers=0, progress=False)
+
+
+def _distributed_worker(rank: int, world_size: int, port: int, paths: dict, out: Path) -> None:
+    """One torchrun-like process: RANK / WORLD_SIZE in the environment, as torchrun sets them."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    matrix = _tiny_r50_split(paths["manifest"], paths["data"], rank, world_size).all_reduce().matrix
+    if rank == 0:
+        torch.save(matrix, out / "matrix.pt")
+    # the whole command on the same process group (it joins the group it finds)
+    reproduce("cityscapes", paths["data"], models="tiny_r50", device="cpu", results_dir=out / "results",
+              manifest=paths["manifest"], cache_dir=paths["cache"], num_workers=0, speed_images=3,
+              speed_warmup=1, train_memory=False, progress=False)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_give_the_single_process_numbers(setup, uninterrupted, tmp_path):
+    paths = {key: setup[key] for key in ("manifest", "data", "cache")}
+    mp.spawn(_distributed_worker, args=(2, _free_port(), paths, tmp_path), nprocs=2, join=True)
+
+    single = _tiny_r50_split(setup["manifest"], setup["data"])
+    assert single.matrix.sum() > 0
+    assert torch.equal(torch.load(tmp_path / "matrix.pt", weights_only=True), single.matrix)
+    record = _result(tmp_path / "results", "tiny_r50")
+    assert record["settings"]["world_size"] == 2 and record["speed"] is not None
+    assert _scores(record) == _scores(uninterrupted)
+    assert not list((tmp_path / "results" / "tiny_r50").glob("*.partial.npz"))

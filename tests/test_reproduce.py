@@ -109,6 +109,7 @@ def test_reproduce_records_everything_and_tables_show_both_columns(capsys, setup
     assert code == 1 and "failed: tiny_r101" in err  # and tiny_r50 was still reproduced
     record = read_result(results / "tiny_r50" / "cpu.json")
     assert record.status == "complete" and record.precision == "fp32"
+    assert record.optimizations == ("fuse_bn", "channels_last")  # the default exact fast path
     assert (record.images.count, record.images.available, record.images.limit) == (3, 3, None)
     for ms_flip, metrics in ((False, record.single_scale), (True, record.ms_flip)):
         expected = evaluate("tiny_r50", setup["data"], manifest=setup["manifest"], device="cpu",
@@ -150,7 +151,7 @@ def test_a_rerun_skips_finished_checkpoints_and_retries_failed_ones(capsys, setu
 
 @pytest.mark.parametrize("extra, message", [
     (("--models", "nope*"), "no cityscapes checkpoint matches 'nope*'; the cityscapes checkpoints are: "),
-    (("--precision", "fp16"), "precision 'fp16' is not available"),
+    (("--precision", "fp16"), "precision 'fp16' needs a CUDA device"),
 ])
 def test_user_errors_are_one_line_before_any_work(capsys, setup, tmp_path, extra, message):
     code, out, err = _cli(capsys, *_argv(setup, tmp_path / "results", *extra))

@@ -17,8 +17,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .datasets import classes, palette, read_image
-from .errors import DatasetError, PspZooError
+from .datasets import classes, decode_image, palette
+from .errors import PspZooError
 from .evaluate import resolve_device, resolve_settings
 from .factory import create_model
 from .inference import predict_probs
@@ -144,11 +144,10 @@ class Predictor:
 
 
 def read_input_image(path: PathLike) -> np.ndarray:
-    """H x W x 3 uint8 RGB of an image file, decoded by OpenCV as the reference decodes images."""
-    try:
-        return read_image(path)
-    except DatasetError:
-        raise PspZooError(f"cannot read image {path}: missing, truncated or not an image file") from None
+    """H x W x 3 uint8 RGB of an image file, decoded by OpenCV as the reference decodes images.
+
+    Raises PspZooError ``cannot read image PATH: why`` (missing, unreadable, not an image)."""
+    return decode_image(path)
 
 
 def _as_rgb(image: Union[PathLike, np.ndarray]) -> np.ndarray:

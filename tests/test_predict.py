@@ -162,3 +162,14 @@ def test_every_subcommand_has_help(capsys, command):
 
 def test_the_commands_the_issue_names_exist():
     assert {"list", "info", "get", "tables", "predict", "selftest"} <= set(SUBCOMMANDS)
+
+
+def test_an_image_that_cannot_be_opened_says_why_in_one_line(capfd, manifest, tmp_path):
+    from psp_zoo.prediction import Predictor, predict_files
+
+    predictor = Predictor.create(NAME, manifest=manifest, device="cpu")
+    gone = tmp_path / "gone.png"  # listed, then deleted (or not readable) before it is read
+    ((path, outcome),) = predict_files(predictor, [gone], tmp_path / "out")
+    assert isinstance(outcome, psp_zoo.PspZooError)
+    assert str(outcome) == f"cannot read image {gone}: No such file or directory"
+    assert capfd.readouterr().err == ""  # no warning of OpenCV's own on the terminal

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
-import io
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -23,8 +22,7 @@ from .evaluate import resolve_device, resolve_settings
 from .factory import create_model
 from .inference import predict_probs
 from .manifest import DATASETS, TestSettings, get_manifest
-from .results import atomic_write
-from .visualize import legend, overlay, save_palette_png, save_rgb_png
+from .visualize import legend, overlay, save_labels_npy, save_palette_png, save_rgb_png
 
 __all__ = ["Predictor", "predict", "predict_files", "read_input_image", "expand_image_args", "output_stems",
            "PRECISIONS", "IMAGE_EXTENSIONS", "OUTPUT_FORMATS"]
@@ -128,11 +126,7 @@ class Predictor:
         """Save one prediction under ``out_dir``: palette PNG, overlay and legend, or raw ``.npy``."""
         out_dir = Path(out_dir)
         if fmt == "npy":
-            buffer = io.BytesIO()
-            np.save(buffer, labels)
-            path = out_dir / f"{stem}.npy"
-            atomic_write(path, buffer.getvalue())
-            return [path]
+            return [save_labels_npy(out_dir / f"{stem}.npy", labels)]
         if fmt != "png":
             raise PspZooError(f"unknown output format {fmt!r}; expected one of: {', '.join(OUTPUT_FORMATS)}")
         labels_name, overlay_name, legend_name = (stem + s for s in OUTPUT_SUFFIXES["png"])

@@ -173,3 +173,18 @@ def test_an_image_that_cannot_be_opened_says_why_in_one_line(capfd, manifest, tm
     assert isinstance(outcome, psp_zoo.PspZooError)
     assert str(outcome) == f"cannot read image {gone}: No such file or directory"
     assert capfd.readouterr().err == ""  # no warning of OpenCV's own on the terminal
+
+
+def test_outputs_get_the_usual_file_permissions(capsys, manifest, tmp_path):
+    import os
+
+    _write_image(tmp_path / "a.png", 20, 20, 5)
+    umask = os.umask(0o022)
+    try:
+        for fmt in ("png", "npy"):
+            assert _predict(capsys, manifest, tmp_path / "a.png", "--out", tmp_path / fmt, "--format", fmt)[0] == 0
+    finally:
+        os.umask(umask)
+    written = list((tmp_path / "png").iterdir()) + list((tmp_path / "npy").iterdir())
+    assert len(written) == 4  # no temporary file left beside them
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o644)}  # not private 0600 files

@@ -61,8 +61,10 @@ def register_evaluate(sub) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, write_result
+    from .factory import usable_device
 
-    result = evaluate(args.model, args.data_root, ms_flip=args.ms_flip, limit=args.limit, device=args.device,
+    device = usable_device(args.device)
+    result = evaluate(args.model, args.data_root, ms_flip=args.ms_flip, limit=args.limit, device=device,
                       manifest=args.manifest, checkpoint=args.checkpoint, num_workers=args.workers)
     print(f"{result['model']} on {result['dataset']} ({result['num_images']} images, "
           f"{'ms+flip' if result['ms_flip'] else 'single-scale'}, {result['device']})")

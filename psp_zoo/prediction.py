@@ -18,8 +18,8 @@ import torch
 
 from .datasets import classes, decode_image, palette
 from .errors import PspZooError
-from .evaluate import resolve_device, resolve_settings
-from .factory import create_model
+from .evaluate import resolve_settings
+from .factory import create_model, usable_device
 from .inference import predict_probs
 from .manifest import DATASETS, TestSettings, get_manifest
 from .visualize import legend, overlay, save_labels_npy, save_palette_png, save_rgb_png
@@ -81,7 +81,7 @@ class Predictor:
         """From a manifest name (its weights and test settings) or a model object (``dataset=``'s
         test settings with the model's ``align_corners``). Keywords as :func:`psp_zoo.evaluate`."""
         _check_precision(precision)
-        device = resolve_device(device)
+        device = usable_device(device)
         if isinstance(name_or_model, str):
             model = create_model(name_or_model, checkpoint=checkpoint, manifest=manifest, device=device,
                                  cache_dir=cache_dir, mirror=mirror, offline=offline)

@@ -48,7 +48,7 @@ def _expected_labels(manifest: Path, rgb: np.ndarray, ms_flip: bool = False, **c
 
 
 def _predict(capsys, manifest: Path, *argv):
-    code = main(["predict", NAME, *map(str, argv), "--manifest", str(manifest), "--device", "cpu",
+    code = main(["predict", NAME, "--device", "cpu", *map(str, argv), "--manifest", str(manifest),
                  "--checkpoint", str(tiny_checkpoint_path("r50"))])
     out, err = capsys.readouterr()
     return code, out.splitlines(), err
@@ -121,6 +121,8 @@ def test_same_stems_from_different_folders_do_not_collide(capsys, manifest, tmp_
     (["*.webp"], "'*.webp' matches no image"),
     (["empty"], "folder empty holds no image"),
     (["ok.png", "--precision", "bf16"], "precision 'bf16' is not available"),
+    (["ok.png", "--device", "gpu0"], "unknown device 'gpu0'; use cpu, cuda or cuda:N"),
+    (["ok.png", "--device", "cuda:99"], "device 'cuda:99' is not usable here"),
 ])
 def test_bad_inputs_are_one_line_errors_before_any_work(capsys, manifest, tmp_path, monkeypatch, argv, expected):
     monkeypatch.chdir(tmp_path)

@@ -121,6 +121,7 @@ def test_same_stems_from_different_folders_do_not_collide(capsys, manifest, tmp_
     (["*.webp"], "'*.webp' matches no image"),
     (["empty"], "folder empty holds no image"),
     (["ok.png", "--precision", "bf16"], "precision 'bf16' is not available"),
+    (["ok.png", "--out", "ok.png/out"], "--out ok.png/out: "),  # a file where the folder goes
     (["ok.png", "--device", "gpu0"], "unknown device 'gpu0'; use cpu, cuda or cuda:N"),
     (["ok.png", "--device", "cuda:99"], "device 'cuda:99' is not usable here"),
 ])

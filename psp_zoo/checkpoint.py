@@ -44,6 +44,10 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple["OrderedDict[str, torch.Ten
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}; check the path or run `psp-zoo get NAME`")
+    try:  # a file we may not open is not a broken download: do not tell the user to delete it
+        open(path, "rb").close()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}; check its permissions") from None
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)

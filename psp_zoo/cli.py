@@ -80,10 +80,24 @@ def register_evaluate(sub) -> None:
     parser.set_defaults(func=_run_evaluate)
 
 
+def _check_writable_folder(folder: Path, option: str, given: str) -> None:
+    """Refuse an output folder that cannot be created or written, before any work is done."""
+    folder = folder.absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise PspZooError(f"{option} {given}: {existing} is a file, not a folder; choose another {option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PspZooError(f"{option} {given}: the folder {existing} is not writable; choose another {option}")
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, write_result
+    from .factory import usable_device
 
-    result = evaluate(args.model, args.data_root, ms_flip=args.ms_flip, limit=args.limit, device=args.device,
+    if args.json:  # an hour of evaluation must not end in a path typo
+        _check_writable_folder(Path(args.json).parent, "--json", args.json)
+    device = usable_device(args.device)
+    result = evaluate(args.model, args.data_root, ms_flip=args.ms_flip, limit=args.limit, device=device,
                       manifest=args.manifest, checkpoint=args.checkpoint, num_workers=args.workers,
                       **_speed_kwargs(args))
     print(f"{result['model']} on {result['dataset']} ({result['num_images']} images, "
@@ -331,6 +345,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .prediction import Predictor, expand_image_args, predict_files
 
     paths = expand_image_args(args.images, args.out)  # every argument is checked before work starts
+    _check_writable_folder(Path(args.out), "--out", args.out)
     with _progress_messages(quiet=False):
         predictor = Predictor.create(args.name, ms_flip=args.ms_flip, device=args.device,
                                      **_speed_kwargs(args), manifest=args.manifest,
@@ -490,6 +505,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     except BrokenPipeError:  # output piped into `head`: stop quietly (recipe from the signal docs)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except OSError as exc:  # the file system refused something (disk full, a file where a folder goes)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"psp-zoo {args.command}: error: {where}{exc.strerror or exc}; check the path, its permissions "
+              f"and free space", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"psp-zoo {args.command}: interrupted", file=sys.stderr)

@@ -28,7 +28,7 @@ from .transforms import resized_inputs
 
 __all__ = [
     "Layout", "LAYOUTS", "Item", "Sample", "SegmentationDataset", "classes", "palette",
-    "find_dataset_root", "list_items", "read_image", "read_label", "make_loader",
+    "find_dataset_root", "list_items", "decode_image", "read_image", "read_label", "make_loader",
     "cityscapes_label_ids_to_train_ids", "reduce_zero_label", "default_num_workers",
 ]
 
@@ -124,11 +124,27 @@ def find_dataset_root(dataset: str, data_root: PathLike) -> Path:
                        f"(see README, 'Datasets')")
 
 
+def _files_below(folder: Path, suffix: str) -> List[Path]:
+    """Every file under ``folder`` (recursively) whose name ends in ``suffix``.
+
+    Unlike ``Path.rglob``, which silently passes over a sub-folder it may not list, an unreadable
+    folder is an error: skipping a city would evaluate fewer images and change the metric.
+    """
+    def refuse(exc: OSError) -> None:
+        raise DatasetError(f"cannot list the folder {exc.filename} ({exc.strerror or exc}); make it readable: "
+                           f"its images would otherwise be left out of the evaluation")
+
+    found = []
+    for parent, _folders, names in os.walk(folder, onerror=refuse, followlinks=True):
+        found += [Path(parent) / name for name in names if name.endswith(suffix)]
+    return found
+
+
 def _image_names(dataset: str, folder: Path, layout: Layout) -> List[str]:
     image_dir = folder / layout.image_dir
     if layout.split_file is None:
         found = [str(path.relative_to(image_dir).as_posix())[: -len(layout.image_suffix)]
-                 for path in image_dir.rglob(f"*{layout.image_suffix}") if path.is_file()]
+                 for path in _files_below(image_dir, layout.image_suffix)]
         if not found:
             raise DatasetError(f"no *{layout.image_suffix} images in {image_dir} ({dataset} validation set)")
         return sorted(found)
@@ -179,13 +195,29 @@ def list_items(dataset: str, data_root: PathLike, limit: Optional[int] = None) -
 # reading files
 
 
-def read_image(path: PathLike) -> np.ndarray:
-    """H x W x 3 uint8 RGB, decoded by OpenCV like the reference."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+def decode_image(path: PathLike) -> np.ndarray:
+    """H x W x 3 uint8 RGB of an image file; DatasetError ``cannot read image PATH: why`` if impossible.
+
+    The bytes are read by Python and decoded with ``cv2.imdecode``, as the reference's
+    ``mmcv.imfrombytes`` does: an unreadable file then says why (e.g. permission denied), and
+    OpenCV prints no warning of its own on stderr.
+    """
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise DatasetError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
-        raise DatasetError(f"cannot read image {path}: missing, truncated or not an image file; "
-                           f"re-extract the dataset")
+        raise DatasetError(f"cannot read image {path}: {'empty file' if not data.size else 'truncated or not an image file'}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """H x W x 3 uint8 RGB of a dataset image, decoded by OpenCV like the reference."""
+    try:
+        return decode_image(path)
+    except DatasetError as exc:
+        raise DatasetError(f"{exc}; re-extract the dataset") from None
 
 
 def read_label(path: PathLike) -> np.ndarray:

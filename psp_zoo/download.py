@@ -218,7 +218,11 @@ def download(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, mirror: Opti
             return final  # present already, or fetched by another process while we waited
         url = resolve_url(target.url, mirror)
         log.info("downloading %s to %s", url, final)
-        _fetch_verified(url, final, target, _Policy.make(retries, backoff, timeout, quiet))
+        try:
+            _fetch_verified(url, final, target, _Policy.make(retries, backoff, timeout, quiet))
+        except OSError as exc:  # writing the cache failed: a full disk, a quota; the .part stays to resume
+            raise DownloadError(f"cannot write {exc.filename or final}: {exc.strerror or exc}; free some space "
+                                f"and run again to resume, or set {HOME_ENV} to another folder") from None
     return final
 
 

@@ -16,9 +16,9 @@ from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 import torch
 from tqdm import tqdm
 
-from .datasets import Sample, SegmentationDataset, classes, make_loader
+from .datasets import Sample, SegmentationDataset, classes, list_items, make_loader
 from .errors import PspZooError
-from .factory import create_model
+from .factory import create_model, usable_device
 from .inference import SLIDE_BATCH_SIZE, infer_probs
 from .manifest import DATASETS, TestSettings, get_checkpoint, get_manifest
 from .metrics import ConfusionMatrix
@@ -26,29 +26,11 @@ from .optimize import check_options, optimize
 from .results import atomic_write
 from .transforms import target_scales
 
-__all__ = ["evaluate", "predictions", "accumulate", "summarize", "resolve_device", "resolve_settings",
+__all__ = ["evaluate", "predictions", "accumulate", "summarize", "resolve_settings",
            "write_result", "TEST_OVERRIDES"]
 
 #: Test settings a caller may override by keyword (e.g. ``mode='slide', crop_size=(512, 512)``).
 TEST_OVERRIDES = ("mode", "img_scale", "crop_size", "stride", "align_corners")
-
-
-def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
-    """``device`` as a torch.device; None picks CUDA when available, else CPU.
-
-    A device this torch cannot use is a user error, refused before any work.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        resolved = None
-    if resolved is None or resolved.type not in ("cpu", "cuda"):
-        raise PspZooError(f"unsupported device {str(device)!r}; use cpu, cuda or cuda:N")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise PspZooError(f"--device {device}: no CUDA device is available to this torch; use --device cpu")
-    return resolved
 
 
 def resolve_settings(base: TestSettings, overrides: Dict[str, object]) -> TestSettings:
@@ -70,7 +52,7 @@ def predictions(model, samples: Iterable[Sample], settings: TestSettings, *, ms_
                 device: Union[None, str, torch.device] = None,
                 batch_size: Optional[int] = SLIDE_BATCH_SIZE) -> Iterator[Tuple[Sample, torch.Tensor]]:
     """(sample, H x W predicted class indices on ``device``) for each sample, in order."""
-    device = resolve_device(device)
+    device = usable_device(device)
     for sample in samples:
         probs = infer_probs(model, sample.inputs, sample.ori_size, settings, ms_flip, device=device,
                             batch_size=batch_size)
@@ -159,9 +141,11 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
     Returns percentages, per-class scores keyed by class name, the image count, the settings and
     the optimizations used.
     """
-    device = resolve_device(device)
+    device = usable_device(device)
     speed = dict(precision=precision, compile=compile, fuse_bn=fuse_bn, channels_last=channels_last)
     check_options(device=device, **speed)  # before anything is downloaded or built
+    if isinstance(name_or_model, str):  # check the data before a checkpoint is fetched
+        list_items(get_checkpoint(name_or_model, manifest=manifest).dataset, data_root, limit=limit)
     target = _resolve_target(name_or_model, dataset, manifest, checkpoint, device)
     model = optimize(target.model, **speed)
     settings = resolve_settings(target.settings, test_overrides)

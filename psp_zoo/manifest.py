@@ -162,7 +162,8 @@ class _Where:
         self.source, self.entry = source, entry
 
     def fail(self, fld: str, msg: str) -> "None":
-        raise ManifestError(f"{self.source}: {self.entry}: field '{fld}': {msg}")
+        where = f"field '{fld}'" if fld else "the entry itself"  # fld '' = the whole entry
+        raise ManifestError(f"{self.source}: {self.entry}: {where}: {msg}")
 
     def pair(self, value: Any, fld: str) -> Tuple[int, int]:
         if (
@@ -402,6 +403,8 @@ def _read_yaml(path: Path) -> Mapping:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ManifestError(f"cannot read manifest {path}: {exc.strerror or exc}; check the path") from None
+    except UnicodeDecodeError as exc:  # a binary file, or a text file saved in another encoding
+        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start}); save the manifest as UTF-8 YAML") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

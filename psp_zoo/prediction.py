@@ -10,22 +10,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
-import io
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from .datasets import classes, palette, read_image
-from .errors import DatasetError, PspZooError
-from .evaluate import resolve_device, resolve_settings
-from .factory import create_model
+from .datasets import classes, decode_image, palette
+from .errors import PspZooError
+from .evaluate import resolve_settings
+from .factory import create_model, usable_device
 from .inference import predict_probs
 from .manifest import DATASETS, TestSettings, get_manifest
 from .optimize import check_options, optimize
-from .results import atomic_write
-from .visualize import legend, overlay, save_palette_png, save_rgb_png
+from .visualize import legend, overlay, save_labels_npy, save_palette_png, save_rgb_png
 
 __all__ = ["Predictor", "predict", "predict_files", "read_input_image", "expand_image_args", "output_stems",
            "IMAGE_EXTENSIONS", "OUTPUT_FORMATS"]
@@ -63,7 +61,7 @@ class Predictor:
                **test_overrides) -> "Predictor":
         """From a manifest name (its weights and test settings) or a model object (``dataset=``'s
         test settings with the model's ``align_corners``). Keywords as :func:`psp_zoo.evaluate`."""
-        device = resolve_device(device)
+        device = usable_device(device)
         speed = dict(precision=precision, compile=compile, fuse_bn=fuse_bn, channels_last=channels_last)
         check_options(device=device, **speed)  # before anything is downloaded or built
         if isinstance(name_or_model, str):
@@ -110,11 +108,7 @@ class Predictor:
         """Save one prediction under ``out_dir``: palette PNG, overlay and legend, or raw ``.npy``."""
         out_dir = Path(out_dir)
         if fmt == "npy":
-            buffer = io.BytesIO()
-            np.save(buffer, labels)
-            path = out_dir / f"{stem}.npy"
-            atomic_write(path, buffer.getvalue())
-            return [path]
+            return [save_labels_npy(out_dir / f"{stem}.npy", labels)]
         if fmt != "png":
             raise PspZooError(f"unknown output format {fmt!r}; expected one of: {', '.join(OUTPUT_FORMATS)}")
         labels_name, overlay_name, legend_name = (stem + s for s in OUTPUT_SUFFIXES["png"])
@@ -126,11 +120,10 @@ class Predictor:
 
 
 def read_input_image(path: PathLike) -> np.ndarray:
-    """H x W x 3 uint8 RGB of an image file, decoded by OpenCV as the reference decodes images."""
-    try:
-        return read_image(path)
-    except DatasetError:
-        raise PspZooError(f"cannot read image {path}: missing, truncated or not an image file") from None
+    """H x W x 3 uint8 RGB of an image file, decoded by OpenCV as the reference decodes images.
+
+    Raises PspZooError ``cannot read image PATH: why`` (missing, unreadable, not an image)."""
+    return decode_image(path)
 
 
 def _as_rgb(image: Union[PathLike, np.ndarray]) -> np.ndarray:

@@ -33,8 +33,8 @@ from tqdm import tqdm
 from .datasets import Item, SegmentationDataset, classes, list_items, make_loader
 from .download import download
 from .errors import PspZooError, ResultsError
-from .evaluate import predictions, resolve_device
-from .factory import create_model
+from .evaluate import predictions
+from .factory import create_model, usable_device
 from .inference import SLIDE_BATCH_SIZE, mode_logits
 from .manifest import Checkpoint, TestSettings, get_manifest
 from .measure import inference_peak_memory, measure_fps, training_memory
@@ -453,7 +453,7 @@ def _check_options(opts: ReproduceOptions, device: torch.device) -> None:
 
 
 def _resolve_device(device: Union[None, str, torch.device]) -> torch.device:
-    resolved = resolve_device(device)
+    resolved = usable_device(device)
     if resolved.type not in ("cpu", "cuda"):
         raise PspZooError(f"unsupported device {str(device)!r}; use cpu or cuda")
     if resolved.type == "cuda" and not torch.cuda.is_available():
@@ -470,10 +470,11 @@ def reproduce(dataset: str, data_root: Union[str, Path], *, models: Optional[str
     recorded with status "failed" and the others still run.
     """
     opts = ReproduceOptions(**options)
-    _check_options(opts, resolve_device(device))
+    device = usable_device(device)
+    _check_options(opts, device)
     entries = select_checkpoints(dataset, models, opts.manifest)
     everything = list_items(dataset, data_root)  # checks the data folder before any download
-    parallel, resolved = Distributed.from_env(resolve_device(device))
+    parallel, resolved = Distributed.from_env(device)
     try:
         job = _Job(opts, entries, Path(data_root), everything[: opts.limit], len(everything), resolved,
                    parallel, environment_info(resolved))

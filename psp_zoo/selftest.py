@@ -161,6 +161,8 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 def serve_folder(folder: PathLike, port: int = 0) -> Iterator[str]:
     """Serve ``folder`` over HTTP on 127.0.0.1 (``port`` 0 = any free port); yields the base URL."""
     handler = functools.partial(_QuietHandler, directory=str(folder))
+    if not 0 <= port <= 65535:  # bind() would raise OverflowError, not OSError
+        raise PspZooError(f"port {port} is not a TCP port; choose one in 1..65535, or 0 for any free one")
     try:
         server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     except OSError as exc:

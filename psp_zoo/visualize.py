@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-__all__ = ["colorize", "overlay", "legend", "save_palette_png", "save_rgb_png"]
+__all__ = ["colorize", "overlay", "legend", "save_palette_png", "save_rgb_png", "save_labels_npy"]
 
 IGNORE = 255
 
@@ -54,10 +54,14 @@ def legend(label: np.ndarray, palette: Sequence[Sequence[int]], class_names: Seq
 
 
 def _atomic_save(path: Path, save) -> Path:
+    """``save(tmp)`` writes a file in the target folder, which then replaces ``path`` in one step.
+
+    The writer creates the temporary file itself, so it gets the usual permissions (umask); a
+    ``mkstemp`` file would be private (0600) and so would every output moved into place.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp = str(path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}{path.suffix}"))
     try:
         save(tmp)
         os.replace(tmp, path)
@@ -79,3 +83,10 @@ def save_rgb_png(path: Union[str, Path], image_rgb: np.ndarray) -> Path:
         if not cv2.imwrite(tmp, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)):
             raise OSError(f"could not write {path}")
     return _atomic_save(path, save)
+
+
+def save_labels_npy(path: Union[str, Path], label: np.ndarray) -> Path:
+    """The raw label map as a ``.npy`` file (``numpy.load`` gives it back unchanged)."""
+    if Path(path).suffix != ".npy":  # numpy.save would append one, and the rename would miss it
+        raise ValueError(f"{path}: a label array file must end in .npy")
+    return _atomic_save(path, lambda tmp: np.save(tmp, np.asarray(label)))

@@ -133,3 +133,20 @@ models:
     assert model.checkpoint_entry.name == "tiny_r50"
     unloaded = create_model("tiny_r50", pretrained=False, manifest=str(manifest))
     assert not torch.equal(unloaded.decode_head.conv_seg.weight, model.decode_head.conv_seg.weight)
+
+
+def test_a_file_that_cannot_be_opened_is_not_called_corrupt(tmp_path, monkeypatch):
+    import builtins
+
+    path = tmp_path / "private.pth"
+    path.write_bytes(tiny_checkpoint_path("r50").read_bytes())
+    real_open = builtins.open
+
+    def no_permission(file, *args, **kwargs):  # what a file owned by another user does (tests run as root)
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_permission)
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*private\.pth: Permission denied; check its"):
+        load_checkpoint(_tiny(), path)

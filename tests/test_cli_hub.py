@@ -145,3 +145,25 @@ def test_the_console_entry_reports_an_unknown_name_without_traceback(hub_manifes
     out, err = process.communicate(timeout=120)
     assert process.returncode == 2 and out == ""
     assert _one_line(err).startswith("psp-zoo get: error: unknown checkpoint 'tiny_r55'; did you mean: tiny_r50")
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--device", "gpu0"], "unknown device 'gpu0'; use cpu, cuda or cuda:N"),
+    (["--device", "cuda:99"], "device 'cuda:99' is not usable here ("),
+    (["--json", "{file}/result.json"], "--json {file}/result.json: {file} is a file, not a folder"),
+])
+def test_evaluate_refuses_a_bad_device_or_output_before_any_work(capsys, tmp_path, argv, expected):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    argv = [a.format(file=a_file) for a in argv]
+    code, out, err = run_cli(capsys, "evaluate", "pspnet_r50-d8_512x1024_40k_cityscapes", "--data-root",
+                             tmp_path / "no-data", *argv)
+    assert code == 2 and out == ""  # the device and the output path are checked before the data and weights
+    assert _one_line(err).startswith(f"psp-zoo evaluate: error: {expected.format(file=a_file)}")
+
+
+def test_a_refused_write_is_one_line_not_a_traceback(capsys, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    code, _, err = run_cli(capsys, "tables", "--plot", a_file / "plot.png")
+    assert code == 1 and _one_line(err).startswith(f"psp-zoo tables: error: {a_file}: ")

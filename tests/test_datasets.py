@@ -1,6 +1,8 @@
 """Dataset readers on generated mini datasets in each mmseg layout, and their errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -147,3 +149,20 @@ def test_find_dataset_root_accepts_folder_or_parent(tmp_path):
     folder = tmp_path / "data" / "VOCdevkit" / "VOC2012"
     for root in (folder, folder.parent, folder.parent.parent, tmp_path):
         assert find_dataset_root("voc12aug", root) == folder
+
+
+def test_an_unlistable_city_folder_is_an_error_not_a_skip(tmp_path, monkeypatch):
+    import os
+
+    minidata.write_cityscapes(tmp_path)
+    bonn = tmp_path / "leftImg8bit" / "val" / "bonn"
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what a folder without read permission does (tests run as root)
+        if Path(path) == bonn:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DatasetError, match=r"cannot list the folder .*bonn \(Permission denied\)"):
+        list_items("cityscapes", tmp_path)

@@ -195,3 +195,20 @@ def test_unwritable_cache_is_a_clear_error(hub_manifest, tmp_path):
     blocker.write_text("")
     with pytest.raises(DownloadError, match="cannot write to the cache.*PSP_ZOO_HOME"):
         download("tiny_r50", manifest=hub_manifest, cache_dir=blocker / "cache")
+
+
+def test_a_cache_that_refuses_writes_is_a_download_error(hub_server, hub_manifest, hub_cache, monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    def open_on_a_full_disk(file, mode="r", *args, **kwargs):
+        if str(file).endswith(".part") and ("w" in mode or "a" in mode):
+            raise OSError(28, "No space left on device", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_on_a_full_disk)
+    with pytest.raises(DownloadError, match=r"\.part: No space left on device; free some space"):
+        download("tiny_r50", manifest=hub_manifest, cache_dir=hub_cache, **FAST)
+    monkeypatch.undo()
+    assert not cached_path("tiny_r50", manifest=hub_manifest, cache_dir=hub_cache).exists()

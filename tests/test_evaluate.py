@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from psp_zoo import ConfusionMatrix, PspZooError, classes, evaluate, predict_probs
+from psp_zoo import ConfusionMatrix, DatasetError, PspZooError, classes, evaluate, predict_probs
 from psp_zoo.cli import main
 from psp_zoo.manifest import TestSettings as Settings
 
@@ -181,3 +181,9 @@ def test_evaluate_runs_the_fast_path_by_default_and_records_it(ade, tiny_manifes
     assert fast["IoU"] == pytest.approx(plain["IoU"], nan_ok=True) and fast["aAcc"] == plain["aAcc"]
     with pytest.raises(PspZooError, match="needs a CUDA device"):
         evaluate("tiny_pspnet_r50-d8_ade20k", folder, precision="fp16", **kwargs)
+
+
+def test_evaluate_checks_the_data_before_fetching_the_checkpoint(tmp_path, hub_server, hub_manifest):
+    with pytest.raises(DatasetError):
+        evaluate("tiny_r50", tmp_path / "nowhere", manifest=str(hub_manifest), device="cpu")
+    assert hub_server.requests_for("r50") == []  # nothing was downloaded for a typo in --data-root

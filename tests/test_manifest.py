@@ -177,3 +177,15 @@ def test_unreadable_manifest_is_reported(tmp_path):
         load_manifest(tmp_path / "missing.yml")
     with pytest.raises(ManifestError, match="not valid YAML"):
         load_manifest(_write(tmp_path, "models: [unclosed"))
+
+
+def test_binary_manifest_is_one_clear_error(tmp_path):
+    path = tmp_path / "user.yml"
+    path.write_bytes(b"\xff\xfe\x00models: []")  # e.g. saved as UTF-16, or the wrong file
+    with pytest.raises(ManifestError, match="not UTF-8 text"):
+        load_manifest(path)
+
+
+def test_entry_that_is_not_a_mapping_is_named(tmp_path):
+    with pytest.raises(ManifestError, match=r"models\[0\]: the entry itself: expected a mapping, got int"):
+        load_manifest(_write(tmp_path, "models:\n  - 3\n"))

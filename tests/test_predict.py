@@ -48,7 +48,7 @@ def _expected_labels(manifest: Path, rgb: np.ndarray, ms_flip: bool = False, **c
 
 
 def _predict(capsys, manifest: Path, *argv):
-    code = main(["predict", NAME, *map(str, argv), "--manifest", str(manifest), "--device", "cpu",
+    code = main(["predict", NAME, "--device", "cpu", *map(str, argv), "--manifest", str(manifest),
                  "--checkpoint", str(tiny_checkpoint_path("r50"))])
     out, err = capsys.readouterr()
     return code, out.splitlines(), err
@@ -121,6 +121,9 @@ def test_same_stems_from_different_folders_do_not_collide(capsys, manifest, tmp_
     (["*.webp"], "'*.webp' matches no image"),
     (["empty"], "folder empty holds no image"),
     (["ok.png", "--precision", "fp16", "--device", "cpu"], "precision 'fp16' needs a CUDA device"),
+    (["ok.png", "--out", "ok.png/out"], "--out ok.png/out: "),  # a file where the folder goes
+    (["ok.png", "--device", "gpu0"], "unknown device 'gpu0'; use cpu, cuda or cuda:N"),
+    (["ok.png", "--device", "cuda:99"], "device 'cuda:99' is not usable here"),
 ])
 def test_bad_inputs_are_one_line_errors_before_any_work(capsys, manifest, tmp_path, monkeypatch, argv, expected):
     monkeypatch.chdir(tmp_path)
@@ -162,3 +165,29 @@ def test_every_subcommand_has_help(capsys, command):
 
 def test_the_commands_the_issue_names_exist():
     assert {"list", "info", "get", "tables", "predict", "selftest"} <= set(SUBCOMMANDS)
+
+
+def test_an_image_that_cannot_be_opened_says_why_in_one_line(capfd, manifest, tmp_path):
+    from psp_zoo.prediction import Predictor, predict_files
+
+    predictor = Predictor.create(NAME, manifest=manifest, device="cpu")
+    gone = tmp_path / "gone.png"  # listed, then deleted (or not readable) before it is read
+    ((path, outcome),) = predict_files(predictor, [gone], tmp_path / "out")
+    assert isinstance(outcome, psp_zoo.PspZooError)
+    assert str(outcome) == f"cannot read image {gone}: No such file or directory"
+    assert capfd.readouterr().err == ""  # no warning of OpenCV's own on the terminal
+
+
+def test_outputs_get_the_usual_file_permissions(capsys, manifest, tmp_path):
+    import os
+
+    _write_image(tmp_path / "a.png", 20, 20, 5)
+    umask = os.umask(0o022)
+    try:
+        for fmt in ("png", "npy"):
+            assert _predict(capsys, manifest, tmp_path / "a.png", "--out", tmp_path / fmt, "--format", fmt)[0] == 0
+    finally:
+        os.umask(umask)
+    written = list((tmp_path / "png").iterdir()) + list((tmp_path / "npy").iterdir())
+    assert len(written) == 4  # no temporary file left beside them
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o644)}  # not private 0600 files

@@ -120,3 +120,19 @@ def test_partial_state_round_trip_and_guards(tmp_path):
         assert other.load() is None
     state.clear()
     assert not state.path.exists() and state.load() is None
+
+
+def test_atomic_write_keeps_permissions_not_the_temp_files_0600(tmp_path):
+    from psp_zoo.results import atomic_write
+
+    readme = tmp_path / "README.md"
+    readme.write_text("old\n")
+    readme.chmod(0o644)
+    atomic_write(readme, "new\n")
+    assert readme.read_text() == "new\n" and readme.stat().st_mode & 0o777 == 0o644
+    umask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "fresh.json", "{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "fresh.json").stat().st_mode & 0o777 == 0o644

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from psp_zoo import PSPNet, load_checkpoint
+from psp_zoo import PSPNet, PspZooError, load_checkpoint
 from psp_zoo.cli import main
 from psp_zoo.selftest import TINY_ARCH, run_selftest, write_tiny_checkpoint
 
@@ -112,3 +112,11 @@ def test_the_tiny_checkpoint_is_in_the_published_format(tmp_path):
     assert not torch.allclose(running_var, torch.ones_like(running_var))  # calibrated, not the default 1s
     again = write_tiny_checkpoint(tmp_path / "again", "tiny_x", num_classes=7, stamp="20240102_030405")
     assert again.name == path.name  # same seed, same bytes
+
+
+def test_a_port_out_of_range_is_a_clear_error(tmp_path):
+    from psp_zoo.selftest import serve_folder
+
+    with pytest.raises(PspZooError, match="port 99999 is not a TCP port; choose one in 1..65535, or 0"):
+        with serve_folder(tmp_path, 99999):
+            pass

@@ -346,7 +346,7 @@ class _SelfTest:
 
     def table(self) -> str:
         from .manifest import Manifest, get_manifest
-        from .results import environment_info, read_results, result_path, write_result
+        from .results import read_results, result_path, write_result
         from .tables import build_tables, render
 
         record = _record_of(self.result, self.entry.dataset)

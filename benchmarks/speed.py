@@ -42,6 +42,7 @@ from torchvision.models.resnet import Bottleneck  # noqa: E402
 from psp_zoo import PSPNet, load_checkpoint  # noqa: E402
 from psp_zoo.inference import slide_inference  # noqa: E402
 from psp_zoo.optimize import cpu_supports_bf16, optimize  # noqa: E402
+from psp_zoo.results import cpu_name  # noqa: E402
 
 MODEL_CONFIGS = {
     "r50": {"depth": 50, "num_classes": 19},
@@ -283,7 +284,7 @@ def environment(device: torch.device, note: str) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = _cpu_model_name()
+        name = cpu_name()
     return {
         "device": str(device), "device_name": name,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -295,16 +296,6 @@ def environment(device: torch.device, note: str) -> dict:
         "weights": f"random (seeded), BN statistics calibrated on random images, residual BN scale x{RESIDUAL_SCALE}",
         "note": note,
     }
-
-
-def _cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def results_stem(device: torch.device) -> str:

@@ -277,7 +277,8 @@ class _Parser:
 # environment
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -312,7 +313,7 @@ def environment_info(device: Union[str, torch.device] = "cpu") -> Dict[str, Any]
         name = torch.cuda.get_device_name(device)
         cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     elif device.type == "cpu":
-        name, cudnn = _cpu_name(), None
+        name, cudnn = cpu_name(), None
     else:
         raise ResultsError(f"unsupported device {str(device)!r}; use 'cpu' or 'cuda[:N]'")
     return {

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .datasets import Sample, SegmentationDataset, classes, list_items, make_loader
 from .errors import PspZooError
 from .factory import create_model, usable_device
-from .inference import SLIDE_BATCH_SIZE, infer_probs
+from .inference import infer_probs
 from .manifest import DATASETS, TestSettings, get_checkpoint, get_manifest
 from .metrics import ConfusionMatrix
 from .optimize import check_options, optimize
@@ -50,7 +50,7 @@ def resolve_settings(base: TestSettings, overrides: Dict[str, object]) -> TestSe
 
 def predictions(model, samples: Iterable[Sample], settings: TestSettings, *, ms_flip: bool = False,
                 device: Union[None, str, torch.device] = None,
-                batch_size: Optional[int] = SLIDE_BATCH_SIZE) -> Iterator[Tuple[Sample, torch.Tensor]]:
+                batch_size: Optional[int] = None) -> Iterator[Tuple[Sample, torch.Tensor]]:
     """(sample, H x W predicted class indices on ``device``) for each sample, in order."""
     device = usable_device(device)
     for sample in samples:
@@ -61,7 +61,7 @@ def predictions(model, samples: Iterable[Sample], settings: TestSettings, *, ms_
 
 def accumulate(model, samples: Iterable[Sample], settings: TestSettings, metric: ConfusionMatrix, *,
                ms_flip: bool = False, device: Union[None, str, torch.device] = None,
-               batch_size: Optional[int] = SLIDE_BATCH_SIZE) -> int:
+               batch_size: Optional[int] = None) -> int:
     """Add every sample's prediction to ``metric``; returns the number of images seen."""
     seen = 0
     for sample, pred in predictions(model, samples, settings, ms_flip=ms_flip, device=device,
@@ -127,7 +127,7 @@ def _resolve_target(name_or_model, dataset: Optional[str], manifest, checkpoint,
 def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[str] = None,
              ms_flip: bool = False, limit: Optional[int] = None, device: Union[None, str, torch.device] = None,
              manifest=None, checkpoint: Union[None, str, Path] = None, num_workers: Optional[int] = None,
-             progress: Optional[bool] = None, batch_size: Optional[int] = SLIDE_BATCH_SIZE,
+             progress: Optional[bool] = None, batch_size: Optional[int] = None,
              precision: str = "fp32", compile: bool = False, fuse_bn: bool = True, channels_last: bool = True,
              **test_overrides) -> Dict[str, object]:
     """Score a checkpoint (manifest name) or a model object on a validation set, as the reference.
@@ -136,7 +136,8 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
     model (put in eval mode and moved to ``device``), ``dataset`` is required and that dataset's
     default settings apply, with the model's ``align_corners``. Keywords in ``TEST_OVERRIDES``
     override either. ``limit`` scores the first N images in sorted order. ``progress``: True/False,
-    or None for a bar only on a terminal. ``precision``, ``compile``, ``fuse_bn`` and
+    or None for a bar only on a terminal. ``batch_size``: sliding-window crops per model call
+    (default: 8 on CUDA, 1 on the CPU, where stacking windows was slower). ``precision``, ``compile``, ``fuse_bn`` and
     ``channels_last`` go to :func:`psp_zoo.optimize`; the default is the exact fp32 fast path.
     Returns percentages, per-class scores keyed by class name, the image count, the settings and
     the optimizations used.

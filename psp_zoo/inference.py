@@ -15,14 +15,23 @@ import torch.nn.functional as F
 from .transforms import normalize_batch, resized_inputs, target_scales
 
 __all__ = [
-    "SLIDE_BATCH_SIZE", "model_device", "slide_windows", "whole_inference", "slide_inference", "mode_logits", "single_scale_probs",
+    "SLIDE_BATCH_SIZE", "default_slide_batch", "model_device", "slide_windows", "whole_inference", "slide_inference", "mode_logits", "single_scale_probs",
     "ms_flip_inference", "infer_probs", "predict_probs",
 ]
 
 Model = Callable[[torch.Tensor], torch.Tensor]
-#: Crops per model call in sliding-window inference when the caller does not say: bounds memory
-#: (ms+flip at 1.75x on Cityscapes 769 makes 42 crops of 769 x 769) while still batching.
+#: Crops per model call in sliding-window inference on CUDA when the caller does not say: bounds
+#: memory (ms+flip at 1.75x on Cityscapes 769 makes 42 crops of 769 x 769) while still batching.
 SLIDE_BATCH_SIZE = 8
+
+
+def default_slide_batch(device) -> int:
+    """Crops per model call when the caller does not say: batched on CUDA, one at a time on CPU.
+
+    On the CPU, stacking windows made the eager model slower, not faster (R-50-D8, 8 windows of
+    385 x 385: 6.8 s batched vs 5.1 s one at a time; benchmarks/speed.py) and used 7x the memory.
+    """
+    return SLIDE_BATCH_SIZE if torch.device(device).type == "cuda" else 1
 
 
 def _align_corners(model: Model, align_corners: Optional[bool]) -> bool:
@@ -142,8 +151,13 @@ def ms_flip_inference(model: Model, imgs: Sequence[torch.Tensor], ori_size: Sequ
 
 @torch.inference_mode()
 def infer_probs(model: Model, inputs: Sequence[torch.Tensor], ori_size: Sequence[int], settings,
-                ms_flip: bool, *, device=None, batch_size: Optional[int] = SLIDE_BATCH_SIZE) -> torch.Tensor:
-    """C x H x W probabilities of one image from its resized 3 x h x w uint8 inputs (one per scale)."""
+                ms_flip: bool, *, device=None, batch_size: Optional[int] = None) -> torch.Tensor:
+    """C x H x W probabilities of one image from its resized 3 x h x w uint8 inputs (one per scale).
+
+    ``batch_size``: sliding-window crops per model call; None = ``default_slide_batch(device)``.
+    """
+    if batch_size is None:
+        batch_size = default_slide_batch(device if device is not None else "cpu")
     batches = [normalize_batch(inp.to(device, non_blocking=True).unsqueeze(0)) for inp in inputs]
     if ms_flip:
         return ms_flip_inference(model, batches, ori_size, settings, batch_size=batch_size)[0]
@@ -153,7 +167,7 @@ def infer_probs(model: Model, inputs: Sequence[torch.Tensor], ori_size: Sequence
 
 
 def predict_probs(model: Model, image_rgb: np.ndarray, settings, ms_flip: bool = False, *,
-                  device=None, batch_size: Optional[int] = SLIDE_BATCH_SIZE) -> torch.Tensor:
+                  device=None, batch_size: Optional[int] = None) -> torch.Tensor:
     """The whole reference test pipeline for one H x W x 3 uint8 RGB image -> C x H x W probabilities.
 
     ``settings`` is a manifest ``TestSettings`` (mode, img_scale, crop_size, stride,

@@ -35,7 +35,7 @@ from .download import download
 from .errors import PspZooError, ResultsError
 from .evaluate import predictions
 from .factory import create_model, usable_device
-from .inference import SLIDE_BATCH_SIZE, mode_logits
+from .inference import default_slide_batch, mode_logits
 from .manifest import Checkpoint, TestSettings, get_manifest
 from .measure import inference_peak_memory, measure_fps, training_memory
 from .metrics import ConfusionMatrix
@@ -277,7 +277,7 @@ class _CheckpointRun:
         return {"test": dataclasses.asdict(entry.test), "num_classes": entry.num_classes,
                 "reduce_zero_label": entry.reduce_zero_label,
                 "ms_flip_ratios": list(MS_FLIP_RATIOS) if options.ms_flip else None,
-                "slide_batch_size": SLIDE_BATCH_SIZE, "checkpoint_file": entry.filename,
+                "slide_batch_size": default_slide_batch(self.job.device), "checkpoint_file": entry.filename,
                 "sha256": entry.sha256, "data_root": str(self.job.data_root),
                 "world_size": self.job.dist.world_size}
 
@@ -338,7 +338,7 @@ class _CheckpointRun:
 
         def call(item: Tuple[torch.Tensor, Tuple[int, int]]) -> torch.Tensor:
             image, ori_size = item
-            return mode_logits(model, image, ori_size, self.settings, batch_size=SLIDE_BATCH_SIZE)
+            return mode_logits(model, image, ori_size, self.settings, batch_size=default_slide_batch(image.device))
 
         def inputs() -> Iterator[Tuple[torch.Tensor, Tuple[int, int]]]:
             for sample in make_loader(data, num_workers=workers, pin_memory=job.device.type == "cuda"):

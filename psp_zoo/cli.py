@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
@@ -498,6 +499,20 @@ COMMANDS.append(_register_reproduce)
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    shown = set()
+
+    def show(message, *_args, **_kwargs) -> None:
+        # a warning meant for the user reads like the errors, once, not like a Python source location
+        if str(message) not in shown:
+            shown.add(str(message))
+            print(f"psp-zoo {args.command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():  # restores the caller's warning display afterwards
+        warnings.showwarning = show
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except PspZooError as exc:

@@ -201,3 +201,14 @@ def test_readme_tables_are_the_generated_ones():
     readme = (REPO / "README.md").read_text()
     region = readme.split(MARKER_START)[1].split(MARKER_END)[0]
     assert region.strip() == render(build_tables()).strip(), "run `psp-zoo tables --update README.md`"
+
+
+def test_cli_warnings_are_one_plain_line_each(tmp_path, capsys):
+    from psp_zoo.cli import main
+    from psp_zoo.results import write_result
+
+    record = make_record(name="not_in_manifest")
+    write_result(tmp_path / "results" / "not_in_manifest" / "cpu.json", record)
+    assert main(["tables", "--results", str(tmp_path / "results"), "--plot", str(tmp_path / "p.png")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("psp-zoo tables: warning: ignoring ")

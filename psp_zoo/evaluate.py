@@ -113,15 +113,24 @@ def _resolve_target(name_or_model, dataset: Optional[str], manifest, checkpoint,
     if checkpoint is not None:
         raise PspZooError("checkpoint= selects the weights of a named model; load them into the model "
                           "object yourself (psp_zoo.load_checkpoint) or pass a manifest name")
-    if dataset not in DATASETS:
-        raise PspZooError(f"evaluating a model object needs dataset=, one of: {', '.join(DATASETS)}")
-    spec = get_manifest(manifest).datasets[dataset]
     model = name_or_model
+    settings, num_classes, reduce_zero_label = model_object_settings(model, dataset, manifest, "evaluating")
+    return _Target(model.eval().to(device), type(model).__name__, dataset, settings, num_classes,
+                   reduce_zero_label)
+
+
+def model_object_settings(model, dataset: Optional[str], manifest, doing: str) -> Tuple[TestSettings, int, bool]:
+    """Test settings, class count and reduce_zero_label for a model object on ``dataset``.
+
+    The dataset's default settings with the model's own ``align_corners`` and ``num_classes``;
+    ``doing`` ("evaluating", "predicting") words the error when ``dataset`` is missing.
+    """
+    if dataset not in DATASETS:
+        raise PspZooError(f"{doing} with a model object needs dataset=, one of: {', '.join(DATASETS)}")
+    spec = get_manifest(manifest).datasets[dataset]
     settings = dataclasses.replace(spec.test, align_corners=bool(getattr(model, "align_corners",
                                                                          spec.test.align_corners)))
-    num_classes = int(getattr(model, "num_classes", spec.num_classes))
-    return _Target(model.eval().to(device), type(model).__name__, dataset, settings, num_classes,
-                   spec.reduce_zero_label)
+    return settings, int(getattr(model, "num_classes", spec.num_classes)), spec.reduce_zero_label
 
 
 def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[str] = None,

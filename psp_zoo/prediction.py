@@ -18,10 +18,10 @@ import torch
 
 from .datasets import classes, decode_image, palette
 from .errors import PspZooError
-from .evaluate import resolve_settings
+from .evaluate import model_object_settings, resolve_settings
 from .factory import create_model, usable_device
 from .inference import predict_probs
-from .manifest import DATASETS, TestSettings, get_manifest
+from .manifest import TestSettings
 from .optimize import check_options, optimize
 from .visualize import legend, overlay, save_labels_npy, save_palette_png, save_rgb_png
 
@@ -83,12 +83,8 @@ class Predictor:
             if dataset not in (None, entry.dataset):
                 raise PspZooError(f"{entry.name} is a {entry.dataset} checkpoint; it has no {dataset} classes")
             return entry.dataset, entry.test, entry.num_classes
-        if dataset not in DATASETS:
-            raise PspZooError(f"predicting with a model object needs dataset=, one of: {', '.join(DATASETS)}")
-        spec = get_manifest(manifest).datasets[dataset]
-        settings = dataclasses.replace(spec.test, align_corners=bool(getattr(model, "align_corners",
-                                                                             spec.test.align_corners)))
-        return dataset, settings, int(getattr(model, "num_classes", spec.num_classes))
+        settings, num_classes, _ = model_object_settings(model, dataset, manifest, "predicting")
+        return dataset, settings, num_classes
 
     @property
     def class_names(self) -> Tuple[str, ...]:

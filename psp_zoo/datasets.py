@@ -27,7 +27,7 @@ from .manifest import DATASETS, get_manifest
 from .transforms import resized_inputs
 
 __all__ = [
-    "Layout", "LAYOUTS", "Item", "Sample", "SegmentationDataset", "classes", "palette",
+    "Layout", "LAYOUTS", "Item", "Sample", "SegmentationDataset", "classes", "class_names", "palette",
     "find_dataset_root", "list_items", "decode_image", "read_image", "read_label", "make_loader",
     "cityscapes_label_ids_to_train_ids", "reduce_zero_label", "default_num_workers",
 ]
@@ -88,6 +88,13 @@ def _check_dataset(dataset: str) -> str:
 def classes(dataset: str) -> Tuple[str, ...]:
     """The dataset's class names in label-index order (as the published checkpoints use them)."""
     return tuple(_class_table()[_check_dataset(dataset)]["classes"])
+
+
+def class_names(dataset: str, num_classes: int) -> Tuple[str, ...]:
+    """Names to report per-class scores under: the dataset's, or "0".."C-1" for a model whose class
+    count differs from the dataset's (e.g. a test fixture), which is then scored by index."""
+    names = classes(dataset)
+    return names if len(names) == num_classes else tuple(str(i) for i in range(num_classes))
 
 
 def palette(dataset: str) -> Tuple[Tuple[int, int, int], ...]:

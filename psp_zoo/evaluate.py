@@ -16,7 +16,7 @@ from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 import torch
 from tqdm import tqdm
 
-from .datasets import Sample, SegmentationDataset, classes, list_items, make_loader
+from .datasets import Sample, SegmentationDataset, class_names, list_items, make_loader
 from .errors import PspZooError
 from .factory import create_model, usable_device
 from .inference import infer_probs
@@ -85,12 +85,6 @@ def summarize(metric: ConfusionMatrix, class_names: Sequence[str]) -> Dict[str, 
         "IoU": _percent_by_class(scores["IoU"], class_names),
         "Acc": _percent_by_class(scores["Acc"], class_names),
     }
-
-
-def _class_names(dataset: str, num_classes: int) -> Tuple[str, ...]:
-    names = classes(dataset)
-    # A model with another class count (e.g. a test fixture) is scored by index.
-    return names if len(names) == num_classes else tuple(str(i) for i in range(num_classes))
 
 
 @dataclasses.dataclass
@@ -171,7 +165,7 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
     result = {"model": target.name, "dataset": target.dataset, "data_root": str(data_root),
               "num_images": count, "ms_flip": ms_flip, "device": str(device),
               "optimizations": model.optimizations}
-    result.update(summarize(metric, _class_names(target.dataset, target.num_classes)))
+    result.update(summarize(metric, class_names(target.dataset, target.num_classes)))
     result["settings"] = {**dataclasses.asdict(settings), "scales": scales,
                           "num_classes": target.num_classes, "reduce_zero_label": target.reduce_zero_label}
     return result

@@ -37,7 +37,8 @@ OUTPUT_SUFFIXES = {"png": ("_labels.png", "_overlay.png", "_legend.png"), "npy":
 
 def _class_names(dataset: str, num_classes: int) -> Tuple[str, ...]:
     names = classes(dataset)
-    # A model with another class count (e.g. a small test model) names its classes by index.
+    # Unlike scoring (datasets.class_names), a legend for a model with fewer classes than the
+    # dataset (e.g. a small test model) uses the dataset's first names; with more, indices.
     return names[:num_classes] if len(names) >= num_classes else tuple(str(i) for i in range(num_classes))
 
 

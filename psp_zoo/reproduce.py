@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .datasets import Item, SegmentationDataset, classes, list_items, make_loader
+from .datasets import Item, SegmentationDataset, class_names, list_items, make_loader
 from .download import download
 from .errors import PspZooError, ResultsError
 from .evaluate import predictions
@@ -228,12 +228,6 @@ def evaluate_split(model, data: SegmentationDataset, settings: TestSettings, num
 # one checkpoint
 
 
-def _class_names(dataset: str, num_classes: int) -> Sequence[str]:
-    names = classes(dataset)
-    # a model with another class count (a test fixture) is scored by class index
-    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
-
-
 def _to_metrics(metric: ConfusionMatrix, names: Sequence[str]) -> Metrics:
     scores = metric.compute()
     return Metrics.from_fractions(names, aacc=scores["aAcc"], miou=scores["mIoU"], macc=scores["mAcc"],
@@ -363,7 +357,7 @@ class _CheckpointRun:
         errors = self.job.dist.errors(error)  # every rank must agree before all_reduce
         if errors:
             return self.record(status="failed", error="; ".join(errors))
-        names = _class_names(self.entry.dataset, self.entry.num_classes)
+        names = class_names(self.entry.dataset, self.entry.num_classes)
         metrics = {key: _to_metrics(metric.all_reduce(), names) for key, metric in matrices.items()}
         fields: Dict[str, Any] = {"optimizations": optimizations, **metrics}
         if self.job.dist.is_main:
@@ -450,15 +444,6 @@ def _check_options(opts: ReproduceOptions, device: torch.device) -> None:
                                  ("num_workers", opts.num_workers, 0)):
         if value is not None and value < minimum:
             raise PspZooError(f"--{name.replace('_', '-')} must be a whole number >= {minimum}, got {value}")
-
-
-def _resolve_device(device: Union[None, str, torch.device]) -> torch.device:
-    resolved = usable_device(device)
-    if resolved.type not in ("cpu", "cuda"):
-        raise PspZooError(f"unsupported device {str(device)!r}; use cpu or cuda")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise PspZooError("--device cuda: no CUDA device is available to this torch; use --device cpu")
-    return resolved
 
 
 def reproduce(dataset: str, data_root: Union[str, Path], *, models: Optional[str] = None,

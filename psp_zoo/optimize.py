@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .errors import PspZooError
+from .inference import model_device
 
 __all__ = ["optimize", "OptimizedModel", "fold_batchnorm", "check_options", "PRECISIONS", "cpu_supports_bf16"]
 
@@ -75,7 +76,7 @@ def optimize(model: nn.Module, *, precision: str = "fp32", channels_last: bool =
     ``torch.compile`` (inductor) with weight freezing (``freezing``, default on with compile).
     The result's ``.optimizations`` dict records what was applied.
     """
-    device = _model_device(model)
+    device = model_device(model)
     check_options(precision, device, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile)
     freezing = bool(compile) if freezing is None else bool(freezing and compile)
     prepared = copy.deepcopy(model).eval()
@@ -145,12 +146,6 @@ def cpu_supports_bf16() -> bool:
     """Whether this CPU runs bf16 natively (AVX512-BF16 / AMX), so bf16 autocast is a speed-up."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(check is not None and check())
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def check_options(precision: str, device: Any = "cpu", **flags: Any) -> None:

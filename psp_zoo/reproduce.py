@@ -31,7 +31,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .datasets import Item, SegmentationDataset, class_names, list_items, make_loader
-from .download import download
 from .errors import PspZooError, ResultsError
 from .evaluate import predictions
 from .factory import create_model, usable_device
@@ -298,11 +297,9 @@ class _CheckpointRun:
 
     def load_model(self) -> torch.nn.Module:
         options = self.options
-        weights = download(self.entry, cache_dir=options.cache_dir, mirror=options.mirror,
-                           offline=options.offline, quiet=not self.job.show_progress)
-        model = create_model(self.entry.name, checkpoint=weights, manifest=options.manifest,
-                             device=self.job.device)
-        return model
+        return create_model(self.entry.name, manifest=options.manifest, device=self.job.device,
+                            cache_dir=options.cache_dir, mirror=options.mirror, offline=options.offline,
+                            quiet=not self.job.show_progress)
 
     def evaluate(self, model, ms_flip: bool) -> ConfusionMatrix:
         job = self.job

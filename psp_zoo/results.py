@@ -46,7 +46,7 @@ MEMORY_KINDS = ("cuda max_memory_allocated", "cpu peak RSS")
 PathLike = Union[str, Path]
 
 
-def _clean_float(value: Optional[float]) -> Optional[float]:
+def none_if_nan(value: Optional[float]) -> Optional[float]:
     """JSON has no NaN: a NaN (a class that never occurs) is stored as null."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
@@ -68,7 +68,7 @@ class Metrics:
         """From the evaluator's fractions (0-1, NaN for an absent class) to the stored percentages."""
         if not len(class_names) == len(iou) == len(acc):
             raise ResultsError(f"{len(class_names)} class names for {len(iou)} IoU and {len(acc)} Acc values")
-        pct = lambda v: _clean_float(100.0 * float(v))  # noqa: E731
+        pct = lambda v: none_if_nan(100.0 * float(v))  # noqa: E731
         per_class = {name: {"IoU": pct(i), "Acc": pct(a)} for name, i, a in zip(class_names, iou, acc)}
         return cls(aacc=pct(aacc), miou=pct(miou), macc=pct(macc), per_class=per_class)
 

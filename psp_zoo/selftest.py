@@ -396,15 +396,11 @@ def _read_palette_png(path: Path) -> np.ndarray:
         return np.array(image)
 
 
-def _clean(value: float) -> Optional[float]:
-    return None if value is None or math.isnan(value) else float(value)
-
-
 def _record_of(result: Mapping, dataset: str):
     """A results record of one ``evaluate()`` result (percentages, per-class dicts keyed by name)."""
-    from .results import ImageCount, Metrics, ResultRecord, environment_info
+    from .results import ImageCount, Metrics, ResultRecord, environment_info, none_if_nan
 
-    per_class = {name: {"IoU": _clean(iou), "Acc": _clean(result["Acc"][name])}
+    per_class = {name: {"IoU": none_if_nan(iou), "Acc": none_if_nan(result["Acc"][name])}
                  for name, iou in result["IoU"].items()}
     metrics = Metrics(aacc=result["aAcc"], miou=result["mIoU"], macc=result["mAcc"], per_class=per_class)
     count = int(result["num_images"])

@@ -42,7 +42,8 @@ from torchvision.models.resnet import Bottleneck  # noqa: E402
 from psp_zoo import PSPNet, load_checkpoint  # noqa: E402
 from psp_zoo.inference import slide_inference  # noqa: E402
 from psp_zoo.optimize import cpu_supports_bf16, optimize  # noqa: E402
-from psp_zoo.results import cpu_name  # noqa: E402
+from psp_zoo.measure import PeakMemory  # noqa: E402
+from psp_zoo.results import atomic_write, cpu_name  # noqa: E402
 
 MODEL_CONFIGS = {
     "r50": {"depth": 50, "num_classes": 19},
@@ -103,27 +104,9 @@ class MemoryMeter:
 
     def measure(self, call: Callable[[], object]) -> Optional[float]:
         """MiB above what was in use before the call (None where it cannot be measured)."""
-        if self.method == "unavailable":
+        with PeakMemory(self.device, above_baseline=True) as peak:
             call()
-            return None
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            call()
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - before) / 2**20
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _proc_status_kib("VmRSS")
-        call()
-        return (_proc_status_kib("VmHWM") - before) / 1024
-
-
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
+        return peak.bytes / 2**20 if peak.exact else None
 
 
 def timed(call: Callable[[], torch.Tensor], device: torch.device) -> Tuple[float, torch.Tensor]:
@@ -309,15 +292,9 @@ def write_results(rows: List[dict], env: dict, out_dir: Path, stem: str) -> Tupl
     for key in ("device_name", "cpu_capability", "torch", "threads", "date"):
         frame[key] = env[key]
     csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
-    _write_atomic(csv_path, frame.to_csv(index=False))
-    _write_atomic(json_path, json.dumps({"environment": env, "results": rows}, indent=1))
+    atomic_write(csv_path, frame.to_csv(index=False))
+    atomic_write(json_path, json.dumps({"environment": env, "results": rows}, indent=1))
     return csv_path, json_path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def ratio_table(rows: List[dict]) -> str:

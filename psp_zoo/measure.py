@@ -28,7 +28,7 @@ from .errors import PspZooError
 from .model import PSPNet
 from .results import MemoryUse, Speed
 
-__all__ = ["measure_fps", "inference_peak_memory", "training_memory", "AUX_LOSS_WEIGHT", "IGNORE_INDEX"]
+__all__ = ["measure_fps", "inference_peak_memory", "training_memory", "PeakMemory", "AUX_LOSS_WEIGHT", "IGNORE_INDEX"]
 
 AUX_LOSS_WEIGHT = 0.4
 IGNORE_INDEX = 255
@@ -105,7 +105,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-class _PeakMemory:
+class PeakMemory:
     """Peak bytes used on ``device`` during a ``with`` block, optionally above what was in use before."""
 
     def __init__(self, device: torch.device, above_baseline: bool):
@@ -113,7 +113,7 @@ class _PeakMemory:
         self.bytes = 0
         self.exact = True  # False when the CPU peak could not be reset and is the process lifetime's
 
-    def __enter__(self) -> "_PeakMemory":
+    def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
@@ -155,7 +155,7 @@ def inference_peak_memory(model_call: Callable[[Any], Any], inputs: Iterable[Any
     """Peak memory while running ``model_call`` on each input, weights on the device included."""
     device = torch.device(device)
     calls = 0
-    with _timing_conditions(device), _PeakMemory(device, above_baseline=False) as peak:
+    with _timing_conditions(device), PeakMemory(device, above_baseline=False) as peak:
         for calls, item in enumerate(inputs, start=1):
             model_call(item)
     if calls == 0:
@@ -191,7 +191,7 @@ def training_memory(model_kwargs: Mapping[str, Any], crop_size: Sequence[int], i
     device = torch.device(device)
     height, width = crop_size
     generator = torch.Generator().manual_seed(seed)
-    with _PeakMemory(device, above_baseline=True) as peak:
+    with PeakMemory(device, above_baseline=True) as peak:
         model = PSPNet(**model_kwargs).to(device).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         images = torch.randn(images_per_gpu, 3, height, width, generator=generator).to(device)

@@ -44,6 +44,23 @@ def _speed_kwargs(args: argparse.Namespace) -> dict:
                 channels_last=args.channels_last)
 
 
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def _add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
 def _add_manifest_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", metavar="FILE", action="append", default=None,
                         help="user manifest adding or overriding entries (repeatable; "
@@ -72,9 +89,9 @@ def register_evaluate(sub) -> None:
                         help="the dataset folder or a folder containing it (e.g. data/)")
     parser.add_argument("--checkpoint", metavar="FILE", help="local weights file instead of the published one")
     parser.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test (12 passes per image)")
-    parser.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--workers", type=int, metavar="N", help="image decoding processes")
+    parser.add_argument("--limit", type=_int_at_least(1), metavar="N", help="only the first N images (sorted)")
+    _add_device_option(parser)
+    parser.add_argument("--workers", type=_int_at_least(0), metavar="N", help="image decoding processes")
     parser.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
     _add_manifest_option(parser)
     _add_speed_options(parser)
@@ -380,7 +397,7 @@ def _register_predict(sub) -> None:
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="png",
                         help="png: labels, overlay and legend pictures; npy: raw H x W uint8 labels")
     parser.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test-time augmentation")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    _add_device_option(parser)
     parser.add_argument("--checkpoint", metavar="PATH", default=None,
                         help="load this local file instead of the published weights")
     _add_manifest_option(parser)
@@ -411,7 +428,7 @@ def _register_selftest(sub) -> None:
                         help="write everything into this new or empty folder and keep it (default: a "
                              "temporary folder, removed afterwards)")
     parser.add_argument("--port", type=int, default=0, help="port of the local server (default 0: any free port)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    _add_device_option(parser)
     parser.set_defaults(func=_cmd_selftest)
 
 
@@ -419,19 +436,6 @@ COMMANDS.append(_register_selftest)
 
 # --------------------------------------------------------------------------------------------
 # reproduce
-
-
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number >= ``minimum``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
-        return value
-    return parse
 
 
 def _register_reproduce(sub) -> None:
@@ -450,7 +454,7 @@ def _register_reproduce(sub) -> None:
                         help="skip the multi-scale + flip evaluation (6x slower than single-scale)")
     parser.add_argument("--limit", type=_int_at_least(1), metavar="N",
                         help="only the first N images (sorted by name), for scores and speed")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    _add_device_option(parser)
     parser.add_argument("--results", metavar="DIR", default=DEFAULT_RESULTS_DIR,
                         help=f"results folder (default: ./{DEFAULT_RESULTS_DIR})")
     parser.add_argument("--force", action="store_true", help="redo checkpoints that have finished results")

@@ -148,14 +148,15 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
     device = usable_device(device)
     speed = dict(precision=precision, compile=compile, fuse_bn=fuse_bn, channels_last=channels_last)
     check_options(device=device, **speed)  # before anything is downloaded or built
-    if isinstance(name_or_model, str):  # check the data before a checkpoint is fetched
-        list_items(get_checkpoint(name_or_model, manifest=manifest).dataset, data_root, limit=limit)
+    items = None
+    if isinstance(name_or_model, str):  # read the image list before a checkpoint is fetched
+        items = list_items(get_checkpoint(name_or_model, manifest=manifest).dataset, data_root, limit=limit)
     target = _resolve_target(name_or_model, dataset, manifest, checkpoint, device)
     model = optimize(target.model, **speed)
     settings = resolve_settings(target.settings, test_overrides)
     scales = target_scales(settings.img_scale, ms_flip)
     data = SegmentationDataset(target.dataset, data_root, img_scales=scales, limit=limit,
-                               reduce_zero_label=target.reduce_zero_label)
+                               reduce_zero_label=target.reduce_zero_label, items=items)
     samples = make_loader(data, num_workers=num_workers, pin_memory=device.type == "cuda")
     metric = ConfusionMatrix(target.num_classes, device=device)
     bar = tqdm(samples, total=len(data), desc=f"{target.name} {'ms+flip' if ms_flip else 'single-scale'}",

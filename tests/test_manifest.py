@@ -9,9 +9,9 @@ import pytest
 import psp_zoo
 from psp_zoo import ManifestError, UnknownModelError, get_checkpoint, list_models, load_manifest
 
-from conftest import SHARED
+from conftest import REFERENCE
 
-TABLE = SHARED / "reference" / "000_3f7e1852bf785c2c.txt"
+TABLE = REFERENCE / "000_3f7e1852bf785c2c.txt"
 DATASET_TITLES = {"Cityscapes": "cityscapes", "ADE20K": "ade20k",
                   "Pascal VOC 2012 + Aug": "voc12aug", "Pascal Context": "pascal_context"}
 

@@ -201,8 +201,13 @@ def resized_rows(logits: torch.Tensor, size: Sequence[int], align_corners: bool,
     source = logits[:, :, lo:hi].contiguous()
     # Width first and then height, as torch's kernel does; an unchanged height is an exact copy.
     wide = F.interpolate(source, size=(hi - lo, width), mode="bilinear", align_corners=align_corners)
-    top, bottom = wide.index_select(2, i0 - lo), wide.index_select(2, i1 - lo)
-    return (top * w0.view(1, 1, -1, 1)).add_(bottom * w1.view(1, 1, -1, 1)).to(logits.dtype)
+    # Height as a (band rows x source rows) matrix with two weights a row: one matmul is several
+    # times faster than gathering the rows (index_select along rows copies element by element).
+    mix = torch.zeros((r1 - r0, hi - lo), dtype=torch.float32, device=logits.device)
+    band_rows = torch.arange(r1 - r0, device=logits.device)
+    mix.index_put_((band_rows, i0 - lo), w0, accumulate=True)
+    mix.index_put_((band_rows, i1 - lo), w1, accumulate=True)
+    return torch.matmul(mix, wide.float()).to(logits.dtype)
 
 
 class _View:

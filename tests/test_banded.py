@@ -177,7 +177,7 @@ print(json.dumps({"before": before, "peak": peak, "same": same, "shape": list(la
 def test_a_large_photo_with_150_classes_stays_in_bounded_memory():
     height, width, classes = 2000, 3000, 150
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-c", _MEASURE, str(height), str(width), str(classes)], env=env,
+    done = subprocess.run([sys.executable, "-c", _MEASURE, str(height), str(width), str(classes)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])

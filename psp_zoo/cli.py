@@ -388,7 +388,8 @@ def _register_predict(sub) -> None:
                     "sliding-window inference, align_corners). For each image writes <stem>_labels.png "
                     "(class ids as pixel values, in the dataset's palette), <stem>_overlay.png and "
                     "<stem>_legend.png, or <stem>.npy with --format npy, and prints the written paths. "
-                    "An unreadable image is reported and the rest are done; the exit code is then 1.")
+                    "An image that fails (unreadable, out of memory, ...) is reported on one line naming it "
+                    "and the rest are done; the exit code is then 1.")
     parser.add_argument("name", help="checkpoint name, alias or file stem")
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help=f"image files, folders (their {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} "

@@ -364,6 +364,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     paths = expand_image_args(args.images, args.out)  # every argument is checked before work starts
     _check_writable_folder(Path(args.out), "--out", args.out)
+    if args.format == "cityscapes":  # refused before a checkpoint is downloaded, not after
+        _check_cityscapes_format(args)
     with _progress_messages(quiet=False):
         predictor = Predictor.create(args.name, ms_flip=args.ms_flip, device=args.device,
                                      **_speed_kwargs(args), manifest=args.manifest,
@@ -377,6 +379,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         else:
             print(" ".join(map(str, outcome)), flush=True)
     return EXIT_FAILED if failed else 0
+
+
+def _check_cityscapes_format(args: argparse.Namespace) -> None:
+    from .manifest import get_checkpoint
+    from .prediction import check_output_format
+
+    entry = get_checkpoint(args.name, manifest=args.manifest)
+    try:
+        check_output_format("cityscapes", entry.dataset, entry.num_classes)
+    except PspZooError as exc:
+        raise PspZooError(f"--format cityscapes: {args.name}: {exc}") from None
 
 
 def _register_predict(sub) -> None:
@@ -395,7 +408,9 @@ def _register_predict(sub) -> None:
                              f"images) or quoted globs ('**' recurses)")
     parser.add_argument("--out", metavar="DIR", default="predictions", help="output folder (default: predictions)")
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="png",
-                        help="png: labels, overlay and legend pictures; npy: raw H x W uint8 labels")
+                        help="png: labels, overlay and legend pictures; npy: raw H x W uint8 labels; "
+                             "cityscapes: Cityscapes benchmark files, the official labelIds in a greyscale "
+                             "PNG named like the image (<city>_<seq>_<frame>_leftImg8bit.png)")
     parser.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test-time augmentation")
     _add_device_option(parser)
     parser.add_argument("--checkpoint", metavar="PATH", default=None,

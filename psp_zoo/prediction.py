@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
+import re
+import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -23,14 +25,14 @@ from .factory import create_model, usable_device
 from .inference import predict_labels
 from .manifest import TestSettings
 from .optimize import check_options, optimize
-from .visualize import legend, overlay, save_labels_npy, save_palette_png, save_rgb_png
+from .visualize import legend, overlay, save_cityscapes_png, save_labels_npy, save_palette_png, save_rgb_png
 
 __all__ = ["Predictor", "predict", "predict_files", "read_input_image", "expand_image_args", "output_stems",
-           "IMAGE_EXTENSIONS", "OUTPUT_FORMATS"]
+           "check_output_format", "IMAGE_EXTENSIONS", "OUTPUT_FORMATS"]
 
 PathLike = Union[str, Path]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-OUTPUT_FORMATS = ("png", "npy")
+OUTPUT_FORMATS = ("png", "npy", "cityscapes")
 # What one image produces, by format; used to name outputs and to skip earlier outputs as inputs.
 OUTPUT_SUFFIXES = {"png": ("_labels.png", "_overlay.png", "_legend.png"), "npy": (".npy",)}
 
@@ -104,16 +106,27 @@ class Predictor:
               fmt: str = "png") -> List[Path]:
         """Save one prediction under ``out_dir``: palette PNG, overlay and legend, or raw ``.npy``."""
         out_dir = Path(out_dir)
+        check_output_format(fmt, self.dataset, self.num_classes)
         if fmt == "npy":
             return [save_labels_npy(out_dir / f"{stem}.npy", labels)]
-        if fmt != "png":
-            raise PspZooError(f"unknown output format {fmt!r}; expected one of: {', '.join(OUTPUT_FORMATS)}")
+        if fmt == "cityscapes":  # the image's own name, as the benchmark server matches it
+            return [save_cityscapes_png(out_dir / f"{stem}.png", labels)]
         labels_name, overlay_name, legend_name = (stem + s for s in OUTPUT_SUFFIXES["png"])
         return [
             save_palette_png(out_dir / labels_name, labels, self.palette),
             save_rgb_png(out_dir / overlay_name, overlay(image_rgb, labels, self.palette)),
             save_rgb_png(out_dir / legend_name, legend(labels, self.palette, self.class_names)),
         ]
+
+
+def check_output_format(fmt: str, dataset: str, num_classes: int) -> None:
+    """Refuse an output format the model cannot fill: Cityscapes benchmark files need the 19
+    Cityscapes classes, whose trainIds map back to official labelIds."""
+    if fmt not in OUTPUT_FORMATS:
+        raise PspZooError(f"unknown output format {fmt!r}; expected one of: {', '.join(OUTPUT_FORMATS)}")
+    if fmt == "cityscapes" and (dataset != "cityscapes" or num_classes != 19):
+        raise PspZooError(f"the cityscapes output format needs a Cityscapes model with 19 classes; this one "
+                          f"predicts {num_classes} {dataset} classes: choose the png or npy format")
 
 
 def read_input_image(path: PathLike) -> np.ndarray:
@@ -231,6 +244,20 @@ def _image_error(path: Path, exc: BaseException) -> PspZooError:
     return PspZooError(f"{path}: {text}" if isinstance(exc, PspZooError) else f"{path}: {type(exc).__name__}: {text}")
 
 
+def _check_cityscapes_inputs(paths: Sequence[Path], out_dir: PathLike) -> None:
+    """Benchmark files take their image's name, so an image in the output folder would be replaced
+    by its own prediction; a name the benchmark server cannot match is worth a warning."""
+    out = Path(out_dir).resolve()
+    inside = [p for p in paths if p.resolve().parent == out]
+    if inside:
+        raise PspZooError(f"{inside[0]} is in the output folder {out_dir}, and its Cityscapes result file "
+                          f"would replace it (result files keep the image names): write them to another folder")
+    odd = [p.name for p in paths if not re.fullmatch(r".+_\d{6}_\d{6}_leftImg8bit", p.stem)]
+    if odd:
+        warnings.warn(f"{len(odd)} image name(s), e.g. {odd[0]}, are not <city>_<seq>_<frame>_leftImg8bit.png; "
+                      f"the Cityscapes benchmark server will not match their result files")
+
+
 def predict_files(predictor: Predictor, paths: Sequence[Path], out_dir: PathLike, fmt: str = "png"
                   ) -> Iterator[Tuple[Path, Union[List[Path], PspZooError]]]:
     """Predict and save each image; yields (input, written files) or (input, the error) and goes on.
@@ -238,6 +265,8 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], out_dir: PathLike
     Any failure on one image (unreadable, a failed write, out of memory, an error inside the
     model) is that image's error, a one-line message naming it; the others are still done.
     """
+    if fmt == "cityscapes":
+        _check_cityscapes_inputs(paths, out_dir)
     for path, stem in zip(paths, output_stems(paths)):
         outcome: Union[List[Path], PspZooError]
         try:

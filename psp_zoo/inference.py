@@ -178,3 +178,10 @@ def predict_probs(model: Model, image_rgb: np.ndarray, settings, ms_flip: bool =
     inputs = resized_inputs(image_rgb, target_scales(settings.img_scale, ms_flip))
     return infer_probs(model, inputs, image_rgb.shape[:2], settings, ms_flip, device=device,
                        batch_size=batch_size)
+
+
+def infer_labels(model: Model, inputs: Sequence[torch.Tensor], ori_size: Sequence[int], settings,
+                 ms_flip: bool, *, device=None, batch_size: Optional[int] = None) -> torch.Tensor:
+    """H x W predicted class indices of one image (the argmax of :func:`infer_probs`)."""
+    return infer_probs(model, inputs, ori_size, settings, ms_flip, device=device,
+                       batch_size=batch_size).argmax(dim=0)

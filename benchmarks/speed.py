@@ -41,9 +41,9 @@ from torchvision.models.resnet import Bottleneck  # noqa: E402
 
 from psp_zoo import PSPNet, load_checkpoint  # noqa: E402
 from psp_zoo.inference import slide_inference  # noqa: E402
-from psp_zoo.optimize import cpu_supports_bf16, optimize  # noqa: E402
+from psp_zoo.optimization import cpu_supports_bf16, optimize  # noqa: E402
 from psp_zoo.measure import PeakMemory  # noqa: E402
-from psp_zoo.results import atomic_write, cpu_name  # noqa: E402
+from psp_zoo.records import atomic_write, cpu_name  # noqa: E402
 
 MODEL_CONFIGS = {
     "r50": {"depth": 50, "num_classes": 19},

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
@@ -36,6 +38,7 @@ DATASETS = ("cityscapes", "ade20k", "voc12aug", "pascal_context", "pascal_contex
 
 MANIFEST_ENV = "PSP_ZOO_MANIFEST"
 BUILTIN_MANIFEST = Path(__file__).with_name("model_index.yml")
+CLASSES_FILE = Path(__file__).with_name("data") / "dataset_classes.json"
 
 # Published-table column names as they appear in the manifest and in the README tables.
 PUBLISHED_FIELDS = {
@@ -76,6 +79,19 @@ class TestSettings:
     crop_size: Optional[Tuple[int, int]] = None
     stride: Optional[Tuple[int, int]] = None
 
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "TestSettings":
+        """These settings with ``overrides`` applied and checked (slide needs crop_size and stride)."""
+        unknown = sorted(set(overrides) - set(TEST_FIELDS))
+        if unknown:
+            raise PspZooError(f"unknown test setting {unknown[0]!r}; settable: {', '.join(TEST_FIELDS)}")
+        if not overrides:
+            return self
+        merged = {**self.__dict__, **overrides}
+        if merged["mode"] == "slide" and (merged["crop_size"] is None or merged["stride"] is None):
+            raise PspZooError("slide inference needs crop_size=(h, w) and stride=(h, w)")
+        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
+        return _parse_test(_Where("test settings", "overrides"), plain, self, "")
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -87,6 +103,27 @@ class DatasetSpec:
     reduce_zero_label: bool
     train_images_per_gpu: int
     test: TestSettings
+
+    @property
+    def classes(self) -> Tuple[str, ...]:
+        """Class names in label-index order (as the published checkpoints use them)."""
+        return tuple(_class_table()[self.key]["classes"])
+
+    @property
+    def palette(self) -> Tuple[Tuple[int, int, int], ...]:
+        """One RGB colour per class, the reference's palette."""
+        return tuple(tuple(colour) for colour in _class_table()[self.key]["palette"])
+
+    def class_names(self, num_classes: int) -> Tuple[str, ...]:
+        """Names for ``num_classes`` scores: the dataset's, or "0".."C-1" for a model whose class
+        count differs from the dataset's (e.g. a test model), which is then reported by index."""
+        names = self.classes
+        return names if len(names) == num_classes else tuple(str(i) for i in range(num_classes))
+
+
+@lru_cache(maxsize=None)
+def _class_table() -> dict:
+    return json.loads(CLASSES_FILE.read_text(encoding="utf-8"))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, TINY, tiny_expected, tiny_model
 
 from psp_zoo import PspZooError
-from psp_zoo.optimize import cpu_supports_bf16, fold_batchnorm, optimize
+from psp_zoo.optimization import cpu_supports_bf16, fold_batchnorm, optimize
 
 
 def max_rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -26,8 +26,8 @@ from psp_zoo.cli import main
 from psp_zoo.datasets import SegmentationDataset
 from psp_zoo.manifest import get_checkpoint
 from psp_zoo.metrics import ConfusionMatrix
-from psp_zoo.reproduce import CRASH_EXIT_CODE, evaluate_split, reproduce
-from psp_zoo.results import read_result
+from psp_zoo.reproduction import CRASH_EXIT_CODE, evaluate_split, reproduce
+from psp_zoo.records import read_result
 
 import minidata
 from conftest import REPO, tiny_checkpoint_path, tiny_model

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from psp_zoo.errors import ResultsError
-from psp_zoo.results import (ImageCount, MemoryUse, Metrics, PartialState, ResultRecord, Speed,
+from psp_zoo.records import (ImageCount, MemoryUse, Metrics, PartialState, ResultRecord, Speed,
                              device_tag, environment_info, read_result, read_results, result_path,
                              write_result)
 
@@ -123,7 +123,7 @@ def test_partial_state_round_trip_and_guards(tmp_path):
 
 
 def test_atomic_write_keeps_permissions_not_the_temp_files_0600(tmp_path):
-    from psp_zoo.results import atomic_write
+    from psp_zoo.records import atomic_write
 
     readme = tmp_path / "README.md"
     readme.write_text("old\n")

@@ -6,10 +6,9 @@ the device and software that produced it (REFERENCE.md, "Speed and memory as pub
 from __future__ import annotations
 
 import platform
-import re
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -17,7 +16,7 @@ import torch
 from ._version import __version__
 from .errors import PspZooError
 
-__all__ = ["usable_device", "cpu_name", "cpu_flags", "environment_info", "device_tag"]
+__all__ = ["usable_device", "cpu_name", "cpu_flags", "environment_info"]
 
 DeviceLike = Union[None, str, torch.device]
 
@@ -118,11 +117,3 @@ def environment_info(device: DeviceLike = "cpu") -> Dict[str, Any]:
         "git_revision": _git_revision(),
         "platform": platform.platform(),
     }
-
-
-def device_tag(environment: Mapping[str, Any]) -> str:
-    """File-name tag of a device: ``cpu`` or ``cuda-<device name slug>``."""
-    if environment["device_kind"] == "cpu":
-        return "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", environment["device_name"].lower()).strip("-")
-    return f"cuda-{slug}"

@@ -18,19 +18,21 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .environment import device_tag
 from .errors import ResultsError
 from .files import atomic_write
-from .metrics import ConfusionMatrix
+
+if TYPE_CHECKING:  # only for the annotation: records stay importable without torch
+    from .metrics import ConfusionMatrix
 
 __all__ = [
     "SCHEMA_VERSION", "DEFAULT_RESULTS_DIR", "Metrics", "Speed", "MemoryUse", "ImageCount",
-    "ResultRecord", "result_path", "write_result", "read_result", "read_results", "none_if_nan",
+    "ResultRecord", "device_tag", "result_path", "write_result", "read_result", "read_results", "none_if_nan",
 ]
 
 SCHEMA_VERSION = 1
@@ -69,7 +71,7 @@ class Metrics:
         return {name: values["Acc"] for name, values in self.per_class.items()}
 
     @classmethod
-    def from_matrix(cls, matrix: ConfusionMatrix, class_names: Sequence[str]) -> "Metrics":
+    def from_matrix(cls, matrix: "ConfusionMatrix", class_names: Sequence[str]) -> "Metrics":
         """The reference's metrics of a (summed, reduced) confusion matrix, in percent."""
         scores = matrix.compute()
         return cls.from_fractions(class_names, aacc=scores["aAcc"], miou=scores["mIoU"],
@@ -144,6 +146,13 @@ class ResultRecord:
                       .isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
     source: Optional[str] = field(default=None, compare=False)  # the file it was read from
+
+    def __post_init__(self) -> None:
+        # settings and environment hold what their JSON holds (lists, not tuples), so a record
+        # read back from its results file equals the record that was written
+        for name in ("settings", "environment"):
+            object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name))))
+        object.__setattr__(self, "optimizations", tuple(self.optimizations))
 
     @property
     def device_kind(self) -> str:
@@ -326,6 +335,14 @@ class _Parser:
 
 # --------------------------------------------------------------------------------------------
 # files
+
+
+def device_tag(environment: Mapping[str, Any]) -> str:
+    """File-name tag of a device: ``cpu`` or ``cuda-<device name slug>``."""
+    if environment["device_kind"] == "cpu":
+        return "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", environment["device_name"].lower()).strip("-")
+    return f"cuda-{slug}"
 
 
 def result_path(results_dir: PathLike, checkpoint: str, environment: Mapping[str, Any],

@@ -21,12 +21,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from psp_zoo import evaluate
+from psp_zoo import FetchOptions, evaluate
 from psp_zoo.cli import main
 from psp_zoo.datasets import SegmentationDataset
 from psp_zoo.manifest import get_checkpoint
 from psp_zoo.metrics import ConfusionMatrix
-from psp_zoo.reproduction import CRASH_EXIT_CODE, evaluate_split, reproduce
+from psp_zoo.reproduction import reproduce
+from psp_zoo.scoring import score
 from psp_zoo.records import read_result
 
 import minidata
@@ -34,6 +35,7 @@ from conftest import REPO, tiny_checkpoint_path, tiny_model
 from hub_server import CheckpointServer, manifest_text
 
 SMALL_SCALE = [32, 16]
+CRASH_EXIT_CODE = 75  # crash_reproduce.py's hard exit, like a kill
 # a quick run: no decoding workers, 3 images timed after 1 warm-up
 QUICK = ("--num-workers", "0", "--speed-images", "3", "--speed-warmup", "1")
 
@@ -114,8 +116,8 @@ def test_reproduce_records_everything_and_tables_show_both_columns(capsys, setup
     for ms_flip, metrics in ((False, record.single_scale), (True, record.ms_flip)):
         expected = evaluate("tiny_r50", setup["data"], manifest=setup["manifest"], device="cpu",
                             num_workers=0, checkpoint=tiny_checkpoint_path("r50"), ms_flip=ms_flip)
-        assert metrics.miou == pytest.approx(expected["mIoU"], abs=1e-9)
-        assert metrics.per_class["3"]["IoU"] == pytest.approx(expected["IoU"]["3"], abs=1e-9)
+        assert metrics.miou == pytest.approx(expected.miou, abs=1e-9)
+        assert metrics.per_class["3"]["IoU"] == pytest.approx(expected.iou["3"], abs=1e-9)
     assert record.speed.device_kind == "cpu" and (record.speed.images_timed, record.speed.warmup) == (2, 1)
     assert record.inference_memory.kind == record.training_memory.kind == "cpu peak RSS"
     assert record.training_memory.gb > 0 and "64x64, 2 image(s)" in record.training_memory.detail
@@ -166,7 +168,7 @@ def test_a_killed_run_resumes_and_ends_with_the_same_numbers(capsys, setup, unin
     argv = _argv(setup, results, "--models", "tiny_r50", "--no-train-mem", "--save-every", "2")
 
     def killed_after(images: int) -> str:
-        run = subprocess.run([sys.executable, "-m", "psp_zoo", *argv, "--crash-after", str(images)],
+        run = subprocess.run([sys.executable, str(Path(__file__).with_name("crash_reproduce.py")), str(images), *argv],
                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
                              capture_output=True, text=True)
         assert run.returncode == CRASH_EXIT_CODE, run.stderr
@@ -197,8 +199,8 @@ def _tiny_r50_split(manifest: Path, data_root: Path, rank: int = 0, world_size: 
     """tiny_r50's single-scale confusion matrix of one shard, not reduced."""
     settings = get_checkpoint("tiny_r50", manifest=manifest).test
     data = SegmentationDataset("cityscapes", data_root, img_scales=[settings.img_scale])
-    return evaluate_split(tiny_model("r50"), data.shard(rank, world_size), settings, 5, ms_flip=False,
-                          device=torch.device("cpu"), num_workers=0, progress=False)
+    return score(tiny_model("r50"), data.shard(rank, world_size), settings, 5, ms_flip=False,
+                 device=torch.device("cpu"), num_workers=0, show=False)
 
 
 def _distributed_worker(rank: int, world_size: int, port: int, paths: dict, out: Path) -> None:
@@ -212,7 +214,7 @@ def _distributed_worker(rank: int, world_size: int, port: int, paths: dict, out:
         torch.save(matrix, out / "matrix.pt")
     # the whole command on the same process group (it joins the group it finds)
     reproduce("cityscapes", paths["data"], models="tiny_r50", device="cpu", results_dir=out / "results",
-              manifest=paths["manifest"], cache_dir=paths["cache"], num_workers=0, speed_images=3,
+              fetch=FetchOptions(manifest=paths["manifest"], cache_dir=paths["cache"]), num_workers=0, speed_images=3,
               speed_warmup=1, train_memory=False, progress=False)
     dist.destroy_process_group()
 

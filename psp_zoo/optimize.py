@@ -17,6 +17,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .errors import PspZooError
 from .inference import model_device
+from .model.fast_head import factorize_psp_head
 
 __all__ = ["optimize", "OptimizedModel", "fold_batchnorm", "check_options", "PRECISIONS", "cpu_supports_bf16"]
 
@@ -67,28 +68,35 @@ class OptimizedModel(nn.Module):
 
 
 def optimize(model: nn.Module, *, precision: str = "fp32", channels_last: bool = True,
-             fuse_bn: bool = True, compile: bool = False, freezing: Optional[bool] = None) -> OptimizedModel:
+             fuse_bn: bool = True, compile: bool = False, freezing: Optional[bool] = None,
+             factorize_head: bool = True) -> OptimizedModel:
     """An inference copy of ``model`` with the chosen optimizations; ``model`` is left as it was.
 
     ``precision``: 'fp32' (exact path), 'bf16' (autocast; CUDA or a CPU with native bf16) or
     'fp16' (autocast; CUDA only). ``fuse_bn`` folds every eval-mode BatchNorm into the preceding
     conv; ``channels_last`` runs in NHWC memory format; ``compile`` wraps the model in
     ``torch.compile`` (inductor) with weight freezing (``freezing``, default on with compile).
+    ``factorize_head`` swaps a PSP decode head for FactorizedPSPHead, which applies the
+    bottleneck conv to the pooled pyramid maps before upsampling them (same logits within
+    rounding, about a fifth less arithmetic for R-50-D8).
     The result's ``.optimizations`` dict records what was applied.
     """
     device = model_device(model)
-    check_options(precision, device, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile)
+    check_options(precision, device, channels_last=channels_last, fuse_bn=fuse_bn, compile=compile,
+                  factorize_head=factorize_head)
     freezing = bool(compile) if freezing is None else bool(freezing and compile)
     prepared = copy.deepcopy(model).eval()
     for param in prepared.parameters():
         param.requires_grad_(False)
     folded = fold_batchnorm(prepared) if fuse_bn else 0
+    factorized = factorize_psp_head(prepared) if factorize_head else False
     if channels_last:
         prepared = prepared.to(memory_format=torch.channels_last)
     runner = torch.compile(prepared, backend="inductor") if compile else prepared
     optimizations = {
         "precision": precision, "fuse_bn": bool(fuse_bn), "folded_bn": folded,
         "channels_last": bool(channels_last), "compile": bool(compile), "freezing": freezing,
+        "factorize_head": factorized,
         "device": str(device), "torch": torch.__version__,
     }
     return OptimizedModel(prepared, runner, optimizations)

@@ -68,10 +68,15 @@ RESIDUAL_SCALE = 0.5  # see random_model()
 # name -> optimize() keyword arguments; None is the model exactly as loaded.
 WHOLE_VARIANTS: Dict[str, Optional[dict]] = {
     "eager": None,
-    "fuse_bn": dict(fuse_bn=True, channels_last=False),
-    "channels_last": dict(fuse_bn=False, channels_last=True),
-    "compile": dict(fuse_bn=False, channels_last=False, compile=True),
-    "bf16": dict(fuse_bn=False, channels_last=False, precision="bf16"),
+    # each optimization alone
+    "fuse_bn": dict(fuse_bn=True, channels_last=False, factorize_head=False),
+    "channels_last": dict(fuse_bn=False, channels_last=True, factorize_head=False),
+    "factorize_head": dict(fuse_bn=False, channels_last=False, factorize_head=True),
+    "compile": dict(fuse_bn=False, channels_last=False, compile=True, factorize_head=False),
+    "bf16": dict(fuse_bn=False, channels_last=False, precision="bf16", factorize_head=False),
+    # combinations; fast_* without a suffix are optimize()'s defaults for that precision
+    "fast_fp32_plain_head": dict(fuse_bn=True, channels_last=True, factorize_head=False),
+    "fast_fp32_nchw": dict(fuse_bn=True, channels_last=False),
     "fast_fp32": dict(fuse_bn=True, channels_last=True),
     "fast_fp32_compile": dict(fuse_bn=True, channels_last=True, compile=True),
     "fast_bf16": dict(fuse_bn=True, channels_last=True, precision="bf16"),
@@ -209,7 +214,7 @@ def load_model(key: str, device: torch.device, checkpoints: Dict[str, str]) -> P
 
 def _describe(options: dict) -> str:
     """'eager fp32' for the model as loaded, else what optimize() applied, e.g. 'fp32 fuse_bn channels_last'."""
-    flags = [key for key in ("fuse_bn", "channels_last", "compile", "freezing") if options.get(key)]
+    flags = [key for key in ("fuse_bn", "channels_last", "factorize_head", "compile", "freezing") if options.get(key)]
     described = " ".join([options.get("precision", "eager fp32"), *flags])
     return f"{described} slide={options['slide']}" if "slide" in options else described
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .inference import model_device
+from .model.fast_head import factorize_psp_head
 from .options import SpeedOptions, cpu_supports_bf16
 
 __all__ = ["optimize", "OptimizedModel", "fold_batchnorm", "cpu_supports_bf16", "DTYPES"]
@@ -77,7 +78,10 @@ def optimize(model: nn.Module, options: Optional[SpeedOptions] = None, *,
     its fields as keywords (``precision='bf16'``, ``compile=True``...). ``fuse_bn`` folds every
     eval-mode BatchNorm into the preceding conv; ``channels_last`` runs in NHWC memory format;
     ``compile`` wraps the model in ``torch.compile`` (inductor) with weight freezing
-    (``freezing``, default on with compile). ``.optimizations`` records what was applied.
+    (``freezing``, default on with compile); ``factorize_head`` swaps a PSP decode head for
+    FactorizedPSPHead, which applies the bottleneck conv to the pooled pyramid maps before
+    upsampling them (same logits within rounding, about a fifth less arithmetic for R-50-D8).
+    ``.optimizations`` records what was applied.
     """
     options = dataclasses.replace(options or SpeedOptions(), **switches)
     device = model_device(model)
@@ -87,10 +91,12 @@ def optimize(model: nn.Module, options: Optional[SpeedOptions] = None, *,
     for param in prepared.parameters():
         param.requires_grad_(False)
     folded = fold_batchnorm(prepared) if options.fuse_bn else 0
+    factorized = factorize_psp_head(prepared) if options.factorize_head else False
     if options.channels_last:
         prepared = prepared.to(memory_format=torch.channels_last)
     runner = torch.compile(prepared, backend="inductor") if options.compile else prepared
-    optimizations = {**dataclasses.asdict(options), "folded_bn": folded, "freezing": freezing,
+    optimizations = {**dataclasses.asdict(options), "factorize_head": factorized, "folded_bn": folded,
+                     "freezing": freezing,
                      "device": str(device), "torch": torch.__version__}
     return OptimizedModel(prepared, runner, optimizations, options)
 

@@ -58,13 +58,15 @@ class SpeedOptions:
     The default is the exact fp32 fast path: BN folded into the convs, channels-last memory
     format, within rounding of the model as loaded. ``precision`` 'bf16' (CUDA, or a CPU with
     native bf16) and 'fp16' (CUDA) autocast, and are not the reference numerics; ``compile``
-    runs torch.compile (inductor).
+    runs torch.compile (inductor); ``factorize_head`` computes the PSP bottleneck on the pooled
+    pyramid maps instead of their upsampling (exact up to float rounding).
     """
 
     precision: str = "fp32"
     compile: bool = False
     fuse_bn: bool = True
     channels_last: bool = True
+    factorize_head: bool = True
 
     def check(self, device: Union[str, torch.device] = "cpu") -> "SpeedOptions":
         """Refuse an unknown precision, a non-bool switch or a precision ``device`` cannot run."""
@@ -95,7 +97,7 @@ class SpeedOptions:
 
     def applied(self) -> Tuple[str, ...]:
         """Names of the switches that are on, as recorded in results files."""
-        return tuple(name for name in ("fuse_bn", "channels_last", "compile") if getattr(self, name))
+        return tuple(name for name in ("fuse_bn", "channels_last", "factorize_head", "compile") if getattr(self, name))
 
 
 def split_options(keywords: Mapping[str, Any], fetch: Optional[FetchOptions] = None,

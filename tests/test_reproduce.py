@@ -111,7 +111,7 @@ def test_reproduce_records_everything_and_tables_show_both_columns(capsys, setup
     assert code == 1 and "failed: tiny_r101" in err  # and tiny_r50 was still reproduced
     record = read_result(results / "tiny_r50" / "cpu.json")
     assert record.status == "complete" and record.precision == "fp32"
-    assert record.optimizations == ("fuse_bn", "channels_last")  # the default exact fast path
+    assert record.optimizations == ("fuse_bn", "channels_last", "factorize_head")  # the default exact fast path
     assert (record.images.count, record.images.available, record.images.limit) == (3, 3, None)
     for ms_flip, metrics in ((False, record.single_scale), (True, record.ms_flip)):
         expected = evaluate("tiny_r50", setup["data"], manifest=setup["manifest"], device="cpu",

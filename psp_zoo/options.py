@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-import torch
-
 from .errors import PspZooError
 
 __all__ = ["FetchOptions", "SpeedOptions", "split_options", "PRECISIONS", "cpu_supports_bf16"]
@@ -47,6 +45,8 @@ class FetchOptions:
 
 def cpu_supports_bf16() -> bool:
     """Whether this CPU runs bf16 natively (AVX512-BF16 / AMX), so bf16 autocast is a speed-up."""
+    import torch  # here, not at the top: the command line reads these options without torch
+
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(check is not None and check())
 
@@ -68,8 +68,10 @@ class SpeedOptions:
     channels_last: bool = True
     factorize_head: bool = True
 
-    def check(self, device: Union[str, torch.device] = "cpu") -> "SpeedOptions":
+    def check(self, device: Union[str, "torch.device"] = "cpu") -> "SpeedOptions":
         """Refuse an unknown precision, a non-bool switch or a precision ``device`` cannot run."""
+        import torch
+
         device = torch.device(device)
         if self.precision not in PRECISIONS:
             raise PspZooError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")

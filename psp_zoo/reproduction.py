@@ -117,6 +117,15 @@ def _speed_count(options: ReproduceOptions, device: torch.device) -> int:
     return options.speed_images or (200 if device.type == "cuda" else 20)
 
 
+def _check_speed_images(options: ReproduceOptions, scored: int, device: torch.device) -> None:
+    """fps needs at least one timed image after the warm-up: refuse a run that would time none."""
+    count = min(_speed_count(options, device), scored)
+    if options.speed_warmup >= count:
+        raise PspZooError(f"speed is timed on the first {count} scored image(s), all of them warm-up "
+                          f"(speed_warmup={options.speed_warmup}): score more images, or lower the warm-up",
+                          cli_hint="--limit / --speed-warmup")
+
+
 # --------------------------------------------------------------------------------------------
 # one checkpoint
 
@@ -351,6 +360,7 @@ def reproduce(dataset: str, data_root: Union[str, Path], *, models: Optional[str
     speed.check(device)
     entries = select_checkpoints(dataset, models, fetch.manifest)
     everything = list_items(dataset, data_root, manifest=fetch.manifest)  # before any download
+    _check_speed_images(opts, len(everything[: opts.limit]), device)
     check_writable_folder(opts.results_dir, "results folder")
     parallel, resolved = Distributed.from_env(device)
     try:

@@ -43,22 +43,31 @@ def _hashed_name(folder: Path, name: str, stamp: str, digest: str) -> Path:
     return folder / f"{name}_{stamp}-{digest[:8]}.pth"
 
 
-def calibrate_batchnorm(model: torch.nn.Module) -> None:
-    """Give BN the statistics of real activations and random affine terms: with default ones a
-    random 50-layer net's signal fades and its output ignores the input; with these it does not."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # running stats = plain average over the calibration batches
+def calibrate_batchnorm(model: torch.nn.Module, inputs: Optional[Sequence[torch.Tensor]] = None, *,
+                        random_affine: bool = True, residual_scale: float = 1.0) -> torch.nn.Module:
+    """Give a randomly initialised PSPNet's BN layers the statistics of real activations (the
+    average over ``inputs``, default two random 2x3x64x64 batches) and, with ``random_affine``,
+    random scales and shifts: with fresh BN layers a random 50-layer net's signal fades and its
+    output ignores the input. ``residual_scale`` < 1 shrinks each residual block's last BN scale,
+    as trained ResNets have small residual branches (a random one is chaotic: a 1e-7 change of
+    the input grows to 30% of the logits). Returns the model in eval mode."""
+    batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for module in batch_norms:
+        module.momentum = None  # running stats = plain average over the calibration batches
+        if random_affine:
             module.weight.data.uniform_(0.5, 1.5)
             module.bias.data.normal_(0.0, 0.1)
     model.train()
     with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(2, 3, 64, 64))
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = 0.1
-    model.eval()
+        for batch in inputs if inputs is not None else [torch.randn(2, 3, 64, 64) for _ in range(2)]:
+            model(batch)
+    for module in batch_norms:
+        module.momentum = 0.1
+    for name, module in model.named_modules():
+        last_bn = getattr(module, "bn3", None) if hasattr(module, "conv3") else getattr(module, "bn2", None)
+        if residual_scale != 1.0 and name.startswith("backbone.layer") and name.count(".") == 2 and last_bn is not None:
+            last_bn.weight.data.mul_(residual_scale)
+    return model.eval()
 
 
 def write_tiny_checkpoint(folder: PathLike, name: str = SELFTEST_NAME, *, num_classes: int = 19,

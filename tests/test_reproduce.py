@@ -230,3 +230,63 @@ def test_two_gloo_processes_give_the_single_process_numbers(setup, uninterrupted
     assert record["settings"]["world_size"] == 2 and record["speed"] is not None
     assert _scores(record) == _scores(uninterrupted)
     assert not list((tmp_path / "results" / "tiny_r50").glob("*.partial.npz"))
+
+
+# --------------------------------------------------------------------------------------------
+# holds up in real use: checked folder, one run per results file, options, passes, progress
+
+
+def test_an_unusable_results_folder_fails_before_any_model_work(capsys, setup, tmp_path):
+    blocker = tmp_path / "readme.txt"
+    blocker.write_text("a file, not a folder\n")
+    before = len(setup["server"].log)
+    code, _, err = _cli(capsys, *_argv(setup, blocker / "x", "--models", "tiny_r50"))
+    assert code == 2 and "results folder" in err and len(err.strip().splitlines()) == 1
+    assert len(setup["server"].log) == before  # nothing fetched, nothing built
+
+
+def test_a_second_run_on_the_same_folder_does_not_measure_beside_the_first(capsys, setup, tmp_path):
+    import filelock
+
+    results = tmp_path / "results"
+    target = results / "tiny_r50" / "cpu.json"
+    target.parent.mkdir(parents=True)
+    with filelock.FileLock(str(target.with_name(".cpu.json.lock"))):  # the first run, still measuring
+        code, out, err = _cli(capsys, *_argv(setup, results, "--models", "tiny_r50", "--no-ms-flip",
+                                             "--no-train-mem"))
+    assert code == 1 and "another run is reproducing it" in err and "busy in another run: tiny_r50" in err
+    assert not target.exists()
+
+
+def test_finished_results_are_reused_only_with_the_same_options(capsys, setup, tmp_path):
+    results = tmp_path / "results"
+    quick = ("--models", "tiny_r50", "--no-train-mem")
+    code, _, err = _cli(capsys, *_argv(setup, results, *quick, "--no-ms-flip"))
+    assert code == 0 and "3/3 images" in err  # progress lines when stderr is not a terminal
+    first = read_result(results / "tiny_r50" / "cpu.json")
+    assert first.ms_flip is None and first.speed.images_timed == 2
+
+    # ms+flip added later: only that pass runs; single-scale, speed and memory are kept as they were
+    code, _, err = _cli(capsys, *_argv(setup, results, *quick))
+    assert code == 0 and "adding ms+flip" in err and "single-scale" not in err.split("adding ms+flip")[1]
+    second = read_result(results / "tiny_r50" / "cpu.json")
+    assert second.ms_flip is not None and second.single_scale == first.single_scale
+    assert second.speed == first.speed and second.inference_memory == first.inference_memory
+
+    # other speed switches: a result of their own beside it, never "skipped, finished"
+    code, _, err = _cli(capsys, *_argv(setup, results, *quick, "--no-fuse-bn", "--no-channels-last"))
+    assert code == 0 and "skipped" not in err
+    other = read_result(results / "tiny_r50" / "cpu_fp32-no_fuse_bn-no_channels_last.json")
+    assert "fuse_bn" not in other.optimizations and "channels_last" not in other.optimizations
+    assert read_result(results / "tiny_r50" / "cpu.json") == second  # the default result is kept
+
+    # another number of speed images: redone, not reused
+    code, _, err = _cli(capsys, *_argv(setup, results, *quick, "--speed-images", "2"))
+    assert code == 0 and "other options" in err and "skipped" not in err
+    assert read_result(results / "tiny_r50" / "cpu.json").speed.images_timed == 1
+
+
+def test_speed_with_no_timed_image_is_refused_before_any_work(capsys, setup, tmp_path):
+    code, _, err = _cli(capsys, *_argv(setup, tmp_path / "results", "--models", "tiny_r50", "--limit", "1"))
+    assert code == 2 and "all of them warm-up" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "results").exists()

@@ -125,7 +125,7 @@ def _check_writable_folder(folder: Path, option: str, given: str) -> None:
     from .files import check_writable_folder
 
     try:
-        check_writable_folder(folder, "folder")
+        check_writable_folder(folder, option)
     except PspZooError as exc:
         raise PspZooError(f"{option} {given}: {exc}") from None
 

@@ -73,23 +73,14 @@ def atomic_save(path: PathLike, save: Callable[[Path], object]) -> Path:
 
 
 def check_writable_folder(folder: PathLike, what: str = "output folder") -> Path:
-    """Create ``folder`` if needed and prove it takes a new file, before any long work starts.
+    """Prove, before any long work starts, that ``folder`` can be created or written; creates nothing.
 
     Raises PspZooError naming the folder and the reason (a file in the way, no permission).
     """
-    folder = Path(folder).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = _temporary_name(folder / "write-check")
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        probe.unlink()
-    except FileExistsError:
-        raise PspZooError(f"cannot use {folder} as the {what}: a file of that name is in the way; "
-                          f"choose another folder") from None
-    except NotADirectoryError:
-        raise PspZooError(f"cannot use {folder} as the {what}: part of the path is a file, not a "
-                          f"folder; choose another folder") from None
-    except OSError as exc:
-        raise PspZooError(f"cannot write to the {what} {folder} ({exc.strerror or exc}); choose a "
-                          f"writable folder") from None
+    folder = Path(folder).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise PspZooError(f"{existing} is a file, not a folder; choose another {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PspZooError(f"the folder {existing} is not writable; choose another {what}")
     return folder

@@ -48,7 +48,9 @@ PathLike = Union[str, Path]
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
-    return text if isinstance(exc, PspZooError) else f"{type(exc).__name__}: {text}"
+    if not isinstance(exc, PspZooError):
+        return f"{type(exc).__name__}: {text}"
+    return f"{text} ({exc.cli_hint})" if exc.cli_hint else text
 
 
 class _Report:

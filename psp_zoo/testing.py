@@ -163,7 +163,7 @@ def serve_folder(folder: PathLike, port: int = 0) -> Iterator[str]:
         server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     except OSError as exc:
         raise PspZooError(f"cannot serve on 127.0.0.1:{port} ({exc.strerror or exc}); "
-                          f"choose a free port, or 0 for any") from None
+                          f"choose a free port, or 0 for any", cli_hint="--port") from None
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()

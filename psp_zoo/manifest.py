@@ -1,8 +1,10 @@
 """The checkpoint manifest: typed, frozen records loaded and validated from ``model_index.yml``.
 
-The built-in manifest lists every PSPNet checkpoint of the mmsegmentation v0.5 model zoo. A user
-manifest (``PSP_ZOO_MANIFEST`` or an explicit path, several joined with ``os.pathsep``) has the same
-schema and adds entries or overrides built-in ones by name, e.g. for private checkpoints.
+The built-in manifest declares every dataset psp-zoo reads (one ``DatasetSpec`` each: title, class
+names, palette, test settings and folder ``Layout``) and lists every published PSPNet checkpoint
+of the mmsegmentation v0.5 model zoo. A user manifest (``PSP_ZOO_MANIFEST`` or an explicit path,
+several joined with ``os.pathsep``) has the same schema: it adds datasets and entries or overrides
+built-in ones by key and name, e.g. for private checkpoints or a dataset in a new folder layout.
 """
 from __future__ import annotations
 
@@ -12,16 +14,24 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
+import json
+
+import numpy as np
 import yaml
 
 from .errors import ManifestError, PspZooError, UnknownModelError
 
 __all__ = [
     "DATASETS",
+    "IGNORE_INDEX",
+    "LABEL_MAPS",
     "Published",
+    "TestSettings",
+    "Layout",
     "DatasetSpec",
     "Checkpoint",
     "Manifest",
@@ -31,11 +41,14 @@ __all__ = [
     "list_models",
 ]
 
-#: Dataset keys psp-zoo knows how to read and evaluate.
-DATASETS = ("cityscapes", "ade20k", "voc12aug", "pascal_context", "pascal_context_59")
-
 MANIFEST_ENV = "PSP_ZOO_MANIFEST"
 BUILTIN_MANIFEST = Path(__file__).with_name("model_index.yml")
+CLASSES_FILE = Path(__file__).with_name("data") / "dataset_classes.json"
+
+#: Label value that is never scored (mmseg's ignore_index), unless a dataset declares another.
+IGNORE_INDEX = 255
+#: Named id mappings a layout's ``label_map`` may ask for (applied to its fallback label files).
+LABEL_MAPS = ("cityscapes_label_ids",)
 
 # Published-table column names as they appear in the manifest and in the README tables.
 PUBLISHED_FIELDS = {
@@ -48,7 +61,12 @@ ARCH_FIELDS = ("num_classes", "stem_channels", "base_channels", "channels", "aux
 TEST_FIELDS = ("mode", "img_scale", "crop_size", "stride", "align_corners")
 ENTRY_REQUIRED = ("name", "dataset", "depth", "crop_size", "schedule", "weights", "hash", "published")
 ENTRY_OPTIONAL = ("aliases", "backbone", "log", "sha256", "test", "model")
-DATASET_FIELDS = ("num_classes", "img_scale", "reduce_zero_label", "train_images_per_gpu", "test")
+DATASET_REQUIRED = ("title", "num_classes", "img_scale", "reduce_zero_label", "train_images_per_gpu",
+                    "test", "layout")
+DATASET_OPTIONAL = ("ignore_index", "classes", "palette")
+LAYOUT_REQUIRED = ("folders", "images", "labels", "image_suffix", "label_suffix")
+LAYOUT_OPTIONAL = ("split", "fallback_label_suffix", "label_map")
+_DATASET_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _HEX8_RE = re.compile(r"^[0-9a-f]{8}$")
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -78,15 +96,39 @@ class TestSettings:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """Where one dataset's validation images and labels live, relative to its folder.
+
+    A label's path is its image's path below ``images`` with ``image_suffix`` replaced by
+    ``label_suffix``, below ``labels``.
+    """
+
+    folders: Tuple[str, ...]  # the dataset folder relative to a data root ("" = the root), most specific last
+    images: str
+    labels: str
+    image_suffix: str
+    label_suffix: str
+    split: Optional[str] = None  # one image name per line; None = every image under ``images``
+    fallback_label_suffix: Optional[str] = None  # read when the label file is absent, mapped by label_map
+    label_map: Optional[str] = None  # one of LABEL_MAPS
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
-    """Evaluation facts of one dataset (REFERENCE.md, "Test pipeline")."""
+    """Everything psp-zoo knows about one dataset: one declaration in the manifest."""
 
     key: str
+    title: str  # the section title of the published results tables
     num_classes: int
     img_scale: Tuple[int, int]
     reduce_zero_label: bool
     train_images_per_gpu: int
     test: TestSettings
+    layout: Layout
+    classes: Tuple[str, ...]
+    palette: Tuple[Tuple[int, int, int], ...]
+    ignore_index: int = IGNORE_INDEX
+    source: str = "builtin"
 
 
 @dataclass(frozen=True)
@@ -221,25 +263,115 @@ def _parse_test(where: _Where, raw: Mapping, base: Optional[TestSettings], fld: 
     return TestSettings(**settings)
 
 
+def _rel_path(where: _Where, value: Any, fld: str, *, empty: bool = False) -> str:
+    """A folder or file below the dataset folder: relative, inside it, '/'-separated."""
+    if not isinstance(value, str) or (not value and not empty):
+        where.fail(fld, f"expected a relative path, got {value!r}")
+    parts = value.replace("\\", "/").split("/")
+    if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value) or ".." in parts:
+        where.fail(fld, f"expected a path inside the dataset folder (relative, no '..'), got {value!r}")
+    return value.strip("/")
+
+
+def _suffix(where: _Where, value: Any, fld: str) -> str:
+    if not isinstance(value, str) or not value or "/" in value or "\\" in value:
+        where.fail(fld, f"expected the end of a file name like '.png' or '_labelTrainIds.png', got {value!r}")
+    return value
+
+
+def _parse_layout(where: _Where, raw: Any) -> Layout:
+    where.mapping(raw, "layout")
+    where.known_keys(raw, LAYOUT_REQUIRED + LAYOUT_OPTIONAL, "layout")
+    for fld in LAYOUT_REQUIRED:
+        if fld not in raw:
+            where.fail(f"layout.{fld}", "missing")
+    folders = raw["folders"]
+    if not isinstance(folders, list) or not folders:
+        where.fail("layout.folders", f"expected a list of folders relative to a data root, got {folders!r}")
+    split = raw.get("split")
+    fallback, label_map = raw.get("fallback_label_suffix"), raw.get("label_map")
+    if (fallback is None) != (label_map is None):
+        where.fail("layout.label_map" if label_map is None else "layout.fallback_label_suffix",
+                   "fallback_label_suffix and label_map go together: the fallback files hold other ids")
+    if label_map is not None and label_map not in LABEL_MAPS:
+        where.fail("layout.label_map", f"unknown mapping {label_map!r}; psp-zoo knows: {', '.join(LABEL_MAPS)}")
+    layout = Layout(
+        folders=tuple(_rel_path(where, f, f"layout.folders[{i}]", empty=True) for i, f in enumerate(folders)),
+        images=_rel_path(where, raw["images"], "layout.images"),
+        labels=_rel_path(where, raw["labels"], "layout.labels"),
+        image_suffix=_suffix(where, raw["image_suffix"], "layout.image_suffix"),
+        label_suffix=_suffix(where, raw["label_suffix"], "layout.label_suffix"),
+        split=None if split is None else _rel_path(where, split, "layout.split"),
+        fallback_label_suffix=None if fallback is None else _suffix(where, fallback, "layout.fallback_label_suffix"),
+        label_map=label_map,
+    )
+    if (layout.images, layout.image_suffix) == (layout.labels, layout.label_suffix):
+        where.fail("layout.label_suffix", "images and labels would be the same files; give the label folder or suffix")
+    return layout
+
+
+@lru_cache(maxsize=None)
+def _class_table() -> Mapping:
+    return json.loads(CLASSES_FILE.read_text(encoding="utf-8"))
+
+
+def _default_palette(count: int) -> list:
+    """mmseg's colours for classes without a palette: seeded random RGB, the same on every run."""
+    return np.random.RandomState(42).randint(0, 255, size=(count, 3)).tolist()
+
+
+def _parse_classes(where: _Where, key: str, raw: Mapping, num_classes: int) -> Tuple[tuple, tuple]:
+    known = _class_table().get(key, {})
+    origin = "field" if "classes" in raw else f"{CLASSES_FILE.name}"
+    names = raw.get("classes", known.get("classes"))
+    if names is None:
+        where.fail("classes", f"missing: list the {num_classes} class names in label-index order")
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        where.fail("classes", f"expected a list of class names, got {names!r}")
+    if len(names) != num_classes:
+        where.fail("classes", f"{origin} lists {len(names)} class names but num_classes is {num_classes}; "
+                              f"declare one name per class")
+    colours = raw.get("palette", known.get("palette") if "classes" not in raw else None)
+    colours = _default_palette(num_classes) if colours is None else colours
+    if not isinstance(colours, list) or len(colours) != num_classes or not all(
+            isinstance(c, list) and len(c) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c) for c in colours):
+        where.fail("palette", f"expected {num_classes} colours [r, g, b] with values 0..255")
+    return tuple(names), tuple(tuple(c) for c in colours)
+
+
 def _parse_dataset(source: str, key: str, raw: Any) -> DatasetSpec:
     where = _Where(source, f"datasets.{key}")
-    if key not in DATASETS:
-        where.fail("name", f"unknown dataset; psp-zoo reads: {', '.join(DATASETS)}")
+    if not isinstance(key, str) or not _DATASET_KEY_RE.match(key):
+        where.fail("", f"a dataset key is lowercase letters, digits and '_', got {key!r}")
     where.mapping(raw, "")
-    where.known_keys(raw, DATASET_FIELDS, "")
-    for fld in DATASET_FIELDS:
+    where.known_keys(raw, DATASET_REQUIRED + DATASET_OPTIONAL, "")
+    for fld in DATASET_REQUIRED:
         if fld not in raw:
             where.fail(fld, "missing")
+    if not isinstance(raw["title"], str) or not raw["title"].strip():
+        where.fail("title", f"expected the dataset's name as the results tables title it, got {raw['title']!r}")
     img_scale = where.pair(raw["img_scale"], "img_scale")
     test_raw = dict(where.mapping(raw["test"], "test"))
     test_raw.setdefault("img_scale", list(img_scale))
+    num_classes = where.pos_int(raw["num_classes"], "num_classes")
+    ignore_index = raw.get("ignore_index", IGNORE_INDEX)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool) or not num_classes <= ignore_index <= 255:
+        where.fail("ignore_index", f"expected a label value from num_classes to 255, got {ignore_index!r}")
+    classes, palette = _parse_classes(where, key, raw, num_classes)
     return DatasetSpec(
         key=key,
-        num_classes=where.pos_int(raw["num_classes"], "num_classes"),
+        title=raw["title"].strip(),
+        num_classes=num_classes,
         img_scale=img_scale,
         reduce_zero_label=where.boolean(raw["reduce_zero_label"], "reduce_zero_label"),
         train_images_per_gpu=where.pos_int(raw["train_images_per_gpu"], "train_images_per_gpu"),
         test=_parse_test(where, test_raw, None, "test"),
+        layout=_parse_layout(where, raw["layout"]),
+        classes=classes,
+        palette=palette,
+        ignore_index=ignore_index,
+        source=source,
     )
 
 
@@ -406,7 +538,7 @@ def _read_yaml(path: Path) -> Mapping:
     except UnicodeDecodeError as exc:  # a binary file, or a text file saved in another encoding
         raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start}); save the manifest as UTF-8 YAML") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         raise ManifestError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, Mapping):
@@ -423,13 +555,18 @@ def _read_yaml(path: Path) -> Mapping:
     return data
 
 
+@lru_cache(maxsize=1)
+def _builtin_data() -> Mapping:
+    return _read_yaml(BUILTIN_MANIFEST)
+
+
 def load_manifest(*user_paths: Union[str, Path], builtin: bool = True) -> Manifest:
     """Read the built-in manifest, then each user manifest in order (later ones override)."""
     datasets: dict = {}
     entries: dict = {}
     sources = ([BUILTIN_MANIFEST] if builtin else []) + [Path(p) for p in user_paths]
     for path in sources:
-        data = _read_yaml(path)
+        data = _builtin_data() if path == BUILTIN_MANIFEST else _read_yaml(path)
         source = "model_index.yml" if path == BUILTIN_MANIFEST else str(path)
         for key, raw in (data.get("datasets") or {}).items():
             datasets[key] = _parse_dataset(source, key, raw)
@@ -483,3 +620,8 @@ def list_models(dataset: Optional[str] = None, pattern: Optional[str] = None, *,
                 manifest: Union[None, str, Path, Sequence] = None) -> list:
     """Checkpoint names in manifest order, filtered by dataset and a shell-style wildcard."""
     return get_manifest(manifest).list(dataset=dataset, pattern=pattern)
+
+
+#: Keys of the built-in datasets in manifest order, read from ``model_index.yml`` (a user manifest
+#: may declare more: ``get_manifest().datasets`` holds them all).
+DATASETS: Tuple[str, ...] = tuple(_builtin_data().get("datasets") or ())

@@ -9,45 +9,44 @@ import pytest
 import psp_zoo
 from psp_zoo import ManifestError, UnknownModelError, get_checkpoint, list_models, load_manifest
 
-from conftest import SHARED
+from conftest import REPO
 
-TABLE = SHARED / "reference" / "000_3f7e1852bf785c2c.txt"
-DATASET_TITLES = {"Cityscapes": "cityscapes", "ADE20K": "ade20k",
-                  "Pascal VOC 2012 + Aug": "voc12aug", "Pascal Context": "pascal_context"}
+# a copy of ../shared/reference/pspnet_family.tsv: every published row of mmseg's PSPNet page
+FAMILY = REPO / "tests" / "fixtures" / "pspnet_family.tsv"
 
 
-def _table_rows():
-    """Parse the published README table independently of the manifest."""
-    rows, dataset = [], None
-    for line in TABLE.read_text().splitlines():
-        if line.startswith("### "):
-            dataset = DATASET_TITLES[line[4:].strip()]
-        elif line.startswith("| PSPNet"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            url = re.search(r"\[model\]\((.*?)\)", line).group(1)
-            log = re.search(r"\[log\]\((.*?)\)", line).group(1)
-            num = lambda s: None if s == "-" else float(s)  # noqa: E731
-            rows.append(dict(dataset=dataset, backbone=cells[1], crop=cells[2], schedule=int(cells[3]),
-                             mem=num(cells[4]), fps=num(cells[5]), miou=num(cells[6]), ms=num(cells[7]),
-                             url=url, log=log, name=url.split("/")[-2]))
+def _family_rows():
+    """Parse the reference TSV independently of the manifest ('-' = not published)."""
+    lines = FAMILY.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    num = lambda s: None if s == "-" else float(s)  # noqa: E731
+    rows = []
+    for line in lines[1:]:
+        row = dict(zip(header, line.split("\t")))
+        for key in ("mem_gb", "fps", "miou", "miou_msflip"):
+            row[key] = num(row[key])
+        rows.append(row)
     return rows
 
 
-def test_manifest_holds_every_published_row_exactly():
-    rows = _table_rows()
-    assert len(rows) == 18
-    assert list_models() == [r["name"] for r in rows]
+V05_DATASETS = {"Cityscapes": "cityscapes", "ADE20K": "ade20k", "Pascal VOC 2012 + Aug": "voc12aug",
+                "Pascal Context": "pascal_context"}
+
+
+def test_manifest_holds_every_v05_table_row_exactly():
+    rows = [r for r in _family_rows() if r["name_0x"] in set(list_models())]
+    assert len(rows) >= 18
     for row in rows:
-        ckpt = get_checkpoint(row["name"])
-        assert ckpt.dataset == row["dataset"]
+        ckpt = get_checkpoint(row["name_0x"])
+        if row["dataset"] in V05_DATASETS:
+            assert ckpt.dataset == V05_DATASETS[row["dataset"]]
         assert ckpt.backbone == row["backbone"]
-        assert ckpt.depth == int(row["backbone"][2:-3])
         assert "x".join(map(str, ckpt.crop_size)) == row["crop"]
-        assert ckpt.schedule == row["schedule"]
-        assert ckpt.url == row["url"] and ckpt.log_url == row["log"]
+        assert ckpt.schedule == int(row["iters"])
+        assert ckpt.url == row["ckpt_url"] and ckpt.log_url == row["log_url"]
         assert ckpt.url.endswith(f"-{ckpt.hash_prefix}.pth")
         p = ckpt.published
-        assert (p.miou, p.miou_ms_flip, p.mem_gb, p.fps) == (row["miou"], row["ms"], row["mem"], row["fps"])
+        assert (p.miou, p.miou_ms_flip, p.mem_gb, p.fps) == (row["miou"], row["miou_msflip"], row["mem_gb"], row["fps"])
 
 
 @pytest.mark.parametrize("name,mode,scale,crop,stride,align,classes,rzl", [
@@ -189,3 +188,158 @@ def test_binary_manifest_is_one_clear_error(tmp_path):
 def test_entry_that_is_not_a_mapping_is_named(tmp_path):
     with pytest.raises(ManifestError, match=r"models\[0\]: the entry itself: expected a mapping, got int"):
         load_manifest(_write(tmp_path, "models:\n  - 3\n"))
+
+
+# --------------------------------------------------------------------------------------------
+# dataset declarations
+
+# (key, title, classes, img_scale, mode, reduce_zero_label, images, label_suffix) from mmseg 0.30.0's
+# dataset configs and classes (REFERENCE.md, "Test pipeline" and "The rest of the family")
+DATASET_FACTS = [
+    ("cityscapes", "Cityscapes", 19, (2048, 1024), "whole", False, "leftImg8bit/val", "_gtFine_labelTrainIds.png"),
+    ("ade20k", "ADE20K", 150, (2048, 512), "whole", True, "images/validation", ".png"),
+    ("voc12aug", "Pascal VOC 2012 + Aug", 21, (2048, 512), "whole", False, "JPEGImages", ".png"),
+    ("pascal_context", "Pascal Context", 60, (520, 520), "slide", False, "JPEGImages", ".png"),
+    ("pascal_context_59", "Pascal Context 59", 59, (520, 520), "slide", True, "JPEGImages", ".png"),
+    ("coco_stuff10k", "COCO-Stuff 10k", 171, (2048, 512), "whole", True, "images/test2014", "_labelTrainIds.png"),
+    ("coco_stuff164k", "COCO-Stuff 164k", 171, (2048, 512), "whole", False, "images/val2017", "_labelTrainIds.png"),
+    ("loveda", "LoveDA", 7, (1024, 1024), "whole", True, "img_dir/val", ".png"),
+    ("potsdam", "Potsdam", 6, (512, 512), "whole", True, "img_dir/val", ".png"),
+    ("vaihingen", "Vaihingen", 6, (512, 512), "whole", True, "img_dir/val", ".png"),
+    ("isaid", "iSAID", 16, (896, 896), "whole", False, "img_dir/val", "_instance_color_RGB.png"),
+    ("dark_zurich", "Dark Zurich", 19, (1920, 1080), "whole", False, "rgb_anon/val/night/GOPR0356",
+     "_gt_labelTrainIds.png"),
+    ("night_driving", "Nighttime Driving", 19, (1920, 1080), "whole", False, "leftImg8bit/test/night",
+     "_gtCoarse_labelTrainIds.png"),
+]
+
+
+def test_every_dataset_is_declared_once_with_its_facts():
+    datasets = load_manifest().datasets
+    assert psp_zoo.manifest.DATASETS == tuple(datasets) == tuple(f[0] for f in DATASET_FACTS)
+    for key, title, classes, scale, mode, rzl, images, label_suffix in DATASET_FACTS:
+        spec = datasets[key]
+        assert (spec.key, spec.title, spec.num_classes, spec.img_scale, spec.test.img_scale) == (
+            key, title, classes, scale, scale)
+        assert (spec.test.mode, spec.reduce_zero_label, spec.ignore_index) == (mode, rzl, 255)
+        assert (spec.layout.images, spec.layout.label_suffix) == (images, label_suffix)
+        assert spec.layout.folders[0] == ""  # the data root may be the dataset folder itself
+        assert len(spec.classes) == len(set(spec.classes)) == classes
+        assert len(spec.palette) == classes
+        assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in spec.palette)
+    if_slide = datasets["pascal_context_59"].test
+    assert (if_slide.crop_size, if_slide.stride) == ((480, 480), (320, 320))
+
+
+def test_dataset_classes_are_mmsegs():
+    datasets = load_manifest().datasets
+    assert datasets["pascal_context_59"].classes[:3] == ("aeroplane", "bag", "bed")  # no background
+    assert datasets["pascal_context"].classes[0] == "background"
+    assert datasets["isaid"].classes[0] == "background" and datasets["isaid"].classes[-1] == "Harbor"
+    assert datasets["loveda"].classes == ("background", "building", "road", "water", "barren", "forest",
+                                          "agricultural")
+    assert datasets["potsdam"].classes == datasets["vaihingen"].classes == (
+        "impervious_surface", "building", "low_vegetation", "tree", "car", "clutter")
+    assert datasets["coco_stuff164k"].classes[0] == "person" and datasets["coco_stuff164k"].classes[-1] == "wood"
+    assert datasets["dark_zurich"].classes == datasets["night_driving"].classes == datasets["cityscapes"].classes
+    assert datasets["isaid"].palette[-1] == (0, 100, 155)
+    cityscapes = datasets["cityscapes"].layout
+    assert (cityscapes.fallback_label_suffix, cityscapes.label_map) == ("_gtFine_labelIds.png",
+                                                                        "cityscapes_label_ids")
+    assert datasets["voc12aug"].layout.split == "ImageSets/Segmentation/val.txt"
+    assert datasets["pascal_context_59"].layout == datasets["pascal_context"].layout
+
+
+USER_DATASET = """
+datasets:
+  kitti_seg:
+    title: KITTI semantics
+    num_classes: 3
+    img_scale: [1242, 375]
+    reduce_zero_label: false
+    train_images_per_gpu: 2
+    test: {mode: whole}
+    layout:
+      folders: ["", kitti]
+      images: image_2
+      labels: semantic
+      image_suffix: .png
+      label_suffix: _sem.png
+      split: val.txt
+    classes: [road, car, sky]
+models:
+  - name: my_kitti_pspnet
+    dataset: kitti_seg
+    depth: 50
+    crop_size: [375, 375]
+    schedule: 1000
+    weights: http://127.0.0.1:1/my_kitti_pspnet_20260101_000000-0123abcd.pth
+    hash: "0123abcd"
+    published: {mIoU: 40.0}
+"""
+
+
+def test_user_manifest_declares_a_dataset_with_its_layout(tmp_path):
+    manifest = load_manifest(_write(tmp_path, USER_DATASET))
+    spec = manifest.datasets["kitti_seg"]
+    assert spec.title == "KITTI semantics" and spec.classes == ("road", "car", "sky")
+    assert spec.layout == psp_zoo.manifest.Layout(("", "kitti"), "image_2", "semantic", ".png", "_sem.png",
+                                                  split="val.txt")
+    assert len(spec.palette) == 3 and spec.source == str(tmp_path / "user.yml")
+    assert spec.test.img_scale == (1242, 375) and spec.ignore_index == 255
+    assert manifest.list(dataset="kitti_seg") == ["my_kitti_pspnet"]
+    assert manifest.get("my_kitti_pspnet").num_classes == 3
+    assert "kitti_seg" not in psp_zoo.manifest.DATASETS  # the built-in keys stay the built-in ones
+
+
+@pytest.mark.parametrize("change,field", [
+    (("      images: image_2\n", ""), "layout.images"),
+    (("images: image_2", "images: ../outside"), "layout.images"),
+    (("images: image_2", "images: /abs/images"), "layout.images"),
+    (('folders: ["", kitti]', "folders: []"), "layout.folders"),
+    (('folders: ["", kitti]', 'folders: ["", ../kitti]'), "layout.folders[1]"),
+    (("label_suffix: _sem.png", "label_suffix: ''"), "layout.label_suffix"),
+    (("label_suffix: _sem.png", "label_suffix: sem/x.png"), "layout.label_suffix"),
+    (("labels: semantic\n      image_suffix: .png\n      label_suffix: _sem.png",
+      "labels: image_2\n      image_suffix: .png\n      label_suffix: .png"), "layout.label_suffix"),
+    (("      split: val.txt\n", "      split: val.txt\n      label_map: cityscapes_label_ids\n"),
+     "layout.fallback_label_suffix"),
+    (("      split: val.txt\n", "      split: val.txt\n      fallback_label_suffix: _ids.png\n"),
+     "layout.label_map"),
+    (("      split: val.txt\n", "      split: val.txt\n      fallback_label_suffix: _ids.png\n"
+                                 "      label_map: kitti_ids\n"), "layout.label_map"),
+    (("      split: val.txt\n", "      split: val.txt\n      splitt: val.txt\n"), "layout.splitt"),
+    (("    classes: [road, car, sky]\n", ""), "classes"),
+    (("classes: [road, car, sky]", "classes: [road, car]"), "classes"),
+    (("classes: [road, car, sky]", "classes: [road, car, sky]\n    palette: [[0, 0, 0]]"), "palette"),
+    (("classes: [road, car, sky]", "classes: [road, car, sky]\n    palette: [[0, 0, 0], [1, 2], [3, 4, 5]]"),
+     "palette"),
+    (("classes: [road, car, sky]", "classes: [road, car, sky]\n    palette: [[0, 0, 0], [1, 2, 3], [3, 4, 256]]"),
+     "palette"),
+    (("    title: KITTI semantics\n", ""), "title"),
+    (("reduce_zero_label: false", "reduce_zero_label: false\n    ignore_index: 1"), "ignore_index"),
+    (("    layout:\n", "    old_layout:\n"), "old_layout"),
+    (("    layout:\n", "    layout: here\n    test2:\n"), "test2"),
+])
+def test_broken_dataset_declaration_names_dataset_and_field(tmp_path, change, field):
+    assert change[0] in USER_DATASET
+    with pytest.raises(ManifestError) as info:
+        load_manifest(_write(tmp_path, USER_DATASET.replace(*change)))
+    message = str(info.value)
+    assert "datasets.kitti_seg" in message and f"field '{field}'" in message, message
+    assert "--" not in message  # library terms, no command-line flags
+
+
+def test_builtin_dataset_class_count_is_checked_against_the_class_file(tmp_path):
+    text = USER_DATASET.replace("kitti_seg", "loveda").replace("    classes: [road, car, sky]\n", "")
+    with pytest.raises(ManifestError, match=r"datasets.loveda: field 'classes': dataset_classes.json lists 7 "):
+        load_manifest(_write(tmp_path, text))
+    spec = load_manifest(_write(tmp_path, text.replace("num_classes: 3", "num_classes: 7"))).datasets["loveda"]
+    assert spec.classes[0] == "background" and spec.layout.images == "image_2"  # override replaces the layout
+
+
+def test_layout_that_is_not_a_mapping_is_named(tmp_path):
+    text = USER_DATASET.replace("    layout:\n", "    layout: here\n    unused:\n").replace("    unused:\n", "", 1)
+    text = text[:text.index("    layout: here\n") + len("    layout: here\n")] + text[text.index("    classes:"):]
+    with pytest.raises(ManifestError, match=r"datasets.kitti_seg: field 'layout': expected a mapping, got str"):
+        load_manifest(_write(tmp_path, text))

@@ -107,5 +107,19 @@ def load_checkpoint(model: nn.Module, path: Union[str, Path]) -> dict:
             f"{Path(path).name} does not fit {type(model).__name__}: {'; '.join(problems)}. "
             f"Check that the checkpoint's depth, widths and num_classes match the model"
         )
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(_in_model_dtypes(model, state_dict), strict=True)
     return meta
+
+
+def _in_model_dtypes(model: nn.Module,
+                     state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """Cast floating tensors to the model's dtype: fp16-trained files hold half tensors.
+
+    half -> float32 is exact (every half value is a float32 value), so an fp32 model holds exactly
+    the published weights. Non-floating entries (BN's ``num_batches_tracked``) pass unchanged.
+    """
+    expected = {k: v.dtype for k, v in model.state_dict().items()}
+    return OrderedDict(
+        (k, v.to(expected[k]) if v.is_floating_point() and expected[k].is_floating_point else v)
+        for k, v in state_dict.items()
+    )

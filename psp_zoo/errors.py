@@ -36,3 +36,7 @@ class DatasetError(PspZooError):
 
 class ResultsError(PspZooError):
     """A results file is malformed or a results folder is missing: names the file and the field."""
+
+
+class ModelConfigError(PspZooError, ValueError):
+    """A network configuration no published PSPNet has (depth, output stride, backbone name)."""

@@ -150,3 +150,58 @@ def test_a_file_that_cannot_be_opened_is_not_called_corrupt(tmp_path, monkeypatc
     monkeypatch.setattr(builtins, "open", no_permission)
     with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*private\.pth: Permission denied; check its"):
         load_checkpoint(_tiny(), path)
+
+
+def _randomized_narrow(**variant) -> PSPNet:
+    torch.manual_seed(0)
+    model = PSPNet(num_classes=5, stem_channels=8, base_channels=8, channels=16, aux_channels=8, **variant)
+    for module in model.modules():  # non-trivial BN statistics, so a lossy cast would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.num_batches_tracked.fill_(1234)
+    return model.eval()
+
+
+@pytest.mark.parametrize("bn_in_fp32", [False, True])
+def test_fp16_checkpoint_loads_exactly_into_an_fp32_model(tmp_path, bn_in_fp32):
+    """The fp16-trained checkpoint may hold half tensors (all of them, or all but BatchNorm's)."""
+    source = _randomized_narrow(depth=18, deep_stem=False, output_stride=32)
+    bn_keys = {f"{name}.{p}" for name, m in source.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+               for p in ("weight", "bias", "running_mean", "running_var")}
+    published = OrderedDict(
+        (k, v.half() if v.is_floating_point() and not (bn_in_fp32 and k in bn_keys) else v)
+        for k, v in source.state_dict().items()
+    )
+    path = tmp_path / "pspnet_fp16.pth"
+    torch.save({"meta": {"fp16": {"loss_scale": 512.0}}, "state_dict": published}, path)
+    assert read_checkpoint(path)[0]["decode_head.conv_seg.weight"].dtype == torch.float16
+
+    model = _randomized_narrow(depth=18, deep_stem=False, output_stride=32)
+    model.apply(lambda m: torch.nn.init.zeros_(m.weight) if isinstance(m, torch.nn.Conv2d) else None)
+    meta = load_checkpoint(model, path)
+    assert meta == {"fp16": {"loss_scale": 512.0}}
+    loaded = model.state_dict()
+    assert loaded.keys() == published.keys()
+    for key, value in loaded.items():
+        if key.endswith("num_batches_tracked"):
+            assert value.dtype == torch.int64 and value.item() == 1234
+        else:  # half -> float32 is exact: the model holds precisely the published numbers
+            assert value.dtype == torch.float32, key
+            assert torch.equal(value, published[key].float()), key
+    assert (published["backbone.conv1.weight"].float() != source.state_dict()["backbone.conv1.weight"]).any()
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 33, 47))
+    assert logits.dtype == torch.float32 and logits.shape == (1, 5, 33, 47) and torch.isfinite(logits).all()
+
+
+def test_fp32_checkpoint_loads_into_a_half_model(tmp_path):
+    """A model converted to half before loading receives the weights in its own dtype."""
+    source = _randomized_narrow(depth=50, deep_stem=True, output_stride=8)
+    path = tmp_path / "pspnet_fp32.pth"
+    torch.save({"meta": {}, "state_dict": source.state_dict()}, path)
+    model = _randomized_narrow(depth=50, deep_stem=True, output_stride=8).half()
+    load_checkpoint(model, path)
+    for key, value in model.state_dict().items():
+        expected = source.state_dict()[key]
+        assert torch.equal(value, expected.half() if expected.is_floating_point() else expected), key

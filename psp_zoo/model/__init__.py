@@ -1,6 +1,7 @@
-"""The PSPNet network: dilated ResNetV1c backbone, pyramid pooling head, auxiliary FCN head."""
+"""The PSPNet network: dilated ResNet (V1c/V1b, R-18/50/101, D8/D32), pyramid pooling and FCN heads."""
 from .heads import FCNHead, PSPHead, PyramidPooling
-from .pspnet import PSPNet
-from .resnet import ResNetV1c
+from .pspnet import PSPNet, backbone_kwargs
+from .resnet import BasicBlock, ResNet, ResNetV1b, ResNetV1c
 
-__all__ = ["PSPNet", "ResNetV1c", "PSPHead", "FCNHead", "PyramidPooling"]
+__all__ = ["PSPNet", "backbone_kwargs", "ResNet", "ResNetV1b", "ResNetV1c", "BasicBlock",
+           "PSPHead", "FCNHead", "PyramidPooling"]

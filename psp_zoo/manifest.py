@@ -8,18 +8,17 @@ built-in ones by key and name, e.g. for private checkpoints or a dataset in a ne
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
+import json
 import math
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple, Union
-
-import json
 
 import numpy as np
 import yaml
@@ -80,6 +79,25 @@ _HEX8_RE = re.compile(r"^[0-9a-f]{8}$")
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 # The hashed file name convention: <anything>-<8 hex>.pth at the end of the URL path.
 _WEIGHTS_RE = re.compile(r"^(?P<stem>[^/?#]+-(?P<hash>[0-9a-f]{8}))\.pth$")
+
+
+class _ReadOnlyMap(Mapping):
+    """A read-only mapping that pickles and deep-copies (records travel to worker processes)."""
+
+    def __init__(self, items: Mapping):
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return repr(self._items)
 
 
 @dataclass(frozen=True)
@@ -221,6 +239,17 @@ class Checkpoint:
     @property
     def file_stem(self) -> str:
         return self.filename[: -len(".pth")]
+
+    def as_dict(self) -> dict:
+        """Every field as plain JSON-ready data (``url`` included; mappings as dicts)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        fields.update(
+            url=self.url,
+            published_on={key: asdict(p) for key, p in self.published_on.items()},
+            dataset_aliases={key: list(names) for key, names in self.dataset_aliases},
+            test_settings={key: asdict(self.test_settings(key)) for key in self.datasets},
+        )
+        return {key: asdict(v) if dataclasses.is_dataclass(v) else v for key, v in fields.items()}
 
     def model_kwargs(self) -> dict:
         """Keyword arguments for :class:`psp_zoo.PSPNet` that build this checkpoint's network."""
@@ -568,9 +597,9 @@ def _parse_entry(source: str, index: int, raw: Any, datasets: Mapping[str, Datas
         published=published,
         arch=tuple(sorted(arch.items())),
         source=source,
-        published_on=MappingProxyType({dataset: published, **cross}),
+        published_on=_ReadOnlyMap({dataset: published, **cross}),
         dataset_aliases=dataset_aliases,
-        _tests=MappingProxyType(tests),
+        _tests=_ReadOnlyMap(tests),
         **net,
     )
 

@@ -549,3 +549,16 @@ def test_layout_that_is_not_a_mapping_is_named(tmp_path):
     text = text[:text.index("    layout: here\n") + len("    layout: here\n")] + text[text.index("    classes:"):]
     with pytest.raises(ManifestError, match=r"datasets.kitti_seg: field 'layout': expected a mapping, got str"):
         load_manifest(_write(tmp_path, text))
+
+
+def test_records_pickle_and_copy_for_worker_processes():
+    import copy
+    import pickle
+
+    entry = get_checkpoint("pspnet_r101-d8_512x1024_40k_cityscapes")
+    for clone in (pickle.loads(pickle.dumps(entry)), copy.deepcopy(entry)):
+        assert clone == entry and hash(clone) == hash(entry)
+        assert clone.published_on["dark_zurich"].miou == 10.16
+        assert clone.test_settings("night_driving") == entry.test_settings("night_driving")
+    with pytest.raises(TypeError):
+        entry.published_on["ade20k"] = entry.published  # read-only

@@ -562,3 +562,15 @@ def test_records_pickle_and_copy_for_worker_processes():
         assert clone.test_settings("night_driving") == entry.test_settings("night_driving")
     with pytest.raises(TypeError):
         entry.published_on["ade20k"] = entry.published  # read-only
+
+
+def test_as_dict_is_plain_json():
+    import json
+
+    fields = json.loads(json.dumps(get_checkpoint(RSB_D8).as_dict()))
+    assert fields["url"] == fields["urls"][0] and len(fields["urls"]) == 2
+    assert fields["backbone"] == "R-50b-D8 rsb" and fields["deep_stem"] is False
+    night = json.loads(json.dumps(get_checkpoint("pspnet_r50-d8_512x1024_40k_cityscapes").as_dict()))
+    assert night["published_on"]["night_driving"]["miou"] == 23.02
+    assert night["dataset_aliases"]["dark_zurich"][0] == "pspnet_r50-d8_512x1024_40k_dark"
+    assert night["test_settings"]["dark_zurich"]["img_scale"] == [1920, 1080]

@@ -354,6 +354,47 @@ def _run_tables(args: argparse.Namespace) -> int:
 COMMANDS.append(_register_tables)
 
 
+def _register_logs(sub) -> None:
+    parser = sub.add_parser(
+        "logs", help="a checkpoint's training log beside its published mIoU and Mem (GB)",
+        description="Fetch the training log published with a checkpoint (cached beside the checkpoints), "
+                    "print its last and best validation mIoU and its peak training memory next to the "
+                    "results table's mIoU and Mem (GB), and optionally plot loss and mIoU against the "
+                    "training iteration. Reads mmseg 0.x .log.json and 1.x scalars.json logs.")
+    parser.add_argument("name", help="checkpoint name, alias or file stem")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw loss and mIoU against iteration into FILE.png")
+    parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    _add_manifest_option(parser)
+    _add_fetch_options(parser)
+    parser.set_defaults(func=_run_logs)
+
+
+def _run_logs(args: argparse.Namespace) -> int:
+    from .logs import check_plotting, compare_with_table, fetch_log, plot_log, read_log, render_comparison
+    from .manifest import get_checkpoint
+
+    entry = get_checkpoint(args.name, manifest=args.manifest)
+    if args.plot:  # refuse a plot that cannot be drawn or written before fetching anything
+        check_plotting()
+        _check_writable_folder(Path(args.plot).parent, "--plot", args.plot)
+    with _progress_messages(quiet=False):
+        path = fetch_log(entry, cache_dir=args.cache_dir, mirror=args.mirror, offline=args.offline or None)
+    log = read_log(path)
+    report = compare_with_table(entry, log)
+    if args.plot:
+        report["plot"] = str(plot_log(log, args.plot, title=entry.name, published_miou=entry.published.miou))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        sys.stdout.write(render_comparison(report))
+        if args.plot:
+            print(f"wrote {report['plot']}")
+    return 0
+
+
+COMMANDS.append(_register_logs)
+
+
 # --------------------------------------------------------------------------------------------
 # predict and selftest
 
@@ -363,6 +404,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     paths = expand_image_args(args.images, args.out)  # every argument is checked before work starts
     _check_writable_folder(Path(args.out), "--out", args.out)
+    if args.format == "cityscapes":  # refused before a checkpoint is downloaded, not after
+        _check_cityscapes_format(args)
     with _progress_messages(quiet=False):
         predictor = Predictor.create(args.name, ms_flip=args.ms_flip, device=args.device,
                                      **_speed_kwargs(args), manifest=args.manifest,
@@ -378,6 +421,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else 0
 
 
+def _check_cityscapes_format(args: argparse.Namespace) -> None:
+    from .manifest import get_checkpoint
+    from .prediction import check_output_format
+
+    entry = get_checkpoint(args.name, manifest=args.manifest)
+    try:
+        check_output_format("cityscapes", entry.dataset, entry.num_classes)
+    except PspZooError as exc:
+        raise PspZooError(f"--format cityscapes: {args.name}: {exc}") from None
+
+
 def _register_predict(sub) -> None:
     from .prediction import IMAGE_EXTENSIONS, OUTPUT_FORMATS
 
@@ -387,14 +441,17 @@ def _register_predict(sub) -> None:
                     "sliding-window inference, align_corners). For each image writes <stem>_labels.png "
                     "(class ids as pixel values, in the dataset's palette), <stem>_overlay.png and "
                     "<stem>_legend.png, or <stem>.npy with --format npy, and prints the written paths. "
-                    "An unreadable image is reported and the rest are done; the exit code is then 1.")
+                    "An image that fails (unreadable, out of memory, ...) is reported on one line naming it "
+                    "and the rest are done; the exit code is then 1.")
     parser.add_argument("name", help="checkpoint name, alias or file stem")
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help=f"image files, folders (their {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} "
                              f"images) or quoted globs ('**' recurses)")
     parser.add_argument("--out", metavar="DIR", default="predictions", help="output folder (default: predictions)")
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="png",
-                        help="png: labels, overlay and legend pictures; npy: raw H x W uint8 labels")
+                        help="png: labels, overlay and legend pictures; npy: raw H x W uint8 labels; "
+                             "cityscapes: Cityscapes benchmark files, the official labelIds in a greyscale "
+                             "PNG named like the image (<city>_<seq>_<frame>_leftImg8bit.png)")
     parser.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test-time augmentation")
     _add_device_option(parser)
     parser.add_argument("--checkpoint", metavar="PATH", default=None,

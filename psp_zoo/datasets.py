@@ -29,7 +29,8 @@ from .transforms import resized_inputs
 __all__ = [
     "Layout", "LAYOUTS", "Item", "Sample", "SegmentationDataset", "classes", "class_names", "palette",
     "find_dataset_root", "list_items", "decode_image", "read_image", "read_label", "make_loader",
-    "cityscapes_label_ids_to_train_ids", "reduce_zero_label", "default_num_workers",
+    "cityscapes_label_ids_to_train_ids", "cityscapes_train_ids_to_label_ids", "CITYSCAPES_LABEL_IDS",
+    "reduce_zero_label", "default_num_workers",
 ]
 
 PathLike = Union[str, Path]
@@ -68,6 +69,8 @@ LAYOUTS: Dict[str, Layout] = {
 _CITYSCAPES_TRAIN_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 _LABEL_ID_TO_TRAIN_ID = np.full(256, 255, dtype=np.uint8)
 _LABEL_ID_TO_TRAIN_ID[list(_CITYSCAPES_TRAIN_LABEL_IDS)] = np.arange(19, dtype=np.uint8)
+#: The inverse: the official labelId of each trainId 0..18 (index = trainId), as benchmark files hold.
+CITYSCAPES_LABEL_IDS: Tuple[int, ...] = _CITYSCAPES_TRAIN_LABEL_IDS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +248,17 @@ def cityscapes_label_ids_to_train_ids(label: np.ndarray) -> np.ndarray:
     if label.dtype != np.uint8:
         label = np.where((label >= 0) & (label < 256), label, 0).astype(np.uint8)
     return _LABEL_ID_TO_TRAIN_ID[label]
+
+
+def cityscapes_train_ids_to_label_ids(label: np.ndarray) -> np.ndarray:
+    """Map trainIds 0..18 back to the official labelIds (uint8), the values the Cityscapes benchmark
+    scores. Any other value has no labelId of its own, so it is refused rather than guessed."""
+    label = np.asarray(label)
+    outside = (label < 0) | (label >= len(CITYSCAPES_LABEL_IDS))
+    if outside.any():
+        raise PspZooError(f"a Cityscapes prediction holds trainId {int(label[outside].flat[0])}; only "
+                          f"0..{len(CITYSCAPES_LABEL_IDS) - 1} have an official labelId")
+    return np.asarray(CITYSCAPES_LABEL_IDS, dtype=np.uint8)[label.astype(np.intp)]
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .errors import DownloadError
 from .manifest import Checkpoint, get_checkpoint
 
-__all__ = ["download", "cache_dir", "cached_path", "cache_state", "is_cached", "resolve_url"]
+__all__ = ["download", "fetch_file", "cache_dir", "cached_path", "cache_state", "is_cached", "resolve_url"]
 
 log = logging.getLogger(__name__)
 
@@ -385,3 +385,41 @@ def _copy_local(url: str, part: Path) -> str:
             out.write(block)
             digest.update(block)
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# files published without a hash (training logs)
+
+
+def fetch_file(url: str, final: Union[str, Path], *, mirror: Optional[str] = None, offline: Optional[bool] = None,
+               quiet: Optional[bool] = None, check=None, retries: Optional[int] = None,
+               backoff: Optional[float] = None, timeout: Optional[float] = None) -> Path:
+    """``final``, fetched from ``url`` (mirror, retries, lock and atomic rename as :func:`download`)
+    unless a file is there already.
+
+    Without a hash nothing can vouch for a file, so one present under its name is used as it is,
+    and ``check(path)`` (raising a PspZooError) vets a new download before it takes that name.
+    """
+    final = Path(final)
+    if final.is_file():
+        return final
+    if _env_flag(OFFLINE_ENV) if offline is None else offline:
+        raise DownloadError(f"offline: {final.name} is not in the cache (looked for {final}); fetch it "
+                            f"while online, or copy the file there")
+    _make_dirs(final)
+    with _locked(final):
+        if final.is_file():
+            return final
+        part = _housekeeping(final, ".part")
+        part.unlink(missing_ok=True)  # no hash could tell whether an older attempt's bytes still fit
+        url = resolve_url(url, mirror)
+        log.info("downloading %s to %s", url, final)
+        try:
+            _fetch_with_retries(url, part, _Policy.make(retries, backoff, timeout, quiet))
+            if check is not None:
+                check(part)
+            os.replace(part, final)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+    return final

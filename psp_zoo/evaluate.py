@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .datasets import Sample, SegmentationDataset, class_names, list_items, make_loader
 from .errors import PspZooError
 from .factory import create_model, usable_device
-from .inference import infer_probs
+from .inference import infer_labels
 from .manifest import DATASETS, TestSettings, get_checkpoint, get_manifest
 from .metrics import ConfusionMatrix
 from .optimize import check_options, optimize
@@ -54,9 +54,8 @@ def predictions(model, samples: Iterable[Sample], settings: TestSettings, *, ms_
     """(sample, H x W predicted class indices on ``device``) for each sample, in order."""
     device = usable_device(device)
     for sample in samples:
-        probs = infer_probs(model, sample.inputs, sample.ori_size, settings, ms_flip, device=device,
-                            batch_size=batch_size)
-        yield sample, probs.argmax(dim=0)
+        yield sample, infer_labels(model, sample.inputs, sample.ori_size, settings, ms_flip, device=device,
+                                   batch_size=batch_size)
 
 
 def accumulate(model, samples: Iterable[Sample], settings: TestSettings, metric: ConfusionMatrix, *,

@@ -1,8 +1,8 @@
 """Segment your own images with a checkpoint: label maps, palette PNGs, overlays and legends.
 
 Every image goes through the checkpoint's own test pipeline (its resize, whole or sliding-window
-mode and ``align_corners``) via :func:`psp_zoo.inference.predict_probs`, so a prediction here is
-exactly what the evaluation scores. ``Predictor`` loads the model once for many images;
+mode and ``align_corners``) via :func:`psp_zoo.inference.predict_labels`, so a prediction here is
+exactly what the evaluation scores, in memory that does not grow with classes x pixels. ``Predictor`` loads the model once for many images;
 ``predict`` is the one-call form for a single image.
 """
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
+import re
+import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -20,17 +22,17 @@ from .datasets import classes, decode_image, palette
 from .errors import PspZooError
 from .evaluate import model_object_settings, resolve_settings
 from .factory import create_model, usable_device
-from .inference import predict_probs
+from .inference import predict_labels
 from .manifest import TestSettings
 from .optimize import check_options, optimize
-from .visualize import legend, overlay, save_labels_npy, save_palette_png, save_rgb_png
+from .visualize import legend, overlay, save_cityscapes_png, save_labels_npy, save_palette_png, save_rgb_png
 
 __all__ = ["Predictor", "predict", "predict_files", "read_input_image", "expand_image_args", "output_stems",
-           "IMAGE_EXTENSIONS", "OUTPUT_FORMATS"]
+           "check_output_format", "IMAGE_EXTENSIONS", "OUTPUT_FORMATS"]
 
 PathLike = Union[str, Path]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-OUTPUT_FORMATS = ("png", "npy")
+OUTPUT_FORMATS = ("png", "npy", "cityscapes")
 # What one image produces, by format; used to name outputs and to skip earlier outputs as inputs.
 OUTPUT_SUFFIXES = {"png": ("_labels.png", "_overlay.png", "_legend.png"), "npy": (".npy",)}
 
@@ -97,23 +99,34 @@ class Predictor:
 
     def __call__(self, image_rgb: np.ndarray) -> np.ndarray:
         """The H x W uint8 label map (class ids) of one H x W x 3 uint8 RGB image."""
-        probs = predict_probs(self.model, image_rgb, self.settings, self.ms_flip, device=self.device)
-        return probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        labels = predict_labels(self.model, image_rgb, self.settings, self.ms_flip, device=self.device)
+        return labels.to(torch.uint8).cpu().numpy()
 
     def write(self, image_rgb: np.ndarray, labels: np.ndarray, out_dir: PathLike, stem: str,
               fmt: str = "png") -> List[Path]:
         """Save one prediction under ``out_dir``: palette PNG, overlay and legend, or raw ``.npy``."""
         out_dir = Path(out_dir)
+        check_output_format(fmt, self.dataset, self.num_classes)
         if fmt == "npy":
             return [save_labels_npy(out_dir / f"{stem}.npy", labels)]
-        if fmt != "png":
-            raise PspZooError(f"unknown output format {fmt!r}; expected one of: {', '.join(OUTPUT_FORMATS)}")
+        if fmt == "cityscapes":  # the image's own name, as the benchmark server matches it
+            return [save_cityscapes_png(out_dir / f"{stem}.png", labels)]
         labels_name, overlay_name, legend_name = (stem + s for s in OUTPUT_SUFFIXES["png"])
         return [
             save_palette_png(out_dir / labels_name, labels, self.palette),
             save_rgb_png(out_dir / overlay_name, overlay(image_rgb, labels, self.palette)),
             save_rgb_png(out_dir / legend_name, legend(labels, self.palette, self.class_names)),
         ]
+
+
+def check_output_format(fmt: str, dataset: str, num_classes: int) -> None:
+    """Refuse an output format the model cannot fill: Cityscapes benchmark files need the 19
+    Cityscapes classes, whose trainIds map back to official labelIds."""
+    if fmt not in OUTPUT_FORMATS:
+        raise PspZooError(f"unknown output format {fmt!r}; expected one of: {', '.join(OUTPUT_FORMATS)}")
+    if fmt == "cityscapes" and (dataset != "cityscapes" or num_classes != 19):
+        raise PspZooError(f"the cityscapes output format needs a Cityscapes model with 19 classes; this one "
+                          f"predicts {num_classes} {dataset} classes: choose the png or npy format")
 
 
 def read_input_image(path: PathLike) -> np.ndarray:
@@ -212,18 +225,55 @@ def output_stems(paths: Sequence[Path]) -> List[str]:
     return stems
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
+
+
+def _image_error(path: Path, exc: BaseException) -> PspZooError:
+    """One line naming the image and what went wrong with it (``exc``'s message, whitespace folded)."""
+    if isinstance(exc, PspZooError) and str(path) in str(exc):
+        return exc.with_traceback(None)  # its frames would keep the image's tensors alive
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > 300:
+        text = text[:297] + "..."
+    if _is_out_of_memory(exc):
+        return PspZooError(f"{path}: not enough memory for this image ({text}); free memory, or predict it "
+                           f"on a device with more")
+    return PspZooError(f"{path}: {text}" if isinstance(exc, PspZooError) else f"{path}: {type(exc).__name__}: {text}")
+
+
+def _check_cityscapes_inputs(paths: Sequence[Path], out_dir: PathLike) -> None:
+    """Benchmark files take their image's name, so an image in the output folder would be replaced
+    by its own prediction; a name the benchmark server cannot match is worth a warning."""
+    out = Path(out_dir).resolve()
+    inside = [p for p in paths if p.resolve().parent == out]
+    if inside:
+        raise PspZooError(f"{inside[0]} is in the output folder {out_dir}, and its Cityscapes result file "
+                          f"would replace it (result files keep the image names): write them to another folder")
+    odd = [p.name for p in paths if not re.fullmatch(r".+_\d{6}_\d{6}_leftImg8bit", p.stem)]
+    if odd:
+        warnings.warn(f"{len(odd)} image name(s), e.g. {odd[0]}, are not <city>_<seq>_<frame>_leftImg8bit.png; "
+                      f"the Cityscapes benchmark server will not match their result files")
+
+
 def predict_files(predictor: Predictor, paths: Sequence[Path], out_dir: PathLike, fmt: str = "png"
                   ) -> Iterator[Tuple[Path, Union[List[Path], PspZooError]]]:
     """Predict and save each image; yields (input, written files) or (input, the error) and goes on.
 
-    An unreadable image, a failed write or running out of GPU memory on one image is that
-    image's error; the others are still done.
+    Any failure on one image (unreadable, a failed write, out of memory, an error inside the
+    model) is that image's error, a one-line message naming it; the others are still done.
     """
+    if fmt == "cityscapes":
+        _check_cityscapes_inputs(paths, out_dir)
     for path, stem in zip(paths, output_stems(paths)):
+        outcome: Union[List[Path], PspZooError]
         try:
             image = read_input_image(path)
-            yield path, predictor.write(image, predictor(image), out_dir, stem, fmt)
-        except PspZooError as exc:
-            yield path, exc
-        except (OSError, torch.cuda.OutOfMemoryError) as exc:
-            yield path, PspZooError(f"{path}: {type(exc).__name__}: {exc}")
+            outcome = predictor.write(image, predictor(image), out_dir, stem, fmt)
+        except Exception as exc:  # noqa: BLE001 - one image's failure must not end the batch
+            outcome = _image_error(path, exc)
+        # Yielded outside the except block: a kept exception would hold the failed image's
+        # tensors (through its traceback) while the next image runs.
+        yield path, outcome

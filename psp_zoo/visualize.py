@@ -10,7 +10,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-__all__ = ["colorize", "overlay", "legend", "save_palette_png", "save_rgb_png", "save_labels_npy"]
+from .datasets import cityscapes_train_ids_to_label_ids
+
+__all__ = ["colorize", "overlay", "legend", "save_palette_png", "save_rgb_png", "save_labels_npy",
+           "save_cityscapes_png"]
 
 IGNORE = 255
 
@@ -90,3 +93,14 @@ def save_labels_npy(path: Union[str, Path], label: np.ndarray) -> Path:
     if Path(path).suffix != ".npy":  # numpy.save would append one, and the rename would miss it
         raise ValueError(f"{path}: a label array file must end in .npy")
     return _atomic_save(path, lambda tmp: np.save(tmp, np.asarray(label)))
+
+
+def save_cityscapes_png(path: Union[str, Path], train_ids: np.ndarray) -> Path:
+    """A Cityscapes benchmark file: trainIds mapped back to the official labelIds, written as a
+    single-channel 8-bit greyscale PNG. Greyscale rather than a palette image so that every reader,
+    OpenCV included, gets the labelIds themselves and not colours."""
+    label_ids = cityscapes_train_ids_to_label_ids(train_ids)
+    if label_ids.ndim != 2:
+        raise ValueError(f"{path}: expected an H x W label map, got shape {label_ids.shape}")
+    image = Image.fromarray(label_ids)  # 2-D uint8: mode L
+    return _atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 # copies of the reference implementation's outputs (see tests/fixtures/mmseg/README.md): a plain
 # clone runs its tests without anything beside it
 FIXTURES = REPO / "tests" / "fixtures" / "mmseg"
+REFERENCE = REPO / "tests" / "fixtures" / "reference"  # the published tables and family facts
 TINY = ("r50", "r101")
 
 

@@ -9,10 +9,49 @@ import pytest
 import psp_zoo
 from psp_zoo import ManifestError, UnknownModelError, get_checkpoint, list_models, load_manifest
 
-from conftest import REPO
+from conftest import REFERENCE, REPO
 
 # a copy of ../shared/reference/pspnet_family.tsv: every published row of mmseg's PSPNet page
 FAMILY = REPO / "tests" / "fixtures" / "pspnet_family.tsv"
+TABLE = REFERENCE / "000_3f7e1852bf785c2c.txt"  # the v0.5 README tables (the first 18 checkpoints)
+DATASET_TITLES = {"Cityscapes": "cityscapes", "ADE20K": "ade20k",
+                  "Pascal VOC 2012 + Aug": "voc12aug", "Pascal Context": "pascal_context"}
+
+
+def _table_rows():
+    """Parse the published README table independently of the manifest."""
+    rows, dataset = [], None
+    for line in TABLE.read_text().splitlines():
+        if line.startswith("### "):
+            dataset = DATASET_TITLES[line[4:].strip()]
+        elif line.startswith("| PSPNet"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            url = re.search(r"\[model\]\((.*?)\)", line).group(1)
+            log = re.search(r"\[log\]\((.*?)\)", line).group(1)
+            num = lambda s: None if s == "-" else float(s)  # noqa: E731
+            rows.append(dict(dataset=dataset, backbone=cells[1], crop=cells[2], schedule=int(cells[3]),
+                             mem=num(cells[4]), fps=num(cells[5]), miou=num(cells[6]), ms=num(cells[7]),
+                             url=url, log=log, name=url.split("/")[-2]))
+    return rows
+
+
+def test_manifest_holds_every_published_row_exactly():
+    rows = _table_rows()
+    assert len(rows) == 18
+    # the manifest now holds the whole family (54): the v0.5 rows are among them, in the table's order
+    names = list_models()
+    assert [n for n in names if n in {r["name"] for r in rows}] == [r["name"] for r in rows]
+    for row in rows:
+        ckpt = get_checkpoint(row["name"])
+        assert ckpt.dataset == row["dataset"]
+        assert ckpt.backbone == row["backbone"]
+        assert ckpt.depth == int(row["backbone"][2:-3])
+        assert "x".join(map(str, ckpt.crop_size)) == row["crop"]
+        assert ckpt.schedule == row["schedule"]
+        assert ckpt.url == row["url"] and ckpt.log_url == row["log"]
+        assert ckpt.url.endswith(f"-{ckpt.hash_prefix}.pth")
+        p = ckpt.published
+        assert (p.miou, p.miou_ms_flip, p.mem_gb, p.fps) == (row["miou"], row["ms"], row["mem"], row["fps"])
 
 
 def _family_rows():

@@ -191,3 +191,35 @@ def test_outputs_get_the_usual_file_permissions(capsys, manifest, tmp_path):
     written = list((tmp_path / "png").iterdir()) + list((tmp_path / "npy").iterdir())
     assert len(written) == 4  # no temporary file left beside them
     assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o644)}  # not private 0600 files
+
+
+@pytest.mark.parametrize("failure,expected", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                  "you tried to allocate 28800000000 bytes.\nError code 12 (Cannot allocate memory)"),
+     ("not enough memory for this image (", "you tried to allocate 28800000000 bytes. Error code 12")),
+    (MemoryError(), ("not enough memory for this image (MemoryError); free memory",)),
+    (ValueError("something inside the model\nwent wrong"), ("ValueError: something inside the model went wrong",)),
+])
+def test_an_image_that_fails_in_the_model_is_one_line_and_the_rest_are_done(capsys, manifest, tmp_path,
+                                                                             monkeypatch, failure, expected):
+    import psp_zoo.prediction as prediction
+
+    folder = tmp_path / "in"
+    for stem, seed in (("a", 6), ("big", 7), ("c", 8)):
+        _write_image(folder / f"{stem}.png", 30 if stem != "big" else 41, 40, seed)
+    real = prediction.predict_labels
+
+    def failing_on_big(model, image_rgb, *args, **kwargs):
+        if image_rgb.shape[0] == 41:
+            raise failure
+        return real(model, image_rgb, *args, **kwargs)
+
+    monkeypatch.setattr(prediction, "predict_labels", failing_on_big)
+    code, lines, err = _predict(capsys, manifest, folder, "--out", tmp_path / "out", "--format", "npy")
+    assert code == 1
+    assert lines == [str(tmp_path / "out" / "a.npy"), str(tmp_path / "out" / "c.npy")]  # the one after it too
+    errors = err.strip().splitlines()
+    assert len(errors) == 1, err
+    assert errors[0].startswith(f"psp-zoo predict: error: {folder / 'big.png'}: ")
+    assert all(part in errors[0] for part in expected), errors[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.npy", "c.npy"]

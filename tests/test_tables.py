@@ -12,13 +12,13 @@ import pytest
 
 from psp_zoo import cli
 from psp_zoo.errors import PspZooError
-from psp_zoo.results import write_result
+from psp_zoo.records import write_result
 from psp_zoo.tables import MARKER_END, MARKER_START, build_tables, plot, render, update_readme
 
-from conftest import REPO, SHARED
+from conftest import REFERENCE, REPO
 from test_results import make_record
 
-PUBLISHED = SHARED / "reference" / "000_3f7e1852bf785c2c.txt"
+PUBLISHED = REFERENCE / "000_3f7e1852bf785c2c.txt"
 R50 = "pspnet_r50-d8_512x1024_40k_cityscapes"
 R101 = "pspnet_r101-d8_512x1024_40k_cityscapes"
 
@@ -205,7 +205,7 @@ def test_readme_tables_are_the_generated_ones():
 
 def test_cli_warnings_are_one_plain_line_each(tmp_path, capsys):
     from psp_zoo.cli import main
-    from psp_zoo.results import write_result
+    from psp_zoo.records import write_result
 
     record = make_record(name="not_in_manifest")
     write_result(tmp_path / "results" / "not_in_manifest" / "cpu.json", record)

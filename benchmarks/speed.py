@@ -37,13 +37,15 @@ from tabulate import tabulate
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmark the checkout this script lives in
 
-from torchvision.models.resnet import Bottleneck  # noqa: E402
 
 from psp_zoo import PSPNet, load_checkpoint  # noqa: E402
 from psp_zoo.inference import slide_inference  # noqa: E402
-from psp_zoo.optimize import cpu_supports_bf16, optimize  # noqa: E402
+from psp_zoo.optimization import cpu_supports_bf16, optimize  # noqa: E402
 from psp_zoo.measure import PeakMemory  # noqa: E402
-from psp_zoo.results import atomic_write, cpu_name  # noqa: E402
+from psp_zoo.environment import cpu_flags, cpu_name, environment_info  # noqa: E402
+from psp_zoo.records import device_tag  # noqa: E402
+from psp_zoo.testing import calibrate_batchnorm  # noqa: E402
+from psp_zoo.files import atomic_write  # noqa: E402
 
 MODEL_CONFIGS = {
     "r50": {"depth": 50, "num_classes": 19},
@@ -68,10 +70,15 @@ RESIDUAL_SCALE = 0.5  # see random_model()
 # name -> optimize() keyword arguments; None is the model exactly as loaded.
 WHOLE_VARIANTS: Dict[str, Optional[dict]] = {
     "eager": None,
-    "fuse_bn": dict(fuse_bn=True, channels_last=False),
-    "channels_last": dict(fuse_bn=False, channels_last=True),
-    "compile": dict(fuse_bn=False, channels_last=False, compile=True),
-    "bf16": dict(fuse_bn=False, channels_last=False, precision="bf16"),
+    # each optimization alone
+    "fuse_bn": dict(fuse_bn=True, channels_last=False, factorize_head=False),
+    "channels_last": dict(fuse_bn=False, channels_last=True, factorize_head=False),
+    "factorize_head": dict(fuse_bn=False, channels_last=False, factorize_head=True),
+    "compile": dict(fuse_bn=False, channels_last=False, compile=True, factorize_head=False),
+    "bf16": dict(fuse_bn=False, channels_last=False, precision="bf16", factorize_head=False),
+    # combinations; fast_* without a suffix are optimize()'s defaults for that precision
+    "fast_fp32_plain_head": dict(fuse_bn=True, channels_last=True, factorize_head=False),
+    "fast_fp32_nchw": dict(fuse_bn=True, channels_last=False),
     "fast_fp32": dict(fuse_bn=True, channels_last=True),
     "fast_fp32_compile": dict(fuse_bn=True, channels_last=True, compile=True),
     "fast_bf16": dict(fuse_bn=True, channels_last=True, precision="bf16"),
@@ -185,17 +192,9 @@ def random_model(key: str, device: torch.device, seed: int = 0) -> PSPNet:
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = PSPNet(**MODEL_CONFIGS[key])
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(random_image(8, 64, 128, generator=generator))
-    for module in model.modules():
-        if isinstance(module, Bottleneck):
-            module.bn3.weight.data.mul_(RESIDUAL_SCALE)
-    return model.eval().to(device)
+    images = [random_image(8, 64, 128, generator=generator) for _ in range(2)]
+    calibrate_batchnorm(model, images, random_affine=False, residual_scale=RESIDUAL_SCALE)
+    return model.to(device)
 
 
 def load_model(key: str, device: torch.device, checkpoints: Dict[str, str]) -> PSPNet:
@@ -209,7 +208,7 @@ def load_model(key: str, device: torch.device, checkpoints: Dict[str, str]) -> P
 
 def _describe(options: dict) -> str:
     """'eager fp32' for the model as loaded, else what optimize() applied, e.g. 'fp32 fuse_bn channels_last'."""
-    flags = [key for key in ("fuse_bn", "channels_last", "compile", "freezing") if options.get(key)]
+    flags = [key for key in ("fuse_bn", "channels_last", "factorize_head", "compile", "freezing") if options.get(key)]
     described = " ".join([options.get("precision", "eager fp32"), *flags])
     return f"{described} slide={options['slide']}" if "slide" in options else described
 
@@ -271,7 +270,7 @@ def environment(device: torch.device, note: str) -> dict:
     return {
         "device": str(device), "device_name": name,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_native_bf16": cpu_supports_bf16(),
+        "cpu_native_bf16": cpu_supports_bf16(), "cpu_flags": cpu_flags(),
         "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "load_average_1_5_15min": list(os.getloadavg()),  # other processes sharing the machine
@@ -282,8 +281,7 @@ def environment(device: torch.device, note: str) -> dict:
 
 
 def results_stem(device: torch.device) -> str:
-    tag = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower())
-    return f"speed_{tag.strip('-')}_torch{torch.__version__.split('+')[0]}"
+    return f"speed_{device_tag(environment_info(device))}_torch{torch.__version__.split('+')[0]}"
 
 
 def write_results(rows: List[dict], env: dict, out_dir: Path, stem: str) -> Tuple[Path, Path]:

@@ -1,27 +1,51 @@
-"""psp-zoo: fetch, run and re-measure the published mmsegmentation PSPNet checkpoints."""
-from .checkpoint import load_checkpoint, read_checkpoint
-from .datasets import SegmentationDataset, classes, make_loader, palette
-from .errors import (CheckpointError, DatasetError, DownloadError, ManifestError, PspZooError,
-                     UnknownModelError)
-from .download import cache_dir, cache_state, cached_path, download, is_cached
-from .evaluate import evaluate
-from .factory import create_model
-from .inference import ms_flip_inference, predict_probs, slide_inference, whole_inference
-from .manifest import Checkpoint, Published, get_checkpoint, get_manifest, list_models, load_manifest
-from .metrics import ConfusionMatrix
-from .model import PSPNet
-from .optimize import optimize
-from .prediction import Predictor, predict
-from .transforms import ms_flip_scales, rescale_size
+"""psp-zoo: fetch, run and re-measure the published mmsegmentation PSPNet checkpoints.
 
-__version__ = "0.1.0"
+The public API is imported on first use (PEP 562), so ``import psp_zoo`` and the command line's
+``--help``, ``list`` and ``info`` do not pay for importing torch.
+"""
+from __future__ import annotations
 
-__all__ = [
-    "PSPNet", "Checkpoint", "Published", "create_model", "get_checkpoint", "get_manifest",
-    "list_models", "load_checkpoint", "load_manifest", "read_checkpoint",
-    "download", "cache_dir", "cached_path", "cache_state", "is_cached",
-    "evaluate", "whole_inference", "slide_inference", "ms_flip_inference", "predict_probs",
-    "ConfusionMatrix", "SegmentationDataset", "make_loader", "classes", "palette", "rescale_size",
-    "ms_flip_scales", "predict", "Predictor", "optimize",
-    "PspZooError", "ManifestError", "UnknownModelError", "CheckpointError", "DownloadError", "DatasetError",
-]
+import importlib
+from typing import Any, Dict, List
+
+from ._version import __version__
+
+# public name -> the module that defines it (pipeline order)
+_API: Dict[str, str] = {
+    "PspZooError": "errors", "ManifestError": "errors", "UnknownModelError": "errors",
+    "CheckpointError": "errors", "DownloadError": "errors", "DatasetError": "errors", "ResultsError": "errors",
+    "Checkpoint": "manifest", "Published": "manifest", "DatasetSpec": "manifest", "TestSettings": "manifest",
+    "get_checkpoint": "manifest", "get_manifest": "manifest", "list_models": "manifest",
+    "load_manifest": "manifest",
+    "FetchOptions": "options", "SpeedOptions": "options",
+    "download": "hub", "cache_dir": "hub", "cached_path": "hub", "cache_state": "hub",
+    "is_cached": "hub",
+    "PSPNet": "model",
+    "load_checkpoint": "checkpoint", "read_checkpoint": "checkpoint",
+    "create_model": "factory", "resolve": "factory",
+    "SegmentationDataset": "datasets", "make_loader": "datasets", "classes": "datasets", "palette": "datasets",
+    "rescale_size": "transforms", "ms_flip_scales": "transforms",
+    "whole_inference": "inference", "slide_inference": "inference", "ms_flip_inference": "inference",
+    "predict_probs": "inference",
+    "optimize": "optimization",
+    "ConfusionMatrix": "metrics",
+    "ResultRecord": "records", "Metrics": "records", "read_result": "records", "read_results": "records",
+    "write_result": "records",
+    "evaluate": "evaluation", "reproduce": "reproduction",
+    "predict": "prediction", "Predictor": "prediction",
+}
+
+__all__: List[str] = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'psp_zoo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -15,9 +15,9 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
-from . import __version__
+from ._version import __version__
 from .errors import PspZooError
-from .results import DEFAULT_RESULTS_DIR
+from .records import DEFAULT_RESULTS_DIR
 
 EXIT_FAILED = 1  # the command ran, but some of its work failed
 EXIT_USAGE = 2   # bad input: nothing was done
@@ -25,10 +25,10 @@ EXIT_USAGE = 2   # bad input: nothing was done
 
 def _add_speed_options(parser: argparse.ArgumentParser) -> None:
     """How the loaded model is prepared (psp_zoo.optimize); the default is the exact fp32 fast path."""
-    from .optimize import PRECISIONS
+    from .options import PRECISIONS
 
     group = parser.add_argument_group("inference speed (default: fp32 with BN folded into convs, "
-                                      "channels-last; within 1e-5 of the plain model)")
+                                      "channels-last; within 5e-6 of the plain model, relative)")
     group.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                        help="bf16: CUDA or a CPU with native bf16; fp16: CUDA only. Not fp32 = not the "
                             "reference numerics; recorded in results")
@@ -38,9 +38,18 @@ def _add_speed_options(parser: argparse.ArgumentParser) -> None:
                        help="run in the default NCHW memory format")
 
 
-def _speed_kwargs(args: argparse.Namespace) -> dict:
-    return dict(precision=args.precision, compile=args.compile, fuse_bn=args.fuse_bn,
-                channels_last=args.channels_last)
+def _speed_options(args: argparse.Namespace):
+    from .options import SpeedOptions
+
+    return SpeedOptions(precision=args.precision, compile=args.compile, fuse_bn=args.fuse_bn,
+                        channels_last=args.channels_last)
+
+
+def _fetch_options(args: argparse.Namespace, quiet: Optional[bool] = None):
+    from .options import FetchOptions
+
+    return FetchOptions(manifest=args.manifest, cache_dir=args.cache_dir, mirror=getattr(args, "mirror", None),
+                        offline=True if getattr(args, "offline", False) else None, quiet=quiet)
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -54,6 +63,16 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
         return value
     return parse
+
+
+def _add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", metavar="FILE", default=None,
+                        help="load this local weights file instead of the published one")
+
+
+def _add_workers_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-workers", type=_int_at_least(0), metavar="N",
+                        help="image decoding processes (default: a few, 0 = decode in this process)")
 
 
 def _add_device_option(parser: argparse.ArgumentParser) -> None:
@@ -82,49 +101,59 @@ def build_parser() -> argparse.ArgumentParser:
 def register_evaluate(sub) -> None:
     parser = sub.add_parser("evaluate", help="score one checkpoint on a validation set, as the reference",
                             description="Evaluate one manifest checkpoint (single-scale, or --ms-flip) "
-                                        "and print aAcc, mIoU, mAcc and per-class IoU in percent.")
-    parser.add_argument("model", help="manifest name, alias or weight file stem")
+                                        "and print aAcc, mIoU, mAcc and per-class IoU and Acc in percent.")
+    parser.add_argument("name", help="checkpoint name, alias or weight file stem")
     parser.add_argument("--data-root", required=True, metavar="DIR",
-                        help="the dataset folder or a folder containing it (e.g. data/)")
-    parser.add_argument("--checkpoint", metavar="FILE", help="local weights file instead of the published one")
+                        help="the dataset folder, or a folder that contains it")
+    parser.add_argument("--dataset", metavar="KEY",
+                        help="score on another dataset the checkpoint is published on (e.g. dark_zurich)")
+    _add_checkpoint_option(parser)
     parser.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test (12 passes per image)")
     parser.add_argument("--limit", type=_int_at_least(1), metavar="N", help="only the first N images (sorted)")
     _add_device_option(parser)
-    parser.add_argument("--workers", type=_int_at_least(0), metavar="N", help="image decoding processes")
-    parser.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
+    _add_workers_option(parser)
+    parser.add_argument("--json", metavar="FILE", help="also write the result record (the results-file format)")
     _add_manifest_option(parser)
+    _add_fetch_options(parser)
     _add_speed_options(parser)
     parser.set_defaults(func=_run_evaluate)
 
 
 def _check_writable_folder(folder: Path, option: str, given: str) -> None:
     """Refuse an output folder that cannot be created or written, before any work is done."""
-    folder = folder.absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise PspZooError(f"{option} {given}: {existing} is a file, not a folder; choose another {option}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PspZooError(f"{option} {given}: the folder {existing} is not writable; choose another {option}")
+    from .files import check_writable_folder
+
+    try:
+        check_writable_folder(folder, "folder")
+    except PspZooError as exc:
+        raise PspZooError(f"{option} {given}: {exc}") from None
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, write_result
-    from .factory import usable_device
+    from .evaluation import evaluate
+    from .records import write_result
 
     if args.json:  # an hour of evaluation must not end in a path typo
         _check_writable_folder(Path(args.json).parent, "--json", args.json)
-    device = usable_device(args.device)
-    result = evaluate(args.model, args.data_root, ms_flip=args.ms_flip, limit=args.limit, device=device,
-                      manifest=args.manifest, checkpoint=args.checkpoint, num_workers=args.workers,
-                      **_speed_kwargs(args))
-    print(f"{result['model']} on {result['dataset']} ({result['num_images']} images, "
-          f"{'ms+flip' if result['ms_flip'] else 'single-scale'}, {result['device']})")
-    for name, iou in result["IoU"].items():
-        print(f"  {name:<24} IoU {iou:6.2f}  Acc {result['Acc'][name]:6.2f}")
-    print(f"aAcc {result['aAcc']:.2f}  mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}")
+    with _progress_messages(quiet=False):
+        record = evaluate(args.name, args.data_root, dataset=args.dataset, ms_flip=args.ms_flip,
+                          limit=args.limit, device=args.device, checkpoint=args.checkpoint,
+                          num_workers=args.num_workers, fetch=_fetch_options(args), speed=_speed_options(args))
+    print(f"{record.checkpoint} on {record.dataset} ({record.images.count} images, "
+          f"{'ms+flip' if args.ms_flip else 'single-scale'}, {record.environment['device_name']})")
+    sys.stdout.write(_per_class_text(record.metrics))
     if args.json:
-        write_result(result, args.json)
+        write_result(record, args.json)
     return 0
+
+
+def _per_class_text(metrics, published=None) -> str:
+    """Per-class IoU / Acc lines and the dataset-level scores, '-' for a class that never occurs."""
+    number = lambda v: "     -" if v is None else f"{v:6.2f}"  # noqa: E731
+    lines = [f"  {name:<24} IoU {number(v['IoU'])}  Acc {number(v['Acc'])}" for name, v in metrics.per_class.items()]
+    lines.append(f"aAcc {number(metrics.aacc).strip()}  mIoU {number(metrics.miou).strip()}  "
+                 f"mAcc {number(metrics.macc).strip()}")
+    return "\n".join(lines) + "\n"
 
 
 # Each entry adds one subcommand to the parser and sets ``func`` on its namespace.
@@ -152,7 +181,7 @@ def _add_fetch_options(parser: argparse.ArgumentParser) -> None:
 def _list_frame(args: argparse.Namespace):
     import pandas as pd
 
-    from .download import is_cached
+    from .hub import is_cached
     from .manifest import get_manifest
 
     manifest = get_manifest(args.manifest)
@@ -198,7 +227,7 @@ def _register_list(sub) -> None:
 
 
 def _info_fields(args: argparse.Namespace) -> dict:
-    from .download import cache_state, cached_path, resolve_url
+    from .hub import cache_state, cached_path, resolve_url
     from .manifest import get_checkpoint
 
     entry = get_checkpoint(args.name, manifest=args.manifest)
@@ -280,18 +309,17 @@ def _progress_messages(quiet: bool) -> Iterator[None]:
 
 
 def _cmd_get(args: argparse.Namespace) -> int:
-    from .download import download
+    from .hub import download
 
     entries = _selected_checkpoints(args)
     failed = 0
     with _progress_messages(args.quiet):
         for entry in entries:
             try:
-                path = download(entry, cache_dir=args.cache_dir, mirror=args.mirror,
-                                offline=args.offline or None, quiet=args.quiet)
+                path = download(entry, **_fetch_options(args, quiet=args.quiet).download_kwargs())
             except PspZooError as exc:
                 failed += 1
-                print(f"psp-zoo get: error: {entry.name}: {exc}", file=sys.stderr, flush=True)
+                print(f"psp-zoo get: error: {entry.name}: {error_text(exc)}", file=sys.stderr, flush=True)
                 continue
             print(path, flush=True)
     return EXIT_FAILED if failed else 0
@@ -331,7 +359,7 @@ def _register_tables(sub) -> None:
 
 
 def _run_tables(args: argparse.Namespace) -> int:
-    from .results import read_results
+    from .records import read_results
     from .tables import build_tables, plot, render, update_readme
 
     if args.update and args.format != "md":
@@ -408,14 +436,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         _check_cityscapes_format(args)
     with _progress_messages(quiet=False):
         predictor = Predictor.create(args.name, ms_flip=args.ms_flip, device=args.device,
-                                     **_speed_kwargs(args), manifest=args.manifest,
-                                     checkpoint=args.checkpoint, cache_dir=args.cache_dir,
-                                     mirror=args.mirror, offline=args.offline or None)
+                                     checkpoint=args.checkpoint, fetch=_fetch_options(args),
+                                     speed=_speed_options(args))
     failed = 0
     for path, outcome in predict_files(predictor, paths, args.out, args.format):
         if isinstance(outcome, PspZooError):
             failed += 1
-            print(f"psp-zoo predict: error: {outcome}", file=sys.stderr, flush=True)
+            print(f"psp-zoo predict: error: {error_text(outcome)}", file=sys.stderr, flush=True)
         else:
             print(" ".join(map(str, outcome)), flush=True)
     return EXIT_FAILED if failed else 0
@@ -454,8 +481,7 @@ def _register_predict(sub) -> None:
                              "PNG named like the image (<city>_<seq>_<frame>_leftImg8bit.png)")
     parser.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test-time augmentation")
     _add_device_option(parser)
-    parser.add_argument("--checkpoint", metavar="PATH", default=None,
-                        help="load this local file instead of the published weights")
+    _add_checkpoint_option(parser)
     _add_manifest_option(parser)
     _add_fetch_options(parser)
     _add_speed_options(parser)
@@ -514,7 +540,7 @@ def _register_reproduce(sub) -> None:
     parser.add_argument("--results", metavar="DIR", default=DEFAULT_RESULTS_DIR,
                         help=f"results folder (default: ./{DEFAULT_RESULTS_DIR})")
     parser.add_argument("--force", action="store_true", help="redo checkpoints that have finished results")
-    parser.add_argument("--num-workers", type=_int_at_least(0), metavar="N", help="image decoding processes")
+    _add_workers_option(parser)
     parser.add_argument("--no-train-mem", dest="train_memory", action="store_false",
                         help="skip the training-memory step (slow on CPU for full-size models)")
     parser.add_argument("--speed-images", type=_int_at_least(1), metavar="N",
@@ -524,7 +550,6 @@ def _register_reproduce(sub) -> None:
                         help="untimed warm-up images (default 5)")
     parser.add_argument("--save-every", type=_int_at_least(1), default=50, metavar="N",
                         help="save the evaluation state every N images, for resuming (default 50)")
-    parser.add_argument("--crash-after", type=_int_at_least(1), help=argparse.SUPPRESS)  # tests: a kill
     _add_manifest_option(parser)
     _add_fetch_options(parser)
     _add_speed_options(parser)
@@ -532,23 +557,26 @@ def _register_reproduce(sub) -> None:
 
 
 def _run_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce, summary
+    from .reproduction import reproduce
+    from .tables import summary
 
     with _progress_messages(quiet=False):
         report = reproduce(
             args.dataset, args.data_root, models=args.models, device=args.device,
+            fetch=_fetch_options(args), speed=_speed_options(args),
             ms_flip=args.ms_flip, limit=args.limit, results_dir=args.results, force=args.force,
-            manifest=args.manifest, mirror=args.mirror, offline=args.offline or None,
-            cache_dir=args.cache_dir, num_workers=args.num_workers, **_speed_kwargs(args),
-            speed_images=args.speed_images, speed_warmup=args.speed_warmup,
-            train_memory=args.train_memory, save_every=args.save_every, crash_after=args.crash_after)
+            num_workers=args.num_workers, speed_images=args.speed_images, speed_warmup=args.speed_warmup,
+            train_memory=args.train_memory, save_every=args.save_every)
     if report.rank == 0:
-        sys.stdout.write(summary(report, args.manifest))
+        sys.stdout.write(summary(report.records, args.manifest))
         done = len(report.records) - len(report.failed)
-        print(f"\n{done} of {len(report.records)} checkpoint(s) reproduced ({len(report.skipped)} "
-              f"already done); results in {args.results}", flush=True)
-    if report.failed:
-        print(f"psp-zoo reproduce: failed: {', '.join(report.failed)}", file=sys.stderr)
+        print(f"\n{done} of {len(report.records) + len(report.busy)} checkpoint(s) reproduced "
+              f"({len(report.skipped)} already done, {len(report.busy)} busy in another run); "
+              f"results in {args.results}", flush=True)
+    if report.failed or report.busy:
+        what = [f"failed: {', '.join(report.failed)}"] * bool(report.failed)
+        what += [f"busy in another run: {', '.join(report.busy)}"] * bool(report.busy)
+        print(f"psp-zoo reproduce: {'; '.join(what)}", file=sys.stderr)
         return EXIT_FAILED
     return 0
 
@@ -572,11 +600,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _run(args)
 
 
+def error_text(exc: PspZooError) -> str:
+    """A library error as the CLI prints it: one line, with the command-line hint if it has one."""
+    text = " ".join(str(exc).split())
+    hint = getattr(exc, "cli_hint", None)
+    return f"{text} ({hint})" if hint else text
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except PspZooError as exc:
-        print(f"psp-zoo {args.command}: error: {exc}", file=sys.stderr)
+        print(f"psp-zoo {args.command}: error: {error_text(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # output piped into `head`: stop quietly (recipe from the signal docs)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -182,7 +182,7 @@ def _label_for(dataset: str, name: str, folder: Path, layout: Layout) -> Tuple[P
                        f"has no label: expected {label}{also}")
 
 
-def list_items(dataset: str, data_root: PathLike, limit: Optional[int] = None) -> List[Item]:
+def list_items(dataset: str, data_root: PathLike, limit: Optional[int] = None, *, manifest=None) -> List[Item]:
     """Every validation image with its label, sorted by name; the first ``limit`` when given."""
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be a positive number of images, got {limit}")
@@ -298,9 +298,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset: str, data_root: PathLike, *, img_scales: Optional[Sequence[Sequence[int]]] = None,
                  limit: Optional[int] = None, reduce_zero_label: Optional[bool] = None,
-                 items: Optional[Sequence[Item]] = None):
+                 items: Optional[Sequence[Item]] = None, manifest=None):
         if img_scales is None or reduce_zero_label is None:
-            spec = get_manifest().datasets[_check_dataset(dataset)]
+            spec = get_manifest(manifest).datasets[_check_dataset(dataset)]
             img_scales = img_scales or [spec.img_scale]
             reduce_zero_label = spec.reduce_zero_label if reduce_zero_label is None else reduce_zero_label
         self.dataset = _check_dataset(dataset)

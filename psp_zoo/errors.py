@@ -6,9 +6,19 @@ line and exits non-zero instead of showing a traceback.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 
 class PspZooError(Exception):
-    """Base class of every error psp-zoo raises for bad input or an unusable environment."""
+    """Base class of every error psp-zoo raises for bad input or an unusable environment.
+
+    The message says what to do in library terms (an argument, an environment variable, a path);
+    ``cli_hint`` optionally names the command-line way to do it, which the CLI appends.
+    """
+
+    def __init__(self, message: str = "", *, cli_hint: Optional[str] = None):
+        super().__init__(message)
+        self.cli_hint = cli_hint
 
 
 class ManifestError(PspZooError, ValueError):

@@ -1,70 +1,131 @@
-"""Build a manifest entry's model: resolve -> build -> (fetch) -> load, in four visible steps."""
+"""From what a user names to a model and how to run it, in one resolution step.
+
+``resolve(name or model, dataset=, checkpoint=, fetch=, device=, overrides=)`` checks everything
+that can be checked without the weights (the name, the dataset, test-setting overrides, the
+device) and returns a :class:`Resolved` record; ``Resolved.load()`` then fetches, verifies and
+loads the weights. evaluate, predict and reproduce all go through it, so a misspelt override or a
+wrong dataset is refused before anything is downloaded, and nothing is hung on the model.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Mapping, Optional, Tuple, Union
 
 import torch
+from torch import nn
 
 from .checkpoint import load_checkpoint
-from .download import download
+from .hub import download
+from .environment import usable_device
 from .errors import PspZooError
-from .manifest import get_checkpoint
+from .manifest import Checkpoint, DatasetSpec, TestSettings, get_checkpoint, get_manifest
 from .model import PSPNet
+from .options import FetchOptions
 
-__all__ = ["create_model", "usable_device"]
+__all__ = ["create_model", "resolve", "Resolved", "usable_device"]
 
-
-def usable_device(device: Union[None, str, torch.device] = None) -> torch.device:
-    """``device`` as a torch.device that works here (None: CUDA when available, else the CPU).
-
-    A misspelt or absent device (``cuda`` on a machine without one, ``cuda:7`` of two) raises
-    PspZooError saying so, instead of a RuntimeError from deep inside torch.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise PspZooError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
-    if parsed.type not in ("cpu", "cuda"):
-        reason = "psp-zoo runs on cpu and cuda devices"
-    elif parsed.type == "cuda" and not torch.cuda.is_available():
-        reason = "no CUDA device is available to this torch"
-    elif parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
-        reason = f"there are {torch.cuda.device_count()} CUDA devices, numbered from 0"
-    else:
-        try:
-            torch.empty(0, device=parsed)  # the one check that covers every other kind of device
-            return parsed
-        except (RuntimeError, AssertionError) as exc:
-            reason = str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else type(exc).__name__
-    raise PspZooError(f"device {str(device)!r} is not usable here ({reason}); use --device cpu, "
-                      f"or a device that `psp-zoo selftest` lists")
+PathLike = Union[str, Path]
 
 
-def create_model(name: str, *, pretrained: bool = True, checkpoint: Union[None, str, Path] = None,
-                 device: Union[str, torch.device] = "cpu", manifest=None,
-                 cache_dir: Union[None, str, Path] = None, mirror: Optional[str] = None,
-                 offline: Optional[bool] = None, quiet: Optional[bool] = None) -> PSPNet:
+def create_model(name: str, *, pretrained: bool = True, checkpoint: Optional[PathLike] = None,
+                 device: Union[None, str, torch.device] = "cpu",
+                 fetch: Optional[FetchOptions] = None, **fetch_fields: Any) -> PSPNet:
     """The PSPNet of manifest entry ``name`` in eval mode, with its published weights.
 
-    The weights are downloaded and verified, or found in the cache (see :func:`psp_zoo.download`
-    for ``cache_dir``, ``mirror``, ``offline`` and ``quiet``). ``checkpoint=PATH`` loads a local
-    file instead of the published one; ``pretrained=False`` returns randomly initialised weights.
+    The weights are downloaded and verified, or found in the cache, as ``fetch`` says (a
+    :class:`psp_zoo.FetchOptions`, or its fields as keywords: ``manifest``, ``cache_dir``,
+    ``mirror``, ``offline``, ``quiet``). ``checkpoint=PATH`` loads a local file instead of the
+    published one; ``pretrained=False`` returns randomly initialised weights.
     """
-    entry = get_checkpoint(name, manifest=manifest)
+    fetch = _fetch_options(fetch, fetch_fields)
+    entry = get_checkpoint(name, manifest=fetch.manifest)
     device = usable_device(device)
-    model = PSPNet(**entry.model_kwargs())
-    if checkpoint is not None:
-        path = Path(checkpoint)
-    elif pretrained:
-        path = download(entry, cache_dir=cache_dir, mirror=mirror, offline=offline, quiet=quiet)
-    else:
-        path = None
-    if path is not None:
-        meta = load_checkpoint(model, path)
-        model.checkpoint_meta = meta
-    model.checkpoint_entry = entry
-    return model.eval().to(device)
+    return _build(entry, checkpoint if checkpoint is not None else (None if pretrained else False),
+                  fetch).to(device)
 
+
+def _fetch_options(fetch: Optional[FetchOptions], fields: Mapping[str, Any]) -> FetchOptions:
+    try:
+        return FetchOptions(**{**(vars(fetch) if fetch else {}), **fields})
+    except TypeError as exc:
+        raise TypeError(f"{exc}; fetch options are: manifest, cache_dir, mirror, offline, quiet") from None
+
+
+def _build(entry: Checkpoint, checkpoint: Union[None, bool, PathLike], fetch: FetchOptions) -> PSPNet:
+    """Build -> fetch -> load; ``checkpoint``: a local file, None (the published one) or False (none)."""
+    model = PSPNet(**entry.model_kwargs())
+    if checkpoint is None:
+        checkpoint = download(entry, **fetch.download_kwargs())
+    if checkpoint is not False:
+        load_checkpoint(model, Path(checkpoint))
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A model to run and how: the manifest entry (None for a model object), the dataset it is
+    scored on, and the test settings after overrides. ``load()`` gives the model itself."""
+
+    name: str
+    entry: Optional[Checkpoint]
+    dataset: DatasetSpec
+    settings: TestSettings
+    num_classes: int
+    device: torch.device
+    fetch: FetchOptions = field(default_factory=FetchOptions)
+    checkpoint: Optional[Path] = None
+    model: Optional[nn.Module] = field(default=None, compare=False)  # a model object given by the user
+
+    def load(self) -> nn.Module:
+        """The model in eval mode on ``device``: the user's object, or the entry's weights fetched."""
+        if self.model is not None:
+            return self.model.eval().to(self.device)
+        return _build(self.entry, self.checkpoint, self.fetch).to(self.device)
+
+    @property
+    def class_names(self) -> Tuple[str, ...]:
+        """Names to report per-class scores under (indices for a model of another class count)."""
+        return self.dataset.class_names(self.num_classes)
+
+
+def resolve(name_or_model: Union[str, nn.Module], *, dataset: Optional[str] = None,
+            checkpoint: Optional[PathLike] = None, fetch: Optional[FetchOptions] = None,
+            device: Union[None, str, torch.device] = None,
+            overrides: Optional[Mapping[str, Any]] = None) -> Resolved:
+    """Everything about running ``name_or_model`` that can be known before the weights are fetched.
+
+    A manifest name brings its dataset and test settings (``dataset`` may name another dataset
+    the checkpoint is published on). A model object needs ``dataset``, whose default settings
+    apply with the model's own ``align_corners``. ``overrides`` (``mode``, ``img_scale``,
+    ``crop_size``, ``stride``, ``align_corners``) are validated here.
+    """
+    fetch = fetch or FetchOptions()
+    device = usable_device(device)
+    manifest = get_manifest(fetch.manifest)
+    if isinstance(name_or_model, str):
+        entry = manifest.get(name_or_model)
+        spec, settings = _entry_settings(entry, dataset, manifest)
+        return Resolved(entry.name, entry, spec, settings.with_overrides(overrides or {}), entry.num_classes,
+                        device, fetch, None if checkpoint is None else Path(checkpoint))
+    if checkpoint is not None:
+        raise PspZooError("checkpoint= selects the weights of a named model; load them into the model "
+                          "object yourself (psp_zoo.load_checkpoint) or pass a manifest name")
+    spec = _dataset_spec(manifest, dataset)
+    settings = spec.test.with_overrides({"align_corners": bool(getattr(name_or_model, "align_corners",
+                                                                       spec.test.align_corners))})
+    num_classes = int(getattr(name_or_model, "num_classes", spec.num_classes))
+    return Resolved(type(name_or_model).__name__, None, spec, settings.with_overrides(overrides or {}),
+                    num_classes, device, fetch, model=name_or_model)
+
+
+def _entry_settings(entry: Checkpoint, dataset: Optional[str], manifest) -> Tuple[DatasetSpec, TestSettings]:
+    if dataset is None or dataset == entry.dataset:
+        return manifest.datasets[entry.dataset], entry.test
+    raise PspZooError(f"{entry.name} is a {entry.dataset} checkpoint; it cannot be run on {dataset}")
+
+
+def _dataset_spec(manifest, dataset: Optional[str]) -> DatasetSpec:
+    if dataset not in manifest.datasets:
+        raise PspZooError(f"running a model object needs dataset=, one of: {', '.join(manifest.datasets)}")
+    return manifest.datasets[dataset]

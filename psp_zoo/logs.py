@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import unquote, urlparse
 
-from .download import cache_dir as checkpoint_cache_dir
-from .download import fetch_file
+from .hub import cache_dir as checkpoint_cache_dir
+from .hub import fetch_file
 from .errors import PspZooError
 from .manifest import Checkpoint, get_checkpoint
-from .results import atomic_write
+from .files import atomic_write
 
 __all__ = ["TrainStep", "Validation", "TrainingLog", "LogError", "parse_log", "read_log", "log_path",
            "fetch_log", "compare_with_table", "render_comparison", "check_plotting", "log_figure", "plot_log"]

@@ -120,6 +120,19 @@ class TestSettings:
     crop_size: Optional[Tuple[int, int]] = None
     stride: Optional[Tuple[int, int]] = None
 
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "TestSettings":
+        """These settings with ``overrides`` applied and checked (slide needs crop_size and stride)."""
+        unknown = sorted(set(overrides) - set(TEST_FIELDS))
+        if unknown:
+            raise PspZooError(f"unknown test setting {unknown[0]!r}; settable: {', '.join(TEST_FIELDS)}")
+        if not overrides:
+            return self
+        merged = {**self.__dict__, **overrides}
+        if merged["mode"] == "slide" and (merged["crop_size"] is None or merged["stride"] is None):
+            raise PspZooError("slide inference needs crop_size=(h, w) and stride=(h, w)")
+        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
+        return _parse_test(_Where("test settings", "overrides"), plain, self, "")
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -155,6 +168,12 @@ class DatasetSpec:
     palette: Tuple[Tuple[int, int, int], ...]
     ignore_index: int = IGNORE_INDEX
     source: str = "builtin"
+
+    def class_names(self, num_classes: int) -> Tuple[str, ...]:
+        """Names for ``num_classes`` scores: the dataset's, or "0".."C-1" for a model whose class
+        count differs from the dataset's (e.g. a test model), which is then reported by index."""
+        names = self.classes
+        return names if len(names) == num_classes else tuple(str(i) for i in range(num_classes))
 
 
 @dataclass(frozen=True)

@@ -19,16 +19,16 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from .errors import PspZooError
 from .model import PSPNet
-from .results import MemoryUse, Speed
+from .records import MemoryUse, Speed
 
-__all__ = ["measure_fps", "inference_peak_memory", "training_memory", "PeakMemory", "AUX_LOSS_WEIGHT", "IGNORE_INDEX"]
+__all__ = ["measure_fps", "inference_peak_memory", "speed_and_memory", "training_memory", "PeakMemory", "AUX_LOSS_WEIGHT", "IGNORE_INDEX"]
 
 AUX_LOSS_WEIGHT = 0.4
 IGNORE_INDEX = 255
@@ -162,6 +162,20 @@ def inference_peak_memory(model_call: Callable[[Any], Any], inputs: Iterable[Any
         raise PspZooError("inference memory needs at least one input image")
     where = "this process" if device.type == "cpu" else "allocated on the device"
     return peak.use(f"inference peak over {calls} image(s), batch 1, {where}")
+
+
+def speed_and_memory(model_call: Callable[[Any], Any], inputs: Iterable[Any], *, warmup: int, total: int,
+                     device: DeviceLike) -> Tuple[Speed, MemoryUse]:
+    """fps and inference peak memory from ONE pass over the same ``total`` images.
+
+    The peak covers every call (warm-up included); timing covers the calls after ``warmup``.
+    """
+    device = torch.device(device)
+    with PeakMemory(device, above_baseline=False) as peak:
+        speed = measure_fps(model_call, inputs, warmup=warmup, total=total, device=device)
+    where = "this process" if device.type == "cpu" else "allocated on the device"
+    calls = speed.images_timed + speed.warmup
+    return speed, peak.use(f"inference peak over {calls} image(s), batch 1, {where}")
 
 
 # --------------------------------------------------------------------------------------------

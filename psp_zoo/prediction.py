@@ -18,13 +18,13 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .datasets import classes, decode_image, palette
+from .datasets import decode_image
 from .errors import PspZooError
-from .evaluate import model_object_settings, resolve_settings
-from .factory import create_model, usable_device
+from .factory import resolve
 from .inference import predict_labels
-from .manifest import TestSettings
-from .optimize import check_options, optimize
+from .manifest import DatasetSpec, TestSettings
+from .optimization import optimize
+from .options import FetchOptions, SpeedOptions, split_options
 from .visualize import legend, overlay, save_cityscapes_png, save_labels_npy, save_palette_png, save_rgb_png
 
 __all__ = ["Predictor", "predict", "predict_files", "read_input_image", "expand_image_args", "output_stems",
@@ -37,19 +37,12 @@ OUTPUT_FORMATS = ("png", "npy", "cityscapes")
 OUTPUT_SUFFIXES = {"png": ("_labels.png", "_overlay.png", "_legend.png"), "npy": (".npy",)}
 
 
-def _class_names(dataset: str, num_classes: int) -> Tuple[str, ...]:
-    names = classes(dataset)
-    # Unlike scoring (datasets.class_names), a legend for a model with fewer classes than the
-    # dataset (e.g. a small test model) uses the dataset's first names; with more, indices.
-    return names[:num_classes] if len(names) >= num_classes else tuple(str(i) for i in range(num_classes))
-
-
 @dataclasses.dataclass
 class Predictor:
     """A model with the test settings it is run with; call it on H x W x 3 uint8 RGB images."""
 
     model: torch.nn.Module
-    dataset: str
+    dataset: DatasetSpec
     settings: TestSettings
     num_classes: int
     ms_flip: bool = False
@@ -57,45 +50,25 @@ class Predictor:
 
     @classmethod
     def create(cls, name_or_model: Union[str, torch.nn.Module], *, dataset: Optional[str] = None,
-               ms_flip: bool = False, device: Union[None, str, torch.device] = None, precision: str = "fp32",
-               compile: bool = False, fuse_bn: bool = True, channels_last: bool = True,
-               manifest=None, checkpoint: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None,
-               mirror: Optional[str] = None, offline: Optional[bool] = None,
-               **test_overrides) -> "Predictor":
+               ms_flip: bool = False, device: Union[None, str, torch.device] = None,
+               checkpoint: Optional[PathLike] = None, speed: Optional[SpeedOptions] = None,
+               fetch: Optional[FetchOptions] = None, **keywords) -> "Predictor":
         """From a manifest name (its weights and test settings) or a model object (``dataset=``'s
         test settings with the model's ``align_corners``). Keywords as :func:`psp_zoo.evaluate`."""
-        device = usable_device(device)
-        speed = dict(precision=precision, compile=compile, fuse_bn=fuse_bn, channels_last=channels_last)
-        check_options(device=device, **speed)  # before anything is downloaded or built
-        if isinstance(name_or_model, str):
-            model = create_model(name_or_model, checkpoint=checkpoint, manifest=manifest, device=device,
-                                 cache_dir=cache_dir, mirror=mirror, offline=offline)
-        elif checkpoint is not None:
-            raise PspZooError("checkpoint= selects the weights of a named model; load them into the "
-                              "model object yourself (psp_zoo.load_checkpoint) or pass a manifest name")
-        else:
-            model = name_or_model.eval().to(device)
-        dataset, settings, num_classes = cls._model_facts(model, dataset, manifest)
-        settings = resolve_settings(settings, test_overrides)
-        return cls(optimize(model, **speed), dataset, settings, num_classes, ms_flip, device)
-
-    @staticmethod
-    def _model_facts(model: torch.nn.Module, dataset: Optional[str], manifest) -> Tuple[str, TestSettings, int]:
-        entry = getattr(model, "checkpoint_entry", None)  # set by create_model
-        if entry is not None:
-            if dataset not in (None, entry.dataset):
-                raise PspZooError(f"{entry.name} is a {entry.dataset} checkpoint; it has no {dataset} classes")
-            return entry.dataset, entry.test, entry.num_classes
-        settings, num_classes, _ = model_object_settings(model, dataset, manifest, "predicting")
-        return dataset, settings, num_classes
+        fetch, speed, overrides = split_options(keywords, fetch, speed)
+        target = resolve(name_or_model, dataset=dataset, checkpoint=checkpoint, fetch=fetch, device=device,
+                         overrides=overrides)
+        speed.check(target.device)  # before anything is downloaded or built
+        return cls(optimize(target.load(), speed), target.dataset, target.settings, target.num_classes,
+                   ms_flip, target.device)
 
     @property
     def class_names(self) -> Tuple[str, ...]:
-        return _class_names(self.dataset, self.num_classes)
+        return self.dataset.class_names(self.num_classes)
 
     @property
     def palette(self) -> Tuple[Tuple[int, int, int], ...]:
-        return palette(self.dataset)
+        return self.dataset.palette
 
     def __call__(self, image_rgb: np.ndarray) -> np.ndarray:
         """The H x W uint8 label map (class ids) of one H x W x 3 uint8 RGB image."""
@@ -106,7 +79,7 @@ class Predictor:
               fmt: str = "png") -> List[Path]:
         """Save one prediction under ``out_dir``: palette PNG, overlay and legend, or raw ``.npy``."""
         out_dir = Path(out_dir)
-        check_output_format(fmt, self.dataset, self.num_classes)
+        check_output_format(fmt, self.dataset.key, self.num_classes)
         if fmt == "npy":
             return [save_labels_npy(out_dir / f"{stem}.npy", labels)]
         if fmt == "cityscapes":  # the image's own name, as the benchmark server matches it
@@ -147,8 +120,7 @@ def _as_rgb(image: Union[PathLike, np.ndarray]) -> np.ndarray:
 
 def predict(name_or_model: Union[str, torch.nn.Module], image: Union[PathLike, np.ndarray], *,
             dataset: Optional[str] = None, ms_flip: bool = False, device: Union[None, str, torch.device] = None,
-            precision: str = "fp32", manifest=None, checkpoint: Optional[PathLike] = None,
-            **kwargs) -> np.ndarray:
+            checkpoint: Optional[PathLike] = None, **kwargs) -> np.ndarray:
     """The H x W uint8 label map of one image (a file path, or an H x W x 3 uint8 RGB array).
 
     ``name_or_model`` is a manifest name (its weights are fetched and its test settings used) or a
@@ -156,7 +128,7 @@ def predict(name_or_model: Union[str, torch.nn.Module], image: Union[PathLike, n
     loads the model on every call. Other keywords go to :meth:`Predictor.create`.
     """
     predictor = Predictor.create(name_or_model, dataset=dataset, ms_flip=ms_flip, device=device,
-                                 precision=precision, manifest=manifest, checkpoint=checkpoint, **kwargs)
+                                 checkpoint=checkpoint, **kwargs)
     return predictor(_as_rgb(image))
 
 

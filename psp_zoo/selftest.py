@@ -6,193 +6,40 @@ verified through a temporary user manifest into a temporary cache, evaluated on 
 in the real Cityscapes folder layout, written into a results table and used for a prediction
 picture. Each step prints ``ok`` or ``FAILED: reason``; a step whose inputs failed is skipped.
 
-The writers (``write_tiny_checkpoint``, ``write_mini_cityscapes``, ``write_manifest``) and
-``serve_folder`` are public so tests can build the same material.
+The material (tiny checkpoint, manifest, mini dataset, server) comes from :mod:`psp_zoo.testing`.
 """
 from __future__ import annotations
 
 import contextlib
-import datetime
-import functools
-import hashlib
-import io
 import math
 import os
 import platform
 import sys
 import tempfile
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, TextIO, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, TextIO, Tuple, Union
 
 import cv2
 import numpy as np
 import torch
-import yaml
 
-from .errors import PspZooError
-from .results import atomic_write
+from ._version import __version__
+from .checkpoint import load_checkpoint
+from .datasets import list_items
+from .hub import HOME_ENV, cache_dir, cache_state, download
+from .errors import DownloadError, PspZooError
+from .evaluation import evaluate
+from .manifest import Manifest, get_checkpoint, get_manifest
+from .model import PSPNet
+from .prediction import Predictor, predict_files
+from .records import read_results, result_path, write_result
+from .tables import build_tables, render
+from .testing import (SELFTEST_NAME, SELFTEST_TEST_SETTINGS, TINY_ARCH, manifest_entry, no_proxy_for_localhost,
+                      serve_folder, write_manifest, write_mini_cityscapes, write_tiny_checkpoint)
 
-__all__ = ["TINY_ARCH", "write_tiny_checkpoint", "write_mini_cityscapes", "manifest_entry", "write_manifest",
-           "serve_folder", "run_selftest"]
+__all__ = ["run_selftest"]
 
 PathLike = Union[str, Path]
-#: Widths of the tiny PSPNet: the real R-50-D8 depth and layout, narrow enough to run in a second.
-TINY_ARCH = {"stem_channels": 8, "base_channels": 8, "channels": 16, "aux_channels": 8}
-SELFTEST_NAME = "selftest_pspnet_r50-d8_64x64_cityscapes"
-# Small test settings so the checkpoint runs in well under a second per image on a CPU; slide
-# mode exercises the sliding-window path (3 x 2 windows on the 96 x 144 resized image).
-SELFTEST_TEST_SETTINGS = {"mode": "slide", "img_scale": [192, 96], "crop_size": [64, 64], "stride": [48, 48]}
-
-
-# --------------------------------------------------------------------------------------------
-# reusable material: checkpoint, manifest, dataset, server
-
-
-def _hashed_name(folder: Path, name: str, stamp: str, digest: str) -> Path:
-    return folder / f"{name}_{stamp}-{digest[:8]}.pth"
-
-
-def _calibrate_batchnorm(model: torch.nn.Module) -> None:
-    """Give BN the statistics of real activations and random affine terms: with default ones a
-    random 50-layer net's signal fades and its output ignores the input; with these it does not."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # running stats = plain average over the calibration batches
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.normal_(0.0, 0.1)
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(2, 3, 64, 64))
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = 0.1
-    model.eval()
-
-
-def write_tiny_checkpoint(folder: PathLike, name: str = SELFTEST_NAME, *, num_classes: int = 19,
-                          depth: int = 50, seed: int = 0, stamp: Optional[str] = None) -> Path:
-    """A tiny-width PSPNet (``TINY_ARCH``) with seeded weights and non-trivial BN statistics, saved
-    as mmseg publishes checkpoints: ``{'meta', 'state_dict'}`` in ``<name>_<date>_<time>-<sha256[:8]>.pth``."""
-    from .model import PSPNet
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
-        torch.manual_seed(seed)
-        model = PSPNet(depth=depth, num_classes=num_classes, **TINY_ARCH)
-        _calibrate_batchnorm(model)
-    stamp = stamp or datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
-    meta = {"psp_zoo_selftest": True, "seed": seed, "arch": dict(TINY_ARCH, depth=depth, num_classes=num_classes)}
-    buffer = io.BytesIO()  # in memory: a file's name would end up inside the zip, changing the hash
-    torch.save({"meta": meta, "state_dict": model.state_dict()}, buffer)
-    data = buffer.getvalue()
-    final = _hashed_name(folder, name, stamp, hashlib.sha256(data).hexdigest())
-    atomic_write(final, data)
-    return final
-
-
-def manifest_entry(checkpoint_file: PathLike, url: str, *, dataset: str = "cityscapes",
-                   num_classes: int = 19, depth: int = 50, test: Optional[Mapping] = None,
-                   arch: Mapping[str, int] = TINY_ARCH) -> dict:
-    """A user-manifest entry for a local hashed checkpoint file hosted at ``url``."""
-    path = Path(checkpoint_file)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    name = path.stem.rsplit("-", 1)[0].rsplit("_", 2)[0]  # drop _<date>_<time>-<hash8>
-    entry = {"name": name, "dataset": dataset, "depth": depth, "crop_size": [64, 64], "schedule": 1,
-             "weights": url, "hash": digest[:8], "sha256": digest, "published": {},
-             "model": dict(arch, num_classes=num_classes)}
-    if test is not None:
-        entry["test"] = dict(test)
-    return entry
-
-
-def write_manifest(path: PathLike, entries: Sequence[Mapping]) -> Path:
-    """A user manifest (``--manifest`` / ``$PSP_ZOO_MANIFEST``) listing ``entries``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"version": 1, "models": [dict(e) for e in entries]}, sort_keys=False))
-    return path
-
-
-def _smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    coarse = rng.integers(0, 256, (max(height // 16, 2), max(width // 16, 2), 3), dtype=np.uint8)
-    return cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR)
-
-
-def write_mini_cityscapes(root: PathLike, *, num_images: int = 4, size: Tuple[int, int] = (64, 96),
-                          num_classes: int = 19, seed: int = 0) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-    """Cityscapes validation files under ``root`` (``leftImg8bit/val/<city>/*_leftImg8bit.png``,
-    ``gtFine/val/<city>/*_gtFine_labelTrainIds.png``); returns ``{name: (rgb, label)}``.
-
-    Labels are blocks of class ids below ``num_classes`` with some 255 (ignored) pixels.
-    """
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    root, (height, width) = Path(root), size
-    written = {}
-    for index in range(num_images):
-        city = ("selftown", "testville")[index % 2]
-        name = f"{city}/{city}_{index:06d}_000019"
-        rgb = _smooth_image(rng, height, width)
-        blocks = rng.integers(0, num_classes, (max(height // 8, 1), max(width // 8, 1)), dtype=np.uint8)
-        label = cv2.resize(blocks, (width, height), interpolation=cv2.INTER_NEAREST)
-        label[rng.random((height, width)) < 0.05] = 255
-        image_path = root / "leftImg8bit" / "val" / f"{name}_leftImg8bit.png"
-        label_path = root / "gtFine" / "val" / f"{name}_gtFine_labelTrainIds.png"
-        image_path.parent.mkdir(parents=True, exist_ok=True)
-        label_path.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(image_path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-            raise OSError(f"could not write {image_path}")
-        Image.fromarray(label, mode="L").save(label_path)
-        written[name] = (rgb, label)
-    return written
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:  # the selftest prints its own report
-        pass
-
-
-@contextlib.contextmanager
-def serve_folder(folder: PathLike, port: int = 0) -> Iterator[str]:
-    """Serve ``folder`` over HTTP on 127.0.0.1 (``port`` 0 = any free port); yields the base URL."""
-    handler = functools.partial(_QuietHandler, directory=str(folder))
-    if not 0 <= port <= 65535:  # bind() would raise OverflowError, not OSError
-        raise PspZooError(f"port {port} is not a TCP port; choose one in 1..65535, or 0 for any free one")
-    try:
-        server = ThreadingHTTPServer(("127.0.0.1", port), handler)
-    except OSError as exc:
-        raise PspZooError(f"cannot serve on 127.0.0.1:{port} ({exc.strerror or exc}); "
-                          f"choose a free --port or 0 for any") from None
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-
-
-@contextlib.contextmanager
-def _no_proxy_for_localhost() -> Iterator[None]:
-    """requests would send even 127.0.0.1 through $HTTP_PROXY unless $NO_PROXY exempts it."""
-    saved = {key: os.environ.get(key) for key in ("NO_PROXY", "no_proxy")}
-    for key, value in saved.items():
-        os.environ[key] = ",".join(v for v in (value, "127.0.0.1") if v)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +80,6 @@ class _Report:
 def _versions() -> str:
     import torchvision
 
-    from . import __version__
 
     return (f"psp-zoo {__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
             f"numpy {np.__version__}, opencv {cv2.__version__}, python {platform.python_version()}")
@@ -256,7 +102,6 @@ def _devices() -> str:
 
 def _user_cache() -> str:
     """The real checkpoint cache must be writable (or creatable); checked without writing to it."""
-    from .download import HOME_ENV, cache_dir
 
     path = cache_dir()
     existing = next(p for p in (path, *path.parents) if p.exists())
@@ -275,12 +120,10 @@ class _SelfTest:
         self.checkpoint_file: Optional[Path] = None
         self.base_url = self.manifest = self.downloaded = self.entry = None
         self.written: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
-        self.result: Optional[dict] = None
+        self.result = None  # the evaluate step's ResultRecord
         self.table_text = ""
 
     def checkpoint(self) -> str:
-        from .checkpoint import load_checkpoint
-        from .model import PSPNet
 
         self.checkpoint_file = write_tiny_checkpoint(self.work / "zoo" / "pspnet" / SELFTEST_NAME)
         load_checkpoint(PSPNet(depth=50, num_classes=19, **TINY_ARCH), self.checkpoint_file)
@@ -291,16 +134,13 @@ class _SelfTest:
         return self.base_url
 
     def download(self) -> str:
-        from .download import cache_state, download
-        from .errors import DownloadError
-        from .manifest import get_checkpoint
 
         url = f"{self.base_url}/pspnet/{SELFTEST_NAME}/{self.checkpoint_file.name}"
         entry = manifest_entry(self.checkpoint_file, url, test=SELFTEST_TEST_SETTINGS)
         self.manifest = write_manifest(self.work / "manifest.yml", [entry])
         self.entry = get_checkpoint(entry["name"], manifest=self.manifest)
         cache, options = self.work / "cache", dict(offline=False, quiet=True, retries=1, backoff=0.1)
-        with _no_proxy_for_localhost():
+        with no_proxy_for_localhost():
             self.downloaded = download(self.entry, cache_dir=cache, **options)
             try:  # the same file name, hence its own cache
                 download(self._corrupt_copy(), sha256=entry["sha256"], cache_dir=self.work / "cache-2", **options)
@@ -323,7 +163,6 @@ class _SelfTest:
         return f"{self.base_url}/corrupt/{self.checkpoint_file.name}"
 
     def dataset(self) -> str:
-        from .datasets import list_items
 
         root = self.work / "data" / "cityscapes"
         self.written = write_mini_cityscapes(root)
@@ -333,35 +172,28 @@ class _SelfTest:
         return f"{len(found)} Cityscapes images in {root}"
 
     def evaluate(self) -> str:
-        from .evaluate import evaluate
-
         self.result = evaluate(self.entry.name, self.work / "data", manifest=self.manifest,
                                checkpoint=self.downloaded, device=self.device, num_workers=0, progress=False)
-        if self.result["num_images"] != len(self.written):
-            raise PspZooError(f"evaluated {self.result['num_images']} images, expected {len(self.written)}")
-        if not all(0.0 <= self.result[key] <= 100.0 for key in ("aAcc", "mIoU", "mAcc")):
-            raise PspZooError(f"metrics out of range: {self.result}")
-        return (f"{self.result['num_images']} images on {self.result['device']}: aAcc {self.result['aAcc']:.2f}, "
-                f"mIoU {self.result['mIoU']:.2f}, mAcc {self.result['mAcc']:.2f}")
+        if self.result.images.count != len(self.written):
+            raise PspZooError(f"evaluated {self.result.images.count} images, expected {len(self.written)}")
+        if not all(0.0 <= value <= 100.0 for value in (self.result.aacc, self.result.miou, self.result.macc)):
+            raise PspZooError(f"metrics out of range: {self.result.metrics}")
+        return (f"{self.result.images.count} images on {self.result.environment['device_name']}: "
+                f"aAcc {self.result.aacc:.2f}, mIoU {self.result.miou:.2f}, mAcc {self.result.macc:.2f}")
 
     def table(self) -> str:
-        from .manifest import Manifest, get_manifest
-        from .results import read_results, result_path, write_result
-        from .tables import build_tables, render
-
-        record = _record_of(self.result, self.entry.dataset)
-        write_result(result_path(self.work / "results", record.checkpoint, record.environment), record)
+        record = self.result
+        write_result(record, result_path(self.work / "results", record.checkpoint, record.environment))
         records = read_results(self.work / "results")
         datasets = get_manifest(self.manifest).datasets
         tables = build_tables(Manifest(datasets, [self.entry]), records)
         reproduced = tables[0].frame["mIoU reproduced"].tolist()
-        if len(records) != 1 or not math.isclose(reproduced[0], self.result["mIoU"], abs_tol=1e-6):
-            raise PspZooError(f"the table shows mIoU {reproduced}, evaluate gave {self.result['mIoU']}")
+        if len(records) != 1 or not math.isclose(reproduced[0], record.miou, abs_tol=1e-6):
+            raise PspZooError(f"the table shows mIoU {reproduced}, evaluate gave {record.miou}")
         self.table_text = render(tables, "md")
         return f"{records[0].source}"
 
     def predict(self) -> str:
-        from .prediction import Predictor, predict_files
 
         predictor = Predictor.create(self.entry.name, manifest=self.manifest, checkpoint=self.downloaded,
                                      device=self.device)
@@ -382,8 +214,8 @@ class _SelfTest:
         """Pixel accuracy of the saved predictions must be the one evaluate reported."""
         if self.result is None:
             return ""
-        if abs(aacc - self.result["aAcc"]) > 0.05:
-            raise PspZooError(f"saved predictions score aAcc {aacc:.3f}, evaluate reported {self.result['aAcc']:.3f}")
+        if abs(aacc - self.result.aacc) > 0.05:
+            raise PspZooError(f"saved predictions score aAcc {aacc:.3f}, evaluate reported {self.result.aacc:.3f}")
         return f" (its labels score aAcc {aacc:.2f}, as evaluate reported)"
 
 
@@ -396,19 +228,6 @@ def _read_palette_png(path: Path) -> np.ndarray:
         return np.array(image)
 
 
-def _record_of(result: Mapping, dataset: str):
-    """A results record of one ``evaluate()`` result (percentages, per-class dicts keyed by name)."""
-    from .results import ImageCount, Metrics, ResultRecord, environment_info, none_if_nan
-
-    per_class = {name: {"IoU": none_if_nan(iou), "Acc": none_if_nan(result["Acc"][name])}
-                 for name, iou in result["IoU"].items()}
-    metrics = Metrics(aacc=result["aAcc"], miou=result["mIoU"], macc=result["mAcc"], per_class=per_class)
-    count = int(result["num_images"])
-    return ResultRecord(checkpoint=result["model"], dataset=dataset, environment=environment_info(result["device"]),
-                        images=ImageCount(count, available=count), settings=dict(result["settings"]),
-                        single_scale=metrics)
-
-
 # --------------------------------------------------------------------------------------------
 
 
@@ -417,7 +236,8 @@ def _work_folder(keep: Optional[PathLike], stack: contextlib.ExitStack) -> Path:
         return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="psp-zoo-selftest-")))
     folder = Path(keep).expanduser()
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise PspZooError(f"--keep {folder}: choose a new or empty folder, so that nothing of yours is mixed in")
+        raise PspZooError(f"keep folder {folder}: choose a new or empty folder, so that nothing of yours is mixed in",
+                          cli_hint="--keep DIR")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -13,6 +13,7 @@ CSV and JSON carry the same rows with numbers in separate columns (``mIoU``,
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -26,9 +27,10 @@ import tabulate as tabulate_module
 
 from .errors import PspZooError
 from .manifest import Checkpoint, Manifest, get_manifest
-from .results import ResultRecord, atomic_write
+from .files import atomic_write
+from .records import ResultRecord
 
-__all__ = ["COLUMNS", "DatasetTable", "build_tables", "render", "update_readme", "plot",
+__all__ = ["COLUMNS", "DatasetTable", "build_tables", "render", "summary", "update_readme", "plot",
            "MARKER_START", "MARKER_END"]
 
 COLUMNS = ("Method", "Backbone", "Crop Size", "Lr schd", "Mem (GB)", "Inf time (fps)", "mIoU",
@@ -274,6 +276,17 @@ def render(tables: Sequence[DatasetTable], fmt: str = "md") -> str:
     if fmt == "json":
         return _json(tables)
     raise PspZooError(f"unknown table format {fmt!r}; expected md, csv or json")
+
+
+def summary(records: Sequence[ResultRecord], manifest: ManifestArg = None) -> str:
+    """Published beside reproduced numbers for the checkpoints of ``records`` only (Markdown)."""
+    names = {record.checkpoint for record in records}
+    shown = []
+    for table in build_tables(manifest, records):
+        rows = table.frame[table.frame["Checkpoint"].isin(names)] if not table.frame.empty else table.frame
+        if len(rows):
+            shown.append(dataclasses.replace(table, frame=rows.reset_index(drop=True)))
+    return render(shown, "md")
 
 
 # --------------------------------------------------------------------------------------------

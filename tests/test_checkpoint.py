@@ -130,7 +130,7 @@ models:
 """)
     model = create_model("tiny_r50", checkpoint=tiny_checkpoint_path("r50"), manifest=str(manifest))
     assert not model.training
-    assert model.checkpoint_entry.name == "tiny_r50"
+    assert model.num_classes == 5 and not hasattr(model, "checkpoint_entry")  # nothing hung on the module
     unloaded = create_model("tiny_r50", pretrained=False, manifest=str(manifest))
     assert not torch.equal(unloaded.decode_head.conv_seg.weight, model.decode_head.conv_seg.weight)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from psp_zoo import DownloadError, cache_state, cached_path, create_model, download, is_cached
-from psp_zoo.download import cache_dir
+from psp_zoo.hub import cache_dir
 
 from conftest import tiny_checkpoint_path, tiny_info
 from hub_server import OPENMMLAB, write_manifest

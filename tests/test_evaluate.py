@@ -15,6 +15,7 @@ from torch import nn
 from psp_zoo import ConfusionMatrix, DatasetError, PspZooError, classes, evaluate, predict_probs
 from psp_zoo.cli import main
 from psp_zoo.manifest import TestSettings as Settings
+from psp_zoo.records import ResultRecord, read_result, write_result
 
 import minidata
 from conftest import tiny_checkpoint_path, tiny_info, tiny_model
@@ -33,12 +34,12 @@ def _expected_scores(model, folder, names, settings, ms_flip=False) -> dict:
     return metric.compute()
 
 
-def _assert_same(result: dict, scores: dict) -> None:
-    for key in ("aAcc", "mIoU", "mAcc"):
-        assert result[key] == pytest.approx(scores[key] * 100, abs=1e-9), key
+def _assert_same(result, scores: dict) -> None:
+    for key, got in (("aAcc", result.aacc), ("mIoU", result.miou), ("mAcc", result.macc)):
+        assert got == pytest.approx(scores[key] * 100, abs=1e-9), key
     for index, value in enumerate(scores["IoU"]):
-        got = result["IoU"][str(index)]
-        assert (math.isnan(got) and math.isnan(value)) or got == pytest.approx(value * 100, abs=1e-9)
+        got = result.iou[str(index)]
+        assert (got is None and math.isnan(value)) or got == pytest.approx(value * 100, abs=1e-9)
 
 
 class PixelClassifier(nn.Module):
@@ -66,18 +67,18 @@ def _evaluate_on_ade(model, ade, ms_flip: bool, limit=None) -> dict:
                       num_workers=0, progress=False, **SMALL)
     settings = Settings(mode="whole", img_scale=(64, 32), align_corners=False)
     _assert_same(result, _expected_scores(model, folder, names[:limit], settings, ms_flip))
-    assert result["num_images"] == len(names[:limit]) and result["ms_flip"] is ms_flip
-    assert result["dataset"] == "ade20k"
-    assert result["settings"]["img_scale"] == (64, 32) and result["settings"]["mode"] == "whole"
-    assert len(result["settings"]["scales"]) == (6 if ms_flip else 1)
-    assert list(result["IoU"]) == ["0", "1", "2", "3", "4"]  # 5 classes, not ADE's 150: scored by index
-    assert 0 < result["mIoU"] < 100
+    assert result.images.count == len(names[:limit]) and (result.ms_flip is not None) is ms_flip
+    assert result.dataset == "ade20k"
+    assert result.settings["test"]["img_scale"] == [64, 32] and result.settings["test"]["mode"] == "whole"
+    assert len(result.settings["ms_flip_ratios"] or [1.0]) == (6 if ms_flip else 1)
+    assert list(result.iou) == ["0", "1", "2", "3", "4"]  # 5 classes, not ADE's 150: scored by index
+    assert 0 < result.miou < 100
     return result
 
 
 def test_tiny_checkpoint_equals_direct_metrics(ade):
     result = _evaluate_on_ade(tiny_model("r50"), ade, ms_flip=False)
-    assert result["model"] == "PSPNet"
+    assert result.checkpoint == "PSPNet"
 
 
 def test_ms_flip_equals_direct_metrics(ade):
@@ -115,7 +116,7 @@ def test_manifest_name_with_local_checkpoint(ade, tiny_manifest):
                       checkpoint=tiny_checkpoint_path("r50"), device="cpu", num_workers=1, progress=False)
     settings = Settings(mode="slide", img_scale=(64, 32), align_corners=False, crop_size=(24, 24), stride=(16, 16))
     _assert_same(result, _expected_scores(tiny_model("r50"), folder, names[:2], settings))
-    assert result["model"] == "tiny_pspnet_r50-d8_ade20k" and result["settings"]["mode"] == "slide"
+    assert result.checkpoint == "tiny_pspnet_r50-d8_ade20k" and result.settings["test"]["mode"] == "slide"
     with pytest.raises(PspZooError, match="ade20k checkpoint"):
         evaluate("tiny_pspnet_r50-d8_ade20k", folder, dataset="cityscapes", manifest=str(manifest),
                  checkpoint=tiny_checkpoint_path("r50"))
@@ -126,12 +127,12 @@ def test_dataset_defaults_and_class_names(tmp_path):
     torch.manual_seed(0)
     result = evaluate(PixelClassifier(60), tmp_path, dataset="pascal_context", device="cpu", num_workers=0,
                       progress=False)
-    settings = result["settings"]
+    settings = result.settings["test"]
     assert (settings["mode"], settings["img_scale"], settings["crop_size"], settings["stride"]) == \
-        ("slide", (520, 520), (480, 480), (320, 320))
-    assert settings["align_corners"] is False and settings["reduce_zero_label"] is False
-    assert tuple(result["IoU"]) == classes("pascal_context") == tuple(result["Acc"])
-    assert result["num_images"] == 3
+        ("slide", [520, 520], [480, 480], [320, 320])
+    assert settings["align_corners"] is False and result.settings["reduce_zero_label"] is False
+    assert tuple(result.iou) == classes("pascal_context") == tuple(result.acc)
+    assert result.images.count == 3
 
 
 def test_bad_calls_are_user_errors(ade):
@@ -152,17 +153,21 @@ def test_cli_evaluate_prints_and_writes_json(ade, tiny_manifest, tmp_path, capsy
     out = tmp_path / "results" / "tiny.json"
     argv = ["evaluate", "tiny_pspnet_r50-d8_ade20k", "--data-root", str(folder.parent), "--limit", "2",
             "--manifest", str(tiny_manifest), "--checkpoint", str(tiny_checkpoint_path("r50")),
-            "--device", "cpu", "--workers", "0", "--json", str(out)]
+            "--device", "cpu", "--num-workers", "0", "--json", str(out)]
     assert main(argv) == 0
     written = json.loads(out.read_text())
     expected = evaluate("tiny_pspnet_r50-d8_ade20k", folder, manifest=str(tiny_manifest), limit=2,
                         checkpoint=tiny_checkpoint_path("r50"), device="cpu", num_workers=0, progress=False)
-    assert written["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-12) and written["num_images"] == 2
+    metrics = written["metrics"]["single_scale"]
+    assert metrics["mIoU"] == pytest.approx(expected.miou, abs=1e-12) and written["images"]["count"] == 2
     # standard JSON: a class absent from the labels and predictions is null, not NaN
-    absent = [k for k, v in expected["IoU"].items() if v != v]
-    assert all(written["IoU"][k] is None for k in absent)
+    absent = [k for k, v in expected.iou.items() if v is None]
+    assert all(metrics["per_class"][k]["IoU"] is None for k in absent)
     assert "NaN" not in out.read_text()
-    assert f"mIoU {expected['mIoU']:.2f}" in capsys.readouterr().out
+    # evaluate returns the record type results files hold: its JSON reads back as an equal record
+    assert isinstance(expected, ResultRecord)
+    assert read_result(write_result(expected, tmp_path / "again.json")) == expected
+    assert f"mIoU {expected.miou:.2f}" in capsys.readouterr().out
     assert main(argv[:3] + [str(tmp_path / "nowhere")] + argv[4:]) == 2
     err = capsys.readouterr().err.strip()
     assert "is not a folder" in err and len(err.splitlines()) == 1
@@ -174,11 +179,10 @@ def test_evaluate_runs_the_fast_path_by_default_and_records_it(ade, tiny_manifes
                   device="cpu", num_workers=0, progress=False)
     fast = evaluate("tiny_pspnet_r50-d8_ade20k", folder, **kwargs)
     plain = evaluate("tiny_pspnet_r50-d8_ade20k", folder, fuse_bn=False, channels_last=False, **kwargs)
-    assert fast["optimizations"]["fuse_bn"] and fast["optimizations"]["channels_last"]
-    assert fast["optimizations"]["folded_bn"] > 0 and fast["optimizations"]["precision"] == "fp32"
-    assert not plain["optimizations"]["fuse_bn"] and not plain["optimizations"]["channels_last"]
+    assert fast.optimizations == ("fuse_bn", "channels_last", "factorize_head") and fast.precision == "fp32"
+    assert plain.optimizations == ()
     # folding BN changes rounding only: the confusion matrix, hence every score, is the same
-    assert fast["IoU"] == pytest.approx(plain["IoU"], nan_ok=True) and fast["aAcc"] == plain["aAcc"]
+    assert fast.iou == plain.iou and fast.aacc == plain.aacc
     with pytest.raises(PspZooError, match="needs a CUDA device"):
         evaluate("tiny_pspnet_r50-d8_ade20k", folder, precision="fp16", **kwargs)
 

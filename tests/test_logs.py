@@ -11,7 +11,7 @@ from PIL import Image
 from psp_zoo.cli import main
 from psp_zoo.logs import LogError, compare_with_table, log_figure, parse_log, render_comparison
 from psp_zoo.manifest import get_checkpoint
-from psp_zoo.selftest import manifest_entry, write_manifest
+from psp_zoo.testing import manifest_entry, write_manifest
 
 from conftest import tiny_checkpoint_path
 

@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, TINY, tiny_expected, tiny_model
 
 from psp_zoo import PspZooError
-from psp_zoo.optimize import cpu_supports_bf16, fold_batchnorm, optimize
+from psp_zoo.optimization import cpu_supports_bf16, fold_batchnorm, optimize
 
 
 def max_rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -48,7 +48,7 @@ def test_output_is_plain_nchw_float32_and_keeps_model_interface():
     assert (fast.num_classes, fast.align_corners) == (5, True)
     assert fast.optimizations == {
         "precision": "fp32", "fuse_bn": True, "folded_bn": 61, "channels_last": True, "compile": False,
-        "freezing": False, "device": "cpu", "torch": torch.__version__,
+        "freezing": False, "factorize_head": True, "device": "cpu", "torch": torch.__version__,
     }
     # The folded weights appear once in the state dict, under the wrapped model's names.
     assert all(key.startswith("model.") for key in fast.state_dict())
@@ -70,7 +70,7 @@ def test_each_optimization_can_be_turned_off(tag):
     x = tiny_expected(tag, False)["whole_input"]
     with torch.no_grad():
         eager = model(x)
-    plain = optimize(model, fuse_bn=False, channels_last=False)
+    plain = optimize(model, fuse_bn=False, channels_last=False, factorize_head=False)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
     assert plain.optimizations["folded_bn"] == 0
     assert max_rel_diff(plain(x), eager) <= 1e-6

@@ -15,7 +15,7 @@ from psp_zoo.datasets import palette, read_image
 from psp_zoo.inference import predict_probs
 from psp_zoo.manifest import get_checkpoint, get_manifest
 from psp_zoo.prediction import output_stems
-from psp_zoo.selftest import manifest_entry, write_manifest
+from psp_zoo.testing import manifest_entry, write_manifest
 
 from conftest import tiny_checkpoint_path, tiny_info, tiny_model
 

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from psp_zoo.selftest import write_mini_cityscapes
+from psp_zoo.testing import write_mini_cityscapes
 
 from conftest import REPO, tiny_checkpoint_path, tiny_info
 

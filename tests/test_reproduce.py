@@ -21,19 +21,21 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from psp_zoo import evaluate
+from psp_zoo import FetchOptions, evaluate
 from psp_zoo.cli import main
 from psp_zoo.datasets import SegmentationDataset
 from psp_zoo.manifest import get_checkpoint
 from psp_zoo.metrics import ConfusionMatrix
-from psp_zoo.reproduce import CRASH_EXIT_CODE, evaluate_split, reproduce
-from psp_zoo.results import read_result
+from psp_zoo.reproduction import reproduce
+from psp_zoo.scoring import score
+from psp_zoo.records import read_result
 
 import minidata
 from conftest import REPO, tiny_checkpoint_path, tiny_model
 from hub_server import CheckpointServer, manifest_text
 
 SMALL_SCALE = [32, 16]
+CRASH_EXIT_CODE = 75  # crash_reproduce.py's hard exit, like a kill
 # a quick run: no decoding workers, 3 images timed after 1 warm-up
 QUICK = ("--num-workers", "0", "--speed-images", "3", "--speed-warmup", "1")
 
@@ -109,13 +111,13 @@ def test_reproduce_records_everything_and_tables_show_both_columns(capsys, setup
     assert code == 1 and "failed: tiny_r101" in err  # and tiny_r50 was still reproduced
     record = read_result(results / "tiny_r50" / "cpu.json")
     assert record.status == "complete" and record.precision == "fp32"
-    assert record.optimizations == ("fuse_bn", "channels_last")  # the default exact fast path
+    assert record.optimizations == ("fuse_bn", "channels_last", "factorize_head")  # the default exact fast path
     assert (record.images.count, record.images.available, record.images.limit) == (3, 3, None)
     for ms_flip, metrics in ((False, record.single_scale), (True, record.ms_flip)):
         expected = evaluate("tiny_r50", setup["data"], manifest=setup["manifest"], device="cpu",
                             num_workers=0, checkpoint=tiny_checkpoint_path("r50"), ms_flip=ms_flip)
-        assert metrics.miou == pytest.approx(expected["mIoU"], abs=1e-9)
-        assert metrics.per_class["3"]["IoU"] == pytest.approx(expected["IoU"]["3"], abs=1e-9)
+        assert metrics.miou == pytest.approx(expected.miou, abs=1e-9)
+        assert metrics.per_class["3"]["IoU"] == pytest.approx(expected.iou["3"], abs=1e-9)
     assert record.speed.device_kind == "cpu" and (record.speed.images_timed, record.speed.warmup) == (2, 1)
     assert record.inference_memory.kind == record.training_memory.kind == "cpu peak RSS"
     assert record.training_memory.gb > 0 and "64x64, 2 image(s)" in record.training_memory.detail
@@ -166,7 +168,7 @@ def test_a_killed_run_resumes_and_ends_with_the_same_numbers(capsys, setup, unin
     argv = _argv(setup, results, "--models", "tiny_r50", "--no-train-mem", "--save-every", "2")
 
     def killed_after(images: int) -> str:
-        run = subprocess.run([sys.executable, "-m", "psp_zoo", *argv, "--crash-after", str(images)],
+        run = subprocess.run([sys.executable, str(Path(__file__).with_name("crash_reproduce.py")), str(images), *argv],
                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
                              capture_output=True, text=True)
         assert run.returncode == CRASH_EXIT_CODE, run.stderr
@@ -197,8 +199,8 @@ def _tiny_r50_split(manifest: Path, data_root: Path, rank: int = 0, world_size: 
     """tiny_r50's single-scale confusion matrix of one shard, not reduced."""
     settings = get_checkpoint("tiny_r50", manifest=manifest).test
     data = SegmentationDataset("cityscapes", data_root, img_scales=[settings.img_scale])
-    return evaluate_split(tiny_model("r50"), data.shard(rank, world_size), settings, 5, ms_flip=False,
-                          device=torch.device("cpu"), num_workers=0, progress=False)
+    return score(tiny_model("r50"), data.shard(rank, world_size), settings, 5, ms_flip=False,
+                 device=torch.device("cpu"), num_workers=0, show=False)
 
 
 def _distributed_worker(rank: int, world_size: int, port: int, paths: dict, out: Path) -> None:
@@ -212,7 +214,7 @@ def _distributed_worker(rank: int, world_size: int, port: int, paths: dict, out:
         torch.save(matrix, out / "matrix.pt")
     # the whole command on the same process group (it joins the group it finds)
     reproduce("cityscapes", paths["data"], models="tiny_r50", device="cpu", results_dir=out / "results",
-              manifest=paths["manifest"], cache_dir=paths["cache"], num_workers=0, speed_images=3,
+              fetch=FetchOptions(manifest=paths["manifest"], cache_dir=paths["cache"]), num_workers=0, speed_images=3,
               speed_warmup=1, train_memory=False, progress=False)
     dist.destroy_process_group()
 
@@ -228,3 +230,63 @@ def test_two_gloo_processes_give_the_single_process_numbers(setup, uninterrupted
     assert record["settings"]["world_size"] == 2 and record["speed"] is not None
     assert _scores(record) == _scores(uninterrupted)
     assert not list((tmp_path / "results" / "tiny_r50").glob("*.partial.npz"))
+
+
+# --------------------------------------------------------------------------------------------
+# holds up in real use: checked folder, one run per results file, options, passes, progress
+
+
+def test_an_unusable_results_folder_fails_before_any_model_work(capsys, setup, tmp_path):
+    blocker = tmp_path / "readme.txt"
+    blocker.write_text("a file, not a folder\n")
+    before = len(setup["server"].log)
+    code, _, err = _cli(capsys, *_argv(setup, blocker / "x", "--models", "tiny_r50"))
+    assert code == 2 and "results folder" in err and len(err.strip().splitlines()) == 1
+    assert len(setup["server"].log) == before  # nothing fetched, nothing built
+
+
+def test_a_second_run_on_the_same_folder_does_not_measure_beside_the_first(capsys, setup, tmp_path):
+    import filelock
+
+    results = tmp_path / "results"
+    target = results / "tiny_r50" / "cpu.json"
+    target.parent.mkdir(parents=True)
+    with filelock.FileLock(str(target.with_name(".cpu.json.lock"))):  # the first run, still measuring
+        code, out, err = _cli(capsys, *_argv(setup, results, "--models", "tiny_r50", "--no-ms-flip",
+                                             "--no-train-mem"))
+    assert code == 1 and "another run is reproducing it" in err and "busy in another run: tiny_r50" in err
+    assert not target.exists()
+
+
+def test_finished_results_are_reused_only_with_the_same_options(capsys, setup, tmp_path):
+    results = tmp_path / "results"
+    quick = ("--models", "tiny_r50", "--no-train-mem")
+    code, _, err = _cli(capsys, *_argv(setup, results, *quick, "--no-ms-flip"))
+    assert code == 0 and "3/3 images" in err  # progress lines when stderr is not a terminal
+    first = read_result(results / "tiny_r50" / "cpu.json")
+    assert first.ms_flip is None and first.speed.images_timed == 2
+
+    # ms+flip added later: only that pass runs; single-scale, speed and memory are kept as they were
+    code, _, err = _cli(capsys, *_argv(setup, results, *quick))
+    assert code == 0 and "adding ms+flip" in err and "single-scale" not in err.split("adding ms+flip")[1]
+    second = read_result(results / "tiny_r50" / "cpu.json")
+    assert second.ms_flip is not None and second.single_scale == first.single_scale
+    assert second.speed == first.speed and second.inference_memory == first.inference_memory
+
+    # other speed switches: a result of their own beside it, never "skipped, finished"
+    code, _, err = _cli(capsys, *_argv(setup, results, *quick, "--no-fuse-bn", "--no-channels-last"))
+    assert code == 0 and "skipped" not in err
+    other = read_result(results / "tiny_r50" / "cpu_fp32-no_fuse_bn-no_channels_last.json")
+    assert "fuse_bn" not in other.optimizations and "channels_last" not in other.optimizations
+    assert read_result(results / "tiny_r50" / "cpu.json") == second  # the default result is kept
+
+    # another number of speed images: redone, not reused
+    code, _, err = _cli(capsys, *_argv(setup, results, *quick, "--speed-images", "2"))
+    assert code == 0 and "other options" in err and "skipped" not in err
+    assert read_result(results / "tiny_r50" / "cpu.json").speed.images_timed == 1
+
+
+def test_speed_with_no_timed_image_is_refused_before_any_work(capsys, setup, tmp_path):
+    code, _, err = _cli(capsys, *_argv(setup, tmp_path / "results", "--models", "tiny_r50", "--limit", "1"))
+    assert code == 2 and "all of them warm-up" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "results").exists()

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from psp_zoo.errors import ResultsError
-from psp_zoo.results import (ImageCount, MemoryUse, Metrics, PartialState, ResultRecord, Speed,
-                             device_tag, environment_info, read_result, read_results, result_path,
-                             write_result)
+from psp_zoo.environment import environment_info
+from psp_zoo.records import (ImageCount, MemoryUse, Metrics, ResultRecord, Speed, device_tag, read_result,
+                             read_results, result_path, write_result)
+from psp_zoo.resume import PartialState
 
 
 def make_record(name="pspnet_r50-d8_512x1024_40k_cityscapes", dataset="cityscapes", *, miou=0.778,
@@ -41,7 +42,7 @@ def test_record_round_trip_keeps_every_field(tmp_path):
     record = make_record()
     path = result_path(tmp_path, record.checkpoint, record.environment)
     assert path == tmp_path / record.checkpoint / "cuda-nvidia-h100-80gb-hbm3.json"
-    write_result(path, record)
+    write_result(record, path)
     data = json.loads(path.read_text())
     assert data["schema_version"] == 1 and data["metrics"]["ms_flip"]["mIoU"] == pytest.approx(79.1)
     assert data["metrics"]["single_scale"]["per_class"]["rare"] == {"IoU": None, "Acc": None}
@@ -65,20 +66,20 @@ def test_environment_info_has_versions_and_no_hostname():
 
 def test_failed_write_leaves_old_file_intact(tmp_path, monkeypatch):
     path = tmp_path / "m" / "cpu.json"
-    write_result(path, make_record(miou=0.5))
+    write_result(make_record(miou=0.5), path)
     before = path.read_bytes()
 
     def crash(fd):
         raise OSError("disk full")  # after the new bytes went to the temporary file
     monkeypatch.setattr(os, "fsync", crash)
     with pytest.raises(OSError, match="disk full"):
-        write_result(path, make_record(miou=0.7))
+        write_result(make_record(miou=0.7), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["cpu.json"]  # no temporary left behind
 
 
 def test_read_results_rejects_a_bad_file_by_name(tmp_path):
-    write_result(tmp_path / "a" / "cpu.json", make_record())
+    write_result(make_record(), tmp_path / "a" / "cpu.json")
     bad = tmp_path / "b" / "cpu.json"
     data = make_record().to_dict()
     data["speed"]["fps"] = "fast"
@@ -123,7 +124,7 @@ def test_partial_state_round_trip_and_guards(tmp_path):
 
 
 def test_atomic_write_keeps_permissions_not_the_temp_files_0600(tmp_path):
-    from psp_zoo.results import atomic_write
+    from psp_zoo.files import atomic_write
 
     readme = tmp_path / "README.md"
     readme.write_text("old\n")

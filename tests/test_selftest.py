@@ -15,7 +15,8 @@ import torch
 
 from psp_zoo import PSPNet, PspZooError, load_checkpoint
 from psp_zoo.cli import main
-from psp_zoo.selftest import TINY_ARCH, run_selftest, write_tiny_checkpoint
+from psp_zoo.selftest import run_selftest
+from psp_zoo.testing import TINY_ARCH, write_tiny_checkpoint
 
 from conftest import REPO
 
@@ -115,7 +116,7 @@ def test_the_tiny_checkpoint_is_in_the_published_format(tmp_path):
 
 
 def test_a_port_out_of_range_is_a_clear_error(tmp_path):
-    from psp_zoo.selftest import serve_folder
+    from psp_zoo.testing import serve_folder
 
     with pytest.raises(PspZooError, match="port 99999 is not a TCP port; choose one in 1..65535, or 0"):
         with serve_folder(tmp_path, 99999):

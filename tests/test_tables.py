@@ -155,7 +155,7 @@ def test_update_rewrites_only_the_marked_region(tmp_path):
 def test_cli_reads_results_and_updates_a_file(tmp_path, capsys):
     results = tmp_path / "results"
     record = make_record(R50, miou=0.778)
-    write_result(results / R50 / "cuda-nvidia-h100-80gb-hbm3.json", record)
+    write_result(record, results / R50 / "cuda-nvidia-h100-80gb-hbm3.json")
     readme = tmp_path / "README.md"
     readme.write_text(f"top\n{MARKER_START}\n{MARKER_END}\nbottom\n")
     assert cli.main(["tables", "--results", str(results), "--update", str(readme)]) == 0
@@ -208,7 +208,7 @@ def test_cli_warnings_are_one_plain_line_each(tmp_path, capsys):
     from psp_zoo.records import write_result
 
     record = make_record(name="not_in_manifest")
-    write_result(tmp_path / "results" / "not_in_manifest" / "cpu.json", record)
+    write_result(record, tmp_path / "results" / "not_in_manifest" / "cpu.json")
     assert main(["tables", "--results", str(tmp_path / "results"), "--plot", str(tmp_path / "p.png")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("psp-zoo tables: warning: ignoring ")

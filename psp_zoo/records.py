@@ -1,41 +1,38 @@
-"""Results files: one JSON record per (checkpoint, device, precision), written atomically.
+"""Results records: what ``evaluate`` returns, ``reproduce`` writes and ``tables`` reads.
+
+One ``ResultRecord`` per (checkpoint, device, precision): metrics (percent, per class by name),
+image count, test settings, precision and optimizations, speed and memory, and the environment
+that produced them. Its JSON form (:meth:`ResultRecord.to_json`) is the results-file format; a
+file is read back into an equal record. Metrics are percentages (0-100) like the published
+tables; memory is in GB of 2**30 bytes like the published "Mem (GB)" column; ``null`` stands for
+"not measured" (and for a per-class value of a class that never occurs).
 
 Layout: ``<results_dir>/<checkpoint>/<device_tag>[_<precision>].json``, e.g.
 ``results/pspnet_r50-d8_512x1024_40k_cityscapes/cuda-nvidia-h100-80gb-hbm3.json``; fp32 has no
-suffix. Metrics are percentages (0-100) like the published tables; memory is in GB of 2**30
-bytes like the published "Mem (GB)" column. ``null`` stands for "not measured" (and for a
-per-class value that is NaN because the class never occurs).
-
-A results file is evidence, so reading is strict: :func:`read_results` raises ``ResultsError``
-naming the first malformed file and field instead of silently leaving a checkpoint out of a
-table (``strict=False`` skips such files with a warning instead). Writes go to a temporary file
-in the same folder followed by ``os.replace``, so a reader never sees a truncated file.
+suffix. A results file is evidence, so reading is strict: :func:`read_results` raises
+``ResultsError`` naming the first malformed file and field instead of silently leaving a
+checkpoint out of a table (``strict=False`` skips such files with a warning instead).
 """
 from __future__ import annotations
 
 import datetime
-import io
 import json
 import math
-import os
-import platform
 import re
-import subprocess
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ResultsError
+from .files import atomic_write
+
+if TYPE_CHECKING:  # only for the annotation: records stay importable without torch
+    from .metrics import ConfusionMatrix
 
 __all__ = [
     "SCHEMA_VERSION", "DEFAULT_RESULTS_DIR", "Metrics", "Speed", "MemoryUse", "ImageCount",
-    "ResultRecord", "environment_info", "device_tag", "result_path", "atomic_write",
-    "write_result", "read_result", "read_results", "PartialState",
+    "ResultRecord", "device_tag", "result_path", "write_result", "read_result", "read_results", "none_if_nan",
 ]
 
 SCHEMA_VERSION = 1
@@ -44,6 +41,7 @@ RUN_STATUSES = ("complete", "failed")
 DEVICE_KINDS = ("cuda", "cpu")
 MEMORY_KINDS = ("cuda max_memory_allocated", "cpu peak RSS")
 PathLike = Union[str, Path]
+REDO_HINT = "`psp-zoo reproduce --force` redoes it"
 
 
 def none_if_nan(value: Optional[float]) -> Optional[float]:
@@ -61,6 +59,23 @@ class Metrics:
     miou: float
     macc: float
     per_class: Dict[str, Dict[str, Optional[float]]]
+
+    @property
+    def iou(self) -> Dict[str, Optional[float]]:
+        """Per-class IoU in percent, keyed by class name (None: the class never occurs)."""
+        return {name: values["IoU"] for name, values in self.per_class.items()}
+
+    @property
+    def acc(self) -> Dict[str, Optional[float]]:
+        """Per-class accuracy in percent, keyed by class name (None: the class is never labelled)."""
+        return {name: values["Acc"] for name, values in self.per_class.items()}
+
+    @classmethod
+    def from_matrix(cls, matrix: "ConfusionMatrix", class_names: Sequence[str]) -> "Metrics":
+        """The reference's metrics of a (summed, reduced) confusion matrix, in percent."""
+        scores = matrix.compute()
+        return cls.from_fractions(class_names, aacc=scores["aAcc"], miou=scores["mIoU"],
+                                  macc=scores["mAcc"], iou=scores["IoU"], acc=scores["Acc"])
 
     @classmethod
     def from_fractions(cls, class_names: Sequence[str], *, aacc: float, miou: float, macc: float,
@@ -126,14 +141,57 @@ class ResultRecord:
     training_memory: Optional[MemoryUse] = None
     status: str = "complete"
     error: Optional[str] = None
+    backend: Optional[Dict[str, Any]] = None  # None: PyTorch; else e.g. {"backend": "onnxruntime", ...}
     date: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc)
                       .isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
     source: Optional[str] = field(default=None, compare=False)  # the file it was read from
 
+    def __post_init__(self) -> None:
+        # settings and environment hold what their JSON holds (lists, not tuples), so a record
+        # read back from its results file equals the record that was written
+        for name in ("settings", "environment"):
+            object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name))))
+        object.__setattr__(self, "optimizations", tuple(self.optimizations))
+
     @property
     def device_kind(self) -> str:
         return self.environment["device_kind"]
+
+    @property
+    def metrics(self) -> Metrics:
+        """The single-scale metrics, or the ms+flip ones for a record with only that pass."""
+        found = self.single_scale if self.single_scale is not None else self.ms_flip
+        if found is None:
+            raise ResultsError(f"{self.checkpoint}: this record has no metrics (status {self.status}: "
+                               f"{self.error or 'nothing was scored'})")
+        return found
+
+    @property
+    def miou(self) -> Optional[float]:
+        return self.metrics.miou
+
+    @property
+    def aacc(self) -> Optional[float]:
+        return self.metrics.aacc
+
+    @property
+    def macc(self) -> Optional[float]:
+        return self.metrics.macc
+
+    @property
+    def iou(self) -> Dict[str, Optional[float]]:
+        return self.metrics.iou
+
+    @property
+    def acc(self) -> Dict[str, Optional[float]]:
+        return self.metrics.acc
+
+    def to_json(self) -> str:
+        """The results-file text: standard JSON (no NaN), validated before it is returned."""
+        data = self.to_dict()
+        _Parser("<record>").record(data)
+        return json.dumps(data, indent=1, allow_nan=False) + "\n"
 
     def to_dict(self) -> dict:
         opt = lambda obj: None if obj is None else asdict(obj)  # noqa: E731
@@ -154,6 +212,7 @@ class ResultRecord:
             },
             "speed": opt(self.speed),
             "memory": {"inference": opt(self.inference_memory), "training": opt(self.training_memory)},
+            "backend": None if self.backend is None else dict(self.backend),
             "environment": dict(self.environment),
         }
 
@@ -171,8 +230,8 @@ class _Parser:
         self.source = source
 
     def fail(self, fld: str, msg: str) -> None:
-        raise ResultsError(f"{self.source}: field '{fld}': {msg}; rerun the checkpoint with "
-                           f"`psp-zoo reproduce --force` or remove the file")
+        raise ResultsError(f"{self.source}: field '{fld}': {msg}; reproduce the checkpoint again "
+                           f"(force=True) or remove the file", cli_hint=REDO_HINT)
 
     def get(self, data: Mapping, key: str, types: tuple, fld: str, optional: bool = False) -> Any:
         if key not in data:
@@ -268,66 +327,14 @@ class _Parser:
             speed=self.speed(data.get("speed")),
             inference_memory=self.memory(memory.get("inference"), "memory.inference"),
             training_memory=self.memory(memory.get("training"), "memory.training"),
+            backend=self.get(data, "backend", (dict,), "backend", optional=True) if "backend" in data else None,
             environment=self.environment(data),
             source=self.source,
         )
 
 
 # --------------------------------------------------------------------------------------------
-# environment
-
-
-def cpu_name() -> str:
-    """The processor's model name (from /proc/cpuinfo on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def _git_revision() -> Optional[str]:
-    """The checkout's commit (``+dirty`` with local edits), or None for an installed package."""
-    root = Path(__file__).resolve().parents[1]
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-    try:
-        # only psp-zoo's own repository counts, not one that happens to contain site-packages
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
-            return None
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        return git("rev-parse", "--short=12", "HEAD") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment_info(device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """Device and software versions that produced a number; nothing identifying the host."""
-    from . import __version__
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    elif device.type == "cpu":
-        name, cudnn = cpu_name(), None
-    else:
-        raise ResultsError(f"unsupported device {str(device)!r}; use 'cpu' or 'cuda[:N]'")
-    return {
-        "device_kind": device.type,
-        "device_name": name,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": None if cudnn is None else str(cudnn),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "psp_zoo": __version__,
-        "git_revision": _git_revision(),
-        "platform": platform.platform(),
-    }
+# files
 
 
 def device_tag(environment: Mapping[str, Any]) -> str:
@@ -345,58 +352,22 @@ def result_path(results_dir: PathLike, checkpoint: str, environment: Mapping[str
     return Path(results_dir) / checkpoint / f"{device_tag(environment)}{suffix}.json"
 
 
-# --------------------------------------------------------------------------------------------
-# atomic I/O
-
-
-def _final_mode(path: Path) -> int:
-    """The permissions the written file should have: the replaced file's, else the umask's default."""
-    try:
-        return path.stat().st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def atomic_write(path: PathLike, data: Union[bytes, str]) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
-
-    The file keeps the permissions of the one it replaces (a README stays readable to all), not
-    the private 0600 of the temporary file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _final_mode(path))
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_result(path: PathLike, record: ResultRecord) -> Path:
+def write_result(record: ResultRecord, path: PathLike) -> Path:
     """Atomically write ``record`` as JSON (validated first, so a bad record never lands)."""
-    data = record.to_dict()
-    ResultRecord.from_dict(data, source=str(path))
-    atomic_write(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
-    return Path(path)
+    text = record.to_json()
+    ResultRecord.from_dict(json.loads(text), source=str(path))
+    return atomic_write(path, text)
 
 
 def read_result(path: PathLike) -> ResultRecord:
+    """The record in one results file; ResultsError naming the file and field if it is malformed."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ResultsError(f"cannot read results file {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
-        raise ResultsError(f"{path}: not valid JSON ({exc}); rerun the checkpoint with "
-                           f"`psp-zoo reproduce --force` or remove the file") from None
+        raise ResultsError(f"{path}: not valid JSON ({exc}); reproduce the checkpoint again "
+                           f"(force=True) or remove the file", cli_hint=REDO_HINT) from None
     return ResultRecord.from_dict(data, source=str(path))
 
 
@@ -408,8 +379,8 @@ def read_results(results_dir: PathLike, *, strict: bool = True) -> List[ResultRe
     """
     root = Path(results_dir)
     if not root.is_dir():
-        raise ResultsError(f"results folder {root} does not exist; run `psp-zoo reproduce` first "
-                           f"or pass --results DIR")
+        raise ResultsError(f"results folder {root} does not exist; reproduce some checkpoints into it "
+                           f"first, or read another folder", cli_hint="see `psp-zoo reproduce --help`")
     records = []
     for path in sorted(root.rglob("*.json")):
         if path.name.startswith("."):
@@ -421,68 +392,3 @@ def read_results(results_dir: PathLike, *, strict: bool = True) -> List[ResultRe
                 raise
             warnings.warn(f"skipping {exc}", stacklevel=2)
     return records
-
-
-# --------------------------------------------------------------------------------------------
-# resumable evaluation
-
-
-class PartialState:
-    """Accumulated arrays + the next image index of an unfinished evaluation, kept on disk.
-
-    ``fingerprint`` describes the run (checkpoint, settings, image list...); a saved state made
-    with a different fingerprint is ignored with a warning instead of being mixed into new counts.
-    """
-
-    def __init__(self, path: PathLike, fingerprint: Mapping[str, Any], every: int = 50):
-        if every < 1:
-            raise ValueError("every must be >= 1")
-        self.path = Path(path)
-        self.fingerprint = json.loads(json.dumps(dict(fingerprint), sort_keys=True, default=str))
-        self.every = every
-
-    @classmethod
-    def for_result(cls, result_file: PathLike, fingerprint: Mapping[str, Any], every: int = 50) -> "PartialState":
-        """The state file kept beside a results file: ``<results file>.partial.npz``."""
-        return cls(Path(f"{result_file}.partial.npz"), fingerprint, every)
-
-    def load(self) -> Optional[Tuple[int, Dict[str, np.ndarray]]]:
-        """``(next_index, arrays)`` of a saved state of this run, or None to start from zero."""
-        if not self.path.exists():
-            return None
-        try:
-            with np.load(self.path, allow_pickle=False) as saved:
-                meta = json.loads(str(saved["__meta__"]))
-                arrays = {key: saved[key] for key in saved.files if key != "__meta__"}
-        except (OSError, ValueError, KeyError) as exc:
-            warnings.warn(f"ignoring unreadable partial state {self.path} ({exc}); starting over", stacklevel=2)
-            return None
-        if meta.get("fingerprint") != self.fingerprint:
-            warnings.warn(f"ignoring partial state {self.path}: it belongs to a run with other "
-                          f"settings; starting over", stacklevel=2)
-            return None
-        return int(meta["next_index"]), arrays
-
-    def save(self, next_index: int, arrays: Mapping[str, Any]) -> None:
-        """Atomically record that images ``[0, next_index)`` are counted in ``arrays``."""
-        meta = json.dumps({"fingerprint": self.fingerprint, "next_index": int(next_index)})
-        buffer = io.BytesIO()
-        np.savez(buffer, __meta__=np.array(meta), **{k: _to_numpy(v) for k, v in arrays.items()})
-        atomic_write(self.path, buffer.getvalue())
-
-    def maybe_save(self, next_index: int, arrays: Mapping[str, Any]) -> bool:
-        """Save every ``every`` images; the caller calls this after each image."""
-        if next_index % self.every:
-            return False
-        self.save(next_index, arrays)
-        return True
-
-    def clear(self) -> None:
-        """Forget the state once the results file is written."""
-        self.path.unlink(missing_ok=True)
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)

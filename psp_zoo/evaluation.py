@@ -1,0 +1,75 @@
+"""One model on one validation set -> a :class:`~psp_zoo.records.ResultRecord`, as the reference scores it.
+
+``evaluate`` is a short composition of the pipeline: resolve the model and its test settings
+(``factory.resolve``), list the images (before anything is downloaded), load and prepare the
+model (``optimize``), score every image (``scoring.score``) and turn the counts into the same
+record that ``reproduce`` writes and ``tables`` reads.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .datasets import SegmentationDataset, list_items
+from .environment import environment_info
+from .factory import Resolved, resolve
+from .optimization import optimize
+from .options import FetchOptions, SpeedOptions, split_options
+from .records import ImageCount, Metrics, ResultRecord
+from .scoring import score
+from .transforms import MS_FLIP_RATIOS, target_scales
+
+__all__ = ["evaluate", "recorded_settings"]
+
+
+def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[str] = None,
+             ms_flip: bool = False, limit: Optional[int] = None, device: Union[None, str, torch.device] = None,
+             checkpoint: Union[None, str, Path] = None, num_workers: Optional[int] = None,
+             progress: Optional[bool] = None, batch_size: Optional[int] = None,
+             speed: Optional[SpeedOptions] = None, fetch: Optional[FetchOptions] = None,
+             **keywords: Any) -> ResultRecord:
+    """Score a checkpoint (manifest name) or a model object on a validation set, as the reference.
+
+    With a name, its manifest test settings apply (``checkpoint=PATH`` loads a local file; the
+    weights are fetched as ``fetch`` says). With a model object, ``dataset`` is required and that
+    dataset's default settings apply, with the model's ``align_corners``. Test settings
+    (``mode``, ``img_scale``, ``crop_size``, ``stride``, ``align_corners``) may be overridden by
+    keyword; so may the fields of ``speed`` (``precision``, ``compile``, ``fuse_bn``,
+    ``channels_last``; default: the exact fp32 fast path) and of ``fetch`` (``manifest``,
+    ``cache_dir``, ``mirror``, ``offline``). ``limit`` scores the first N images in sorted order;
+    ``progress``: True/False, or None for automatic; ``batch_size``: sliding-window crops per call.
+
+    Returns the :class:`~psp_zoo.ResultRecord` that a results file holds: ``record.miou``,
+    ``record.iou["road"]``, ``record.images.count``...
+    """
+    fetch, speed, overrides = split_options(keywords, fetch, speed)
+    target = resolve(name_or_model, dataset=dataset, checkpoint=checkpoint, fetch=fetch, device=device,
+                     overrides=overrides)
+    speed.check(target.device)  # before anything is downloaded or built
+    items = list_items(target.dataset.key, data_root, limit=limit, manifest=fetch.manifest)
+    model = optimize(target.load(), speed)
+    scales = target_scales(target.settings.img_scale, ms_flip)
+    data = SegmentationDataset(target.dataset.key, data_root, img_scales=scales, items=items,
+                               reduce_zero_label=target.dataset.reduce_zero_label, manifest=fetch.manifest)
+    matrix = score(model, data, target.settings, target.num_classes, ms_flip=ms_flip, device=target.device,
+                   num_workers=num_workers, show=progress, batch_size=batch_size,
+                   desc=f"{target.name} {'ms+flip' if ms_flip else 'single-scale'}")
+    metrics = Metrics.from_matrix(matrix, target.class_names)
+    return ResultRecord(
+        checkpoint=target.name, dataset=target.dataset.key, environment=environment_info(target.device),
+        images=ImageCount(count=len(items), limit=limit), precision=speed.precision,
+        optimizations=speed.applied(), settings=recorded_settings(target, ms_flip, data_root),
+        single_scale=None if ms_flip else metrics, ms_flip=metrics if ms_flip else None)
+
+
+def recorded_settings(target: Resolved, ms_flip: bool, data_root: Union[str, Path]) -> dict:
+    """The test settings a record states: how the images were run, on which data and files."""
+    entry = target.entry
+    return {"test": dataclasses.asdict(target.settings), "num_classes": target.num_classes,
+            "reduce_zero_label": target.dataset.reduce_zero_label,
+            "ms_flip_ratios": list(MS_FLIP_RATIOS) if ms_flip else None,
+            "checkpoint_file": str(target.checkpoint) if target.checkpoint else (entry.filename if entry else None),
+            "sha256": entry.sha256 if entry and not target.checkpoint else None, "data_root": str(data_root)}

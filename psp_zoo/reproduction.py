@@ -1,0 +1,374 @@
+"""``psp-zoo reproduce``: re-measure every published checkpoint of a dataset and record the results.
+
+For each selected checkpoint: fetch and verify it, load it, score the validation set single-scale
+and ms+flip (``scoring.score``), measure speed and inference memory in one pass over the same
+images and training memory as published (REFERENCE.md), and write one results file per
+checkpoint, device, precision and speed options (``records.py``). A checkpoint that fails is
+recorded as failed and the rest still run.
+
+Safe to rerun and to run twice: the results folder is checked before any model is built; a lock
+per results file keeps a second run on the same folder from measuring beside the first (it skips
+that checkpoint and says so); a finished record is reused only if it was made with the same
+options (precision, switches, image limit, speed images), and a record without ms+flip gains just
+that pass. Each evaluation pass keeps its confusion matrix in a ``PartialState`` file every
+``save_every`` images, so a killed run continues where it stopped with the same counts.
+
+Distributed: under ``torchrun`` (RANK / WORLD_SIZE in the environment) each process scores every
+WORLD_SIZE-th image, the confusion matrices are summed with all_reduce, and rank 0 alone measures
+speed and memory and writes the results file. Integer counts make the sum exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import filelock
+import torch
+
+from .datasets import Item, SegmentationDataset, list_items, make_loader
+from .distributed import Distributed
+from .environment import environment_info, usable_device
+from .errors import PspZooError, ResultsError
+from .evaluation import recorded_settings
+from .factory import Resolved, resolve
+from .files import check_writable_folder
+from .inference import default_slide_batch, mode_logits
+from .manifest import Checkpoint, get_manifest
+from .measure import speed_and_memory, training_memory
+from .optimization import optimize
+from .options import FetchOptions, SpeedOptions
+from .records import (DEFAULT_RESULTS_DIR, ImageCount, Metrics, ResultRecord, read_result, result_path,
+                      write_result)
+from .resume import PartialState
+from .scoring import score
+from .transforms import normalize_batch, target_scales
+
+__all__ = ["reproduce", "ReproduceOptions", "ReproduceReport", "select_checkpoints", "run_options"]
+
+log = logging.getLogger("psp_zoo")
+PASSES = ("single_scale", "ms_flip")
+
+
+@dataclass(frozen=True)
+class ReproduceOptions:
+    """How ``reproduce`` runs, besides the fetch and speed options."""
+
+    ms_flip: bool = True
+    limit: Optional[int] = None               # score the first N images (sorted), speed too
+    results_dir: Union[str, Path] = DEFAULT_RESULTS_DIR
+    force: bool = False                       # redo finished checkpoints, drop partial states
+    num_workers: Optional[int] = None
+    speed_images: Optional[int] = None        # None: the published 200 on CUDA, 20 on CPU
+    speed_warmup: int = 5
+    train_memory: bool = True
+    save_every: int = 50                      # images between partial-state saves
+    progress: Optional[bool] = None           # None: a bar on a terminal, log lines elsewhere
+
+    def check(self) -> None:
+        for name, value, minimum in (("limit", self.limit, 1), ("speed_images", self.speed_images, 2),
+                                     ("speed_warmup", self.speed_warmup, 0), ("save_every", self.save_every, 1),
+                                     ("num_workers", self.num_workers, 0)):
+            if value is not None and value < minimum:
+                raise PspZooError(f"{name} must be a whole number >= {minimum}, got {value}")
+        if self.speed_images is not None and self.speed_images <= self.speed_warmup:
+            raise PspZooError(f"speed_images ({self.speed_images}) must exceed speed_warmup "
+                              f"({self.speed_warmup}): at least one image must be timed")
+
+
+@dataclass
+class ReproduceReport:
+    """What a run did: the records of this run (skipped ones as read from disk)."""
+
+    records: List[ResultRecord] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+    busy: List[str] = field(default_factory=list)  # locked by another run on the same folder
+    rank: int = 0
+
+    @property
+    def failed(self) -> List[str]:
+        return [r.checkpoint for r in self.records if r.status == "failed"]
+
+
+def select_checkpoints(dataset: str, pattern: Optional[str] = None, manifest: Any = None) -> List[Checkpoint]:
+    """The checkpoints published on ``dataset`` whose name or alias matches the wildcard ``pattern``."""
+    found = get_manifest(manifest)
+    names = found.list(dataset=dataset)
+    if not names:
+        raise PspZooError(f"the manifest has no checkpoints for dataset {dataset!r}")
+    chosen = found.list(dataset=dataset, pattern=pattern) if pattern else names
+    if not chosen:
+        raise PspZooError(f"no {dataset} checkpoint matches {pattern!r}; the {dataset} checkpoints "
+                          f"are: {', '.join(names)}")
+    return [found.get(name) for name in chosen]
+
+
+def run_options(options: ReproduceOptions, speed: SpeedOptions, device: torch.device) -> Dict[str, Any]:
+    """What a finished record must have been made with to be reused (recorded in its settings)."""
+    return {"precision": speed.precision, "optimizations": list(speed.applied()), "limit": options.limit,
+            "speed_images": _speed_count(options, device), "speed_warmup": options.speed_warmup,
+            "train_memory": options.train_memory}
+
+
+def _speed_count(options: ReproduceOptions, device: torch.device) -> int:
+    return options.speed_images or (200 if device.type == "cuda" else 20)
+
+
+def _check_speed_images(options: ReproduceOptions, scored: int, device: torch.device) -> None:
+    """fps needs at least one timed image after the warm-up: refuse a run that would time none."""
+    count = min(_speed_count(options, device), scored)
+    if options.speed_warmup >= count:
+        raise PspZooError(f"speed is timed on the first {count} scored image(s), all of them warm-up "
+                          f"(speed_warmup={options.speed_warmup}): score more images, or lower the warm-up",
+                          cli_hint="--limit / --speed-warmup")
+
+
+# --------------------------------------------------------------------------------------------
+# one checkpoint
+
+
+class _CheckpointRun:
+    """Everything about reproducing one checkpoint in this process."""
+
+    def __init__(self, entry: Checkpoint, job: "_Job"):
+        self.entry, self.job, self.options = entry, job, job.options
+        self.target: Resolved = resolve(entry.name, dataset=job.dataset, fetch=job.fetch, device=job.device)
+        self.settings = self.target.settings
+        self.path = result_path(self.options.results_dir, entry.name, job.environment,
+                                _file_tag(job.speed))
+
+    def record(self, previous: Optional[ResultRecord] = None, **fields: Any) -> ResultRecord:
+        job = self.job
+        scored = len(job.items) if fields.get("status", "complete") == "complete" else 0
+        settings = {**recorded_settings(self.target, self.options.ms_flip, job.data_root),
+                    "slide_batch_size": default_slide_batch(job.device), "world_size": job.dist.world_size,
+                    "run": run_options(self.options, job.speed, job.device)}
+        kept = {} if previous is None else {k: getattr(previous, k) for k in
+                                            ("single_scale", "speed", "inference_memory", "training_memory")}
+        return ResultRecord(checkpoint=self.entry.name, dataset=job.dataset, environment=job.environment,
+                            precision=job.speed.precision, optimizations=job.speed.applied(),
+                            images=ImageCount(count=scored, available=job.available, limit=self.options.limit),
+                            settings=settings, **{**kept, **fields})
+
+    def partial(self, pass_name: str) -> PartialState:
+        job = self.job
+        rank = f".rank{job.dist.rank}of{job.dist.world_size}" if job.dist.world_size > 1 else ""
+        fingerprint = {
+            "checkpoint": self.entry.name, "file": self.entry.filename, "pass": pass_name,
+            "settings": dataclasses.asdict(self.settings), "num_classes": self.entry.num_classes,
+            "images": hashlib.sha256("\n".join(i.name for i in job.items).encode()).hexdigest(),
+            "image_count": len(job.items), "rank": job.dist.rank, "world_size": job.dist.world_size,
+            "limit": self.options.limit, **dataclasses.asdict(job.speed),
+        }
+        path = self.path.with_name(f"{self.path.name}.{pass_name}{rank}.partial.npz")
+        return PartialState(path, fingerprint, every=self.options.save_every)
+
+    def clear_partials(self) -> None:
+        for pass_name in PASSES:
+            self.partial(pass_name).clear()
+
+    def evaluate(self, model, ms_flip: bool) -> Metrics:
+        job = self.job
+        pass_name = PASSES[ms_flip]
+        data = SegmentationDataset(job.dataset, job.data_root, items=job.items, manifest=job.fetch.manifest,
+                                   img_scales=target_scales(self.settings.img_scale, ms_flip),
+                                   reduce_zero_label=self.target.dataset.reduce_zero_label)
+        matrix = score(model, data.shard(job.dist.rank, job.dist.world_size), self.settings,
+                       self.entry.num_classes, ms_flip=ms_flip, device=job.device,
+                       partial=self.partial(pass_name), num_workers=self.options.num_workers,
+                       show=job.progress, on_image=job.on_image,
+                       desc=f"{job.position(self.entry)} {self.entry.name} {pass_name.replace('_', '-')}")
+        return Metrics.from_matrix(matrix.all_reduce(), self.target.class_names)
+
+    def measure(self, model) -> Dict[str, Any]:
+        """Speed and inference memory in one pass, and training memory, as published (rank 0 only)."""
+        job, options, entry = self.job, self.options, self.entry
+        count = min(_speed_count(options, job.device), len(job.items))
+        if count <= options.speed_warmup:
+            raise PspZooError(f"speed needs more than {options.speed_warmup} warm-up image(s), but only "
+                              f"{count} are scored; score more images or lower the warm-up")
+        data = SegmentationDataset(job.dataset, job.data_root, items=job.items[:count], manifest=job.fetch.manifest,
+                                   img_scales=[self.settings.img_scale],
+                                   reduce_zero_label=self.target.dataset.reduce_zero_label)
+        # on CPU, loader workers would compete with the timed model for the cores
+        workers = 0 if job.device.type == "cpu" else options.num_workers
+
+        def call(item: Tuple[torch.Tensor, Tuple[int, int]]) -> torch.Tensor:
+            image, ori_size = item
+            return mode_logits(model, image, ori_size, self.settings, batch_size=default_slide_batch(image.device))
+
+        def inputs() -> Iterator[Tuple[torch.Tensor, Tuple[int, int]]]:
+            for sample in make_loader(data, num_workers=workers, pin_memory=job.device.type == "cuda"):
+                yield normalize_batch(sample.inputs[0].to(job.device).unsqueeze(0)), sample.ori_size
+
+        log.info("%s %s: timing %d image(s) after %d warm-up, peak memory on the same pass",
+                 job.position(entry), entry.name, count - options.speed_warmup, options.speed_warmup)
+        speed, memory = speed_and_memory(call, inputs(), warmup=options.speed_warmup, total=count,
+                                         device=job.device)
+        measured = {"speed": speed, "inference_memory": memory}
+        if options.train_memory:
+            measured["training_memory"] = training_memory(entry.model_kwargs(), entry.crop_size,
+                                                          entry.train_images_per_gpu, job.device)
+        return measured
+
+    def run(self, previous: Optional[ResultRecord]) -> ResultRecord:
+        """Evaluate the passes still missing (every rank), measure (rank 0), return the record."""
+        passes = [False, True][: 1 + self.options.ms_flip]
+        if previous is not None:
+            passes = [True]  # a finished single-scale record gains only the ms+flip pass
+        error, metrics = None, {}
+        try:
+            model = optimize(self.target.load(), self.job.speed)
+            for ms_flip in passes:
+                metrics[PASSES[ms_flip]] = self.evaluate(model, ms_flip)
+        except Exception as exc:  # noqa: BLE001 - recorded, and the other checkpoints still run
+            error = _describe(exc)
+        errors = self.job.dist.errors(error)  # every rank must agree before all_reduce
+        if errors:
+            return self.record(status="failed", error="; ".join(errors))
+        if self.job.dist.is_main and previous is None:
+            try:
+                metrics.update(self.measure(model))
+            except Exception as exc:  # noqa: BLE001
+                return self.record(status="failed", error=f"measuring speed and memory: {_describe(exc)}")
+        return self.record(previous, **metrics)
+
+
+def _file_tag(speed: SpeedOptions) -> str:
+    """The results-file suffix of non-default speed options: ``bf16``, ``fp32-compile``, ``fp32-no_fuse_bn``..."""
+    default = SpeedOptions()
+    parts = [f"no_{name}" if not getattr(speed, name) else name for name in SpeedOptions.switches()
+             if getattr(speed, name) != getattr(default, name)]
+    return "-".join([speed.precision, *parts]) if parts else speed.precision
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if isinstance(exc, PspZooError) else f"{type(exc).__name__}: {text}"
+
+
+# --------------------------------------------------------------------------------------------
+# the whole job
+
+
+@dataclass
+class _Job:
+    options: ReproduceOptions
+    fetch: FetchOptions
+    speed: SpeedOptions
+    dataset: str
+    entries: List[Checkpoint]
+    data_root: Path
+    items: List[Item]
+    available: int
+    device: torch.device
+    dist: Distributed
+    environment: Dict[str, Any]
+    on_image: Optional[Callable[[int], None]] = None
+
+    @property
+    def progress(self) -> Optional[bool]:
+        return self.options.progress if self.dist.is_main else False
+
+    def position(self, entry: Checkpoint) -> str:
+        return f"[{self.entries.index(entry) + 1}/{len(self.entries)}]"
+
+    def say(self, level: int, message: str, *args: Any) -> None:
+        """Log on rank 0 only: one line per event, not one per process."""
+        if self.dist.is_main:
+            log.log(level, message, *args)
+
+    def finished(self, run: _CheckpointRun) -> Tuple[Optional[ResultRecord], bool]:
+        """(the finished record at the run's path, whether it is complete for this run)."""
+        if self.options.force or not run.path.is_file():
+            return None, False
+        try:
+            record = read_result(run.path)
+        except ResultsError as exc:
+            log.warning("redoing: %s", exc)
+            return None, False
+        wanted = run_options(self.options, self.speed, self.device)
+        if record.status != "complete" or record.settings.get("run") != wanted or record.single_scale is None:
+            if record.status == "complete":
+                log.info("%s: redoing, the results in %s were made with other options", run.entry.name, run.path)
+            return None, False
+        return record, record.ms_flip is not None or not self.options.ms_flip
+
+    def reproduce(self, entry: Checkpoint, report: ReproduceReport) -> None:
+        run = _CheckpointRun(entry, self)
+        lock = filelock.FileLock(str(run.path.with_name(f".{run.path.name}.lock")), timeout=0)
+        try:
+            with (lock if self.dist.is_main else _no_lock()):
+                self._reproduce_locked(run, report)
+        except filelock.Timeout:
+            self.say(logging.WARNING, "%s %s: skipped, another run is reproducing it into %s now",
+                     self.position(entry), entry.name, run.path.parent)
+            report.busy.append(entry.name)
+
+    def _reproduce_locked(self, run: _CheckpointRun, report: ReproduceReport) -> None:
+        entry = run.entry
+        if self.options.force:
+            run.clear_partials()
+        previous, complete = self.dist.from_main(self.finished(run) if self.dist.is_main else (None, False))
+        if complete:
+            self.say(logging.INFO, "%s %s: skipped, finished results in %s (force redoes it)",
+                     self.position(entry), entry.name, run.path)
+            report.records.append(previous)
+            report.skipped.append(entry.name)
+            return
+        what = "adding ms+flip" if previous is not None else "reproducing"
+        self.say(logging.INFO, "%s %s: %s on %s", self.position(entry), entry.name, what,
+                 self.environment["device_name"])
+        record = run.run(previous)
+        if self.dist.is_main:
+            write_result(record, run.path)
+        self.dist.barrier()  # the results file exists before any rank forgets its partial state
+        if record.status == "complete":
+            run.clear_partials()
+            self.say(logging.INFO, "%s %s: wrote %s", self.position(entry), entry.name, run.path)
+        else:
+            self.say(logging.ERROR, "%s %s: failed: %s", self.position(entry), entry.name, record.error)
+        report.records.append(record)
+
+
+class _no_lock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def reproduce(dataset: str, data_root: Union[str, Path], *, models: Optional[str] = None,
+              device: Union[None, str, torch.device] = None, fetch: Optional[FetchOptions] = None,
+              speed: Optional[SpeedOptions] = None, on_image: Optional[Callable[[int], None]] = None,
+              **options: Any) -> ReproduceReport:
+    """Reproduce every checkpoint published on ``dataset`` matching ``models`` (a shell wildcard).
+
+    ``options`` are :class:`ReproduceOptions` fields; ``fetch`` and ``speed`` the option records
+    (default: the published files, the exact fp32 fast path). ``on_image(n)`` is called after
+    each scored image. Bad input (an unknown dataset, no match, a missing data folder, a results
+    folder that cannot be written) raises PspZooError before any model is built; a checkpoint
+    that fails later is recorded with status "failed" and the others still run.
+    """
+    opts, fetch, speed = ReproduceOptions(**options), fetch or FetchOptions(), speed or SpeedOptions()
+    opts.check()
+    device = usable_device(device)
+    speed.check(device)
+    entries = select_checkpoints(dataset, models, fetch.manifest)
+    everything = list_items(dataset, data_root, manifest=fetch.manifest)  # before any download
+    _check_speed_images(opts, len(everything[: opts.limit]), device)
+    check_writable_folder(opts.results_dir, "results folder")
+    parallel, resolved = Distributed.from_env(device)
+    try:
+        job = _Job(opts, fetch, speed, dataset, entries, Path(data_root), everything[: opts.limit],
+                   len(everything), resolved, parallel, environment_info(resolved), on_image)
+        report = ReproduceReport(rank=parallel.rank)
+        for entry in entries:
+            job.reproduce(entry, report)
+        return report
+    finally:
+        parallel.close()

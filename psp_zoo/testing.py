@@ -1,0 +1,193 @@
+"""Test material that psp-zoo itself ships: tiny checkpoints, mini datasets, manifests, a local server.
+
+Used by ``psp-zoo selftest`` to prove an installation works offline, and by psp-zoo's own tests
+(and users' tests of code built on psp-zoo) to make the same material: a tiny-width PSPNet saved
+in the published file format under its hashed name, a user-manifest entry for it, a small
+validation set in the real Cityscapes folder layout, and an HTTP server on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import hashlib
+import io
+import os
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+import torch
+import yaml
+
+from .errors import PspZooError
+from .files import atomic_write
+from .model import PSPNet
+
+__all__ = ["TINY_ARCH", "SELFTEST_NAME", "SELFTEST_TEST_SETTINGS", "calibrate_batchnorm", "write_tiny_checkpoint",
+           "write_mini_cityscapes", "manifest_entry", "write_manifest", "serve_folder", "no_proxy_for_localhost"]
+
+PathLike = Union[str, Path]
+#: Widths of the tiny PSPNet: the real R-50-D8 depth and layout, narrow enough to run in a second.
+TINY_ARCH = {"stem_channels": 8, "base_channels": 8, "channels": 16, "aux_channels": 8}
+SELFTEST_NAME = "selftest_pspnet_r50-d8_64x64_cityscapes"
+# Small test settings so the checkpoint runs in well under a second per image on a CPU; slide
+# mode exercises the sliding-window path (3 x 2 windows on the 96 x 144 resized image).
+SELFTEST_TEST_SETTINGS = {"mode": "slide", "img_scale": [192, 96], "crop_size": [64, 64], "stride": [48, 48]}
+
+
+def _hashed_name(folder: Path, name: str, stamp: str, digest: str) -> Path:
+    return folder / f"{name}_{stamp}-{digest[:8]}.pth"
+
+
+def calibrate_batchnorm(model: torch.nn.Module, inputs: Optional[Sequence[torch.Tensor]] = None, *,
+                        random_affine: bool = True, residual_scale: float = 1.0) -> torch.nn.Module:
+    """Give a randomly initialised PSPNet's BN layers the statistics of real activations (the
+    average over ``inputs``, default two random 2x3x64x64 batches) and, with ``random_affine``,
+    random scales and shifts: with fresh BN layers a random 50-layer net's signal fades and its
+    output ignores the input. ``residual_scale`` < 1 shrinks each residual block's last BN scale,
+    as trained ResNets have small residual branches (a random one is chaotic: a 1e-7 change of
+    the input grows to 30% of the logits). Returns the model in eval mode."""
+    batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for module in batch_norms:
+        module.momentum = None  # running stats = plain average over the calibration batches
+        if random_affine:
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0.0, 0.1)
+    model.train()
+    with torch.no_grad():
+        for batch in inputs if inputs is not None else [torch.randn(2, 3, 64, 64) for _ in range(2)]:
+            model(batch)
+    for module in batch_norms:
+        module.momentum = 0.1
+    for name, module in model.named_modules():
+        last_bn = getattr(module, "bn3", None) if hasattr(module, "conv3") else getattr(module, "bn2", None)
+        if residual_scale != 1.0 and name.startswith("backbone.layer") and name.count(".") == 2 and last_bn is not None:
+            last_bn.weight.data.mul_(residual_scale)
+    return model.eval()
+
+
+def write_tiny_checkpoint(folder: PathLike, name: str = SELFTEST_NAME, *, num_classes: int = 19,
+                          depth: int = 50, seed: int = 0, stamp: Optional[str] = None) -> Path:
+    """A tiny-width PSPNet (``TINY_ARCH``) with seeded weights and non-trivial BN statistics, saved
+    as mmseg publishes checkpoints: ``{'meta', 'state_dict'}`` in ``<name>_<date>_<time>-<sha256[:8]>.pth``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+        torch.manual_seed(seed)
+        model = PSPNet(depth=depth, num_classes=num_classes, **TINY_ARCH)
+        calibrate_batchnorm(model)
+    stamp = stamp or datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
+    meta = {"psp_zoo_selftest": True, "seed": seed, "arch": dict(TINY_ARCH, depth=depth, num_classes=num_classes)}
+    buffer = io.BytesIO()  # in memory: a file's name would end up inside the zip, changing the hash
+    torch.save({"meta": meta, "state_dict": model.state_dict()}, buffer)
+    data = buffer.getvalue()
+    final = _hashed_name(folder, name, stamp, hashlib.sha256(data).hexdigest())
+    atomic_write(final, data)
+    return final
+
+
+def manifest_entry(checkpoint_file: PathLike, url: str, *, dataset: str = "cityscapes",
+                   num_classes: int = 19, depth: int = 50, test: Optional[Mapping] = None,
+                   arch: Mapping[str, int] = TINY_ARCH) -> dict:
+    """A user-manifest entry for a local hashed checkpoint file hosted at ``url``."""
+    path = Path(checkpoint_file)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    name = path.stem.rsplit("-", 1)[0].rsplit("_", 2)[0]  # drop _<date>_<time>-<hash8>
+    entry = {"name": name, "dataset": dataset, "depth": depth, "crop_size": [64, 64], "schedule": 1,
+             "weights": url, "hash": digest[:8], "sha256": digest, "published": {},
+             "model": dict(arch, num_classes=num_classes)}
+    if test is not None:
+        entry["test"] = dict(test)
+    return entry
+
+
+def write_manifest(path: PathLike, entries: Sequence[Mapping]) -> Path:
+    """A user manifest (``manifest=`` / ``$PSP_ZOO_MANIFEST``) listing ``entries``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"version": 1, "models": [dict(e) for e in entries]}, sort_keys=False))
+    return path
+
+
+def _smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    coarse = rng.integers(0, 256, (max(height // 16, 2), max(width // 16, 2), 3), dtype=np.uint8)
+    return cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def write_mini_cityscapes(root: PathLike, *, num_images: int = 4, size: Tuple[int, int] = (64, 96),
+                          num_classes: int = 19, seed: int = 0) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """Cityscapes validation files under ``root`` (``leftImg8bit/val/<city>/*_leftImg8bit.png``,
+    ``gtFine/val/<city>/*_gtFine_labelTrainIds.png``); returns ``{name: (rgb, label)}``.
+
+    Labels are blocks of class ids below ``num_classes`` with some 255 (ignored) pixels.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root, (height, width) = Path(root), size
+    written = {}
+    for index in range(num_images):
+        city = ("selftown", "testville")[index % 2]
+        name = f"{city}/{city}_{index:06d}_000019"
+        rgb = _smooth_image(rng, height, width)
+        blocks = rng.integers(0, num_classes, (max(height // 8, 1), max(width // 8, 1)), dtype=np.uint8)
+        label = cv2.resize(blocks, (width, height), interpolation=cv2.INTER_NEAREST)
+        label[rng.random((height, width)) < 0.05] = 255
+        image_path = root / "leftImg8bit" / "val" / f"{name}_leftImg8bit.png"
+        label_path = root / "gtFine" / "val" / f"{name}_gtFine_labelTrainIds.png"
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        label_path.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(image_path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write {image_path}")
+        Image.fromarray(label, mode="L").save(label_path)
+        written[name] = (rgb, label)
+    return written
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # the selftest prints its own report
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(folder: PathLike, port: int = 0) -> Iterator[str]:
+    """Serve ``folder`` over HTTP on 127.0.0.1 (``port`` 0 = any free port); yields the base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    if not 0 <= port <= 65535:  # bind() would raise OverflowError, not OSError
+        raise PspZooError(f"port {port} is not a TCP port; choose one in 1..65535, or 0 for any free one")
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError as exc:
+        raise PspZooError(f"cannot serve on 127.0.0.1:{port} ({exc.strerror or exc}); "
+                          f"choose a free port, or 0 for any") from None
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@contextlib.contextmanager
+def no_proxy_for_localhost() -> Iterator[None]:
+    """requests would send even 127.0.0.1 through $HTTP_PROXY unless $NO_PROXY exempts it."""
+    saved = {key: os.environ.get(key) for key in ("NO_PROXY", "no_proxy")}
+    for key, value in saved.items():
+        os.environ[key] = ",".join(v for v in (value, "127.0.0.1") if v)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+

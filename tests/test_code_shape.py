@@ -1,0 +1,125 @@
+"""The shape of psp_zoo's code: imports follow the pipeline (no cycle, not even through an import
+inside a function), functions stay short, and the command line starts without torch."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Set
+
+from conftest import REPO
+
+PACKAGE = REPO / "psp_zoo"
+MAX_FUNCTION_LINES = 50
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _internal_imports(path: Path) -> Set[str]:
+    """Every psp_zoo module ``path`` imports, at the top or inside a function (not TYPE_CHECKING)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rsplit(".", 1)[0]
+    checking = [node for node in ast.walk(tree) if isinstance(node, ast.If)
+                and getattr(node.test, "id", None) == "TYPE_CHECKING"]
+    skipped = {id(n) for block in checking for n in ast.walk(block)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            base = base[: len(base) - node.level + 1] if node.level else []
+            target = ".".join(base + (node.module.split(".") if node.module else []))
+            names = [f"{target}.{alias.name}" for alias in node.names]
+            found.update(name for name in names if (PACKAGE / Path(*name.split(".")[1:])).with_suffix(".py").exists())
+            found.add(target)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name == "psp_zoo" or name.startswith("psp_zoo.")}
+
+
+def _graph() -> Dict[str, Set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: {i for i in _internal_imports(path) if i in modules and i != name}
+            for name, path in modules.items()}
+
+
+def _cycle(graph: Dict[str, Set[str]]) -> List[str]:
+    state: Dict[str, int] = {}
+    stack: List[str] = []
+
+    def visit(node: str) -> List[str]:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        state[node] = 2
+        stack.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return []
+
+
+def test_no_import_cycle_inside_the_package():
+    graph = _graph()
+    assert "psp_zoo.evaluation" in graph and "psp_zoo.records" in graph["psp_zoo.evaluation"]
+    # no module imports the package back (psp_zoo/__init__ is the public face, nothing else)
+    back = sorted(name for name, imports in graph.items() if "psp_zoo" in imports and name != "psp_zoo")
+    assert back == []
+    assert _cycle(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_function_longer_than_50_lines():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({length} lines)")
+    assert long == []
+
+
+def test_the_command_line_starts_without_torch():
+    code = ("import sys\nfrom psp_zoo.cli import main\n"
+            "for argv in (['--help'], ['list'], ['info', 'pspnet_r50-d8_512x1024_40k_cityscapes'], ['tables']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch imported' if 'torch' in sys.modules or 'torchvision' in sys.modules else 'no torch')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(REPO)}, timeout=120)
+    assert run.stdout.strip().endswith("no torch"), run.stdout[-500:] + run.stderr[-2000:]
+
+
+def test_the_tests_need_nothing_beside_the_clone():
+    """A plain clone runs its tests: every reference file lives in tests/fixtures/ and checks out."""
+    import hashlib
+    import json
+
+    from conftest import FIXTURES
+
+    for info in json.loads((FIXTURES / "index.json").read_text()).values():
+        data = (FIXTURES / info["checkpoint"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == info["sha256"]
+    beside = ("..", "/", "shared")  # the folder a developer's checkout has beside it, a user's has not
+    outside = [str(path.relative_to(REPO)) for path in sorted((REPO / "tests").rglob("*.py"))
+               if "".join(beside) in path.read_text() or 'parent / "' + beside[2] in path.read_text()]
+    assert outside == []

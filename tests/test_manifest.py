@@ -11,7 +11,7 @@ from psp_zoo import ManifestError, UnknownModelError, get_checkpoint, list_model
 
 from conftest import REFERENCE, REPO
 
-# a copy of ../shared/reference/pspnet_family.tsv: every published row of mmseg's PSPNet page
+# a copy of the reference pspnet_family.tsv: every published row of mmseg's PSPNet page
 FAMILY = REPO / "tests" / "fixtures" / "pspnet_family.tsv"
 TABLE = REFERENCE / "000_3f7e1852bf785c2c.txt"  # the v0.5 README tables (the first 18 checkpoints)
 DATASET_TITLES = {"Cityscapes": "cityscapes", "ADE20K": "ade20k",

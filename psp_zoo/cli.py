@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -232,7 +231,7 @@ def _info_fields(args: argparse.Namespace) -> dict:
     from .manifest import get_checkpoint
 
     entry = get_checkpoint(args.name, manifest=args.manifest)
-    fields = dataclasses.asdict(entry)
+    fields = entry.as_dict()
     fields["test"] = {k: v for k, v in fields["test"].items() if v is not None}
     fields["arch"] = dict(entry.arch)
     fields.update(

@@ -39,7 +39,8 @@ def test_list_shows_published_numbers_and_cache_state(capsys, hub_server, hub_ma
     assert run_cli(capsys, "get", "tiny_r50", "--quiet", *args)[0] == 0
     code, out, _ = run_cli(capsys, "list", "--format", "csv", "--dataset", "cityscapes", *args)
     frame = pd.read_csv(io.StringIO(out))
-    assert len(frame) == 10 and frame.set_index("name")["cached"].to_dict()["tiny_r50"]
+    # 21 published Cityscapes checkpoints since the whole PSPNet family is in the manifest (was 8)
+    assert len(frame) == 23 and frame.set_index("name")["cached"].to_dict()["tiny_r50"]
     assert frame.set_index("name").loc["pspnet_r50-d8_512x1024_40k_cityscapes", "mIoU"] == 77.85
 
     code, out, _ = run_cli(capsys, "list", "--pattern", "tiny*", *args)
@@ -95,7 +96,6 @@ def test_get_offline_and_mirror(capsys, hub_server, tmp_path, hub_cache, monkeyp
     (["get", "tiny_r5", "tiny_r50"], "unknown checkpoint 'tiny_r5'; did you mean: tiny_r50"),
     (["get"], "give checkpoint names, --dataset D or --all"),
     (["get", "tiny_r50", "--all"], "give checkpoint names, --dataset D or --all"),
-    (["get", "--dataset", "pascal_context_59"], "no checkpoints for dataset 'pascal_context_59'"),
     (["get", "nothing*"], "no checkpoint name matches 'nothing*'"),
     (["list", "--dataset", "kitti"], "unknown dataset 'kitti'"),
     (["info", "pspnet_r50_cityscapes"], "did you mean: "),
@@ -103,6 +103,17 @@ def test_get_offline_and_mirror(capsys, hub_server, tmp_path, hub_cache, monkeyp
 def test_user_errors_are_one_line_and_nothing_is_fetched(capsys, hub_server, hub_manifest, argv, expected):
     code, out, err = run_cli(capsys, *argv, "--manifest", hub_manifest)
     assert code == 2 and expected in _one_line(err) and hub_server.log == []
+
+
+def test_a_dataset_without_checkpoints_is_one_line(capsys, hub_server, hub_manifest, tmp_path):
+    # every built-in dataset has published checkpoints now (pascal_context_59 had none): declare one
+    extra = tmp_path / "empty_dataset.yml"
+    extra.write_text("datasets:\n  empty_set:\n    title: Empty\n    num_classes: 2\n    img_scale: [64, 64]\n"
+                     "    reduce_zero_label: false\n    train_images_per_gpu: 1\n    test: {mode: whole}\n"
+                     "    layout: {folders: [''], images: img, labels: ann, image_suffix: .png, label_suffix: .png}\n"
+                     "    classes: [a, b]\n")
+    code, out, err = run_cli(capsys, "get", "--dataset", "empty_set", "--manifest", hub_manifest, "--manifest", extra)
+    assert code == 2 and "no checkpoints for dataset 'empty_set'" in _one_line(err) and hub_server.log == []
 
 
 def test_a_broken_manifest_is_one_line(capsys, tmp_path):

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from psp_zoo import DatasetError, SegmentationDataset, classes, make_loader, palette
-from psp_zoo.datasets import cityscapes_label_ids_to_train_ids, find_dataset_root, list_items
+from psp_zoo import DatasetError, PSPNet, SegmentationDataset, classes, evaluate, make_loader, palette
+from psp_zoo.datasets import cityscapes_label_ids_to_train_ids, dataset_spec, find_dataset_root, list_items
 from psp_zoo.transforms import resize_image, to_tensor
 
 import minidata
@@ -316,3 +317,95 @@ def test_colour_and_wide_labels_are_refused_not_misread(tmp_path):
     _one_line_error(r"holds ids 300\.\.300: class ids are 8-bit", lambda: data[0])
     Image.fromarray(np.full((24, 40), 7, np.uint16)).save(raw)  # 16-bit file, 8-bit ids: read as mmseg
     assert data.load_label(0).dtype == np.uint8 and (data.load_label(0) == 7).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate on each new layout against a reference pipeline written out plainly
+
+EVAL_SCALE = (48, 32)  # small, so that each dataset's test takes a moment; the resize rule is the same
+_MEAN = np.array([123.675, 116.28, 103.53])
+_STD = np.array([58.395, 57.12, 57.375])
+
+
+def _narrow_pspnet(num_classes: int, seed: int) -> torch.nn.Module:
+    """A randomly initialised narrow PSPNet R-18-D8 with the dataset's class count."""
+    torch.manual_seed(seed)
+    model = PSPNet(depth=18, num_classes=num_classes, stem_channels=8, base_channels=8, channels=8,
+                   aux_channels=8).eval()
+    for module in model.modules():  # activations that keep their spread through the narrow layers,
+        if isinstance(module, torch.nn.Conv2d):  # so that the predictions vary over the image
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        if isinstance(module, torch.nn.BatchNorm2d):  # and BN statistics for eval mode to apply
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+    torch.nn.init.zeros_(model.decode_head.conv_seg.bias)
+    return model
+
+
+def _reference_probs(model, rgb: np.ndarray, img_scale, flip: bool) -> torch.Tensor:
+    """mmseg's test pipeline for one scale: mmcv keep-ratio resize (round half up, bilinear),
+    normalization as mmcv.imnormalize (float32 image, float64 mean and 1 / std), the model,
+    bilinear resize of the logits to the original size, softmax; a flipped input is flipped back."""
+    h, w = rgb.shape[:2]
+    factor = min(max(img_scale) / max(h, w), min(img_scale) / min(h, w))
+    size = (int(w * factor + 0.5), int(h * factor + 0.5))
+    image = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    image = cv2.multiply(cv2.subtract(image, _MEAN.reshape(1, -1)), (1 / _STD).reshape(1, -1))
+    x = torch.from_numpy(image.transpose(2, 0, 1).copy())[None]
+    if flip:
+        x = x.flip(3)
+    with torch.no_grad():
+        logits = torch.nn.functional.interpolate(model(x), size=(h, w), mode="bilinear", align_corners=False)
+    probs = logits.softmax(dim=1)[0]
+    return probs.flip(2) if flip else probs
+
+
+def _reference_matrix(model, items, dataset: str, num_classes: int, ms_flip: bool) -> np.ndarray:
+    """C x C histogram (label row, prediction column) of the labelled pixels of every image."""
+    *_, reduce, _ = FAMILY[dataset]
+    scales = [(int(EVAL_SCALE[0] * r), int(EVAL_SCALE[1] * r)) for r in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)] \
+        if ms_flip else [EVAL_SCALE]
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    for item in items:
+        rgb = cv2.cvtColor(cv2.imread(str(item.image_path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        probs = sum(_reference_probs(model, rgb, scale, flip) for scale in scales
+                    for flip in ((False, True) if ms_flip else (False,)))
+        pred = probs.argmax(dim=0).numpy()
+        label = _mmseg_label(np.array(Image.open(item.label_path)), reduce)
+        keep = label != 255
+        matrix += np.bincount(label[keep].astype(np.int64) * num_classes + pred[keep],
+                              minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    return matrix
+
+
+def _assert_scores_from(result: dict, matrix: np.ndarray) -> None:
+    """evaluate's scores are those of ``matrix``: per class IoU and Acc, and aAcc (all in percent)."""
+    diag, labelled, predicted = np.diag(matrix), matrix.sum(1), matrix.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = diag / (labelled + predicted - diag) * 100
+        acc = diag / labelled * 100
+    np.testing.assert_allclose(list(result["IoU"].values()), iou, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(list(result["Acc"].values()), acc, rtol=0, atol=1e-9)
+    assert result["aAcc"] == pytest.approx(diag.sum() / matrix.sum() * 100, abs=1e-9)
+    assert result["mIoU"] == pytest.approx(np.nanmean(iou), abs=1e-9)
+
+
+def _pixel_classifier(num_classes: int) -> torch.nn.Module:
+    """A random 1x1 convolution: ms+flip runs the model at twelve input shapes, cheap with this."""
+    torch.manual_seed(0)
+    return torch.nn.Conv2d(3, num_classes, 1).eval()
+
+
+@pytest.mark.parametrize("dataset, ms_flip", [(key, False) for key in FAMILY] + [("loveda", True)])
+def test_family_evaluate_equals_the_reference_pipeline(tmp_path, dataset, ms_flip):
+    folder, written = _write_family(dataset, tmp_path)
+    spec = dataset_spec(dataset)
+    model = _pixel_classifier(spec.num_classes) if ms_flip else _narrow_pspnet(spec.num_classes, len(dataset))
+    result = evaluate(model, tmp_path, dataset=dataset, ms_flip=ms_flip, img_scale=EVAL_SCALE, device="cpu",
+                      num_workers=0, progress=False)
+    matrix = _reference_matrix(model, list_items(dataset, tmp_path), dataset, spec.num_classes, ms_flip)
+    assert result["num_images"] == len(written) and matrix.sum() > 0
+    assert (matrix.sum(0) > 0).sum() > 1, "a degenerate model predicting one class would test little"
+    assert tuple(result["IoU"]) == classes(dataset)  # scored under the dataset's class names
+    assert result["settings"]["reduce_zero_label"] is FAMILY[dataset][4]
+    _assert_scores_from(result, matrix)

@@ -1,21 +1,24 @@
 """Readers for the validation sets in mmseg's folder layouts, with the reference test transform.
 
-A data root is the dataset folder itself (``data/cityscapes``, ``data/ade/ADEChallengeData2016``,
-``data/VOCdevkit/VOC2012``, ``data/VOCdevkit/VOC2010``) or a folder that contains it. Images are
-listed in sorted order; every image must have its label, or construction fails naming both
-paths: a silently skipped image would change the metric's denominator.
+Every dataset's folders and file names are declared once, in the manifest (``DatasetSpec.layout``);
+this module reads any such layout the way mmseg 0.30.0's ``CustomDataset`` does. A data root is
+the dataset folder itself (``data/loveDA``) or a folder that contains it at one of the layout's
+``folders``. Images are the files under the image folder (recursively) whose names end in the
+image suffix, hidden files (``.*``) excepted, sorted by their path; a label's path is the image's
+with the image suffix replaced by the label suffix, below the label folder. With a split file,
+the images are its lines, in its order. Every image must have its label, or construction fails
+naming both paths: a silently skipped image would change the metric's denominator.
 
-Images are decoded with OpenCV (as mmseg's ``LoadImageFromFile``), labels with Pillow (as its
-``LoadAnnotations``), so palette PNGs (VOC) give class indices, not colours.
+Images are decoded with OpenCV (as mmseg's ``LoadImageFromFile``), labels with Pillow, unchanged
+(as its ``LoadAnnotations``), so palette PNGs (VOC, iSAID) give class indices, not colours.
 """
 from __future__ import annotations
 
-import json
 import os
+from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -23,47 +26,19 @@ import torch
 from PIL import Image
 
 from .errors import DatasetError, PspZooError
-from .manifest import DATASETS, get_manifest
+from .manifest import DatasetSpec, Layout, get_manifest
 from .transforms import resized_inputs
 
 __all__ = [
-    "Layout", "LAYOUTS", "Item", "Sample", "SegmentationDataset", "classes", "class_names", "palette",
+    "Item", "Sample", "SegmentationDataset", "dataset_spec", "classes", "class_names", "palette",
     "find_dataset_root", "list_items", "decode_image", "read_image", "read_label", "make_loader",
     "cityscapes_label_ids_to_train_ids", "cityscapes_train_ids_to_label_ids", "CITYSCAPES_LABEL_IDS",
     "reduce_zero_label", "default_num_workers",
 ]
 
 PathLike = Union[str, Path]
-CLASSES_FILE = Path(__file__).with_name("data") / "dataset_classes.json"
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where one dataset's validation images and labels live, relative to its folder."""
-
-    locations: Tuple[str, ...]  # the dataset folder relative to a data root, most specific last
-    image_dir: str
-    label_dir: str
-    image_suffix: str
-    label_suffix: str
-    split_file: Optional[str] = None  # one image stem per line; None = every image in image_dir
-    fallback_label_suffix: Optional[str] = None  # Cityscapes labelIds, mapped to trainIds on load
-
-
-_CITYSCAPES = Layout(("", "cityscapes", "data/cityscapes"), "leftImg8bit/val", "gtFine/val",
-                     "_leftImg8bit.png", "_gtFine_labelTrainIds.png",
-                     fallback_label_suffix="_gtFine_labelIds.png")
-_ADE20K = Layout(("", "ADEChallengeData2016", "ade/ADEChallengeData2016", "data/ade/ADEChallengeData2016"),
-                 "images/validation", "annotations/validation", ".jpg", ".png")
-_VOC2012 = Layout(("", "VOC2012", "VOCdevkit/VOC2012", "data/VOCdevkit/VOC2012"),
-                  "JPEGImages", "SegmentationClass", ".jpg", ".png", "ImageSets/Segmentation/val.txt")
-_CONTEXT = Layout(("", "VOC2010", "VOCdevkit/VOC2010", "data/VOCdevkit/VOC2010"),
-                  "JPEGImages", "SegmentationClassContext", ".jpg", ".png",
-                  "ImageSets/SegmentationContext/val.txt")
-LAYOUTS: Dict[str, Layout] = {
-    "cityscapes": _CITYSCAPES, "ade20k": _ADE20K, "voc12aug": _VOC2012,
-    "pascal_context": _CONTEXT, "pascal_context_59": _CONTEXT,
-}
+#: Where a user learns how to prepare each layout; every "not in the layout" message points there.
+SEE_README = "see README, 'Datasets'"
 
 # Official Cityscapes table: these labelIds are trainIds 0..18 in this order; the rest is ignored.
 _CITYSCAPES_TRAIN_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
@@ -74,35 +49,32 @@ CITYSCAPES_LABEL_IDS: Tuple[int, ...] = _CITYSCAPES_TRAIN_LABEL_IDS
 
 
 # ---------------------------------------------------------------------------------------------
-# class names and palettes
+# the dataset's declaration, class names and palettes
 
 
-@lru_cache(maxsize=None)
-def _class_table() -> dict:
-    return json.loads(CLASSES_FILE.read_text())
+def dataset_spec(dataset: str, manifest=None) -> DatasetSpec:
+    """The manifest's declaration of ``dataset``; DatasetError naming the known keys if there is none."""
+    datasets = get_manifest(manifest).datasets
+    if dataset not in datasets:
+        raise DatasetError(f"unknown dataset {dataset!r}; psp-zoo reads: {', '.join(datasets)}")
+    return datasets[dataset]
 
 
-def _check_dataset(dataset: str) -> str:
-    if dataset not in DATASETS:
-        raise DatasetError(f"unknown dataset {dataset!r}; psp-zoo reads: {', '.join(DATASETS)}")
-    return dataset
-
-
-def classes(dataset: str) -> Tuple[str, ...]:
+def classes(dataset: str, manifest=None) -> Tuple[str, ...]:
     """The dataset's class names in label-index order (as the published checkpoints use them)."""
-    return tuple(_class_table()[_check_dataset(dataset)]["classes"])
+    return tuple(dataset_spec(dataset, manifest).classes)
 
 
-def class_names(dataset: str, num_classes: int) -> Tuple[str, ...]:
+def class_names(dataset: str, num_classes: int, manifest=None) -> Tuple[str, ...]:
     """Names to report per-class scores under: the dataset's, or "0".."C-1" for a model whose class
     count differs from the dataset's (e.g. a test fixture), which is then scored by index."""
-    names = classes(dataset)
+    names = classes(dataset, manifest)
     return names if len(names) == num_classes else tuple(str(i) for i in range(num_classes))
 
 
-def palette(dataset: str) -> Tuple[Tuple[int, int, int], ...]:
+def palette(dataset: str, manifest=None) -> Tuple[Tuple[int, int, int], ...]:
     """One RGB colour per class, the reference's palette."""
-    return tuple(tuple(colour) for colour in _class_table()[_check_dataset(dataset)]["palette"])
+    return tuple(tuple(colour) for colour in dataset_spec(dataset, manifest).palette)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,31 +83,33 @@ def palette(dataset: str) -> Tuple[Tuple[int, int, int], ...]:
 
 @dataclass(frozen=True)
 class Item:
-    """One validation image: ``name`` is its path below the image folder without the suffix."""
+    """One validation image: ``name`` is its path below the image folder without the image suffix."""
 
     name: str
     image_path: Path
     label_path: Path
-    label_ids: bool = False  # Cityscapes labelIds file, to be mapped to trainIds
+    label_map: Optional[str] = None  # a fallback label file, whose ids this mapping turns into class ids
 
 
-def find_dataset_root(dataset: str, data_root: PathLike) -> Path:
-    """The dataset folder: ``data_root`` itself or the first known sub-location holding its images."""
-    layout = LAYOUTS[_check_dataset(dataset)]
+def find_dataset_root(dataset: str, data_root: PathLike, manifest=None) -> Path:
+    """The dataset folder: the first of the layout's ``folders`` below ``data_root`` holding its images."""
+    layout = dataset_spec(dataset, manifest).layout
     root = Path(data_root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"data root {root} is not a folder; pass the {dataset} dataset folder "
-                           f"or a folder that contains it")
-    for location in layout.locations:
-        if (root / location / layout.image_dir).is_dir():
+                           f"or a folder that contains it ({SEE_README})")
+    for location in layout.folders:
+        if (root / location / layout.images).is_dir():
             return root / location
-    expected = " or ".join(str(root / loc / layout.image_dir) for loc in layout.locations)
+    expected = " or ".join(str(root / loc / layout.images) for loc in layout.folders)
     raise DatasetError(f"no {dataset} validation images under {root}: expected the folder {expected} "
-                       f"(see README, 'Datasets')")
+                       f"({SEE_README})")
 
 
-def _files_below(folder: Path, suffix: str) -> List[Path]:
-    """Every file under ``folder`` (recursively) whose name ends in ``suffix``.
+def _files_below(folder: Path, suffix: str) -> List[str]:
+    """Paths relative to ``folder`` of the files below it whose path ends in ``suffix``, as mmcv's
+    disk listing finds them: recursive through every sub-folder (links followed), hidden files
+    (``.*``, e.g. macOS ``._`` copies) left out.
 
     Unlike ``Path.rglob``, which silently passes over a sub-folder it may not list, an unreadable
     folder is an error: skipping a city would evaluate fewer images and change the metric.
@@ -146,58 +120,74 @@ def _files_below(folder: Path, suffix: str) -> List[Path]:
 
     found = []
     for parent, _folders, names in os.walk(folder, onerror=refuse, followlinks=True):
-        found += [Path(parent) / name for name in names if name.endswith(suffix)]
+        rel = Path(parent).relative_to(folder)
+        found += [(rel / name).as_posix() for name in names
+                  if not name.startswith(".") and (rel / name).as_posix().endswith(suffix)]
     return found
 
 
-def _image_names(dataset: str, folder: Path, layout: Layout) -> List[str]:
-    image_dir = folder / layout.image_dir
-    if layout.split_file is None:
-        found = [str(path.relative_to(image_dir).as_posix())[: -len(layout.image_suffix)]
-                 for path in _files_below(image_dir, layout.image_suffix)]
-        if not found:
-            raise DatasetError(f"no *{layout.image_suffix} images in {image_dir} ({dataset} validation set)")
-        return sorted(found)
-    split = folder / layout.split_file
+def _listed_images(dataset: str, image_dir: Path, layout: Layout) -> List[str]:
+    """Image paths below ``image_dir``, sorted as mmseg sorts them: by the whole file name."""
+    found = sorted(_files_below(image_dir, layout.image_suffix))
+    if not found:
+        others = _files_below(image_dir, "")
+        seen = f"; it holds {len(others)} other files, e.g. {sorted(others)[0]}" if others else ""
+        raise DatasetError(f"no *{layout.image_suffix} images in {image_dir} ({dataset} validation set)"
+                           f"{seen} ({SEE_README})")
+    return found
+
+
+def _split_images(dataset: str, folder: Path, layout: Layout) -> List[str]:
+    """Image paths named by the split file, in its order (mmseg's); blank lines are not names."""
+    split = folder / layout.split
     if not split.is_file():
-        raise DatasetError(f"{dataset}: split file {split} is missing; it lists the validation images")
-    names = sorted({line.strip() for line in split.read_text().splitlines() if line.strip()})
+        raise DatasetError(f"{dataset}: split file {split} is missing; it lists the validation images "
+                           f"({SEE_README})")
+    names = [line.strip() for line in split.read_text().splitlines() if line.strip()]
     if not names:
         raise DatasetError(f"{dataset}: split file {split} lists no images")
-    return names
+    repeated = [name for name, count in Counter(names).items() if count > 1]
+    if repeated:  # mmseg would score such an image twice
+        raise DatasetError(f"{dataset}: split file {split} lists {repeated[0]!r} more than once; each image is scored once")
+    return [name + layout.image_suffix for name in names]
 
 
-def _label_for(dataset: str, name: str, folder: Path, layout: Layout) -> Tuple[Path, bool]:
-    label_dir = folder / layout.label_dir
-    stem = name
-    label = label_dir / f"{stem}{layout.label_suffix}"
+def _label_for(dataset: str, image: str, folder: Path, layout: Layout) -> Tuple[Path, Optional[str]]:
+    """The label of the image at ``image`` (below the image folder), as mmseg names it: the image
+    path with ``str.replace`` of the image suffix by the label suffix; else the fallback file."""
+    label_dir = folder / layout.labels
+    label = label_dir / image.replace(layout.image_suffix, layout.label_suffix)
     if label.is_file():
-        return label, False
+        return label, None
+    also = ""
     if layout.fallback_label_suffix:
-        fallback = label_dir / f"{stem}{layout.fallback_label_suffix}"
+        fallback = label_dir / image.replace(layout.image_suffix, layout.fallback_label_suffix)
         if fallback.is_file():
-            return fallback, True
-    also = f" (or {label_dir / (stem + layout.fallback_label_suffix)})" if layout.fallback_label_suffix else ""
-    raise DatasetError(f"{dataset}: image {folder / layout.image_dir / (name + layout.image_suffix)} "
-                       f"has no label: expected {label}{also}")
+            return fallback, layout.label_map
+        also = f" (or {fallback})"
+    raise DatasetError(f"{dataset}: image {folder / layout.images / image} has no label: expected "
+                       f"{label}{also} ({SEE_README})")
 
 
 def list_items(dataset: str, data_root: PathLike, limit: Optional[int] = None, *, manifest=None) -> List[Item]:
-    """Every validation image with its label, sorted by name; the first ``limit`` when given."""
+    """Every validation image with its label, in mmseg's order; the first ``limit`` when given."""
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be a positive number of images, got {limit}")
-    folder = find_dataset_root(dataset, data_root)
-    layout = LAYOUTS[dataset]
-    if not (folder / layout.label_dir).is_dir():
-        raise DatasetError(f"{dataset}: label folder {folder / layout.label_dir} is missing")
-    names = _image_names(dataset, folder, layout)[:limit]
+    layout = dataset_spec(dataset, manifest).layout
+    folder = find_dataset_root(dataset, data_root, manifest)
+    if not (folder / layout.labels).is_dir():
+        raise DatasetError(f"{dataset}: label folder {folder / layout.labels} is missing ({SEE_README})")
+    image_dir = folder / layout.images
+    if layout.split is None:
+        images = _listed_images(dataset, image_dir, layout)[:limit]
+    else:
+        images = _split_images(dataset, folder, layout)[:limit]
     items = []
-    for name in names:
-        image = folder / layout.image_dir / f"{name}{layout.image_suffix}"
-        if not image.is_file():
-            raise DatasetError(f"{dataset}: image {image} listed in {folder / layout.split_file} is missing")
-        label, label_ids = _label_for(dataset, name, folder, layout)
-        items.append(Item(name, image, label, label_ids))
+    for image in images:
+        if layout.split is not None and not (image_dir / image).is_file():
+            raise DatasetError(f"{dataset}: image {image_dir / image} listed in {folder / layout.split} is missing")
+        label, label_map = _label_for(dataset, image, folder, layout)
+        items.append(Item(image[: -len(layout.image_suffix)], image_dir / image, label, label_map))
     return items
 
 
@@ -231,16 +221,28 @@ def read_image(path: PathLike) -> np.ndarray:
 
 
 def read_label(path: PathLike) -> np.ndarray:
-    """H x W label map exactly as stored (palette PNGs give indices), decoded by Pillow."""
+    """H x W uint8 label map exactly as stored, read as mmseg reads it: Pillow, no conversion
+    (palette PNGs give their indices), single channel, 8-bit ids.
+
+    A colour label (e.g. iSAID's or Potsdam's original RGB masks) or one holding ids above 255,
+    which mmseg would wrap to 8 bits, is an error naming the file, not a wrong score.
+    """
     try:
         with Image.open(path) as image:
             label = np.array(image)
     except (OSError, ValueError, SyntaxError) as exc:  # Pillow raises SyntaxError on some broken PNGs
         raise DatasetError(f"cannot read label {path}: {exc}; re-extract the dataset") from None
+    if label.ndim == 3 and label.shape[2] == 1:
+        label = label[:, :, 0]
     if label.ndim != 2:
-        raise DatasetError(f"label {path} has shape {label.shape}: expected a single-channel "
-                           f"H x W map of class indices")
-    return label if label.dtype == np.uint8 else label.astype(np.int64)
+        raise DatasetError(f"label {path} has shape {label.shape}: expected a single-channel H x W map of "
+                           f"class ids, as mmseg's dataset converters write them ({SEE_README})")
+    if label.dtype != np.uint8:
+        if label.size and (label.min() < 0 or label.max() > 255):
+            raise DatasetError(f"label {path} holds ids {label.min()}..{label.max()}: class ids are 8-bit "
+                               f"(0..255), as mmseg's dataset converters write them ({SEE_README})")
+        label = label.astype(np.uint8)
+    return label
 
 
 def cityscapes_label_ids_to_train_ids(label: np.ndarray) -> np.ndarray:
@@ -261,12 +263,18 @@ def cityscapes_train_ids_to_label_ids(label: np.ndarray) -> np.ndarray:
     return np.asarray(CITYSCAPES_LABEL_IDS, dtype=np.uint8)[label.astype(np.intp)]
 
 
+#: The id mappings a layout's ``label_map`` names (manifest.LABEL_MAPS), for its fallback labels.
+_LABEL_MAPS = {"cityscapes_label_ids": cityscapes_label_ids_to_train_ids}
+
+
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-    """mmseg's reduce_zero_label: 0 (other/background) -> 255, every other class id minus 1."""
-    reduced = label.astype(np.int64) - 1
-    reduced[label == 0] = 255
-    reduced[label == 255] = 255
-    return reduced.astype(label.dtype) if label.dtype == np.uint8 else reduced
+    """mmseg's reduce_zero_label on uint8 ids, step for step: 0 -> 255, then every id minus 1
+    (so 255 wraps to 254), then 254 -> 255. Net: 0 and 255 are ignored (255), k -> k - 1."""
+    reduced = label.astype(np.uint8, copy=True)
+    reduced[reduced == 0] = 255
+    reduced -= 1
+    reduced[reduced == 254] = 255
+    return reduced
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,21 +301,23 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """The validation set of ``dataset`` under ``data_root``, transformed for testing.
 
     ``img_scales`` lists the resize targets (long, short): the test img_scale, or the six ms+flip
-    scales (``transforms.target_scales``). Default: the dataset's img_scale from the manifest.
+    scales (``transforms.target_scales``). Default: the dataset's img_scale from the manifest
+    (``manifest``: as for ``get_manifest``; a dataset a user manifest declares is read the same way).
     """
 
     def __init__(self, dataset: str, data_root: PathLike, *, img_scales: Optional[Sequence[Sequence[int]]] = None,
                  limit: Optional[int] = None, reduce_zero_label: Optional[bool] = None,
                  items: Optional[Sequence[Item]] = None, manifest=None):
         if img_scales is None or reduce_zero_label is None:
-            spec = get_manifest(manifest).datasets[_check_dataset(dataset)]
+            spec = dataset_spec(dataset, manifest)
             img_scales = img_scales or [spec.img_scale]
             reduce_zero_label = spec.reduce_zero_label if reduce_zero_label is None else reduce_zero_label
-        self.dataset = _check_dataset(dataset)
+        self.dataset = dataset
         self.data_root = Path(data_root)
+        self.manifest = manifest
         self.img_scales = [tuple(scale) for scale in img_scales]
         self.reduce_zero_label = reduce_zero_label
-        self.items = list(items) if items is not None else list_items(dataset, data_root, limit)
+        self.items = list(items) if items is not None else list_items(dataset, data_root, limit, manifest=manifest)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -316,7 +326,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """The same dataset restricted to ``indices`` (e.g. the images one process evaluates)."""
         return SegmentationDataset(self.dataset, self.data_root, img_scales=self.img_scales,
                                    reduce_zero_label=self.reduce_zero_label,
-                                   items=[self.items[i] for i in indices])
+                                   items=[self.items[i] for i in indices], manifest=self.manifest)
 
     def shard(self, rank: int, world_size: int) -> "SegmentationDataset":
         """Every ``world_size``-th image starting at ``rank``: disjoint shards covering all images."""
@@ -328,8 +338,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """The label of image ``index`` as evaluated: trainIds, reduce_zero_label applied."""
         item = self.items[index]
         label = read_label(item.label_path)
-        if item.label_ids:
-            label = cityscapes_label_ids_to_train_ids(label)
+        if item.label_map is not None:
+            label = _LABEL_MAPS[item.label_map](label)
         return reduce_zero_label(label) if self.reduce_zero_label else label
 
     def __getitem__(self, index: int) -> Sample:

@@ -5,6 +5,7 @@ from .errors import (CheckpointError, DatasetError, DownloadError, ManifestError
                      UnknownModelError)
 from .download import cache_dir, cache_state, cached_path, download, is_cached
 from .evaluate import evaluate
+from .export import OnnxModel, export_onnx, verify_onnx
 from .factory import create_model
 from .inference import ms_flip_inference, predict_probs, slide_inference, whole_inference
 from .manifest import Checkpoint, Published, get_checkpoint, get_manifest, list_models, load_manifest
@@ -22,6 +23,6 @@ __all__ = [
     "download", "cache_dir", "cached_path", "cache_state", "is_cached",
     "evaluate", "whole_inference", "slide_inference", "ms_flip_inference", "predict_probs",
     "ConfusionMatrix", "SegmentationDataset", "make_loader", "classes", "palette", "rescale_size",
-    "ms_flip_scales", "predict", "Predictor", "optimize",
+    "ms_flip_scales", "predict", "Predictor", "optimize", "export_onnx", "verify_onnx", "OnnxModel",
     "PspZooError", "ManifestError", "UnknownModelError", "CheckpointError", "DownloadError", "DatasetError",
 ]

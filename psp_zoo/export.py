@@ -34,7 +34,8 @@ __all__ = [
     "FORMATS", "DEFAULT_OPSET", "export_onnx", "export_torchscript", "export_safetensors", "export_model",
     "exportable_copy", "adaptive_avg_pool_exact", "ExactAdaptiveAvgPool2d", "verify_onnx",
     "verify_torchscript", "compare_outputs", "verify_sizes", "Comparison", "VerifyReport",
-    "OnnxModel", "onnx_backend_info", "require",
+    "OnnxModel", "onnx_backend_info", "require", "verify_safetensors", "export_file", "verify_file",
+    "check_format", "default_input_size",
 ]
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -339,13 +340,13 @@ def _verify(runner: Callable[[torch.Tensor], torch.Tensor], model: nn.Module,
 
 def verify_onnx(path: Union[str, Path], model: nn.Module, sizes: Optional[Sequence[Tuple[int, int, int]]] = None,
                 *, input_size: Optional[Sequence[int]] = None, providers: Optional[Sequence[str]] = None,
-                seed: int = 0) -> VerifyReport:
+                threads: Optional[int] = None, seed: int = 0) -> VerifyReport:
     """Run the ONNX file through onnxruntime and ``model`` through PyTorch on the same random inputs.
 
     ``sizes``: (batch, H, W) triples; by default the graph's own size for a static graph, else
     :func:`verify_sizes` of ``input_size`` (default 512 x 512). The model is run as given (on the CPU).
     """
-    runner = OnnxModel(path, providers=providers)
+    runner = OnnxModel(path, providers=providers, threads=threads)
     if sizes is None:
         static = runner.static_size
         sizes = [(1, *static)] if static else verify_sizes(input_size or DEFAULT_SIZE)
@@ -385,11 +386,16 @@ def _providers(ort, device: Optional[str], providers: Optional[Sequence[str]]) -
     return ["CPUExecutionProvider"]
 
 
-def _session(ort, path: Union[str, Path, bytes], providers: List[str]):
+def _session(ort, path: Union[str, Path, bytes], providers: List[str], threads: Optional[int]):
     if isinstance(path, (str, Path)) and not Path(path).is_file():
         raise PspZooError(f"ONNX file not found: {path}; check the path or write it with export_onnx")
+    options = ort.SessionOptions()
+    if threads is not None:
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise PspZooError(f"threads must be a whole number >= 1, got {threads!r}")
+        options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), providers=providers)
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime's own error classes differ between versions
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise PspZooError(f"{path if not isinstance(path, bytes) else 'the model'} is not a loadable ONNX "
@@ -402,15 +408,16 @@ class OnnxModel:
     Behaves like a PSPNet for psp-zoo's inference functions (whole, slide, ms+flip):
     ``num_classes`` and ``align_corners`` come from the file's metadata (or the keywords), and
     the logits are returned on the input's device. ``device='cuda'`` uses onnxruntime's CUDA
-    provider; ``providers`` names them explicitly.
+    provider; ``providers`` names them explicitly. ``threads``: onnxruntime's intra-op threads
+    (default: one per physical core).
     """
 
     def __init__(self, path: Union[str, Path, bytes], *, device: Optional[str] = None,
                  providers: Optional[Sequence[str]] = None, num_classes: Optional[int] = None,
-                 align_corners: Optional[bool] = None):
+                 align_corners: Optional[bool] = None, threads: Optional[int] = None):
         ort = require("onnxruntime", "running an ONNX model")
         self.path = None if isinstance(path, bytes) else Path(path)
-        self.session = _session(ort, path, _providers(ort, device, providers))
+        self.session = _session(ort, path, _providers(ort, device, providers), threads)
         meta = self.session.get_modelmeta().custom_metadata_map
         classes = meta.get("psp_zoo.num_classes", "")
         self.num_classes = num_classes if num_classes is not None else (int(classes) if classes else None)
@@ -447,3 +454,53 @@ def onnx_backend_info(session) -> Dict[str, Any]:
     ort = require("onnxruntime", "running an ONNX model")
     session = getattr(session, "session", session)
     return {"backend": "onnxruntime", "version": ort.__version__, "providers": list(session.get_providers())}
+
+
+# ------------------------------------------------------------------------------------------------
+# one entry point per format, for the command line
+
+
+def verify_safetensors(path: Union[str, Path], model: nn.Module, seed: int = 0) -> VerifyReport:
+    """Load the file into a copy of ``model`` with :func:`psp_zoo.load_checkpoint`; compare logits."""
+    from .checkpoint import load_checkpoint
+
+    loaded = copy.deepcopy(model).cpu()
+    load_checkpoint(loaded, path)
+    return _verify(loaded.eval(), model.cpu(), verify_sizes(DEFAULT_SIZE, dynamic=True)[1:], seed)
+
+
+def export_file(model: nn.Module, path: Union[str, Path], format: str = "onnx", *,
+                input_size: Optional[Sequence[int]] = None, dynamic: bool = True,
+                opset: Optional[int] = None) -> Path:
+    """Write ``model`` in ``format`` (one of :data:`FORMATS`); static shapes exist only for ONNX."""
+    if format == "onnx":
+        return export_onnx(model, path, input_size=input_size, dynamic=dynamic, opset=opset)
+    if not dynamic or opset is not None:
+        raise PspZooError(f"fixed shapes and opset apply to ONNX files only, not to {format}")
+    if format == "torchscript":
+        return export_torchscript(model, path, input_size=input_size)
+    if format == "safetensors":
+        return export_safetensors(model, path)
+    raise PspZooError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
+
+
+def verify_file(path: Union[str, Path], model: nn.Module, format: str = "onnx", *,
+                input_size: Optional[Sequence[int]] = None) -> VerifyReport:
+    """The check matching :func:`export_file`: exported vs PyTorch logits on random inputs."""
+    size = input_size or default_input_size(getattr(model, "checkpoint_entry", None))
+    if format == "onnx":
+        return verify_onnx(path, model, input_size=size)
+    if format == "torchscript":
+        return verify_torchscript(path, model, input_size=size)
+    return verify_safetensors(path, model)
+
+
+def check_format(format: str) -> None:
+    """Refuse an unknown format, or one whose packages are missing, before any model is built."""
+    if format not in FORMATS:
+        raise PspZooError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
+    if format == "onnx":
+        require("onnx", "exporting to ONNX")
+        require("onnxruntime", "exporting to ONNX")
+    if format == "safetensors":
+        require("safetensors.torch", "writing safetensors files")

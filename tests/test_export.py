@@ -12,7 +12,7 @@ from psp_zoo.cli import main
 from psp_zoo.errors import CheckpointError
 from psp_zoo.evaluate import accumulate
 from psp_zoo.inference import slide_inference
-from psp_zoo.manifest import TestSettings
+from psp_zoo.manifest import TestSettings as Settings
 
 import minidata
 from conftest import tiny_checkpoint_path, tiny_expected, tiny_info, tiny_model
@@ -214,7 +214,7 @@ def test_confusion_matrix_through_onnx_equals_pytorch(exported, tmp_path, mode):
     model, path = exported
     minidata.write_cityscapes(tmp_path / "cityscapes")
     slide = dict(crop_size=(17, 17), stride=(11, 11)) if mode == "slide" else {}
-    settings = TestSettings(mode=mode, img_scale=(64, 32), align_corners=model.align_corners, **slide)
+    settings = Settings(mode=mode, img_scale=(64, 32), align_corners=model.align_corners, **slide)
     matrices = []
     for runner in (optimize(model), export.OnnxModel(path, threads=1)):
         data = SegmentationDataset("cityscapes", tmp_path / "cityscapes", img_scales=[(64, 32)])

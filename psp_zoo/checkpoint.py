@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import CheckpointError
 
-__all__ = ["load_checkpoint", "read_checkpoint"]
+__all__ = ["load_checkpoint", "read_checkpoint", "read_safetensors"]
 
 _SHOW = 5  # mismatches named in an error message
 
@@ -48,6 +48,8 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple["OrderedDict[str, torch.Ten
         open(path, "rb").close()
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}; check its permissions") from None
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -80,6 +82,29 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple["OrderedDict[str, torch.Ten
     if all(k.startswith("module.") for k in state_dict):
         state_dict = OrderedDict((k[len("module."):], v) for k, v in state_dict.items())
     return OrderedDict(state_dict), dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def read_safetensors(path: Union[str, Path]) -> Tuple["OrderedDict[str, torch.Tensor]", dict]:
+    """``(state_dict, meta)`` from a ``.safetensors`` file: plain tensors, no code can run by design.
+
+    ``meta`` is the file's string metadata (what ``psp_zoo.export_safetensors`` recorded).
+    """
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        raise CheckpointError(f"reading {Path(path).name} needs the safetensors package, which is not "
+                              f"installed; install it with: pip install 'psp-zoo[safetensors]'") from None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            state_dict = OrderedDict((key, handle.get_tensor(key)) for key in handle.keys())
+            meta = dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path} is not a readable safetensors file ({first[:160]}); "
+                              f"write it again or download it again") from None
+    if not state_dict:
+        raise CheckpointError(f"{path} holds no tensors; expected a PSPNet state dict")
+    return state_dict, meta
 
 
 def _mismatches(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list:

@@ -584,6 +584,64 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 COMMANDS.append(_register_reproduce)
 
 
+# --------------------------------------------------------------------------------------------
+# export
+
+
+def _register_export(sub) -> None:
+    parser = sub.add_parser(
+        "export", help="write a checkpoint as ONNX (dynamic shapes), TorchScript or safetensors",
+        description="Write the model (BN folded, fp32) as a file other runtimes load. ONNX and TorchScript "
+                    "take a normalized NCHW float32 'input' and return 'logits' at the input's size; "
+                    "by default one file serves any batch, height and width, pyramid pooling included. "
+                    "safetensors writes the weights only, loadable with psp_zoo.load_checkpoint. "
+                    "--verify compares the file's outputs with PyTorch on random inputs of several "
+                    "sizes and exits 1 if they differ by more than 1e-4 (relative) or 0.01% of argmax.")
+    parser.add_argument("name", help="manifest name, alias or weight file stem")
+    parser.add_argument("--checkpoint", metavar="PATH", default=None,
+                        help="load this local file instead of the published weights")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    parser.add_argument("--format", choices=["onnx", "torchscript", "safetensors"], default="onnx",
+                        help="default: onnx (needs pip install 'psp-zoo[onnx]')")
+    parser.add_argument("--input-size", nargs=2, type=_int_at_least(1), metavar=("H", "W"), default=None,
+                        help="example input traced (and the fixed size with --static); default: the "
+                             "checkpoint's test crop")
+    parser.add_argument("--static", action="store_true", help="ONNX graph fixed to 1 x 3 x H x W")
+    parser.add_argument("--opset", type=_int_at_least(11), default=None, help="ONNX opset (default 17)")
+    parser.add_argument("--verify", action="store_true",
+                        help="compare the written file with PyTorch; exit 1 on a mismatch")
+    _add_manifest_option(parser)
+    _add_fetch_options(parser)
+    parser.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import check_format, export_file, export_model, verify_file
+
+    check_format(args.format)  # a missing extra is said before anything is downloaded
+    if args.format != "onnx" and (args.static or args.opset is not None):
+        raise PspZooError(f"--static and --opset apply to --format onnx only, not {args.format}")
+    _check_writable_folder(Path(args.out).parent, "--out", args.out)
+    with _progress_messages(quiet=False):
+        model, _ = export_model(args.name, checkpoint=args.checkpoint, manifest=args.manifest,
+                                cache_dir=args.cache_dir, mirror=args.mirror, offline=args.offline or None)
+    path = export_file(model, args.out, args.format, input_size=args.input_size, dynamic=not args.static,
+                       opset=args.opset)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.format})", flush=True)
+    if not args.verify:
+        return 0
+    report = verify_file(path, model, args.format, input_size=args.input_size)
+    print(report.text(), flush=True)
+    if not report.ok:
+        print(f"psp-zoo export: error: {path} does not reproduce the PyTorch model's logits (see above); "
+              f"do not deploy it", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+COMMANDS.append(_register_export)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -623,14 +623,14 @@ def _run_export(args: argparse.Namespace) -> int:
         raise PspZooError(f"--static and --opset apply to --format onnx only, not {args.format}")
     _check_writable_folder(Path(args.out).parent, "--out", args.out)
     with _progress_messages(quiet=False):
-        model, _ = export_model(args.name, checkpoint=args.checkpoint, manifest=args.manifest,
-                                cache_dir=args.cache_dir, mirror=args.mirror, offline=args.offline or None)
+        model, entry = export_model(args.name, checkpoint=args.checkpoint, manifest=args.manifest,
+                                    cache_dir=args.cache_dir, mirror=args.mirror, offline=args.offline or None)
     path = export_file(model, args.out, args.format, input_size=args.input_size, dynamic=not args.static,
-                       opset=args.opset)
+                       opset=args.opset, entry=entry)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.format})", flush=True)
     if not args.verify:
         return 0
-    report = verify_file(path, model, args.format, input_size=args.input_size)
+    report = verify_file(path, model, args.format, input_size=args.input_size, entry=entry)
     print(report.text(), flush=True)
     if not report.ok:
         print(f"psp-zoo export: error: {path} does not reproduce the PyTorch model's logits (see above); "

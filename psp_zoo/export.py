@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._version import __version__
 from .errors import PspZooError
 from .factory import create_model
 from .manifest import get_checkpoint
@@ -122,10 +123,11 @@ def exportable_copy(model: nn.Module, *, exact_pooling: bool = True) -> nn.Modul
 
 
 def export_model(name_or_model: Model, *, checkpoint: Union[None, str, Path] = None, manifest=None,
-                 **fetch: Any) -> Tuple[nn.Module, Optional[Any]]:
+                 entry: Optional[Any] = None, **fetch: Any) -> Tuple[nn.Module, Optional[Any]]:
     """(model in eval mode on the CPU, manifest entry or None) for a manifest name or a model object.
 
-    ``fetch`` goes to :func:`psp_zoo.create_model` (cache_dir, mirror, offline, quiet).
+    ``fetch`` goes to :func:`psp_zoo.create_model` (cache_dir, mirror, offline, quiet); ``entry``
+    names the manifest entry a model object was built from (its name and test size are recorded).
     """
     if isinstance(name_or_model, str):
         entry = get_checkpoint(name_or_model, manifest=manifest)
@@ -135,7 +137,7 @@ def export_model(name_or_model: Model, *, checkpoint: Union[None, str, Path] = N
                           "object yourself (psp_zoo.load_checkpoint) or pass a manifest name")
     if not isinstance(name_or_model, nn.Module):
         raise PspZooError(f"expected a manifest name or a torch model, got {type(name_or_model).__name__}")
-    return name_or_model.eval(), getattr(name_or_model, "checkpoint_entry", None)
+    return name_or_model.eval(), entry
 
 
 def default_input_size(entry) -> Tuple[int, int]:
@@ -159,8 +161,6 @@ def _check_input_size(input_size: Optional[Sequence[int]], entry) -> Tuple[int, 
 
 def _metadata(model: nn.Module, entry, dynamic: bool) -> Dict[str, str]:
     """What a user of the file needs besides the graph: class count, resize convention, origin."""
-    from . import __version__
-
     return {
         "psp_zoo.version": __version__,
         "psp_zoo.model": entry.name if entry is not None else type(model).__name__,
@@ -471,23 +471,23 @@ def verify_safetensors(path: Union[str, Path], model: nn.Module, seed: int = 0) 
 
 def export_file(model: nn.Module, path: Union[str, Path], format: str = "onnx", *,
                 input_size: Optional[Sequence[int]] = None, dynamic: bool = True,
-                opset: Optional[int] = None) -> Path:
+                opset: Optional[int] = None, entry: Optional[Any] = None) -> Path:
     """Write ``model`` in ``format`` (one of :data:`FORMATS`); static shapes exist only for ONNX."""
     if format == "onnx":
-        return export_onnx(model, path, input_size=input_size, dynamic=dynamic, opset=opset)
+        return export_onnx(model, path, input_size=input_size, dynamic=dynamic, opset=opset, entry=entry)
     if not dynamic or opset is not None:
         raise PspZooError(f"fixed shapes and opset apply to ONNX files only, not to {format}")
     if format == "torchscript":
-        return export_torchscript(model, path, input_size=input_size)
+        return export_torchscript(model, path, input_size=input_size, entry=entry)
     if format == "safetensors":
-        return export_safetensors(model, path)
+        return export_safetensors(model, path, entry=entry)
     raise PspZooError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
 
 
 def verify_file(path: Union[str, Path], model: nn.Module, format: str = "onnx", *,
-                input_size: Optional[Sequence[int]] = None) -> VerifyReport:
+                input_size: Optional[Sequence[int]] = None, entry: Optional[Any] = None) -> VerifyReport:
     """The check matching :func:`export_file`: exported vs PyTorch logits on random inputs."""
-    size = input_size or default_input_size(getattr(model, "checkpoint_entry", None))
+    size = input_size or default_input_size(entry)
     if format == "onnx":
         return verify_onnx(path, model, input_size=size)
     if format == "torchscript":

@@ -378,16 +378,17 @@ def _reference_matrix(model, items, dataset: str, num_classes: int, ms_flip: boo
     return matrix
 
 
-def _assert_scores_from(result: dict, matrix: np.ndarray) -> None:
+def _assert_scores_from(result, matrix: np.ndarray) -> None:
     """evaluate's scores are those of ``matrix``: per class IoU and Acc, and aAcc (all in percent)."""
     diag, labelled, predicted = np.diag(matrix), matrix.sum(1), matrix.sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = diag / (labelled + predicted - diag) * 100
         acc = diag / labelled * 100
-    np.testing.assert_allclose(list(result["IoU"].values()), iou, rtol=0, atol=1e-9)
-    np.testing.assert_allclose(list(result["Acc"].values()), acc, rtol=0, atol=1e-9)
-    assert result["aAcc"] == pytest.approx(diag.sum() / matrix.sum() * 100, abs=1e-9)
-    assert result["mIoU"] == pytest.approx(np.nanmean(iou), abs=1e-9)
+    nan = lambda values: [float("nan") if v is None else v for v in values]  # noqa: E731
+    np.testing.assert_allclose(nan(result.iou.values()), iou, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(nan(result.acc.values()), acc, rtol=0, atol=1e-9)
+    assert result.aacc == pytest.approx(diag.sum() / matrix.sum() * 100, abs=1e-9)
+    assert result.miou == pytest.approx(np.nanmean(iou), abs=1e-9)
 
 
 def _pixel_classifier(num_classes: int) -> torch.nn.Module:
@@ -404,8 +405,8 @@ def test_family_evaluate_equals_the_reference_pipeline(tmp_path, dataset, ms_fli
     result = evaluate(model, tmp_path, dataset=dataset, ms_flip=ms_flip, img_scale=EVAL_SCALE, device="cpu",
                       num_workers=0, progress=False)
     matrix = _reference_matrix(model, list_items(dataset, tmp_path), dataset, spec.num_classes, ms_flip)
-    assert result["num_images"] == len(written) and matrix.sum() > 0
+    assert result.images.count == len(written) and matrix.sum() > 0
     assert (matrix.sum(0) > 0).sum() > 1, "a degenerate model predicting one class would test little"
-    assert tuple(result["IoU"]) == classes(dataset)  # scored under the dataset's class names
-    assert result["settings"]["reduce_zero_label"] is FAMILY[dataset][4]
+    assert tuple(result.iou) == classes(dataset)  # scored under the dataset's class names
+    assert result.settings["reduce_zero_label"] is FAMILY[dataset][4]
     _assert_scores_from(result, matrix)

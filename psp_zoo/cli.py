@@ -460,7 +460,7 @@ def _check_cityscapes_format(args: argparse.Namespace) -> None:
 
 
 def _register_predict(sub) -> None:
-    from .prediction import IMAGE_EXTENSIONS, OUTPUT_FORMATS
+    from .visualize import IMAGE_EXTENSIONS, OUTPUT_FORMATS
 
     parser = sub.add_parser(
         "predict", help="segment images: palette PNG, overlay and legend per image",

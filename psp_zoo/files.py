@@ -17,13 +17,15 @@ from typing import Callable, Iterator, Union
 
 from .errors import PspZooError
 
-__all__ = ["atomic_write", "atomic_path", "check_writable_folder", "PathLike"]
+__all__ = ["atomic_write", "atomic_path", "atomic_save", "check_writable_folder", "PathLike"]
 
 PathLike = Union[str, Path]
 
 
 def _temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # hidden, and ending in the target's suffix: writers such as cv2.imwrite choose the format by
+    # it and np.save would otherwise append ".npy"
+    return path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
 
 
 @contextlib.contextmanager
@@ -66,9 +68,9 @@ def atomic_write(path: PathLike, data: Union[bytes, str]) -> Path:
 
 
 def atomic_save(path: PathLike, save: Callable[[Path], object]) -> Path:
-    """``save(tmp)`` writes the file, which then replaces ``path`` atomically; returns ``path``."""
+    """``save(tmp)`` writes the file (``tmp`` is a str), which then replaces ``path`` atomically."""
     with atomic_path(path) as tmp:
-        save(tmp)
+        save(str(tmp))
     return Path(path)
 
 

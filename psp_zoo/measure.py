@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from .errors import PspZooError
+from .manifest import IGNORE_INDEX  # declared once, with the datasets
 from .model import PSPNet
 from .records import MemoryUse, Speed
 
 __all__ = ["measure_fps", "inference_peak_memory", "speed_and_memory", "training_memory", "PeakMemory", "AUX_LOSS_WEIGHT", "IGNORE_INDEX"]
 
 AUX_LOSS_WEIGHT = 0.4
-IGNORE_INDEX = 255
 GB = float(2 ** 30)
 DeviceLike = Union[str, torch.device]
 

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .manifest import IGNORE_INDEX  # declared once, with the datasets
+
 __all__ = ["ConfusionMatrix", "IGNORE_INDEX"]
 
-IGNORE_INDEX = 255
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 

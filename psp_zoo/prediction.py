@@ -18,23 +18,20 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .datasets import decode_image
+from .datasets import cityscapes_train_ids_to_label_ids, decode_image
 from .errors import PspZooError
 from .factory import resolve
 from .inference import predict_labels
 from .manifest import DatasetSpec, TestSettings
 from .optimization import optimize
 from .options import FetchOptions, SpeedOptions, split_options
-from .visualize import legend, overlay, save_cityscapes_png, save_labels_npy, save_palette_png, save_rgb_png
+from .visualize import (IMAGE_EXTENSIONS, OUTPUT_FORMATS, OUTPUT_SUFFIXES, legend, overlay, save_cityscapes_png,
+                        save_labels_npy, save_palette_png, save_rgb_png)
 
 __all__ = ["Predictor", "predict", "predict_files", "read_input_image", "expand_image_args", "output_stems",
            "check_output_format", "IMAGE_EXTENSIONS", "OUTPUT_FORMATS"]
 
 PathLike = Union[str, Path]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-OUTPUT_FORMATS = ("png", "npy", "cityscapes")
-# What one image produces, by format; used to name outputs and to skip earlier outputs as inputs.
-OUTPUT_SUFFIXES = {"png": ("_labels.png", "_overlay.png", "_legend.png"), "npy": (".npy",)}
 
 
 @dataclasses.dataclass
@@ -83,7 +80,7 @@ class Predictor:
         if fmt == "npy":
             return [save_labels_npy(out_dir / f"{stem}.npy", labels)]
         if fmt == "cityscapes":  # the image's own name, as the benchmark server matches it
-            return [save_cityscapes_png(out_dir / f"{stem}.png", labels)]
+            return [save_cityscapes_png(out_dir / f"{stem}.png", cityscapes_train_ids_to_label_ids(labels))]
         labels_name, overlay_name, legend_name = (stem + s for s in OUTPUT_SUFFIXES["png"])
         return [
             save_palette_png(out_dir / labels_name, labels, self.palette),

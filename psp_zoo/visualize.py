@@ -1,8 +1,6 @@
 """Pictures of a label map: palette PNG, overlay on the image, and a legend of the classes present."""
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -10,12 +8,17 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .datasets import cityscapes_train_ids_to_label_ids
+from .files import atomic_save
+
 
 __all__ = ["colorize", "overlay", "legend", "save_palette_png", "save_rgb_png", "save_labels_npy",
            "save_cityscapes_png"]
 
-IGNORE = 255
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+OUTPUT_FORMATS = ("png", "npy", "cityscapes")
+# What one image produces, by format; used to name outputs and to skip earlier outputs as inputs.
+OUTPUT_SUFFIXES = {"png": ("_labels.png", "_overlay.png", "_legend.png"), "npy": (".npy",)}
 
 
 def _palette_array(palette: Sequence[Sequence[int]]) -> np.ndarray:
@@ -56,51 +59,33 @@ def legend(label: np.ndarray, palette: Sequence[Sequence[int]], class_names: Seq
     return image
 
 
-def _atomic_save(path: Path, save) -> Path:
-    """``save(tmp)`` writes a file in the target folder, which then replaces ``path`` in one step.
-
-    The writer creates the temporary file itself, so it gets the usual permissions (umask); a
-    ``mkstemp`` file would be private (0600) and so would every output moved into place.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}{path.suffix}"))
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_palette_png(path: Union[str, Path], label: np.ndarray, palette: Sequence[Sequence[int]]) -> Path:
     """An indexed-colour PNG: pixel values are the class ids, shown in the dataset's colours."""
     image = Image.fromarray(np.asarray(label, dtype=np.uint8))  # mode L; putpalette makes it P
     image.putpalette(_palette_array(palette).reshape(-1).tolist())
-    return _atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
+    return atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_rgb_png(path: Union[str, Path], image_rgb: np.ndarray) -> Path:
     def save(tmp):
         if not cv2.imwrite(tmp, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)):
             raise OSError(f"could not write {path}")
-    return _atomic_save(path, save)
+    return atomic_save(path, save)
 
 
 def save_labels_npy(path: Union[str, Path], label: np.ndarray) -> Path:
     """The raw label map as a ``.npy`` file (``numpy.load`` gives it back unchanged)."""
     if Path(path).suffix != ".npy":  # numpy.save would append one, and the rename would miss it
         raise ValueError(f"{path}: a label array file must end in .npy")
-    return _atomic_save(path, lambda tmp: np.save(tmp, np.asarray(label)))
+    return atomic_save(path, lambda tmp: np.save(tmp, np.asarray(label)))
 
 
-def save_cityscapes_png(path: Union[str, Path], train_ids: np.ndarray) -> Path:
-    """A Cityscapes benchmark file: trainIds mapped back to the official labelIds, written as a
-    single-channel 8-bit greyscale PNG. Greyscale rather than a palette image so that every reader,
-    OpenCV included, gets the labelIds themselves and not colours."""
-    label_ids = cityscapes_train_ids_to_label_ids(train_ids)
+def save_cityscapes_png(path: Union[str, Path], label_ids: np.ndarray) -> Path:
+    """A Cityscapes benchmark file: official labelIds (``datasets.cityscapes_train_ids_to_label_ids``)
+    as a single-channel 8-bit greyscale PNG. Greyscale rather than a palette image so that every
+    reader, OpenCV included, gets the labelIds themselves and not colours."""
+    label_ids = np.asarray(label_ids)
     if label_ids.ndim != 2:
         raise ValueError(f"{path}: expected an H x W label map, got shape {label_ids.shape}")
     image = Image.fromarray(label_ids)  # 2-D uint8: mode L
-    return _atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
+    return atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))

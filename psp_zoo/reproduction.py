@@ -128,8 +128,9 @@ class _CheckpointRun:
         self.entry, self.job, self.options = entry, job, job.options
         self.target: Resolved = resolve(entry.name, dataset=job.dataset, fetch=job.fetch, device=job.device)
         self.settings = self.target.settings
-        self.path = result_path(self.options.results_dir, entry.name, job.environment,
-                                _file_tag(job.speed))
+        # a checkpoint scored on another dataset it is published on (Dark Zurich...) keeps its own folder
+        folder = entry.name if job.dataset == entry.dataset else f"{entry.name}/{job.dataset}"
+        self.path = result_path(self.options.results_dir, folder, job.environment, _file_tag(job.speed))
 
     def record(self, previous: Optional[ResultRecord] = None, **fields: Any) -> ResultRecord:
         job = self.job

@@ -162,7 +162,7 @@ class _CheckpointRun:
         for pass_name in PASSES:
             self.partial(pass_name).clear()
 
-    def evaluate(self, model, ms_flip: bool) -> Metrics:
+    def score_pass(self, model, ms_flip: bool) -> Metrics:
         job = self.job
         pass_name = PASSES[ms_flip]
         data = SegmentationDataset(job.dataset, job.data_root, items=job.items, manifest=job.fetch.manifest,
@@ -216,7 +216,7 @@ class _CheckpointRun:
         try:
             model = optimize(self.target.load(), self.job.speed)
             for ms_flip in passes:
-                metrics[PASSES[ms_flip]] = self.evaluate(model, ms_flip)
+                metrics[PASSES[ms_flip]] = self.score_pass(model, ms_flip)
         except Exception as exc:  # noqa: BLE001 - recorded, and the other checkpoints still run
             error = _describe(exc)
         errors = self.job.dist.errors(error)  # every rank must agree before all_reduce

@@ -229,11 +229,6 @@ class Checkpoint:
                               f"it is published on: {', '.join(self.datasets)}")
         return self._tests[dataset]
 
-    @property
-    def urls(self) -> Tuple[str, ...]:
-        """Every place the file is published, tried in order (the same file, the same hash)."""
-        return (self.url,)
-
     # Flat views of the test settings, the names users and checks rely on.
     @property
     def img_scale(self) -> Tuple[int, int]:

@@ -69,15 +69,7 @@ def _assert_library_advice(message: str, cache: Path, tag: str) -> None:
 
 def _published_twice(entry: Checkpoint, second_url: str) -> Checkpoint:
     """``entry`` as a manifest record listing the file at its own URL, then at ``second_url``."""
-    if "urls" in {f.name for f in dataclasses.fields(Checkpoint)}:
-        return dataclasses.replace(entry, urls=(entry.url, second_url))
-
-    class PublishedTwice(Checkpoint):
-        @property
-        def urls(self):
-            return (self.url, second_url)
-
-    return PublishedTwice(**{f.name: getattr(entry, f.name) for f in dataclasses.fields(Checkpoint)})
+    return dataclasses.replace(entry, urls=(entry.url, second_url))
 
 
 def _leftovers(cache):
@@ -355,9 +347,14 @@ def test_retries_that_run_out_name_the_cause(hub_server, hub_manifest, hub_cache
 
 def test_a_404_on_the_first_url_moves_to_the_second(hub_server, hub_manifest, hub_cache):
     second = hub_server.also_publish("r50")
-    entry = _published_twice(get_checkpoint("tiny_r50", manifest=hub_manifest), second)
+    first = hub_server.url("r50")
+    text = hub_manifest.read_text()
+    assert text.count(f"weights: {first}\n") == 1
+    hub_manifest.write_text(text.replace(f"weights: {first}\n", f"weights: [{first}, {second}]\n"))
+    entry = get_checkpoint("tiny_r50", manifest=hub_manifest)
+    assert entry.urls == (first, second)
     hub_server.script("r50", "404")
-    path = download(entry, cache_dir=hub_cache, **FAST)
+    path = download("tiny_r50", manifest=hub_manifest, cache_dir=hub_cache, **FAST)
     assert [r.status for r in hub_server.requests_for("r50")] == [404]
     assert [r.status for r in hub_server.requests_for("r50", ALT_DIR)] == [200]
     assert hashlib.sha256(path.read_bytes()).hexdigest() == tiny_info("r50")["sha256"]
@@ -384,7 +381,7 @@ def test_the_hash_is_checked_on_whichever_url_served_the_file(hub_server, hub_ma
 def test_a_dead_first_host_moves_to_the_second(hub_server, hub_manifest, hub_cache, sleeps, lookups):
     entry = get_checkpoint("tiny_r50", manifest=hub_manifest)
     dead_url = entry.url.replace(hub_server.base, "http://zoo.psp-zoo.invalid")
-    entry = _published_twice(dataclasses.replace(entry, url=dead_url), hub_server.url("r50"))
+    entry = dataclasses.replace(entry, urls=(dead_url, hub_server.url("r50")))
     assert download(entry, cache_dir=hub_cache, quiet=True).is_file()
     assert lookups == ["zoo.psp-zoo.invalid", "127.0.0.1"] and sleeps == []
 

@@ -36,7 +36,6 @@ from urllib.request import url2pathname
 
 import filelock
 import requests
-import torch
 import urllib3
 from tqdm import tqdm
 
@@ -119,7 +118,7 @@ def cache_dir(path: CacheDir = None) -> Path:
 def _cache_root(path: CacheDir) -> Path:
     # torch.hub and mmseg (via mmengine) save published files here under the same hashed names
     if path is None:
-        path = os.environ.get(HOME_ENV) or Path(torch.hub.get_dir()) / "checkpoints"
+        path = os.environ.get(HOME_ENV) or _torch_hub_dir() / "checkpoints"
     return Path(path).expanduser()
 
 
@@ -252,8 +251,27 @@ def download(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, mirror: Opti
     return final
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def _torch_hub_dir() -> Path:
+    """torch.hub.get_dir() without importing torch (``list`` and ``info`` start without it):
+    ``$TORCH_HOME/hub``, else ``$XDG_CACHE_HOME/torch/hub``, else ``~/.cache/torch/hub``. A
+    directory set in-process with ``torch.hub.set_dir`` is honoured when torch is loaded."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return Path(torch.hub.get_dir())
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
+    return Path(home).expanduser() / "hub"
+
+
 def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    """An on/off environment variable; anything but the usual spellings is an error, not "off"."""
+    value = os.environ.get(name, "").strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise DownloadError(f"{name}={os.environ[name]!r} is neither on (1, true, yes, on) nor off "
+                            f"(0, false, no, off, empty); set it to one of those")
+    return value in _TRUE
 
 
 def _from_cache_only(final: Path, target: _Target) -> Path:

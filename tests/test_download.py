@@ -403,3 +403,17 @@ def test_a_file_without_a_hash_fails_fast_too(hub_server, tmp_path, sleeps, look
     with pytest.raises(DownloadError, match="HTTP 404"):
         fetch_file(hub_server.url("r50"), final, quiet=True)
     assert [p.name for p in final.parent.rglob("*") if p.is_file() and not p.name.endswith(".lock")] == []
+
+
+def test_an_offline_setting_that_is_neither_on_nor_off_is_an_error(monkeypatch, tmp_path, capsys):
+    from psp_zoo.cli import main
+
+    monkeypatch.setenv("PSP_ZOO_OFFLINE", "banana")
+    with pytest.raises(DownloadError, match="PSP_ZOO_OFFLINE='banana' is neither on"):
+        download("http://127.0.0.1:9/x_20200101_000000-12345678.pth", cache_dir=tmp_path)
+    assert main(["get", "pspnet_r50-d8_512x1024_40k_cityscapes", "--cache-dir", str(tmp_path)]) != 0
+    assert "PSP_ZOO_OFFLINE='banana'" in capsys.readouterr().err
+    monkeypatch.setenv("PSP_ZOO_OFFLINE", "off")  # the usual spellings of off still mean online
+    forget_failed_hosts()
+    with pytest.raises(DownloadError, match="refused"):
+        download("http://127.0.0.1:9/x_20200101_000000-12345678.pth", cache_dir=tmp_path, retries=0)

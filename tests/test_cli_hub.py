@@ -177,4 +177,6 @@ def test_a_refused_write_is_one_line_not_a_traceback(capsys, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     code, _, err = run_cli(capsys, "tables", "--plot", a_file / "plot.png")
-    assert code == 1 and _one_line(err).startswith(f"psp-zoo tables: error: {a_file}: ")
+    # refused before the tables are built, naming the requested file and what is in its way
+    assert code == 2 and _one_line(err).startswith(
+        f"psp-zoo tables: error: --plot {a_file / 'plot.png'}: {a_file} is a file, not a folder")

@@ -346,3 +346,13 @@ def test_evaluate_passes_onnx_through(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
     code, out, _ = run_cli(capsys, "evaluate", "x", "--data-root", tmp_path, "--onnx", tmp_path / "m.onnx")
     assert code == 0 and seen["onnx"] == str(tmp_path / "m.onnx") and "mIoU 77.80" in out
+
+
+def test_selftest_refuses_a_port_out_of_range_before_any_step(capsys):
+    from psp_zoo.errors import PspZooError
+    from psp_zoo.selftest import run_selftest
+
+    for port in (99999, -1, "80"):
+        with pytest.raises(PspZooError, match="port must be a whole number from 0 to 65535"):
+            run_selftest(port=port)
+    assert capsys.readouterr().out == ""

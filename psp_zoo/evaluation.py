@@ -15,6 +15,8 @@ import torch
 
 from .datasets import SegmentationDataset, list_items
 from .environment import environment_info
+from .errors import PspZooError
+from .export import OnnxModel, onnx_backend_info
 from .factory import Resolved, resolve
 from .optimization import optimize
 from .options import FetchOptions, SpeedOptions, split_options
@@ -30,7 +32,7 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
              checkpoint: Union[None, str, Path] = None, num_workers: Optional[int] = None,
              progress: Optional[bool] = None, batch_size: Optional[int] = None,
              speed: Optional[SpeedOptions] = None, fetch: Optional[FetchOptions] = None,
-             **keywords: Any) -> ResultRecord:
+             onnx: Union[None, str, Path] = None, **keywords: Any) -> ResultRecord:
     """Score a checkpoint (manifest name) or a model object on a validation set, as the reference.
 
     With a name, its manifest test settings apply (``checkpoint=PATH`` loads a local file; the
@@ -41,6 +43,8 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
     ``channels_last``; default: the exact fp32 fast path) and of ``fetch`` (``manifest``,
     ``cache_dir``, ``mirror``, ``offline``). ``limit`` scores the first N images in sorted order;
     ``progress``: True/False, or None for automatic; ``batch_size``: sliding-window crops per call.
+    ``onnx=FILE`` scores an exported model (``psp-zoo export``) through onnxruntime with the same
+    pipeline instead of the PyTorch weights; the record names the backend.
 
     Returns the :class:`~psp_zoo.ResultRecord` that a results file holds: ``record.miou``,
     ``record.iou["road"]``, ``record.images.count``...
@@ -50,7 +54,7 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
                      overrides=overrides)
     speed.check(target.device)  # before anything is downloaded or built
     items = list_items(target.dataset.key, data_root, limit=limit, manifest=fetch.manifest)
-    model = optimize(target.load(), speed)
+    model, backend = _runner(target, speed, onnx)
     scales = target_scales(target.settings.img_scale, ms_flip)
     data = SegmentationDataset(target.dataset.key, data_root, img_scales=scales, items=items,
                                reduce_zero_label=target.dataset.reduce_zero_label, manifest=fetch.manifest)
@@ -60,9 +64,21 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
     metrics = Metrics.from_matrix(matrix, target.class_names)
     return ResultRecord(
         checkpoint=target.name, dataset=target.dataset.key, environment=environment_info(target.device),
-        images=ImageCount(count=len(items), limit=limit), precision=speed.precision,
-        optimizations=speed.applied(), settings=recorded_settings(target, ms_flip, data_root),
+        images=ImageCount(count=len(items), limit=limit), precision=speed.precision if backend is None else "fp32",
+        optimizations=speed.applied() if backend is None else (), backend=backend,
+        settings=recorded_settings(target, ms_flip, data_root),
         single_scale=None if ms_flip else metrics, ms_flip=metrics if ms_flip else None)
+
+
+def _runner(target: Resolved, speed: SpeedOptions, onnx: Union[None, str, Path]):
+    """(what runs the images, the backend record): the prepared PyTorch model, or an ONNX session."""
+    if onnx is None:
+        return optimize(target.load(), speed), None
+    session = OnnxModel(onnx, device=str(target.device))
+    if session.num_classes not in (None, target.num_classes):
+        raise PspZooError(f"{onnx} predicts {session.num_classes} classes, {target.name} has "
+                          f"{target.num_classes}; export the same checkpoint again")
+    return session, onnx_backend_info(session)
 
 
 def recorded_settings(target: Resolved, ms_flip: bool, data_root: Union[str, Path]) -> dict:

@@ -104,8 +104,8 @@ def resolve(name_or_model: Union[str, nn.Module], *, dataset: Optional[str] = No
     device = usable_device(device)
     manifest = get_manifest(fetch.manifest)
     if isinstance(name_or_model, str):
-        entry = manifest.get(name_or_model)
-        spec, settings = _entry_settings(entry, dataset, manifest)
+        entry, named_dataset = manifest.resolve(name_or_model)  # a cross-dataset row's name brings its dataset
+        spec, settings = _entry_settings(entry, dataset or named_dataset, manifest)
         return Resolved(entry.name, entry, spec, settings.with_overrides(overrides or {}), entry.num_classes,
                         device, fetch, None if checkpoint is None else Path(checkpoint))
     if checkpoint is not None:
@@ -119,10 +119,12 @@ def resolve(name_or_model: Union[str, nn.Module], *, dataset: Optional[str] = No
                     num_classes, device, fetch, model=name_or_model)
 
 
-def _entry_settings(entry: Checkpoint, dataset: Optional[str], manifest) -> Tuple[DatasetSpec, TestSettings]:
-    if dataset is None or dataset == entry.dataset:
-        return manifest.datasets[entry.dataset], entry.test
-    raise PspZooError(f"{entry.name} is a {entry.dataset} checkpoint; it cannot be run on {dataset}")
+def _entry_settings(entry: Checkpoint, dataset: str, manifest) -> Tuple[DatasetSpec, TestSettings]:
+    """The dataset and test settings of ``entry`` on ``dataset``: its own, or one it is published on."""
+    if dataset not in entry.datasets:
+        raise PspZooError(f"{entry.name} is a {entry.dataset} checkpoint; it cannot be scored on {dataset} "
+                          f"(it is published on: {', '.join(entry.datasets)})")
+    return manifest.datasets[dataset], entry.test_settings(dataset)
 
 
 def _dataset_spec(manifest, dataset: Optional[str]) -> DatasetSpec:

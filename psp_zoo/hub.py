@@ -8,31 +8,42 @@ out. Housekeeping (``.part`` files, locks, "already verified" markers) lives in 
 Nothing half-written ever sits under the final name: bytes go to ``.part`` (resumed with an HTTP
 Range request after a dropped connection), are hashed while they stream, and only a file whose
 SHA-256 matches is moved into place with ``os.replace``.
+
+A checkpoint may be published at several URLs; they are tried in order and the first that serves
+a file with the right hash wins. Connection failures that another attempt cannot fix (the host name
+does not resolve, the connection is refused) are not retried, and the host is remembered as down
+for a few minutes, so the further files of one command fail at once with the same cause instead of
+each waiting again. Timeouts, dropped connections and HTTP 5xx are retried with backoff.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import socket
+import ssl
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 import filelock
 import requests
-import torch
+import urllib3
 from tqdm import tqdm
 
 from .errors import DownloadError
 from .manifest import Checkpoint, get_checkpoint
 
-__all__ = ["download", "fetch_file", "cache_dir", "cached_path", "cache_state", "is_cached", "resolve_url"]
+__all__ = ["download", "fetch_file", "cache_dir", "cached_path", "cache_state", "is_cached", "resolve_url",
+           "forget_failed_hosts"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +59,9 @@ DEFAULT_TIMEOUT_S = 30.0   # connect and per-read timeout, not a limit on the wh
 CHUNK_BYTES = 1 << 20      # for hashing local files
 # Network reads: when a connection drops, the block being read is lost, so keep blocks small.
 STREAM_BYTES = 1 << 16
+# A host that could not be resolved or refused the connection is not asked again for this long:
+# long enough for every file of one command, short enough for a notebook whose network comes back.
+HOST_DOWN_MEMORY_S = 300.0
 
 _HASHED_NAME_RE = re.compile(r"-(?P<prefix>[0-9a-f]{8})\.[A-Za-z0-9]+$")
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -62,7 +76,7 @@ ManifestPaths = Union[None, str, Path, Sequence[Union[str, Path]]]  # as psp_zoo
 class _Target:
     """One file to fetch: where from, under which name, and the hash it must have."""
 
-    url: str
+    urls: Tuple[str, ...]  # where it is published, tried in order
     filename: str
     hash_prefix: str
     sha256: Optional[str]
@@ -77,7 +91,19 @@ class _Target:
 
 
 class _Retryable(Exception):
-    """A failure worth another attempt: connection lost, timeout, 5xx."""
+    """A failure worth another attempt: connection lost, timeout, 5xx. Its message says which."""
+
+
+class _Unavailable(Exception):
+    """This URL did not deliver the file; another URL or a mirror may. ``cause`` is in plain words."""
+
+    def __init__(self, cause: str, hint: Optional[str] = None):
+        super().__init__(cause)
+        self.cause, self.hint = cause, hint
+
+
+class _HostDown(_Unavailable):
+    """The host itself cannot be reached in a way another attempt will not fix (DNS, refused)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +118,7 @@ def cache_dir(path: CacheDir = None) -> Path:
 def _cache_root(path: CacheDir) -> Path:
     # torch.hub and mmseg (via mmengine) save published files here under the same hashed names
     if path is None:
-        path = os.environ.get(HOME_ENV) or Path(torch.hub.get_dir()) / "checkpoints"
+        path = os.environ.get(HOME_ENV) or _torch_hub_dir() / "checkpoints"
     return Path(path).expanduser()
 
 
@@ -114,10 +140,10 @@ def _target(name_or_url: NameOrUrl, manifest: ManifestPaths = None, sha256: Opti
             raise DownloadError(f"cannot verify {name_or_url}: its file name does not end in "
                                 f"-<8 hex digits of SHA-256>.pth; pass sha256=<full hash> to download it")
         prefix = match.group("prefix") if match else sha256[:8]
-        return _Target(name_or_url, filename, prefix, sha256, label=name_or_url)
+        return _Target((name_or_url,), filename, prefix, sha256, label=name_or_url)
     else:
         entry = get_checkpoint(name_or_url, manifest=manifest)
-    return _Target(entry.url, entry.filename, entry.hash_prefix, sha256 or entry.sha256, label=entry.name)
+    return _Target(tuple(entry.urls), entry.filename, entry.hash_prefix, sha256 or entry.sha256, label=entry.name)
 
 
 def cached_path(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, manifest: ManifestPaths = None) -> Path:
@@ -203,7 +229,8 @@ def download(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, mirror: Opti
 
     ``mirror`` (default ``$PSP_ZOO_MIRROR``) replaces ``https://download.openmmlab.com/``;
     ``offline`` (default ``$PSP_ZOO_OFFLINE``) never touches the network; ``quiet`` hides the
-    progress bar, which is only shown on a terminal anyway. Raises DownloadError on failure.
+    progress bar, which is only shown on a terminal anyway. Each URL the checkpoint is published
+    at is tried in order. Raises DownloadError naming every URL tried and why it failed.
     """
     target = _target(name_or_url, manifest, sha256)
     final = _cache_root(cache_dir) / target.filename
@@ -216,18 +243,35 @@ def download(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, mirror: Opti
     with _locked(final):
         if _is_verified(final, target):
             return final  # present already, or fetched by another process while we waited
-        url = resolve_url(target.url, mirror)
-        log.info("downloading %s to %s", url, final)
         try:
-            _fetch_verified(url, final, target, _Policy.make(retries, backoff, timeout, quiet))
+            _fetch_first_that_serves(target, final, mirror, _Policy.make(retries, backoff, timeout, quiet))
         except OSError as exc:  # writing the cache failed: a full disk, a quota; the .part stays to resume
             raise DownloadError(f"cannot write {exc.filename or final}: {exc.strerror or exc}; free some space "
                                 f"and run again to resume, or set {HOME_ENV} to another folder") from None
     return final
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def _torch_hub_dir() -> Path:
+    """torch.hub.get_dir() without importing torch (``list`` and ``info`` start without it):
+    ``$TORCH_HOME/hub``, else ``$XDG_CACHE_HOME/torch/hub``, else ``~/.cache/torch/hub``. A
+    directory set in-process with ``torch.hub.set_dir`` is honoured when torch is loaded."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return Path(torch.hub.get_dir())
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
+    return Path(home).expanduser() / "hub"
+
+
 def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    """An on/off environment variable; anything but the usual spellings is an error, not "off"."""
+    value = os.environ.get(name, "").strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise DownloadError(f"{name}={os.environ[name]!r} is neither on (1, true, yes, on) nor off "
+                            f"(0, false, no, off, empty); set it to one of those")
+    return value in _TRUE
 
 
 def _from_cache_only(final: Path, target: _Target) -> Path:
@@ -281,6 +325,102 @@ class _Policy:
                    bool(quiet) or not sys.stderr.isatty())
 
 
+# --------------------------------------------------------------------------------------------
+# hosts known to be down, for the rest of a command
+
+_HostKey = Tuple[str, str, Optional[int]]
+_down_hosts: Dict[_HostKey, Tuple[str, float]] = {}  # key -> (cause, when, by time.monotonic)
+_down_lock = threading.Lock()
+
+
+def forget_failed_hosts() -> None:
+    """Ask again hosts that recently failed to resolve or refused connections (e.g. once the network is back)."""
+    with _down_lock:
+        _down_hosts.clear()
+
+
+def _host_key(url: str) -> Optional[_HostKey]:
+    parts = urlparse(url)
+    try:
+        port = parts.port
+    except ValueError:  # a malformed port: requests will say so
+        return None
+    if not parts.hostname:
+        return None  # file: URLs
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname.lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _known_down(url: str) -> Optional[str]:
+    key = _host_key(url)
+    with _down_lock:
+        cause, when = _down_hosts.get(key, ("", 0.0)) if key else ("", 0.0)
+        if cause and time.monotonic() - when > HOST_DOWN_MEMORY_S:
+            del _down_hosts[key]
+            return None
+    return cause or None
+
+
+def _remember_down(url: str, cause: str) -> None:
+    key = _host_key(url)
+    if key:
+        with _down_lock:
+            _down_hosts[key] = (cause, time.monotonic())
+
+
+# --------------------------------------------------------------------------------------------
+# trying each URL
+
+
+def _fetch_first_that_serves(target: _Target, final: Path, mirror: Optional[str], policy: _Policy) -> None:
+    """Fetch from the first URL (after the mirror rewrite) that serves the file with the right hash."""
+    urls = list(dict.fromkeys(resolve_url(url, mirror) for url in target.urls))
+    failures: List[Tuple[str, _Unavailable]] = []
+    for index, url in enumerate(urls):
+        try:
+            _fetch_from(url, final, target, policy)
+            return
+        except _Unavailable as exc:
+            failures.append((url, exc))
+            if index + 1 < len(urls):
+                log.info("%s: %s; trying the next URL", url, exc.cause)
+    raise _give_up("" if target.label in target.urls else target.label, final, failures)
+
+
+def _fetch_from(url: str, final: Path, target: _Target, policy: _Policy) -> None:
+    log.info("downloading %s to %s", url, final)
+    _from_live_host(url, lambda: _fetch_verified(url, final, target, policy))
+
+
+def _from_live_host(url: str, fetch: Callable[[], object]) -> None:
+    """``fetch()``, unless the host of ``url`` was found down a moment ago; a host found down is remembered."""
+    known = _known_down(url)
+    if known:  # the same answer as a moment ago, without waiting for it again
+        raise _HostDown(f"{known} (failed earlier in this process; not tried again)")
+    try:
+        fetch()
+    except _HostDown as exc:
+        _remember_down(url, exc.cause)
+        raise
+
+
+def _give_up(label: str, final: Path, failures: List[Tuple[str, _Unavailable]],
+             resumable: bool = True) -> DownloadError:
+    """One line: what was asked for, every URL tried and why it failed, and what to do."""
+    what = f" {label}" if label else ""
+    if len(failures) == 1:
+        tried = f"cannot download{what} from {failures[0][0]}: {failures[0][1].cause}"
+    else:
+        tried = f"cannot download{what} from any of {len(failures)} URLs: " + "; ".join(
+            f"{url} ({exc.cause})" for url, exc in failures)
+    hints = (exc.hint if resumable or exc.hint != "run again to resume" else "run again" for _, exc in failures)
+    todo = list(dict.fromkeys(hint for hint in hints if hint))
+    todo.append(f"set a mirror that serves a copy of the zoo (the mirror argument or {MIRROR_ENV})")
+    todo.append(f"work offline: place the file at {final} and pass offline=True (or set {OFFLINE_ENV}=1)")
+    return DownloadError(f"{tried}; {', '.join(todo[:-1])}, or {todo[-1]}",
+                         cli_hint="on the command line: --mirror BASE, or --offline with the file in --cache-dir")
+
+
 def _fetch_verified(url: str, final: Path, target: _Target, policy: _Policy) -> None:
     """Fill ``.part`` (resuming what is there), check its hash, move it into place."""
     part = _housekeeping(final, ".part")
@@ -292,8 +432,8 @@ def _fetch_verified(url: str, final: Path, target: _Target, policy: _Policy) -> 
         digest = _fetch_with_retries(url, part, policy)
     if not target.accepts(digest):
         part.unlink(missing_ok=True)
-        raise DownloadError(f"SHA-256 mismatch for {url}: expected {target.expected}, got {digest}; the "
-                            f"download was deleted. Try again, or use --mirror BASE if the host serves a bad copy")
+        raise _Unavailable(f"SHA-256 mismatch: expected {target.expected}, got {digest}; the download was deleted",
+                           hint="try again (the host may serve a bad copy)")
     os.replace(part, final)
     _remember_verified(final, digest)
 
@@ -304,8 +444,9 @@ def _fetch_with_retries(url: str, part: Path, policy: _Policy) -> str:
             return _fetch_once(url, part, policy)
         except _Retryable as exc:
             if attempt == policy.retries:
-                raise DownloadError(f"could not download {url} after {attempt + 1} attempts ({exc}); "
-                                    f"run again to resume, or use --mirror BASE") from None
+                resumable = part.is_file() and part.stat().st_size > 0
+                raise _Unavailable(f"gave up after {attempt + 1} attempt{'s' if attempt else ''} (last: {exc})",
+                                   hint="run again to resume" if resumable else "run again later") from None
             wait = policy.backoff * 2 ** attempt
             log.info("%s; retrying in %.1f s (%d/%d)", exc, wait, attempt + 1, policy.retries)
             time.sleep(wait)
@@ -325,9 +466,71 @@ def _fetch_once(url: str, part: Path, policy: _Policy) -> str:
             offset = _body_offset(url, response, offset)
             return _stream_into(response, part, offset, policy)
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-        raise _Retryable(f"connection to {urlparse(url).netloc} failed: {type(exc).__name__}") from None
+        raise _connection_failure(url, exc, policy.timeout) from None
     except requests.RequestException as exc:
-        raise DownloadError(f"cannot download {url}: {exc}") from None
+        raise _Unavailable(f"cannot be requested: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# saying why a connection failed
+
+
+def _chain(exc: BaseException) -> List[BaseException]:
+    """``exc`` and every exception inside it: causes, contexts, and those requests and urllib3 wrap."""
+    seen: List[BaseException] = []
+    todo = [exc]
+    while todo:
+        link = todo.pop(0)
+        if link is None or any(link is s for s in seen):
+            continue
+        seen.append(link)
+        inner = [a for a in getattr(link, "args", ()) if isinstance(a, BaseException)]
+        todo += inner + [getattr(link, "reason", None), link.__cause__, link.__context__]
+    return [link for link in seen if isinstance(link, BaseException)]
+
+
+def _connection_failure(url: str, exc: BaseException, timeout: float) -> Exception:
+    """A _HostDown for what another attempt cannot fix, else a _Retryable; both say why in plain words."""
+    parts = urlparse(url)
+    host, where = parts.hostname or parts.netloc, parts.netloc
+    links = _chain(exc)
+    down = None
+    if any(isinstance(link, socket.gaierror) for link in links):
+        down = f"host {host} could not be resolved (no network or DNS)"
+    elif any(isinstance(link, ConnectionRefusedError) for link in links):
+        down = f"connection to {where} refused (nothing listens there)"
+    elif any(isinstance(link, OSError) and link.errno == errno.ENETUNREACH for link in links):
+        down = f"network unreachable for {where} (no network)"
+    elif any(isinstance(link, ssl.SSLCertVerificationError) for link in links):
+        down = f"the certificate of {host} could not be verified ({_innermost(links)})"
+    if down and isinstance(exc, requests.exceptions.ProxyError):
+        down = f"the proxy (HTTPS_PROXY / HTTP_PROXY) failed for {where}: {down}"
+    if down:
+        return _HostDown(down)
+    return _Retryable(f"connection to {where} failed: {_transient_cause(exc, links, timeout)}")
+
+
+def _transient_cause(exc: BaseException, links: List[BaseException], timeout: float) -> str:
+    if isinstance(exc, requests.ConnectTimeout):
+        return f"no answer within {timeout:g} s while connecting"
+    # a timeout while streaming the body reaches us wrapped in a ConnectionError
+    if isinstance(exc, requests.Timeout) or any(isinstance(link, (TimeoutError, urllib3.exceptions.TimeoutError))
+                                                for link in links):
+        return f"no data for {timeout:g} s"
+    if any(isinstance(link, ConnectionResetError) for link in links):
+        return "connection reset by the host"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "connection dropped mid-file"
+    return _innermost(links)
+
+
+def _innermost(links: List[BaseException]) -> str:
+    """The message of the deepest exception that has one (urllib3's wrappers repeat it verbosely)."""
+    for link in reversed(links):
+        text = str(link).strip()
+        if text:
+            return text if len(text) <= 200 else text[:197] + "..."
+    return type(links[0]).__name__
 
 
 def _range_not_satisfiable(url: str, response: requests.Response, part: Path, policy: _Policy) -> str:
@@ -344,12 +547,11 @@ def _body_offset(url: str, response: requests.Response, offset: int) -> int:
     """Where the body goes in the part file: ``offset`` for a matching 206, else 0 (start over)."""
     status = response.status_code
     if status in _RETRY_STATUS:
-        raise _Retryable(f"{url} answered HTTP {status}")
+        raise _Retryable(f"{url} answered HTTP {status} ({response.reason})")
     if status in _NOT_THERE_STATUS:
-        raise DownloadError(f"{url} answered HTTP {status} ({response.reason}); the file has moved or the "
-                            f"host refuses it: point --mirror BASE (or {MIRROR_ENV}) at a copy of the zoo")
+        raise _Unavailable(f"answered HTTP {status} ({response.reason}): the file has moved or the host refuses it")
     if status >= 400:
-        raise DownloadError(f"{url} answered HTTP {status} ({response.reason})")
+        raise _Unavailable(f"answered HTTP {status} ({response.reason})")
     if offset and status == 206 and response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
         return offset
     if offset:
@@ -378,7 +580,7 @@ def _stream_into(response: requests.Response, part: Path, offset: int, policy: _
 def _copy_local(url: str, part: Path) -> str:
     source = Path(url2pathname(urlparse(url).path))
     if not source.is_file():
-        raise DownloadError(f"{url}: no such file; check the path or the --mirror BASE")
+        raise _Unavailable(f"no such file ({source})")
     digest = hashlib.sha256()
     with open(source, "rb") as stream, open(part, "wb") as out:
         for block in iter(lambda: stream.read(CHUNK_BYTES), b""):
@@ -414,11 +616,15 @@ def fetch_file(url: str, final: Union[str, Path], *, mirror: Optional[str] = Non
         part.unlink(missing_ok=True)  # no hash could tell whether an older attempt's bytes still fit
         url = resolve_url(url, mirror)
         log.info("downloading %s to %s", url, final)
+        policy = _Policy.make(retries, backoff, timeout, quiet)
         try:
-            _fetch_with_retries(url, part, _Policy.make(retries, backoff, timeout, quiet))
+            _from_live_host(url, lambda: _fetch_with_retries(url, part, policy))
             if check is not None:
                 check(part)
             os.replace(part, final)
+        except _Unavailable as exc:
+            part.unlink(missing_ok=True)
+            raise _give_up("", final, [(url, exc)], resumable=False) from None
         except BaseException:
             part.unlink(missing_ok=True)
             raise

@@ -128,8 +128,9 @@ class _CheckpointRun:
         self.entry, self.job, self.options = entry, job, job.options
         self.target: Resolved = resolve(entry.name, dataset=job.dataset, fetch=job.fetch, device=job.device)
         self.settings = self.target.settings
-        self.path = result_path(self.options.results_dir, entry.name, job.environment,
-                                _file_tag(job.speed))
+        # a checkpoint scored on another dataset it is published on (Dark Zurich...) keeps its own folder
+        folder = entry.name if job.dataset == entry.dataset else f"{entry.name}/{job.dataset}"
+        self.path = result_path(self.options.results_dir, folder, job.environment, _file_tag(job.speed))
 
     def record(self, previous: Optional[ResultRecord] = None, **fields: Any) -> ResultRecord:
         job = self.job
@@ -161,7 +162,7 @@ class _CheckpointRun:
         for pass_name in PASSES:
             self.partial(pass_name).clear()
 
-    def evaluate(self, model, ms_flip: bool) -> Metrics:
+    def score_pass(self, model, ms_flip: bool) -> Metrics:
         job = self.job
         pass_name = PASSES[ms_flip]
         data = SegmentationDataset(job.dataset, job.data_root, items=job.items, manifest=job.fetch.manifest,
@@ -215,7 +216,7 @@ class _CheckpointRun:
         try:
             model = optimize(self.target.load(), self.job.speed)
             for ms_flip in passes:
-                metrics[PASSES[ms_flip]] = self.evaluate(model, ms_flip)
+                metrics[PASSES[ms_flip]] = self.score_pass(model, ms_flip)
         except Exception as exc:  # noqa: BLE001 - recorded, and the other checkpoints still run
             error = _describe(exc)
         errors = self.job.dist.errors(error)  # every rank must agree before all_reduce

@@ -173,7 +173,7 @@ class _SelfTest:
             raise PspZooError(f"the dataset reader found {[i.name for i in found]}, expected {sorted(self.written)}")
         return f"{len(found)} Cityscapes images in {root}"
 
-    def evaluate(self) -> str:
+    def evaluate_step(self) -> str:
         self.result = evaluate(self.entry.name, self.work / "data", manifest=self.manifest,
                                checkpoint=self.downloaded, device=self.device, num_workers=0, progress=False)
         if self.result.images.count != len(self.written):
@@ -268,7 +268,7 @@ def run_selftest(*, keep: Optional[PathLike] = None, port: int = 0, device: Opti
         report.step("local server", test.server, needs=["tiny checkpoint"])
         report.step("download", test.download, needs=["local server"])
         report.step("mini dataset", test.dataset)
-        report.step("evaluate", test.evaluate, needs=["download", "mini dataset"])
+        report.step("evaluate", test.evaluate_step, needs=["download", "mini dataset"])
         if report.step("results table", test.table, needs=["evaluate"]):
             print("\n".join("      " + line for line in test.table_text.strip().splitlines()), file=stream)
         report.step("predict", test.predict, needs=["download", "mini dataset"])

@@ -39,8 +39,8 @@ METRIC_COLUMNS = ("Mem (GB)", "Inf time (fps)", "mIoU", "mIoU(ms+flip)")
 # Columns whose published separator is '---:'; the others are plain '---' (as published).
 _COLON_COLUMNS = {"Lr schd", "mIoU", "mIoU(ms+flip)"}
 _NUMERIC_COLUMNS = {"Lr schd", *METRIC_COLUMNS}
-DATASET_TITLES = {"cityscapes": "Cityscapes", "ade20k": "ADE20K", "voc12aug": "Pascal VOC 2012 + Aug",
-                  "pascal_context": "Pascal Context", "pascal_context_59": "Pascal Context 59"}
+# Sections of datasets a checkpoint is only evaluated on (Dark Zurich, Nighttime Driving) publish mIoU only.
+CROSS_COLUMNS = ("Method", "Backbone", "Training Dataset", "Test Dataset", "mIoU", "download")
 MARKER_START = "<!-- psp-zoo:tables:start -->"
 MARKER_END = "<!-- psp-zoo:tables:end -->"
 CELL_NOTE = ("Cells with results read `published / reproduced (difference)`; Mem (GB) is the "
@@ -73,8 +73,8 @@ def _comparable(record: ResultRecord, column: str) -> bool:
     return column in ("mIoU", "mIoU(ms+flip)") or record.device_kind == "cuda"
 
 
-def _published_values(ckpt: Checkpoint) -> Dict[str, Optional[float]]:
-    p = ckpt.published
+def _published_values(ckpt: Checkpoint, dataset: str) -> Dict[str, Optional[float]]:
+    p = ckpt.published_on[dataset]
     return {"Mem (GB)": p.mem_gb, "Inf time (fps)": p.fps, "mIoU": p.miou, "mIoU(ms+flip)": p.miou_ms_flip}
 
 
@@ -86,15 +86,19 @@ def _environment_key(record: ResultRecord) -> Tuple:
     env = record.environment
     gpu = record.device_kind == "cuda"
     limited = (record.images.count, record.images.available) if record.images.limited else None
+    backend = None if record.backend is None else (record.backend.get("backend"), record.backend.get("version"),
+                                                    tuple(record.backend.get("providers") or ()))
     return (env["device_kind"], env["device_name"], record.precision, tuple(record.optimizations),
             env["torch"], env.get("cuda") if gpu else None, env.get("cudnn") if gpu else None,
-            env["psp_zoo"], limited)
+            env["psp_zoo"], limited, backend)
 
 
 def _environment_text(records: Sequence[ResultRecord]) -> str:
     first = records[0]
-    kind, name, precision, optimizations, torch_v, cuda, cudnn, version, limited = _environment_key(first)
+    kind, name, precision, optimizations, torch_v, cuda, cudnn, version, limited, backend = _environment_key(first)
     parts = [f"{name} ({kind})", precision + "".join(f"+{o}" for o in optimizations), f"torch {torch_v}"]
+    if backend is not None:
+        parts[1:2] = [f"{backend[0]} {backend[1]} ({', '.join(backend[2])}), exported fp32"]
     if kind == "cuda":
         parts += [f"CUDA {cuda}", f"cuDNN {cudnn}"]
     parts.append(f"psp-zoo {version}")
@@ -107,6 +111,11 @@ def _environment_text(records: Sequence[ResultRecord]) -> str:
         parts.append(f"only {limited[0]} of {limited[1]} images (--limit)")
     if kind == "cpu":
         parts.append("fps on CPU; Mem is cpu peak RSS, not comparable")
+    few = sorted({(r.speed.images_timed, r.speed.warmup) for r in records if r.speed is not None
+                  and (r.speed.images_timed, r.speed.warmup) != (195, 5)})
+    if few:
+        parts.append("fps from " + ", ".join(f"{n} timed image(s) after {w} warm-up" for n, w in few)
+                     + " (published: 195 after 5)")
     return ", ".join(parts)
 
 
@@ -124,16 +133,23 @@ class DatasetTable:
     environments: Dict[str, str] = field(default_factory=dict)  # "[1]" -> description
     failures: List[str] = field(default_factory=list)
 
+    titles: Dict[str, str] = field(default_factory=dict)  # dataset key -> section title, for training sets
+
     @property
     def has_results(self) -> bool:
         return bool(self.environments)
 
+    @property
+    def is_cross_dataset(self) -> bool:
+        """A section of checkpoints trained on another dataset (Dark Zurich, Nighttime Driving)."""
+        return not self.frame.empty and bool((self.frame["Training Dataset"] != self.dataset).all())
 
-def _row(ckpt: Checkpoint, record: Optional[ResultRecord], label: Optional[str]) -> dict:
-    row = {"Dataset": ckpt.dataset, "Checkpoint": ckpt.name, "Method": "PSPNet",
+
+def _row(ckpt: Checkpoint, dataset: str, record: Optional[ResultRecord], label: Optional[str]) -> dict:
+    row = {"Dataset": dataset, "Training Dataset": ckpt.dataset, "Checkpoint": ckpt.name, "Method": "PSPNet",
            "Backbone": ckpt.backbone, "Crop Size": "x".join(map(str, ckpt.crop_size)),
            "Lr schd": ckpt.schedule}
-    for column, published in _published_values(ckpt).items():
+    for column, published in _published_values(ckpt, dataset).items():
         reproduced = None if record is None else _reproduced_value(record, column)
         comparable = record is not None and _comparable(record, column)
         row[column] = published
@@ -148,7 +164,8 @@ def _row(ckpt: Checkpoint, record: Optional[ResultRecord], label: Optional[str])
 
 
 def _table(manifest: Manifest, dataset: str, records: Sequence[ResultRecord]) -> DatasetTable:
-    table = DatasetTable(dataset, DATASET_TITLES.get(dataset, dataset), pd.DataFrame())
+    table = DatasetTable(dataset, manifest.datasets[dataset].title, pd.DataFrame(),
+                         titles={key: spec.title for key, spec in manifest.datasets.items()})
     by_environment: Dict[Tuple, List[ResultRecord]] = {}
     for record in records:
         if record.status == "complete":
@@ -160,12 +177,13 @@ def _table(manifest: Manifest, dataset: str, records: Sequence[ResultRecord]) ->
     for key, label in labels.items():
         table.environments[label] = _environment_text(by_environment[key])
     rows = []
-    for ckpt in (c for c in manifest if c.dataset == dataset):
-        mine = sorted((r for r in records if r.checkpoint == ckpt.name and r.status == "complete"),
+    for ckpt in (c for c in manifest if dataset in c.datasets):
+        mine = sorted((r for r in records if r.checkpoint == ckpt.name and r.status == "complete"
+                       and r.dataset == dataset),
                       key=lambda r: labels[_environment_key(r)])
         for record in mine or [None]:
             label = None if record is None else labels[_environment_key(record)]
-            row = _row(ckpt, record, label)
+            row = _row(ckpt, dataset, record, label)
             row["Reproduced on"] = table.environments.get(label)
             rows.append(row)
     table.frame = pd.DataFrame(rows)
@@ -179,13 +197,13 @@ def build_tables(manifest: ManifestArg = None, results: Sequence[ResultRecord] =
     usable = []
     for record in results:
         ckpt = known.get(record.checkpoint)
-        if ckpt is None or ckpt.dataset != record.dataset:
+        if ckpt is None or record.dataset not in ckpt.datasets:
             warnings.warn(f"ignoring {record.source or record.checkpoint}: checkpoint "
                           f"{record.checkpoint!r} on {record.dataset!r} is not in the manifest; "
                           f"pass the manifest that defines it with --manifest", stacklevel=2)
             continue
         usable.append(record)
-    datasets = [d for d in manifest.datasets if any(c.dataset == d for c in manifest)]
+    datasets = [d for d in manifest.datasets if any(d in c.datasets for c in manifest)]
     return [_table(manifest, d, [r for r in usable if r.dataset == d]) for d in datasets]
 
 
@@ -212,12 +230,17 @@ def _download(row: pd.Series) -> str:
 def _display_frame(table: DatasetTable) -> pd.DataFrame:
     """The frame as the README shows it: the published columns, cells already formatted."""
     rows = []
+    cross = table.is_cross_dataset
     for _, row in table.frame.iterrows():
         method = "PSPNet" if not isinstance(row["Label"], str) else f"PSPNet {row['Label']}"
+        if cross:  # a checkpoint trained elsewhere, scored here: the page's columns for such sections
+            rows.append([method, row["Backbone"], table.titles[row["Training Dataset"]], table.title,
+                         _cell(row, "mIoU"), _download(row)])
+            continue
         cells = [method, row["Backbone"], row["Crop Size"], str(row["Lr schd"])]
         cells += [_cell(row, column) for column in METRIC_COLUMNS]
         rows.append(cells + [_download(row)])
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+    return pd.DataFrame(rows, columns=list(CROSS_COLUMNS if cross else COLUMNS))
 
 
 def _markdown_table(display: pd.DataFrame) -> str:

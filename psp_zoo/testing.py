@@ -119,26 +119,29 @@ def _smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarr
 
 
 def write_mini_cityscapes(root: PathLike, *, num_images: int = 4, size: Tuple[int, int] = (64, 96),
-                          num_classes: int = 19, seed: int = 0) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+                          sizes: Optional[Sequence[Tuple[int, int]]] = None, num_classes: int = 19,
+                          label_values: Optional[Sequence[int]] = None, label_ids: bool = False,
+                          smooth: bool = True, seed: int = 0) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     """Cityscapes validation files under ``root`` (``leftImg8bit/val/<city>/*_leftImg8bit.png``,
-    ``gtFine/val/<city>/*_gtFine_labelTrainIds.png``); returns ``{name: (rgb, label)}``.
+    ``gtFine/val/<city>/*_gtFine_labelTrainIds.png``, or ``*_gtFine_labelIds.png`` with
+    ``label_ids``); returns ``{name: (rgb, label)}``.
 
-    Labels are blocks of class ids below ``num_classes`` with some 255 (ignored) pixels.
+    ``sizes`` (h, w) per image, default ``num_images`` of ``size``. Labels are blocks of class ids
+    below ``num_classes`` with some 255 (ignored) pixels, or pixels drawn from ``label_values``.
+    ``smooth`` images look like photos to a network; otherwise pixels are independent noise.
     """
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    root, (height, width) = Path(root), size
     written = {}
-    for index in range(num_images):
-        city = ("selftown", "testville")[index % 2]
+    for index, (height, width) in enumerate(sizes or [size] * num_images):
+        city = ("aachen", "bonn")[index % 2]
         name = f"{city}/{city}_{index:06d}_000019"
-        rgb = _smooth_image(rng, height, width)
-        blocks = rng.integers(0, num_classes, (max(height // 8, 1), max(width // 8, 1)), dtype=np.uint8)
-        label = cv2.resize(blocks, (width, height), interpolation=cv2.INTER_NEAREST)
-        label[rng.random((height, width)) < 0.05] = 255
-        image_path = root / "leftImg8bit" / "val" / f"{name}_leftImg8bit.png"
-        label_path = root / "gtFine" / "val" / f"{name}_gtFine_labelTrainIds.png"
+        rgb = _smooth_image(rng, height, width) if smooth else rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        label = _label_map(rng, height, width, num_classes, label_values)
+        image_path = Path(root) / "leftImg8bit" / "val" / f"{name}_leftImg8bit.png"
+        kind = "labelIds" if label_ids else "labelTrainIds"
+        label_path = Path(root) / "gtFine" / "val" / f"{name}_gtFine_{kind}.png"
         image_path.parent.mkdir(parents=True, exist_ok=True)
         label_path.parent.mkdir(parents=True, exist_ok=True)
         if not cv2.imwrite(str(image_path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
@@ -146,6 +149,16 @@ def write_mini_cityscapes(root: PathLike, *, num_images: int = 4, size: Tuple[in
         Image.fromarray(label, mode="L").save(label_path)
         written[name] = (rgb, label)
     return written
+
+
+def _label_map(rng: np.random.Generator, height: int, width: int, num_classes: int,
+               values: Optional[Sequence[int]]) -> np.ndarray:
+    if values is not None:
+        return rng.choice(np.asarray(values, dtype=np.uint8), size=(height, width))
+    blocks = rng.integers(0, num_classes, (max(height // 8, 1), max(width // 8, 1)), dtype=np.uint8)
+    label = cv2.resize(blocks, (width, height), interpolation=cv2.INTER_NEAREST)
+    label[rng.random((height, width)) < 0.05] = 255
+    return label
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):

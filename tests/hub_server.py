@@ -2,10 +2,11 @@
 
 It serves the tiny fixture checkpoints under their hashed names, honours ``Range``, and
 misbehaves on request: each file has a script of actions consumed one per request (then "ok"):
-``"404"``, ``"403"``, ``"503"``, ``"drop:N"`` (send N bytes of the body, then close),
+``"404"``, ``"403"``, ``"410"``, ``"503"``, ``"drop:N"`` (send N bytes of the body, then close),
 ``"wrong"`` (right length, wrong bytes), ``"ignore_range"`` (always answer 200 with the whole file),
 ``"stall:N"`` (send N bytes, then wait for ``release`` before sending the rest). Every request is
-logged with its Range header, status and the body bytes actually sent.
+logged with its Range header, status and the body bytes actually sent. ``also_publish`` serves a
+file under a second folder too, as the zoo does for checkpoints listed in two places.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Dict, List, Optional
 from conftest import TINY, tiny_checkpoint_path, tiny_info
 
 ZOO_DIR = "/mmsegmentation/v0.5/pspnet/tiny/"
+ALT_DIR = "/mmsegmentation/v0.5/pspnet/tiny_again/"
 OPENMMLAB = "https://download.openmmlab.com"
 
 
@@ -46,17 +48,22 @@ class CheckpointServer:
         for tag in TINY:
             self.files[ZOO_DIR + tiny_checkpoint_path(tag).name] = tiny_checkpoint_path(tag).read_bytes()
 
-    def path_of(self, tag: str) -> str:
-        return ZOO_DIR + tiny_checkpoint_path(tag).name
+    def path_of(self, tag: str, folder: str = ZOO_DIR) -> str:
+        return folder + tiny_checkpoint_path(tag).name
 
-    def url(self, tag: str) -> str:
-        return self.base + self.path_of(tag)
+    def url(self, tag: str, folder: str = ZOO_DIR) -> str:
+        return self.base + self.path_of(tag, folder)
 
-    def script(self, tag: str, *actions: str) -> None:
-        self.scripts[self.path_of(tag)].extend(actions)
+    def also_publish(self, tag: str, folder: str = ALT_DIR) -> str:
+        """Serve the file of ``tag`` under ``folder`` too; returns its URL there."""
+        self.files[self.path_of(tag, folder)] = tiny_checkpoint_path(tag).read_bytes()
+        return self.url(tag, folder)
 
-    def requests_for(self, tag: str) -> List[Request]:
-        return [r for r in self.log if r.path == self.path_of(tag)]
+    def script(self, tag: str, *actions: str, folder: str = ZOO_DIR) -> None:
+        self.scripts[self.path_of(tag, folder)].extend(actions)
+
+    def requests_for(self, tag: str, folder: str = ZOO_DIR) -> List[Request]:
+        return [r for r in self.log if r.path == self.path_of(tag, folder)]
 
     def close(self) -> None:
         self.released.set()
@@ -75,7 +82,7 @@ def _handler_for(server: CheckpointServer):
             script = server.scripts[self.path]
             action = script.popleft() if script else "ok"
             data = server.files.get(self.path)
-            if data is None or action in ("404", "403", "503"):
+            if data is None or action in ("404", "403", "410", "503"):
                 self._status(404 if data is None else int(action))
                 return
             if action == "wrong":
@@ -118,8 +125,12 @@ def _handler_for(server: CheckpointServer):
             self._send(data[cut:], record)
 
         def _send(self, chunk: bytes, record: Request) -> None:
-            self.wfile.write(chunk)
-            self.wfile.flush()
+            try:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test): expected
+                self.close_connection = True
+                return
             record.sent += len(chunk)
 
     return Handler

@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from psp_zoo.testing import write_mini_cityscapes
+
 SIZES = ((24, 40), (31, 23), (20, 20))  # (h, w): landscape, portrait (odd), square
 
 
@@ -47,22 +49,11 @@ Written = Dict[str, Tuple[np.ndarray, np.ndarray]]
 
 
 def write_cityscapes(folder: Path, *, label_ids: bool = False, seed: int = 0) -> Written:
-    """leftImg8bit/val/<city>/*_leftImg8bit.png + gtFine/val/<city>/*_gtFine_label{TrainIds,Ids}.png."""
-    rng = np.random.default_rng(seed)
-    written = {}
-    for i, (h, w) in enumerate(SIZES):
-        city = ("aachen", "bonn")[i % 2]
-        name = f"{city}/{city}_{i:06d}_000019"
-        rgb = _rgb(rng, h, w)
-        _write_png_rgb(folder / "leftImg8bit" / "val" / f"{name}_leftImg8bit.png", rgb)
-        if label_ids:
-            label = _labels(rng, h, w, [0, 1, 7, 8, 11, 12, 13, 26, 33])
-            _write_label(folder / "gtFine" / "val" / f"{name}_gtFine_labelIds.png", label)
-        else:
-            label = _labels(rng, h, w, [0, 1, 2, 3, 4, 255])
-            _write_label(folder / "gtFine" / "val" / f"{name}_gtFine_labelTrainIds.png", label)
-        written[name] = (rgb, label)
-    return written
+    """leftImg8bit/val/<city>/*_leftImg8bit.png + gtFine/val/<city>/*_gtFine_label{TrainIds,Ids}.png,
+    written by psp_zoo.testing (the selftest's writer) with noise images and the sizes above."""
+    values = [0, 1, 7, 8, 11, 12, 13, 26, 33] if label_ids else [0, 1, 2, 3, 4, 255]
+    return write_mini_cityscapes(folder, sizes=SIZES, label_values=values, label_ids=label_ids, smooth=False,
+                                 seed=seed)
 
 
 def write_ade20k(folder: Path, *, seed: int = 1) -> Written:

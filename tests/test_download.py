@@ -1,19 +1,75 @@
 """Downloads against a real local server: verified, resumable, retried, cached, mirrored, offline."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib
+import logging
 import shutil
+import socket
+from pathlib import Path
 
 import pytest
 import torch
 
 from psp_zoo import DownloadError, cache_state, cached_path, create_model, download, is_cached
-from psp_zoo.hub import cache_dir
+from psp_zoo.hub import cache_dir, forget_failed_hosts
+from psp_zoo.manifest import Checkpoint, get_checkpoint
 
 from conftest import tiny_checkpoint_path, tiny_info
-from hub_server import OPENMMLAB, write_manifest
+from hub_server import ALT_DIR, OPENMMLAB, write_manifest
 
 FAST = {"backoff": 0.001, "quiet": True}
+hub_module = importlib.import_module("psp_zoo.hub")
+
+
+@pytest.fixture(autouse=True)
+def _no_hosts_remembered_as_down():
+    """A host found down by one test (a closed port may be reused later) must not fail another test."""
+    forget_failed_hosts()
+    yield
+    forget_failed_hosts()
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    """The backoff waits download() would have made (none are actually made)."""
+    waited = []
+    monkeypatch.setattr(hub_module.time, "sleep", waited.append)
+    return waited
+
+
+@pytest.fixture
+def lookups(monkeypatch):
+    """Host names looked up by connections; names under .invalid fail here, as a resolver answers them,
+    so no DNS query leaves the machine."""
+    real, asked = socket.getaddrinfo, []
+
+    def getaddrinfo(host, *args, **kwargs):
+        asked.append(host)
+        if str(host).endswith(".invalid"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _assert_library_advice(message: str, cache: Path, tag: str) -> None:
+    assert "PSP_ZOO_MIRROR" in message and "offline=True" in message and "PSP_ZOO_OFFLINE" in message
+    assert str(cache / tiny_checkpoint_path(tag).name) in message
+    assert "--" not in message  # no command-line flags in a library message
+
+
+def _published_twice(entry: Checkpoint, second_url: str) -> Checkpoint:
+    """``entry`` as a manifest record listing the file at its own URL, then at ``second_url``."""
+    return dataclasses.replace(entry, urls=(entry.url, second_url))
 
 
 def _leftovers(cache):
@@ -118,10 +174,23 @@ def test_a_bad_resumed_part_is_fetched_again_from_scratch(hub_server, hub_manife
     assert path.read_bytes() == tiny_checkpoint_path("r50").read_bytes()
 
 
-def test_503_is_retried_then_succeeds(hub_server, hub_manifest, hub_cache):
+def test_503_is_retried_then_succeeds(hub_server, hub_manifest, hub_cache, sleeps, caplog):
     hub_server.script("r50", "503", "503")
-    download("tiny_r50", manifest=hub_manifest, cache_dir=hub_cache, retries=3, **FAST)
+    with caplog.at_level(logging.INFO, logger="psp_zoo"):
+        download("tiny_r50", manifest=hub_manifest, cache_dir=hub_cache, retries=3, backoff=1.0, quiet=True)
     assert [r.status for r in hub_server.requests_for("r50")] == [503, 503, 200]
+    assert sleeps == [1.0, 2.0]
+    retry_lines = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retry_lines) == 2 and all("answered HTTP 503 (Service Unavailable)" in line for line in retry_lines)
+
+
+def test_a_read_timeout_is_retried_and_resumed(hub_server, hub_manifest, hub_cache, sleeps, caplog):
+    hub_server.script("r50", "stall:100000")
+    with caplog.at_level(logging.INFO, logger="psp_zoo"):
+        path = download("tiny_r50", manifest=hub_manifest, cache_dir=hub_cache, retries=2, timeout=0.5, quiet=True)
+    assert [r.status for r in hub_server.requests_for("r50")] == [200, 206]
+    assert len(sleeps) == 1 and any("no data for 0.5 s; retrying" in r.getMessage() for r in caplog.records)
+    assert path.read_bytes() == tiny_checkpoint_path("r50").read_bytes()
 
 
 def test_retries_give_up_with_the_url(hub_server, hub_manifest, hub_cache):
@@ -131,14 +200,17 @@ def test_retries_give_up_with_the_url(hub_server, hub_manifest, hub_cache):
     assert hub_server.url("r50") in str(info.value)
 
 
-@pytest.mark.parametrize("status", ["404", "403"])
-def test_missing_file_fails_at_once_with_a_mirror_hint(hub_server, hub_manifest, hub_cache, status):
+@pytest.mark.parametrize("status", ["404", "403", "410"])
+def test_missing_file_fails_at_once_with_a_mirror_hint(hub_server, hub_manifest, hub_cache, status, sleeps):
     hub_server.script("r50", status)
     with pytest.raises(DownloadError) as info:
         download("tiny_r50", manifest=hub_manifest, cache_dir=hub_cache, retries=5, **FAST)
     message = str(info.value)
-    assert hub_server.url("r50") in message and f"HTTP {status}" in message and "--mirror" in message
-    assert len(hub_server.log) == 1 and _leftovers(hub_cache) == []
+    assert hub_server.url("r50") in message and f"HTTP {status}" in message
+    _assert_library_advice(message, hub_cache, "r50")
+    assert len(hub_server.log) == 1 and _leftovers(hub_cache) == [] and sleeps == []
+    # a missing file says nothing about the host: the next file is asked for
+    download("tiny_r101", manifest=hub_manifest, cache_dir=hub_cache, **FAST)
 
 
 def test_offline_uses_only_the_cache(hub_server, hub_manifest, hub_cache, monkeypatch):
@@ -212,3 +284,136 @@ def test_a_cache_that_refuses_writes_is_a_download_error(hub_server, hub_manifes
         download("tiny_r50", manifest=hub_manifest, cache_dir=hub_cache, **FAST)
     monkeypatch.undo()
     assert not cached_path("tiny_r50", manifest=hub_manifest, cache_dir=hub_cache).exists()
+
+
+# --------------------------------------------------------------------------------------------
+# network failures: fail fast, say why, do not ask a dead host again
+
+
+def test_a_refused_connection_fails_at_once_naming_the_cause(hub_server, tmp_path, hub_cache, sleeps, lookups):
+    port = _closed_port()
+    dead = f"http://127.0.0.1:{port}"
+    manifest = write_manifest(tmp_path / "dead.yml", dead)
+    with pytest.raises(DownloadError) as info:  # default retries and backoff
+        download("tiny_r50", manifest=manifest, cache_dir=hub_cache, quiet=True)
+    message = str(info.value)
+    assert f"connection to 127.0.0.1:{port} refused" in message and dead + "/" in message
+    _assert_library_advice(message, hub_cache, "r50")
+    assert sleeps == [] and lookups == ["127.0.0.1"]  # one connection attempt, no backoff
+
+    with pytest.raises(DownloadError) as info:  # the next file of the same command
+        download("tiny_r101", manifest=manifest, cache_dir=hub_cache, quiet=True)
+    assert f"connection to 127.0.0.1:{port} refused" in str(info.value) and "not tried again" in str(info.value)
+    assert lookups == ["127.0.0.1"] and sleeps == []
+    _assert_library_advice(str(info.value), hub_cache, "r101")
+    # another port on the same machine is another host
+    assert download("tiny_r50", manifest=write_manifest(tmp_path / "live.yml", hub_server.base),
+                    cache_dir=hub_cache, quiet=True).is_file()
+    assert _leftovers(hub_cache) != [] and not (hub_cache / tiny_checkpoint_path("r101").name).exists()
+
+
+def test_an_unresolvable_host_fails_at_once_naming_the_cause(tmp_path, hub_cache, sleeps, lookups):
+    manifest = write_manifest(tmp_path / "official.yml", OPENMMLAB)
+    mirror = "https://zoo-mirror.psp-zoo.invalid/"
+    with pytest.raises(DownloadError) as info:
+        download("tiny_r50", manifest=manifest, cache_dir=hub_cache, mirror=mirror, quiet=True)
+    message = str(info.value)
+    assert "host zoo-mirror.psp-zoo.invalid could not be resolved (no network or DNS)" in message
+    assert mirror + "mmsegmentation/v0.5/pspnet/tiny/" + tiny_checkpoint_path("r50").name in message
+    _assert_library_advice(message, hub_cache, "r50")
+    assert sleeps == [] and lookups == ["zoo-mirror.psp-zoo.invalid"]
+
+    with pytest.raises(DownloadError, match="could not be resolved.*not tried again"):
+        download("tiny_r101", manifest=manifest, cache_dir=hub_cache, mirror=mirror, quiet=True)
+    assert lookups == ["zoo-mirror.psp-zoo.invalid"]
+    forget_failed_hosts()  # e.g. once the network is back: asked again
+    with pytest.raises(DownloadError, match="could not be resolved"):
+        download("tiny_r101", manifest=manifest, cache_dir=hub_cache, mirror=mirror, quiet=True)
+    assert lookups == ["zoo-mirror.psp-zoo.invalid"] * 2 and sleeps == []
+
+
+def test_retries_that_run_out_name_the_cause(hub_server, hub_manifest, hub_cache, sleeps):
+    hub_server.script("r50", "drop:200000", "drop:200000")
+    with pytest.raises(DownloadError) as info:
+        download("tiny_r50", manifest=hub_manifest, cache_dir=hub_cache, retries=1, backoff=1.0, quiet=True)
+    message = str(info.value)
+    assert "gave up after 2 attempts" in message and "connection dropped mid-file" in message
+    assert "run again to resume" in message and "--" not in message and sleeps == [1.0]
+
+
+# --------------------------------------------------------------------------------------------
+# one file published at several URLs
+
+
+def test_a_404_on_the_first_url_moves_to_the_second(hub_server, hub_manifest, hub_cache):
+    second = hub_server.also_publish("r50")
+    first = hub_server.url("r50")
+    text = hub_manifest.read_text()
+    assert text.count(f"weights: {first}\n") == 1
+    hub_manifest.write_text(text.replace(f"weights: {first}\n", f"weights: [{first}, {second}]\n"))
+    entry = get_checkpoint("tiny_r50", manifest=hub_manifest)
+    assert entry.urls == (first, second)
+    hub_server.script("r50", "404")
+    path = download("tiny_r50", manifest=hub_manifest, cache_dir=hub_cache, **FAST)
+    assert [r.status for r in hub_server.requests_for("r50")] == [404]
+    assert [r.status for r in hub_server.requests_for("r50", ALT_DIR)] == [200]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == tiny_info("r50")["sha256"]
+    assert cache_state(entry, cache_dir=hub_cache) == "cached"
+
+
+def test_the_hash_is_checked_on_whichever_url_served_the_file(hub_server, hub_manifest, hub_cache):
+    second = hub_server.also_publish("r50")
+    entry = _published_twice(get_checkpoint("tiny_r50", manifest=hub_manifest), second)
+    hub_server.script("r50", "410")
+    hub_server.script("r50", "wrong", folder=ALT_DIR)
+    with pytest.raises(DownloadError) as info:
+        download(entry, cache_dir=hub_cache, **FAST)
+    message = str(info.value)
+    assert "from any of 2 URLs" in message and hub_server.url("r50") in message and second in message
+    assert "HTTP 410" in message and "SHA-256 mismatch" in message and tiny_info("r50")["sha256"] in message
+    _assert_library_advice(message, hub_cache, "r50")
+    assert _leftovers(hub_cache) == []
+
+    hub_server.script("r50", "wrong")  # a bad copy at the first URL: the second serves a good one
+    assert download(entry, cache_dir=hub_cache, **FAST).read_bytes() == tiny_checkpoint_path("r50").read_bytes()
+
+
+def test_a_dead_first_host_moves_to_the_second(hub_server, hub_manifest, hub_cache, sleeps, lookups):
+    entry = get_checkpoint("tiny_r50", manifest=hub_manifest)
+    dead_url = entry.url.replace(hub_server.base, "http://zoo.psp-zoo.invalid")
+    entry = dataclasses.replace(entry, urls=(dead_url, hub_server.url("r50")))
+    assert download(entry, cache_dir=hub_cache, quiet=True).is_file()
+    assert lookups == ["zoo.psp-zoo.invalid", "127.0.0.1"] and sleeps == []
+
+
+def test_a_file_without_a_hash_fails_fast_too(hub_server, tmp_path, sleeps, lookups):
+    from psp_zoo.hub import fetch_file
+
+    port = _closed_port()
+    final = tmp_path / "logs" / "train.log.json"
+    with pytest.raises(DownloadError) as info:
+        fetch_file(f"http://127.0.0.1:{port}/train.log.json", final, quiet=True)
+    message = str(info.value)
+    assert f"connection to 127.0.0.1:{port} refused" in message and str(final) in message and "--" not in message
+    assert sleeps == [] and lookups == ["127.0.0.1"] and not final.exists()
+    with pytest.raises(DownloadError, match="not tried again"):
+        fetch_file(f"http://127.0.0.1:{port}/other.log.json", tmp_path / "other.json", quiet=True)
+    assert lookups == ["127.0.0.1"]
+    hub_server.script("r50", "404")
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        fetch_file(hub_server.url("r50"), final, quiet=True)
+    assert [p.name for p in final.parent.rglob("*") if p.is_file() and not p.name.endswith(".lock")] == []
+
+
+def test_an_offline_setting_that_is_neither_on_nor_off_is_an_error(monkeypatch, tmp_path, capsys):
+    from psp_zoo.cli import main
+
+    monkeypatch.setenv("PSP_ZOO_OFFLINE", "banana")
+    with pytest.raises(DownloadError, match="PSP_ZOO_OFFLINE='banana' is neither on"):
+        download("http://127.0.0.1:9/x_20200101_000000-12345678.pth", cache_dir=tmp_path)
+    assert main(["get", "pspnet_r50-d8_512x1024_40k_cityscapes", "--cache-dir", str(tmp_path)]) != 0
+    assert "PSP_ZOO_OFFLINE='banana'" in capsys.readouterr().err
+    monkeypatch.setenv("PSP_ZOO_OFFLINE", "off")  # the usual spellings of off still mean online
+    forget_failed_hosts()
+    with pytest.raises(DownloadError, match="refused"):
+        download("http://127.0.0.1:9/x_20200101_000000-12345678.pth", cache_dir=tmp_path, retries=0)

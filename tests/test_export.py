@@ -223,3 +223,22 @@ def test_confusion_matrix_through_onnx_equals_pytorch(exported, tmp_path, mode):
         assert isinstance(metric, ConfusionMatrix) and len(data) == 3
         matrices.append(metric.matrix)
     assert matrices[0].sum() > 0 and torch.equal(matrices[0], matrices[1])
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_evaluate_through_onnx_gives_the_pytorch_record(tmp_path, mode):
+    """``evaluate(..., onnx=FILE)``: the same confusion matrix (so every score) as the PyTorch path,
+    and a record that says onnxruntime ran it; the published weights are never fetched."""
+    from psp_zoo import evaluate, read_result, write_result
+
+    manifest = write_manifest(tmp_path / "m.yml", "http://127.0.0.1:9")  # unreachable: nothing fetched
+    path = tmp_path / "tiny.onnx"
+    assert _cli_export(tmp_path, "--out", str(path)) == 0
+    minidata.write_cityscapes(tmp_path / "cityscapes")
+    slide = dict(mode="slide", crop_size=(17, 17), stride=(11, 11)) if mode == "slide" else {}
+    common = dict(manifest=str(manifest), device="cpu", num_workers=0, progress=False, img_scale=(64, 32), **slide)
+    through_onnx = evaluate("tiny_r50", tmp_path / "cityscapes", onnx=path, **common)
+    through_torch = evaluate("tiny_r50", tmp_path / "cityscapes", checkpoint=tiny_checkpoint_path("r50"), **common)
+    assert through_onnx.single_scale == through_torch.single_scale and through_onnx.images.count == 3
+    assert through_onnx.backend["backend"] == "onnxruntime" and through_torch.backend is None
+    assert read_result(write_result(through_onnx, tmp_path / "onnx.json")) == through_onnx

@@ -290,3 +290,27 @@ def test_speed_with_no_timed_image_is_refused_before_any_work(capsys, setup, tmp
     code, _, err = _cli(capsys, *_argv(setup, tmp_path / "results", "--models", "tiny_r50", "--limit", "1"))
     assert code == 2 and "all of them warm-up" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "results").exists()
+
+
+def test_a_cityscapes_checkpoint_is_reproduced_on_dark_zurich(capsys, tmp_path):
+    """Cross-dataset rows: the checkpoint's Dark Zurich numbers, in their own results file and section."""
+    from psp_zoo.testing import SELFTEST_NAME, manifest_entry, write_manifest, write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "zoo", num_classes=19)
+    entry = manifest_entry(checkpoint, checkpoint.as_uri(), test={"img_scale": SMALL_SCALE})
+    entry["published_on"] = {"dark_zurich": {"aliases": [f"{SELFTEST_NAME}_dark"], "published": {"mIoU": 10.0}}}
+    manifest = write_manifest(tmp_path / "manifest.yml", [entry])
+    minidata.write_dark_zurich(tmp_path / "data" / "dark_zurich")
+    code, out, _ = _cli(capsys, "list", "--dataset", "dark_zurich", "--manifest", manifest, "--format", "csv")
+    assert code == 0 and SELFTEST_NAME in out
+    results = tmp_path / "results"
+    code, out, err = _cli(capsys, "reproduce", "--dataset", "dark_zurich", "--data-root", tmp_path / "data",
+                          "--models", SELFTEST_NAME, "--manifest", manifest, "--cache-dir", tmp_path / "cache",
+                          "--results", results, "--no-ms-flip", "--no-train-mem", *QUICK)
+    assert code == 0, err
+    record = read_result(results / SELFTEST_NAME / "dark_zurich" / "cpu.json")
+    assert record.dataset == "dark_zurich" and record.images.count == 3
+    assert record.settings["test"]["img_scale"] == [1920, 1080]  # Dark Zurich's own test scale
+    code, tables, _ = _cli(capsys, "tables", "--results", results, "--manifest", manifest)
+    section = tables.split("### Dark Zurich")[1].split("###")[0]
+    assert f"10.00 / {record.miou:.2f}" in section and "| Cityscapes" in section

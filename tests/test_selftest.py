@@ -73,7 +73,7 @@ def test_a_taken_port_fails_the_server_step_and_skips_what_needs_it(capsys):
     outcomes = _outcomes(report)
     assert code == 1
     assert outcomes["local server"].startswith(f"FAILED: cannot serve on 127.0.0.1:{port} (")
-    assert "choose a free --port" in outcomes["local server"]
+    assert "choose a free port, or 0 for any (--port)" in outcomes["local server"]
     assert outcomes["download"] == "skipped (needs: local server)"
     assert outcomes["evaluate"] == "skipped (needs: download)"
     assert outcomes["results table"] == "skipped (needs: evaluate)"

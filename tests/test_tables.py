@@ -49,9 +49,32 @@ def rows_by_method(text: str, title: str) -> dict:
 def test_published_tables_are_reproduced_exactly():
     expected = parse_markdown(PUBLISHED.read_text())
     produced = parse_markdown(render(build_tables()))
-    assert list(produced) == ["Cityscapes", "ADE20K", "Pascal VOC 2012 + Aug", "Pascal Context"]
-    assert produced == expected
-    assert sum(len(t["rows"]) for t in produced.values()) == 18
+    assert list(produced) == ["Cityscapes", "ADE20K", "Pascal VOC 2012 + Aug", "Pascal Context", "Pascal Context 59",
+                              "COCO-Stuff 10k", "COCO-Stuff 164k", "LoveDA", "Potsdam", "Vaihingen", "iSAID",
+                              "Dark Zurich", "Nighttime Driving"]
+    # the v0.5 tables: same columns and alignment, every published row cell for cell, in its order
+    for title, table in expected.items():
+        assert (produced[title]["header"], produced[title]["align"]) == (table["header"], table["align"])
+        rows = [row for row in produced[title]["rows"] if row in table["rows"]]
+        assert rows == table["rows"], title
+    assert sum(len(t["rows"]) for t in produced.values()) == 54 + 6  # checkpoints + cross-dataset rows
+
+
+def test_every_family_row_carries_the_tsv_numbers():
+    import csv
+
+    family = list(csv.DictReader((REFERENCE.parent / "pspnet_family.tsv").open(), delimiter="\t"))
+    data = json.loads(render(build_tables(), "json"))
+    shown = {(row["Checkpoint"], row["Dataset"]): row for table in data["tables"] for row in table["rows"]}
+    checked = 0
+    for line in family:
+        if line["ckpt_url"] == "-" or not line["miou"] or line["miou"] == "-":
+            continue
+        matches = [row for row in shown.values() if row["model"] == line["ckpt_url"]
+                   and row["mIoU"] == float(line["miou"])]
+        assert len(matches) == 1, line["name_0x"]
+        checked += 1
+    assert checked == 60
 
 
 def test_results_show_published_reproduced_and_difference():
@@ -128,7 +151,7 @@ def test_csv_and_json_carry_numbers_in_separate_columns():
     assert data["tables"][0]["rows"][1]["mIoU reproduced"] is None
     assert data["tables"][0]["environments"]["[1]"].startswith("NVIDIA H100")
     csv = render(build_tables(results=records), "csv").splitlines()
-    assert len(csv) == 19 and "mIoU reproduced" in csv[0].split(",")
+    assert len(csv) == 1 + 60 and "mIoU reproduced" in csv[0].split(",")
     with pytest.raises(PspZooError, match="md, csv or json"):
         render(build_tables(), "html")
 
@@ -176,7 +199,7 @@ def test_cli_subprocess_reports_a_bad_results_file(tmp_path, monkeypatch, capsys
     bad.unlink()
     monkeypatch.chdir(tmp_path)  # ./results is the default; it holds nothing: the published tables
     assert cli.main(["tables"]) == 0
-    assert parse_markdown(capsys.readouterr().out) == parse_markdown(PUBLISHED.read_text())
+    assert parse_markdown(capsys.readouterr().out) == parse_markdown(render(build_tables()))
 
 
 def test_plot_writes_a_png(tmp_path):
@@ -212,3 +235,16 @@ def test_cli_warnings_are_one_plain_line_each(tmp_path, capsys):
     assert main(["tables", "--results", str(tmp_path / "results"), "--plot", str(tmp_path / "p.png")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("psp-zoo tables: warning: ignoring ")
+
+
+def test_an_onnx_result_is_its_own_labelled_row():
+    import dataclasses
+
+    onnx = dataclasses.replace(make_record(R50, miou=0.7781), optimizations=(),
+                               backend={"backend": "onnxruntime", "version": "1.32.0",
+                                        "providers": ["CPUExecutionProvider"]})
+    text = render(build_tables(results=[make_record(R50, miou=0.778), onnx]))
+    rows = [r for r in parse_markdown(text)["Cityscapes"]["rows"] if r[1:4] == ["R-50-D8", "512x1024", "40000"]]
+    assert [r[0] for r in rows] == ["PSPNet [1]", "PSPNet [2]"]
+    notes = dict(re.findall(r"^- (\[\d\]) (.*)$", text, flags=re.M))
+    assert sum("onnxruntime 1.32.0 (CPUExecutionProvider)" in note for note in notes.values()) == 1

@@ -7,6 +7,7 @@ by older mmcv carry in ``meta`` (a palette, a best score); anything else is refu
 from __future__ import annotations
 
 import pickle
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping, Tuple, Union
@@ -36,39 +37,59 @@ def _numpy_globals() -> list:
     return found
 
 
+def _check_readable(path: Path) -> None:
+    """A missing path, a folder or an unreadable file is said as such, not as a broken download."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass the path of the weights file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}; check the path",
+                              cli_hint="or run `psp-zoo get NAME` to download a published one")
+    try:  # a file we may not open is not a broken download: do not tell the user to delete it
+        open(path, "rb").close()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}; check its permissions") from None
+
+
+def _corrupt(path: Path) -> str:
+    # torch's own text (zip internals, advice meant for its developers) helps no one here
+    return f"{path} is truncated or corrupt, not a readable PyTorch checkpoint; delete it and download it again"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _refused_global(exc: BaseException) -> str:
+    """The global the safe unpickler refused, from torch's message, without its terminal colours."""
+    text = _ANSI.sub("", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it refers to {found.group(1)}"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return first[:160]
+
+
 def read_checkpoint(path: Union[str, Path]) -> Tuple["OrderedDict[str, torch.Tensor]", dict]:
     """Return ``(state_dict, meta)`` from a published file, without ever unpickling arbitrary code.
 
     Accepts ``{'meta': ..., 'state_dict': ...}``, a bare state dict, and ``module.``-prefixed keys.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}; check the path or run `psp-zoo get NAME`")
-    try:  # a file we may not open is not a broken download: do not tell the user to delete it
-        open(path, "rb").close()
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}; check its permissions") from None
+    _check_readable(path)
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "global" in str(exc).lower() or "weights_only" in str(exc):
             raise CheckpointError(
                 f"refused to load {path}: it needs arbitrary unpickling, which could run code "
-                f"({first[:160]}). psp-zoo loads weights only; re-save the file as a plain state dict "
-                f"from code you trust"
+                f"({_refused_global(exc)}). psp-zoo loads weights only; re-save the file as a plain "
+                f"state dict from code you trust"
             ) from None
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first[:160]}); "
-                              f"delete it and download it again") from None
-    except Exception as exc:  # any other failure of the (safe) unpickler: truncated or foreign bytes
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or another format: {first[:160]}); "
-            f"delete it and download it again"
-        ) from None
+        raise CheckpointError(_corrupt(path)) from None
+    except Exception:  # any other failure of the (safe) unpickler: truncated or foreign bytes
+        raise CheckpointError(_corrupt(path)) from None
 
     if isinstance(obj, Mapping) and "state_dict" in obj:
         state_dict, meta = obj["state_dict"], obj.get("meta") or {}

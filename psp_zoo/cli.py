@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, NoReturn, Optional
 
 from ._version import __version__
 from .errors import PspZooError
@@ -21,6 +21,7 @@ from .records import DEFAULT_RESULTS_DIR
 
 EXIT_FAILED = 1  # the command ran, but some of its work failed
 EXIT_USAGE = 2   # bad input: nothing was done
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 
 def _add_speed_options(parser: argparse.ArgumentParser) -> None:
@@ -65,9 +66,33 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port number, 0 meaning any free port."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
+    return value
+
+
+# One helper per shared option, so every subcommand names, shows and explains it the same way.
+MS_FLIP_COST = "about 13x the single-scale time: 12 model passes, most at larger scales"
+
+
+def _add_name_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="checkpoint name, alias (mmseg 1.x config name) or weight file stem")
+
+
 def _add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="FILE", default=None,
                         help="load this local weights file instead of the published one")
+
+
+def _add_data_root_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", required=True, metavar="DIR",
+                        help="the dataset folder, or a folder that contains it")
 
 
 def _add_workers_option(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +101,8 @@ def _add_workers_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_device_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--device", metavar="DEVICE", default=None,
+                        help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
 def _add_manifest_option(parser: argparse.ArgumentParser) -> None:
@@ -85,8 +111,39 @@ def _add_manifest_option(parser: argparse.ArgumentParser) -> None:
                              "default: $PSP_ZOO_MANIFEST)")
 
 
+def _add_cache_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", metavar="DIR", default=None,
+                        help="checkpoint cache (default: $PSP_ZOO_HOME, else torch.hub's checkpoints folder)")
+
+
+def _add_mirror_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mirror", metavar="BASE", default=None,
+                        help="base URL replacing https://download.openmmlab.com/ (default: $PSP_ZOO_MIRROR)")
+
+
+def _add_offline_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--offline", action="store_true",
+                        help="use only the cache, never the network (default: $PSP_ZOO_OFFLINE)")
+
+
+def _add_fetch_options(parser: argparse.ArgumentParser) -> None:
+    """Where checkpoint files come from: the manifest, a mirror, offline, the cache folder."""
+    _add_manifest_option(parser)
+    _add_mirror_option(parser)
+    _add_offline_option(parser)
+    _add_cache_dir_option(parser)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a command-line mistake said on one stderr line (not the usage block), exit 2."""
+
+    def error(self, message: str) -> "NoReturn":
+        text = " ".join(str(message).split())
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="psp-zoo",
         description="Fetch, run and re-measure the published mmsegmentation PSPNet checkpoints.",
     )
@@ -102,18 +159,20 @@ def register_evaluate(sub) -> None:
     parser = sub.add_parser("evaluate", help="score one checkpoint on a validation set, as the reference",
                             description="Evaluate one manifest checkpoint (single-scale, or --ms-flip) "
                                         "and print aAcc, mIoU, mAcc and per-class IoU and Acc in percent.")
-    parser.add_argument("name", help="checkpoint name, alias or weight file stem")
-    parser.add_argument("--data-root", required=True, metavar="DIR",
-                        help="the dataset folder, or a folder that contains it")
-    parser.add_argument("--dataset", metavar="KEY",
+    _add_name_argument(parser)
+    _add_data_root_option(parser)
+    parser.add_argument("--dataset", metavar="DATASET",
                         help="score on another dataset the checkpoint is published on (e.g. dark_zurich)")
     _add_checkpoint_option(parser)
-    parser.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test (12 passes per image)")
+    parser.add_argument("--ms-flip", action="store_true",
+                        help=f"multi-scale + flip test instead of single-scale ({MS_FLIP_COST})")
+    parser.add_argument("--onnx", metavar="FILE", default=None,
+                        help="score this ONNX file (written by `psp-zoo export`) with onnxruntime instead of "
+                             "the PyTorch model; needs pip install 'psp-zoo[onnx]'")
     parser.add_argument("--limit", type=_int_at_least(1), metavar="N", help="only the first N images (sorted)")
     _add_device_option(parser)
     _add_workers_option(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the result record (the results-file format)")
-    _add_manifest_option(parser)
     _add_fetch_options(parser)
     _add_speed_options(parser)
     parser.set_defaults(func=_run_evaluate)
@@ -135,16 +194,26 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     if args.json:  # an hour of evaluation must not end in a path typo
         _check_writable_folder(Path(args.json).parent, "--json", args.json)
+    onnx = {"onnx": args.onnx} if args.onnx else {}  # the keyword only when used: older evaluate lacks it
     with _progress_messages(quiet=False):
         record = evaluate(args.name, args.data_root, dataset=args.dataset, ms_flip=args.ms_flip,
                           limit=args.limit, device=args.device, checkpoint=args.checkpoint,
-                          num_workers=args.num_workers, fetch=_fetch_options(args), speed=_speed_options(args))
+                          num_workers=args.num_workers, fetch=_fetch_options(args), speed=_speed_options(args),
+                          **onnx)
     print(f"{record.checkpoint} on {record.dataset} ({record.images.count} images, "
           f"{'ms+flip' if args.ms_flip else 'single-scale'}, {record.environment['device_name']})")
     sys.stdout.write(_per_class_text(record.metrics))
+    if _undefined(record.metrics.aacc) and record.images.count > 0:
+        print(f"psp-zoo evaluate: warning: no labelled pixel was scored in the {record.images.count} image(s): "
+              f"every label is ignored (255) or outside the checkpoint's {len(record.metrics.per_class)} "
+              f"classes, so aAcc and mIoU mean nothing; check the label files and --dataset", file=sys.stderr)
     if args.json:
         write_result(record, args.json)
     return 0
+
+
+def _undefined(value: Optional[float]) -> bool:
+    return value is None or value != value  # None in a record, NaN straight from the metrics
 
 
 def _per_class_text(metrics, published=None) -> str:
@@ -164,29 +233,24 @@ COMMANDS: List[Callable] = [register_evaluate]
 # checkpoint hub: list, info, get
 
 
-def _add_cache_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache-dir", metavar="DIR", default=None,
-                        help="checkpoint cache (default: $PSP_ZOO_HOME, else torch.hub's checkpoints folder)")
-
-
-def _add_fetch_options(parser: argparse.ArgumentParser) -> None:
-    """Where checkpoint files come from: mirror, offline, cache folder."""
-    parser.add_argument("--mirror", metavar="BASE", default=None,
-                        help="replaces https://download.openmmlab.com/ (default: $PSP_ZOO_MIRROR)")
-    parser.add_argument("--offline", action="store_true",
-                        help="use only the cache (default: $PSP_ZOO_OFFLINE)")
-    _add_cache_options(parser)
+# hub.cache_state's words as `list` shows them; corrupt and partial read the same as in `info`
+_CACHED_WORDS = {"cached": "yes", "missing": "no", "corrupt": "corrupt", "partial": "partial"}
 
 
 def _list_frame(args: argparse.Namespace):
     import pandas as pd
 
-    from .hub import is_cached
+    from .hub import cache_state
     from .manifest import get_manifest
 
     manifest = get_manifest(args.manifest)
+    names = manifest.list(dataset=args.dataset, pattern=args.pattern)
+    if not names:
+        wanted = " and ".join([f"dataset {args.dataset!r}"] * (args.dataset is not None)
+                              + [f"pattern {args.pattern!r}"] * (args.pattern is not None))
+        raise PspZooError(f"no checkpoint matches {wanted}; run `psp-zoo list` to see every name")
     rows = []
-    for name in manifest.list(dataset=args.dataset, pattern=args.pattern):
+    for name in names:
         entry = manifest.get(name)
         published = entry.published
         rows.append({
@@ -194,10 +258,10 @@ def _list_frame(args: argparse.Namespace):
             "crop": "x".join(map(str, entry.crop_size)), "schedule": entry.schedule,
             "mIoU": published.miou, "mIoU(ms+flip)": published.miou_ms_flip,
             "Mem (GB)": published.mem_gb, "Inf time (fps)": published.fps,
-            "cached": is_cached(entry, cache_dir=args.cache_dir),
+            "cache_state": cache_state(entry, cache_dir=args.cache_dir),
         })
     columns = ["name", "dataset", "backbone", "crop", "schedule", "mIoU", "mIoU(ms+flip)",
-               "Mem (GB)", "Inf time (fps)", "cached"]
+               "Mem (GB)", "Inf time (fps)", "cache_state"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -210,19 +274,26 @@ def _cmd_list(args: argparse.Namespace) -> int:
     else:
         from tabulate import tabulate
 
-        shown = frame.assign(cached=frame["cached"].map({True: "yes", False: "no"}))
-        shown = shown.astype(object).where(shown.notna(), None)  # '-' like the published table
+        shown = frame.astype(object).rename(columns={"cache_state": "cached"})
+        shown["cached"] = shown["cached"].map(_CACHED_WORDS)
+        shown = shown.where(shown.notna(), None)  # '-' like the published table
         print(tabulate(shown, headers="keys", tablefmt="github", showindex=False, missingval="-"))
     return 0
 
 
 def _register_list(sub) -> None:
-    parser = sub.add_parser("list", help="the published checkpoints, their numbers and cache state")
-    parser.add_argument("--dataset", help="only this dataset (cityscapes, ade20k, voc12aug, pascal_context, ...)")
+    parser = sub.add_parser(
+        "list", help="the published checkpoints, their numbers and cache state",
+        description="One row per checkpoint in the manifest: dataset, backbone, crop size, schedule, the "
+                    "published mIoU, ms+flip mIoU, Mem (GB) and fps, and whether its file is cached "
+                    "(yes, no, corrupt: wrong hash, partial: an interrupted download). "
+                    "A --dataset or --pattern that selects nothing is an error.")
+    parser.add_argument("--dataset", metavar="DATASET", help="only this dataset (cityscapes, ade20k, voc12aug, pascal_context, ...)")
     parser.add_argument("--pattern", help="only names matching this shell wildcard, e.g. '*r101*'")
-    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                        help="table: Markdown for reading (default); csv and json: for programs")
     _add_manifest_option(parser)
-    _add_cache_options(parser)
+    _add_cache_dir_option(parser)
     parser.set_defaults(func=_cmd_list)
 
 
@@ -259,13 +330,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _register_info(sub) -> None:
-    parser = sub.add_parser("info", help="every field of one checkpoint, its cache path and state")
-    parser.add_argument("name", help="checkpoint name, alias or file stem")
-    parser.add_argument("--format", choices=("text", "json"), default="text")
-    parser.add_argument("--mirror", metavar="BASE", default=None,
-                        help="show the download URL on this mirror (default: $PSP_ZOO_MIRROR)")
-    _add_manifest_option(parser)
-    _add_cache_options(parser)
+    parser = sub.add_parser(
+        "info", help="every field of one checkpoint, its cache path and state",
+        description="Print every manifest field of one checkpoint (URLs, hashes, test settings, published "
+                    "numbers, architecture), the download URL (on --mirror if given), the cache path and "
+                    "the cache state: cached, missing, corrupt (wrong hash) or partial (an interrupted "
+                    "download). Nothing is downloaded.")
+    _add_name_argument(parser)
+    parser.add_argument("--format", choices=("text", "json"), default="text",
+                        help="text: one field a line (default); json: for programs")
+    _add_fetch_options(parser)
     parser.set_defaults(func=_cmd_info)
 
 
@@ -326,13 +400,17 @@ def _cmd_get(args: argparse.Namespace) -> int:
 
 
 def _register_get(sub) -> None:
-    parser = sub.add_parser("get", help="download and verify checkpoints; prints each local path")
+    parser = sub.add_parser(
+        "get", help="download and verify checkpoints; prints each local path",
+        description="Download checkpoints into the cache (resuming an interrupted download), check each "
+                    "against its SHA-256, and print each local path. Every name is checked before "
+                    "anything is downloaded; a file that fails is reported on one line and the rest are "
+                    "still fetched (exit code 1).")
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help="checkpoint names, aliases or shell wildcards")
-    parser.add_argument("--dataset", help="every checkpoint of this dataset")
+    parser.add_argument("--dataset", metavar="DATASET", help="every checkpoint of this dataset")
     parser.add_argument("--all", action="store_true", help="every checkpoint in the manifest")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages, only paths and errors")
-    _add_manifest_option(parser)
     _add_fetch_options(parser)
     parser.set_defaults(func=_cmd_get)
 
@@ -367,19 +445,95 @@ def _run_tables(args: argparse.Namespace) -> int:
     results_dir = args.results
     if results_dir is None and Path(DEFAULT_RESULTS_DIR).is_dir():
         results_dir = DEFAULT_RESULTS_DIR
+    if args.plot:  # a plot that cannot be written is said before the tables are built
+        _check_writable_folder(Path(args.plot).parent, "--plot", args.plot)
     results = read_results(results_dir) if results_dir is not None else []
+    if results_dir is not None and not results:
+        print(f"psp-zoo tables: warning: no results files in {results_dir}; showing the published tables alone",
+              file=sys.stderr)
     text = render(build_tables(args.manifest, results), args.format)
     if args.update:
         update_readme(args.update, text)
         print(f"updated the tables in {args.update} ({len(results)} result file(s))")
     if args.plot:
-        print(f"wrote {plot(results, args.plot, manifest=args.manifest)}")
+        print(f"wrote {_plot_to(args.plot, lambda: plot(results, args.plot, manifest=args.manifest))}")
     if not args.update and not args.plot:
         sys.stdout.write(text)
     return 0
 
 
+def _plot_to(requested: str, draw: Callable[[], Path]) -> Path:
+    """Run ``draw``; a refused write names the file the user asked for, not a temporary one."""
+    try:
+        return draw()
+    except OSError as exc:
+        raise PspZooError(f"--plot {requested}: cannot write it: {exc.strerror or exc}; choose another "
+                          f"file") from None
+
+
 COMMANDS.append(_register_tables)
+
+
+def _register_show(sub) -> None:
+    parser = sub.add_parser(
+        "show", help="per-class IoU and Acc of one results file, beside the published mIoU",
+        description="Print a results file (written by `psp-zoo reproduce` or `evaluate --json`): per-class "
+                    "IoU and Acc in percent, single-scale and ms+flip side by side, then aAcc, mIoU and "
+                    "mAcc, and the published mIoU beside the reproduced one where the manifest has the "
+                    "checkpoint. The model zoo published no per-class numbers, so only the dataset-level "
+                    "mIoU can be compared.")
+    parser.add_argument("results_file", metavar="RESULTS.json", help="a results file")
+    _add_manifest_option(parser)
+    parser.set_defaults(func=_run_show)
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    from .records import read_result
+
+    record = read_result(args.results_file)
+    passes = [(label, m) for label, m in (("single-scale", record.single_scale), ("ms+flip", record.ms_flip))
+              if m is not None]
+    if not passes:
+        raise PspZooError(f"{args.results_file} holds no metrics (status {record.status}: "
+                          f"{record.error or 'nothing was scored'})")
+    print(f"{record.checkpoint} on {record.dataset} ({record.images.count} images, "
+          f"{record.environment.get('device_name', record.device_kind)}, {record.precision}, {record.status})")
+    sys.stdout.write(_show_table(passes))
+    published = _published_mious(record.checkpoint, args.manifest)
+    for label, metrics in passes:
+        print(f"{label:<13} aAcc {_number(metrics.aacc)}  mIoU {_number(metrics.miou)}  "
+              f"mAcc {_number(metrics.macc)}  published mIoU {_number(published.get(label))}")
+    if not published:
+        print(f"(no published numbers: {record.checkpoint} is not in the manifest)")
+    return 0
+
+
+def _number(value: Optional[float]) -> str:
+    return "-" if _undefined(value) else f"{value:.2f}"
+
+
+def _show_table(passes: list) -> str:
+    """One row per class: IoU and Acc of each pass, '-' for a class absent from labels and predictions."""
+    from tabulate import tabulate
+
+    headers = ["class"] + [f"{what} {label}" for label, _ in passes for what in ("IoU", "Acc")]
+    rows = [[name] + [_number(m.per_class.get(name, {}).get(what)) for _, m in passes for what in ("IoU", "Acc")]
+            for name in passes[0][1].per_class]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
+
+
+def _published_mious(name: str, manifest) -> dict:
+    from .errors import UnknownModelError
+    from .manifest import get_checkpoint
+
+    try:
+        published = get_checkpoint(name, manifest=manifest).published
+    except UnknownModelError:
+        return {}
+    return {"single-scale": published.miou, "ms+flip": published.miou_ms_flip}
+
+
+COMMANDS.append(_register_show)
 
 
 def _register_logs(sub) -> None:
@@ -389,10 +543,9 @@ def _register_logs(sub) -> None:
                     "print its last and best validation mIoU and its peak training memory next to the "
                     "results table's mIoU and Mem (GB), and optionally plot loss and mIoU against the "
                     "training iteration. Reads mmseg 0.x .log.json and 1.x scalars.json logs.")
-    parser.add_argument("name", help="checkpoint name, alias or file stem")
+    _add_name_argument(parser)
     parser.add_argument("--plot", metavar="FILE.png", help="also draw loss and mIoU against iteration into FILE.png")
     parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
-    _add_manifest_option(parser)
     _add_fetch_options(parser)
     parser.set_defaults(func=_run_logs)
 
@@ -438,6 +591,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         predictor = Predictor.create(args.name, ms_flip=args.ms_flip, device=args.device,
                                      checkpoint=args.checkpoint, fetch=_fetch_options(args),
                                      speed=_speed_options(args))
+    _say_renamed(paths)
     failed = 0
     for path, outcome in predict_files(predictor, paths, args.out, args.format):
         if isinstance(outcome, PspZooError):
@@ -446,6 +600,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         else:
             print(" ".join(map(str, outcome)), flush=True)
     return EXIT_FAILED if failed else 0
+
+
+def _say_renamed(paths: list) -> None:
+    """Name the output stem of every input whose own name collides with another input's."""
+    from .prediction import output_stems
+
+    for path, stem in zip(paths, output_stems(paths)):
+        if stem != path.stem:
+            print(f"psp-zoo predict: note: {path} is written as {stem}* (another input has the same name)",
+                  file=sys.stderr, flush=True)
 
 
 def _check_cityscapes_format(args: argparse.Namespace) -> None:
@@ -470,7 +634,7 @@ def _register_predict(sub) -> None:
                     "<stem>_legend.png, or <stem>.npy with --format npy, and prints the written paths. "
                     "An image that fails (unreadable, out of memory, ...) is reported on one line naming it "
                     "and the rest are done; the exit code is then 1.")
-    parser.add_argument("name", help="checkpoint name, alias or file stem")
+    _add_name_argument(parser)
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help=f"image files, folders (their {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} "
                              f"images) or quoted globs ('**' recurses)")
@@ -479,10 +643,10 @@ def _register_predict(sub) -> None:
                         help="png: labels, overlay and legend pictures; npy: raw H x W uint8 labels; "
                              "cityscapes: Cityscapes benchmark files, the official labelIds in a greyscale "
                              "PNG named like the image (<city>_<seq>_<frame>_leftImg8bit.png)")
-    parser.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test-time augmentation")
+    parser.add_argument("--ms-flip", action="store_true",
+                        help=f"multi-scale + flip test-time augmentation ({MS_FLIP_COST})")
     _add_device_option(parser)
     _add_checkpoint_option(parser)
-    _add_manifest_option(parser)
     _add_fetch_options(parser)
     _add_speed_options(parser)
     parser.set_defaults(func=_cmd_predict)
@@ -509,7 +673,7 @@ def _register_selftest(sub) -> None:
     parser.add_argument("--keep", metavar="DIR", default=None,
                         help="write everything into this new or empty folder and keep it (default: a "
                              "temporary folder, removed afterwards)")
-    parser.add_argument("--port", type=int, default=0, help="port of the local server (default 0: any free port)")
+    parser.add_argument("--port", type=_port, default=0, help="port of the local server (default 0: any free port)")
     _add_device_option(parser)
     parser.set_defaults(func=_cmd_selftest)
 
@@ -528,12 +692,11 @@ def _register_reproduce(sub) -> None:
                     "checkpoint and device. Finished checkpoints are skipped and a killed run "
                     "resumes; under `torchrun --nproc_per_node N -m psp_zoo reproduce ...` the "
                     "images are shared out across the processes.")
-    parser.add_argument("--dataset", required=True, help="cityscapes, ade20k, voc12aug, pascal_context, ...")
-    parser.add_argument("--data-root", required=True, metavar="PATH",
-                        help="the dataset folder, or a folder that contains it")
+    parser.add_argument("--dataset", metavar="DATASET", required=True, help="cityscapes, ade20k, voc12aug, pascal_context, ...")
+    _add_data_root_option(parser)
     parser.add_argument("--models", metavar="PATTERN", help="only names matching this shell wildcard")
     parser.add_argument("--no-ms-flip", dest="ms_flip", action="store_false",
-                        help="skip the multi-scale + flip evaluation (6x slower than single-scale)")
+                        help=f"skip the multi-scale + flip evaluation ({MS_FLIP_COST})")
     parser.add_argument("--limit", type=_int_at_least(1), metavar="N",
                         help="only the first N images (sorted by name), for scores and speed")
     _add_device_option(parser)
@@ -550,7 +713,6 @@ def _register_reproduce(sub) -> None:
                         help="untimed warm-up images (default 5)")
     parser.add_argument("--save-every", type=_int_at_least(1), default=50, metavar="N",
                         help="save the evaluation state every N images, for resuming (default 50)")
-    _add_manifest_option(parser)
     _add_fetch_options(parser)
     _add_speed_options(parser)
     parser.set_defaults(func=_run_reproduce)
@@ -597,9 +759,8 @@ def _register_export(sub) -> None:
                     "safetensors writes the weights only, loadable with psp_zoo.load_checkpoint. "
                     "--verify compares the file's outputs with PyTorch on random inputs of several "
                     "sizes and exits 1 if they differ by more than 1e-4 (relative) or 0.01% of argmax.")
-    parser.add_argument("name", help="manifest name, alias or weight file stem")
-    parser.add_argument("--checkpoint", metavar="PATH", default=None,
-                        help="load this local file instead of the published weights")
+    _add_name_argument(parser)
+    _add_checkpoint_option(parser)
     parser.add_argument("--out", required=True, metavar="FILE", help="the file to write")
     parser.add_argument("--format", choices=["onnx", "torchscript", "safetensors"], default="onnx",
                         help="default: onnx (needs pip install 'psp-zoo[onnx]')")
@@ -610,7 +771,6 @@ def _register_export(sub) -> None:
     parser.add_argument("--opset", type=_int_at_least(11), default=None, help="ONNX opset (default 17)")
     parser.add_argument("--verify", action="store_true",
                         help="compare the written file with PyTorch; exit 1 on a mismatch")
-    _add_manifest_option(parser)
     _add_fetch_options(parser)
     parser.set_defaults(func=_run_export)
 
@@ -643,8 +803,18 @@ COMMANDS.append(_register_export)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command; Ctrl-C at any moment (the imports included) ends it with one line, exit 130."""
+    command = []
+    try:
+        return _parse_and_run(argv, command)
+    except KeyboardInterrupt:
+        print(f"psp-zoo{''.join(' ' + c for c in command)}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _parse_and_run(argv: Optional[List[str]], command: List[str]) -> int:
+    args = build_parser().parse_args(argv)
+    command.append(args.command)  # known from here on, for the interrupted line
     shown = set()
 
     def show(message, *_args, **_kwargs) -> None:
@@ -679,9 +849,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"psp-zoo {args.command}: error: {where}{exc.strerror or exc}; check the path, its permissions "
               f"and free space", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(f"psp-zoo {args.command}: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -96,7 +96,8 @@ def find_dataset_root(dataset: str, data_root: PathLike, manifest=None) -> Path:
     layout = dataset_spec(dataset, manifest).layout
     root = Path(data_root).expanduser()
     if not root.is_dir():
-        raise DatasetError(f"data root {root} is not a folder; pass the {dataset} dataset folder "
+        problem = "is not a folder" if root.exists() else "does not exist"
+        raise DatasetError(f"data root {root} {problem}; pass the {dataset} dataset folder "
                            f"or a folder that contains it ({SEE_README})")
     for location in layout.folders:
         if (root / location / layout.images).is_dir():

@@ -252,6 +252,9 @@ def run_selftest(*, keep: Optional[PathLike] = None, port: int = 0, device: Opti
     ``port`` is the local server's port (0: any free one). ``device`` defaults to CUDA if available.
     ``stream`` defaults to standard output.
     """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        # a wrong argument, not a failed step of the installation
+        raise PspZooError(f"port must be a whole number from 0 to 65535 (0: any free port), got {port!r}")
     stream = stream or sys.stdout
     with contextlib.ExitStack() as stack:
         work = _work_folder(keep, stack)

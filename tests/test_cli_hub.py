@@ -34,13 +34,13 @@ def test_list_shows_published_numbers_and_cache_state(capsys, hub_server, hub_ma
     code, out, _ = run_cli(capsys, "list", "--format", "json", "--pattern", "tiny*", *args)
     rows = json.loads(out)
     assert code == 0 and [r["name"] for r in rows] == ["tiny_r50", "tiny_r101"]
-    assert rows[0]["mIoU"] == 1.5 and rows[0]["Mem (GB)"] is None and rows[0]["cached"] is False
+    assert rows[0]["mIoU"] == 1.5 and rows[0]["Mem (GB)"] is None and rows[0]["cache_state"] == "missing"
 
     assert run_cli(capsys, "get", "tiny_r50", "--quiet", *args)[0] == 0
     code, out, _ = run_cli(capsys, "list", "--format", "csv", "--dataset", "cityscapes", *args)
     frame = pd.read_csv(io.StringIO(out))
     # 21 published Cityscapes checkpoints since the whole PSPNet family is in the manifest (was 8)
-    assert len(frame) == 23 and frame.set_index("name")["cached"].to_dict()["tiny_r50"]
+    assert len(frame) == 23 and frame.set_index("name")["cache_state"].to_dict()["tiny_r50"] == "cached"
     assert frame.set_index("name").loc["pspnet_r50-d8_512x1024_40k_cityscapes", "mIoU"] == 77.85
 
     code, out, _ = run_cli(capsys, "list", "--pattern", "tiny*", *args)
@@ -177,4 +177,6 @@ def test_a_refused_write_is_one_line_not_a_traceback(capsys, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     code, _, err = run_cli(capsys, "tables", "--plot", a_file / "plot.png")
-    assert code == 1 and _one_line(err).startswith(f"psp-zoo tables: error: {a_file}: ")
+    # refused before the tables are built, naming the requested file and what is in its way
+    assert code == 2 and _one_line(err).startswith(
+        f"psp-zoo tables: error: --plot {a_file / 'plot.png'}: {a_file} is a file, not a folder")

@@ -92,7 +92,7 @@ def test_default_scale_limit_and_shards(tmp_path):
 
 
 def test_missing_folders_are_named(tmp_path):
-    with pytest.raises(DatasetError, match="is not a folder"):
+    with pytest.raises(DatasetError, match="does not exist"):
         SegmentationDataset("ade20k", tmp_path / "nowhere")
     with pytest.raises(DatasetError, match=r"ADEChallengeData2016[/\\]images[/\\]validation"):
         SegmentationDataset("ade20k", tmp_path)

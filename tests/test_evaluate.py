@@ -170,7 +170,7 @@ def test_cli_evaluate_prints_and_writes_json(ade, tiny_manifest, tmp_path, capsy
     assert f"mIoU {expected.miou:.2f}" in capsys.readouterr().out
     assert main(argv[:3] + [str(tmp_path / "nowhere")] + argv[4:]) == 2
     err = capsys.readouterr().err.strip()
-    assert "is not a folder" in err and len(err.splitlines()) == 1
+    assert "does not exist" in err and len(err.splitlines()) == 1
 
 
 def test_evaluate_runs_the_fast_path_by_default_and_records_it(ade, tiny_manifest):

@@ -14,7 +14,7 @@ from ._version import __version__
 _API: Dict[str, str] = {
     "PspZooError": "errors", "ManifestError": "errors", "UnknownModelError": "errors",
     "CheckpointError": "errors", "DownloadError": "errors", "DatasetError": "errors", "ResultsError": "errors",
-    "Checkpoint": "manifest", "Published": "manifest", "DatasetSpec": "manifest", "TestSettings": "manifest",
+    "Checkpoint": "manifest", "Published": "manifest", "DatasetSpec": "manifest", "EvalSettings": "manifest",
     "get_checkpoint": "manifest", "get_manifest": "manifest", "list_models": "manifest",
     "load_manifest": "manifest",
     "FetchOptions": "options", "SpeedOptions": "options",

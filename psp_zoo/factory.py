@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint
 from .hub import download
 from .environment import usable_device
 from .errors import PspZooError
-from .manifest import Checkpoint, DatasetSpec, TestSettings, get_checkpoint, get_manifest
+from .manifest import Checkpoint, DatasetSpec, EvalSettings, get_checkpoint, get_manifest
 from .model import PSPNet
 from .options import FetchOptions
 
@@ -70,7 +70,7 @@ class Resolved:
     name: str
     entry: Optional[Checkpoint]
     dataset: DatasetSpec
-    settings: TestSettings
+    settings: EvalSettings
     num_classes: int
     device: torch.device
     fetch: FetchOptions = field(default_factory=FetchOptions)
@@ -119,7 +119,7 @@ def resolve(name_or_model: Union[str, nn.Module], *, dataset: Optional[str] = No
                     num_classes, device, fetch, model=name_or_model)
 
 
-def _entry_settings(entry: Checkpoint, dataset: str, manifest) -> Tuple[DatasetSpec, TestSettings]:
+def _entry_settings(entry: Checkpoint, dataset: str, manifest) -> Tuple[DatasetSpec, EvalSettings]:
     """The dataset and test settings of ``entry`` on ``dataset``: its own, or one it is published on."""
     if dataset not in entry.datasets:
         raise PspZooError(f"{entry.name} is a {entry.dataset} checkpoint; it cannot be scored on {dataset} "

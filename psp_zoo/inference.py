@@ -370,7 +370,7 @@ def predict_probs(model: Model, image_rgb: np.ndarray, settings, ms_flip: bool =
                   device=None, batch_size: Optional[int] = None) -> torch.Tensor:
     """The whole reference test pipeline for one H x W x 3 uint8 RGB image -> C x H x W probabilities.
 
-    ``settings`` is a manifest ``TestSettings`` (mode, img_scale, crop_size, stride,
+    ``settings`` is a manifest ``EvalSettings`` (mode, img_scale, crop_size, stride,
     align_corners). The argmax over dim 0 is the reference's prediction (:func:`predict_labels`).
     """
     if device is None:

@@ -30,7 +30,7 @@ __all__ = [
     "IGNORE_INDEX",
     "LABEL_MAPS",
     "Published",
-    "TestSettings",
+    "EvalSettings",
     "Layout",
     "DatasetSpec",
     "Checkpoint",
@@ -111,7 +111,7 @@ class Published:
 
 
 @dataclass(frozen=True)
-class TestSettings:
+class EvalSettings:
     """How a checkpoint is evaluated: the resize target, whole or sliding-window inference."""
 
     mode: str
@@ -120,7 +120,7 @@ class TestSettings:
     crop_size: Optional[Tuple[int, int]] = None
     stride: Optional[Tuple[int, int]] = None
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> "TestSettings":
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "EvalSettings":
         """These settings with ``overrides`` applied and checked (slide needs crop_size and stride)."""
         unknown = sorted(set(overrides) - set(TEST_FIELDS))
         if unknown:
@@ -162,7 +162,7 @@ class DatasetSpec:
     img_scale: Tuple[int, int]
     reduce_zero_label: bool
     train_images_per_gpu: int
-    test: TestSettings
+    test: EvalSettings
     layout: Layout
     classes: Tuple[str, ...]
     palette: Tuple[Tuple[int, int, int], ...]
@@ -201,14 +201,14 @@ class Checkpoint:
     num_classes: int
     reduce_zero_label: bool
     train_images_per_gpu: int
-    test: TestSettings
+    test: EvalSettings
     published: Published
     arch: Tuple[Tuple[str, int], ...] = field(default=())
     source: str = "builtin"
     published_on: Mapping[str, Published] = field(default_factory=dict, hash=False)
     # names of the published rows on other datasets (e.g. mmseg's '..._dark' configs): dataset -> names
     dataset_aliases: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
-    _tests: Mapping[str, TestSettings] = field(default_factory=dict, hash=False, repr=False)
+    _tests: Mapping[str, EvalSettings] = field(default_factory=dict, hash=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -220,7 +220,7 @@ class Checkpoint:
         """Every dataset with published numbers for this checkpoint, its own first."""
         return tuple(self.published_on) or (self.dataset,)
 
-    def test_settings(self, dataset: Optional[str] = None) -> TestSettings:
+    def test_settings(self, dataset: Optional[str] = None) -> EvalSettings:
         """How this checkpoint is evaluated on ``dataset`` (default: its own dataset)."""
         if dataset is None or dataset == self.dataset:
             return self.test
@@ -329,7 +329,7 @@ class _Where:
                       f"unknown field; allowed: {', '.join(allowed)}")
 
 
-def _parse_test(where: _Where, raw: Mapping, base: Optional[TestSettings], fld: str) -> TestSettings:
+def _parse_test(where: _Where, raw: Mapping, base: Optional[EvalSettings], fld: str) -> EvalSettings:
     where.mapping(raw, fld)
     where.known_keys(raw, TEST_FIELDS, fld)
     merged = dict(base.__dict__) if base else {}
@@ -351,7 +351,7 @@ def _parse_test(where: _Where, raw: Mapping, base: Optional[TestSettings], fld: 
             if merged.get(key) is None:
                 where.fail(f"{fld}.{key}", "required when mode is 'slide'")
             settings[key] = where.pair(merged[key], f"{fld}.{key}")
-    return TestSettings(**settings)
+    return EvalSettings(**settings)
 
 
 def _rel_path(where: _Where, value: Any, fld: str, *, empty: bool = False) -> str:

@@ -22,7 +22,7 @@ from .datasets import cityscapes_train_ids_to_label_ids, decode_image
 from .errors import PspZooError
 from .factory import resolve
 from .inference import predict_labels
-from .manifest import DatasetSpec, TestSettings
+from .manifest import DatasetSpec, EvalSettings
 from .optimization import optimize
 from .options import FetchOptions, SpeedOptions, split_options
 from .visualize import (IMAGE_EXTENSIONS, OUTPUT_FORMATS, OUTPUT_SUFFIXES, legend, overlay, save_cityscapes_png,
@@ -40,7 +40,7 @@ class Predictor:
 
     model: torch.nn.Module
     dataset: DatasetSpec
-    settings: TestSettings
+    settings: EvalSettings
     num_classes: int
     ms_flip: bool = False
     device: torch.device = torch.device("cpu")

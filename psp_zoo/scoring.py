@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .datasets import Sample, SegmentationDataset, make_loader
 from .inference import infer_labels
-from .manifest import TestSettings
+from .manifest import EvalSettings
 from .metrics import ConfusionMatrix
 from .resume import PartialState
 
@@ -31,7 +31,7 @@ log = logging.getLogger("psp_zoo")
 T = TypeVar("T")
 
 
-def label_maps(model, samples: Iterable[Sample], settings: TestSettings, *, ms_flip: bool = False,
+def label_maps(model, samples: Iterable[Sample], settings: EvalSettings, *, ms_flip: bool = False,
                device: torch.device, batch_size: Optional[int] = None) -> Iterator[Tuple[Sample, torch.Tensor]]:
     """(sample, H x W predicted class indices on ``device``) for each sample, in order."""
     for sample in samples:
@@ -40,7 +40,7 @@ def label_maps(model, samples: Iterable[Sample], settings: TestSettings, *, ms_f
         yield sample, labels
 
 
-def score(model, data: SegmentationDataset, settings: TestSettings, num_classes: int, *,
+def score(model, data: SegmentationDataset, settings: EvalSettings, num_classes: int, *,
           ms_flip: bool, device: torch.device, partial: Optional[PartialState] = None,
           num_workers: Optional[int] = None, show: Optional[bool] = None, desc: str = "",
           batch_size: Optional[int] = None,

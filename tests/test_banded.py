@@ -17,7 +17,7 @@ from torch import nn
 
 from psp_zoo.inference import (BAND_BYTES, _row_weights, infer_labels, infer_probs, predict_labels,
                                predict_probs, resized_rows)
-from psp_zoo.manifest import TestSettings as Settings
+from psp_zoo.manifest import EvalSettings as Settings
 from psp_zoo.transforms import resized_inputs, target_scales
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from torch import nn
 
 from psp_zoo import ConfusionMatrix, DatasetError, PspZooError, classes, evaluate, predict_probs
 from psp_zoo.cli import main
-from psp_zoo.manifest import TestSettings as Settings
+from psp_zoo.manifest import EvalSettings as Settings
 from psp_zoo.records import ResultRecord, read_result, write_result
 
 import minidata

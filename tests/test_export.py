@@ -12,7 +12,7 @@ from psp_zoo.cli import main
 from psp_zoo.errors import CheckpointError
 from psp_zoo.scoring import score
 from psp_zoo.inference import slide_inference
-from psp_zoo.manifest import TestSettings as Settings
+from psp_zoo.manifest import EvalSettings as Settings
 
 import minidata
 from conftest import tiny_checkpoint_path, tiny_expected, tiny_info, tiny_model

@@ -10,7 +10,7 @@ from torch import nn
 
 from psp_zoo import ms_flip_inference, predict_probs, slide_inference, whole_inference
 from psp_zoo.inference import slide_windows
-from psp_zoo.manifest import TestSettings as Settings
+from psp_zoo.manifest import EvalSettings as Settings
 from psp_zoo.transforms import normalize, to_tensor
 
 from conftest import TINY, tiny_expected, tiny_model

@@ -19,6 +19,7 @@ Writes benchmarks/results/speed_<device>_torch<version>.{csv,json} and prints a 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -40,7 +41,8 @@ sys.path.insert(0, str(REPO))  # benchmark the checkout this script lives in
 
 from psp_zoo import PSPNet, load_checkpoint  # noqa: E402
 from psp_zoo.inference import slide_inference  # noqa: E402
-from psp_zoo.optimization import cpu_supports_bf16, optimize  # noqa: E402
+from psp_zoo.model import FactorizedPSPHead  # noqa: E402
+from psp_zoo.optimization import cpu_supports_bf16, fold_batchnorm, optimize  # noqa: E402
 from psp_zoo.measure import PeakMemory  # noqa: E402
 from psp_zoo.environment import cpu_flags, cpu_name, environment_info  # noqa: E402
 from psp_zoo.records import device_tag  # noqa: E402
@@ -323,6 +325,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="calls after the first (compiling) one")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--no-slide", action="store_true", help="skip the slide case")
+    parser.add_argument("--no-head", action="store_true", help="skip the decode-head-alone case")
     parser.add_argument("--slide-model", default="r50")
     parser.add_argument("--slide-size", type=parse_size, default=None, metavar="HxW")
     parser.add_argument("--slide-crop", type=parse_size, default=None, metavar="HxW")
@@ -362,6 +365,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for row in run_case(whole_calls(model, x, whole), device, args.rounds, args.warmup, meter, log):
             rows.append({"model": key, "case": "whole", "size": f"{height}x{width}", **row})
         del model
+    if not args.no_head:
+        rows += head_case(args, device, sizes, meter, log)
     if not args.no_slide:
         rows += slide_case(args, device, kind, meter, log)
     note = args.note or (f"{kind} shared with other processes; ratios are medians of interleaved per-round ratios")
@@ -373,6 +378,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{env['device_name']} ({env['cpu_capability']}), torch {env['torch']}, {env['threads']} threads")
     print(f"wrote {csv_path} and {json_path}")
     return 0
+
+
+def head_case(args: argparse.Namespace, device: torch.device, sizes: Dict[str, Tuple[int, int]],
+              meter: MemoryMeter, log: Callable[[str], None]) -> List[dict]:
+    """The PSP decode head alone on the stage-4 map of the first model's input (BN folded in both):
+    the plain bottleneck over the upsampled pyramid against FactorizedPSPHead."""
+    key = args.models.split(",")[0]
+    height, width = sizes[key]
+    model = load_model(key, device, dict(_model_path(s) for s in args.checkpoint))
+    head = copy.deepcopy(model.decode_head).eval()
+    fold_batchnorm(head)
+    for param in head.parameters():
+        param.requires_grad_(False)
+    features = [None, None, None, torch.randn(1, head.psp_modules[0][1].conv.in_channels, (height + 7) // 8,
+                                              (width + 7) // 8, device=device)]
+    factorized = FactorizedPSPHead(head)
+    calls = {name: (_no_grad_call(lambda f, h=h: h(f), features), {"factorize_head": name == "factorized"})
+             for name, h in (("plain_head", head), ("factorized", factorized))}
+    log(f"{key} decode head alone on a {features[3].shape[2]}x{features[3].shape[3]} stage-4 map")
+    rows = run_case(calls, device, args.rounds, args.warmup, meter, log)
+    return [{"model": key, "case": "head", "size": f"{height}x{width}", **row} for row in rows]
 
 
 def slide_case(args: argparse.Namespace, device: torch.device, kind: str, meter: MemoryMeter,

@@ -593,12 +593,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                      speed=_speed_options(args))
     _say_renamed(paths)
     failed = 0
-    for path, outcome in predict_files(predictor, paths, args.out, args.format):
-        if isinstance(outcome, PspZooError):
-            failed += 1
-            print(f"psp-zoo predict: error: {error_text(outcome)}", file=sys.stderr, flush=True)
-        else:
-            print(" ".join(map(str, outcome)), flush=True)
+    with _progress_messages(quiet=False):
+        for path, outcome in predict_files(predictor, paths, args.out, args.format):
+            if isinstance(outcome, PspZooError):
+                failed += 1
+                print(f"psp-zoo predict: error: {error_text(outcome)}", file=sys.stderr, flush=True)
+            else:
+                print(" ".join(map(str, outcome)), flush=True)
     return EXIT_FAILED if failed else 0
 
 

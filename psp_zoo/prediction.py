@@ -8,6 +8,7 @@ exactly what the evaluation scores, in memory that does not grow with classes x 
 from __future__ import annotations
 
 import collections
+import logging
 import dataclasses
 import glob
 import re
@@ -32,6 +33,7 @@ __all__ = ["Predictor", "predict", "predict_files", "read_input_image", "expand_
            "check_output_format", "IMAGE_EXTENSIONS", "OUTPUT_FORMATS"]
 
 PathLike = Union[str, Path]
+log = logging.getLogger("psp_zoo")
 
 
 @dataclasses.dataclass
@@ -236,8 +238,9 @@ def predict_files(predictor: Predictor, paths: Sequence[Path], out_dir: PathLike
     """
     if fmt == "cityscapes":
         _check_cityscapes_inputs(paths, out_dir)
-    for path, stem in zip(paths, output_stems(paths)):
+    for index, (path, stem) in enumerate(zip(paths, output_stems(paths)), start=1):
         outcome: Union[List[Path], PspZooError]
+        log.info("predicting %d/%d: %s", index, len(paths), path)  # a line per image, terminal or not
         try:
             image = read_input_image(path)
             outcome = predictor.write(image, predictor(image), out_dir, stem, fmt)

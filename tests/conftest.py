@@ -25,6 +25,21 @@ def tiny_checkpoint_path(tag: str) -> Path:
     return FIXTURES / tiny_info(tag)["checkpoint"]
 
 
+def write_tiny_ade_manifest(path: Path, test: str) -> Path:
+    """A user manifest serving the tiny r50 fixture as an ADE20K entry (``test``: its YAML test settings)."""
+    info = tiny_info("r50")
+    path.write_text(
+        "models:\n"
+        "  - name: tiny_pspnet_r50-d8_ade20k\n"
+        "    dataset: ade20k\n    depth: 50\n    crop_size: [64, 64]\n    schedule: 1\n"
+        f"    weights: http://127.0.0.1:1/{info['checkpoint']}\n"
+        f"    hash: \"{info['sha256'][:8]}\"\n"
+        "    published: {}\n"
+        f"    test: {test}\n"
+        "    model: {num_classes: 5, stem_channels: 8, base_channels: 8, channels: 16, aux_channels: 8}\n")
+    return path
+
+
 def tiny_model(tag: str, align_corners: bool = False):
     from psp_zoo import PSPNet, load_checkpoint
 

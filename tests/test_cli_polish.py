@@ -6,7 +6,6 @@ import argparse
 import inspect
 import json
 import re
-import textwrap
 from pathlib import Path
 
 import cv2
@@ -20,7 +19,7 @@ from psp_zoo.records import write_result
 from psp_zoo.testing import manifest_entry, write_manifest
 
 import minidata
-from conftest import tiny_checkpoint_path, tiny_info
+from conftest import tiny_checkpoint_path, tiny_info, write_tiny_ade_manifest
 from test_results import make_record
 
 SHARED = ("name", "--checkpoint", "--data-root", "--num-workers", "--device", "--manifest", "--cache-dir",
@@ -267,22 +266,8 @@ def unlabelled_ade(tmp_path):
 
 @pytest.fixture
 def ade_manifest(tmp_path):
-    info = tiny_info("r50")
-    path = tmp_path / "tiny.yml"
-    path.write_text(textwrap.dedent(f"""
-        models:
-          - name: tiny_pspnet_r50-d8_ade20k
-            dataset: ade20k
-            depth: 50
-            crop_size: [64, 64]
-            schedule: 1
-            weights: http://127.0.0.1:1/{info["checkpoint"]}
-            hash: "{info["sha256"][:8]}"
-            published: {{}}
-            test: {{img_scale: [64, 32]}}
-            model: {{num_classes: 5, stem_channels: 8, base_channels: 8, channels: 16, aux_channels: 8}}
-    """))
-    return path
+    """A user manifest serving the tiny r50 fixture as an ADE20K entry."""
+    return write_tiny_ade_manifest(tmp_path / "tiny.yml", "{img_scale: [64, 32]}")
 
 
 def test_evaluate_warns_when_no_pixel_was_scored(capsys, unlabelled_ade, ade_manifest, single_thread):

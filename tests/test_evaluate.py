@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import textwrap
 
 import cv2
 import numpy as np
@@ -18,7 +17,7 @@ from psp_zoo.manifest import EvalSettings as Settings
 from psp_zoo.records import ResultRecord, read_result, write_result
 
 import minidata
-from conftest import tiny_checkpoint_path, tiny_info, tiny_model
+from conftest import tiny_checkpoint_path, tiny_info, tiny_model, write_tiny_ade_manifest
 
 SMALL = dict(img_scale=(64, 32))
 
@@ -91,22 +90,7 @@ def test_ms_flip_equals_direct_metrics(ade):
 @pytest.fixture
 def tiny_manifest(tmp_path):
     """A user manifest serving the tiny r50 fixture as an ADE20K entry with small slide settings."""
-    info = tiny_info("r50")
-    manifest = tmp_path / "tiny.yml"
-    manifest.write_text(textwrap.dedent(f"""
-        models:
-          - name: tiny_pspnet_r50-d8_ade20k
-            dataset: ade20k
-            depth: 50
-            crop_size: [64, 64]
-            schedule: 1
-            weights: http://127.0.0.1:1/{info["checkpoint"]}
-            hash: "{info["sha256"][:8]}"
-            published: {{}}
-            test: {{img_scale: [64, 32], mode: slide, crop_size: [24, 24], stride: [16, 16]}}
-            model: {{num_classes: 5, stem_channels: 8, base_channels: 8, channels: 16, aux_channels: 8}}
-    """))
-    return manifest
+    return write_tiny_ade_manifest(tmp_path / "tiny.yml", "{img_scale: [64, 32], mode: slide, crop_size: [24, 24], stride: [16, 16]}")
 
 
 def test_manifest_name_with_local_checkpoint(ade, tiny_manifest):

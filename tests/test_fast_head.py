@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, tiny_expected, tiny_model
+from conftest import tiny_model
 
 from psp_zoo import PspZooError
 from psp_zoo.model import PSPHead
@@ -109,20 +109,7 @@ def test_bf16_autocast_rounds_like_the_plain_head():
     assert max_rel_diff(out.float(), ref) < 3e-2  # bf16 rounding, not a different function
 
 
-@pytest.mark.parametrize("tag", TINY)
-@pytest.mark.parametrize("align_corners", [False, True])
-def test_fast_path_matches_model_as_loaded_on_fixtures(tag, align_corners):
-    model = tiny_model(tag, align_corners)
-    case = tiny_expected(tag, align_corners)
-    x = case["whole_input"]
-    with torch.no_grad():
-        eager = model(x)
-    fast = optimize(model)
-    assert fast.optimizations["factorize_head"]
-    out = fast(x)
-    assert max_rel_diff(out, eager) <= 1e-4
-    assert torch.equal(out.argmax(1), eager.argmax(1))
-    assert (out - case["whole_logits"]).abs().max() <= 1e-4  # the mmseg fixture's tolerance
+# The whole default fast path (factorized head included) against the fixtures: test_optimize.py.
 
 
 @pytest.mark.compile

@@ -32,8 +32,10 @@ def test_fp32_fast_path_matches_eager_and_reference(tag, align_corners):
     with torch.no_grad():
         eager = model(x)
     fast = optimize(model)
+    assert fast.optimizations["factorize_head"]  # the default fast path includes the factorized head
     out = fast(x)
     assert max_rel_diff(out, eager) <= 1e-4
+    assert torch.equal(out.argmax(1), eager.argmax(1))
     assert (out - case["whole_logits"]).abs().max() <= 1e-4  # the mmseg fixture's tolerance
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
     assert fast.optimizations["folded_bn"] == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())

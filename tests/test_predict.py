@@ -103,6 +103,8 @@ def test_a_broken_image_is_reported_and_the_rest_are_done(capsys, manifest, tmp_
     assert [line.split()[0] for line in lines] == [str(tmp_path / "out" / "good_labels.png")]
     error = [line for line in err.splitlines() if line.startswith("psp-zoo predict:")]
     assert len(error) == 1 and "cannot read image" in error[0] and str(folder / "broken.jpg") in error[0]
+    # which image it is on, one line each, also when stderr is no terminal (as here)
+    assert f"predicting 1/2: {folder / 'broken.jpg'}" in err and f"predicting 2/2: {folder / 'good.png'}" in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "good_labels.png", "good_legend.png", "good_overlay.png"]
 

@@ -60,7 +60,7 @@ def test_writes_official_label_ids_under_the_image_names(capsys, manifest, tmp_p
     for seed, name in enumerate(names):
         _write_image(tmp_path / "in" / name.split("_")[0] / f"{name}.png", seed)
     code, lines, err = _predict(capsys, manifest, str(tmp_path / "in" / "**"), "--out", tmp_path / "out")
-    assert code == 0 and err == ""
+    assert code == 0 and all(line.startswith("psp-zoo: predicting ") for line in err.splitlines())  # progress only
     assert lines == [str(tmp_path / "out" / f"{name}.png") for name in names]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{name}.png" for name in names]
     predictor = Predictor.create("tiny_cs_pspnet_r50-d8", manifest=manifest, device="cpu",

@@ -293,13 +293,22 @@ class _Job:
     def reproduce(self, entry: Checkpoint, report: ReproduceReport) -> None:
         run = _CheckpointRun(entry, self)
         lock = filelock.FileLock(str(run.path.with_name(f".{run.path.name}.lock")), timeout=0)
-        try:
-            with (lock if self.dist.is_main else _no_lock()):
-                self._reproduce_locked(run, report)
-        except filelock.Timeout:
+        busy = False
+        if self.dist.is_main:  # rank 0 holds the lock for the whole job; every rank learns the outcome
+            try:
+                lock.acquire()
+            except filelock.Timeout:
+                busy = True
+        if self.dist.from_main(busy):
             self.say(logging.WARNING, "%s %s: skipped, another run is reproducing it into %s now",
                      self.position(entry), entry.name, run.path.parent)
             report.busy.append(entry.name)
+            return
+        try:
+            self._reproduce_locked(run, report)
+        finally:
+            if self.dist.is_main:
+                lock.release()
 
     def _reproduce_locked(self, run: _CheckpointRun, report: ReproduceReport) -> None:
         entry = run.entry
@@ -325,14 +334,6 @@ class _Job:
         else:
             self.say(logging.ERROR, "%s %s: failed: %s", self.position(entry), entry.name, record.error)
         report.records.append(record)
-
-
-class _no_lock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def reproduce(dataset: str, data_root: Union[str, Path], *, models: Optional[str] = None,

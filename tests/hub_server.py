@@ -15,9 +15,11 @@ import re
 import textwrap
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from psp_zoo.testing import LocalHTTPServer
 
 from conftest import TINY, tiny_checkpoint_path, tiny_info
 
@@ -41,8 +43,7 @@ class CheckpointServer:
         self.log: List[Request] = []
         self.released = threading.Event()
         self.stalled = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._httpd.daemon_threads = True
+        self._httpd = LocalHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self.base = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True).start()
         for tag in TINY:

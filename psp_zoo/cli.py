@@ -252,9 +252,11 @@ def _list_frame(args: argparse.Namespace):
     rows = []
     for name in names:
         entry = manifest.get(name)
-        published = entry.published
+        dataset = args.dataset or entry.dataset  # a cross-dataset listing shows that dataset's numbers
+        published = entry.published_on[dataset]
+        shown = dataset if dataset == entry.dataset else f"{dataset} (trained on {entry.dataset})"
         rows.append({
-            "name": entry.name, "dataset": entry.dataset, "backbone": entry.backbone,
+            "name": entry.name, "dataset": shown, "backbone": entry.backbone,
             "crop": "x".join(map(str, entry.crop_size)), "schedule": entry.schedule,
             "mIoU": published.miou, "mIoU(ms+flip)": published.miou_ms_flip,
             "Mem (GB)": published.mem_gb, "Inf time (fps)": published.fps,

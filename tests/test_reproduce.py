@@ -307,7 +307,7 @@ def test_a_cityscapes_checkpoint_is_reproduced_on_dark_zurich(capsys, tmp_path):
     manifest = write_manifest(tmp_path / "manifest.yml", [entry])
     minidata.write_dark_zurich(tmp_path / "data" / "dark_zurich")
     code, out, _ = _cli(capsys, "list", "--dataset", "dark_zurich", "--manifest", manifest, "--format", "csv")
-    assert code == 0 and SELFTEST_NAME in out
+    assert code == 0 and SELFTEST_NAME in out and "dark_zurich (trained on cityscapes)" in out and ",10.0," in out
     results = tmp_path / "results"
     code, out, err = _cli(capsys, "reproduce", "--dataset", "dark_zurich", "--data-root", tmp_path / "data",
                           "--models", SELFTEST_NAME, "--manifest", manifest, "--cache-dir", tmp_path / "cache",

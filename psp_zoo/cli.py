@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List, NoReturn, Optional
 
 from ._version import __version__
-from .errors import PspZooError
+from .errors import PspZooError, one_line
 from .records import DEFAULT_RESULTS_DIR
 
 EXIT_FAILED = 1  # the command ran, but some of its work failed
@@ -833,9 +833,7 @@ def _parse_and_run(argv: Optional[List[str]], command: List[str]) -> int:
 
 def error_text(exc: PspZooError) -> str:
     """A library error as the CLI prints it: one line, with the command-line hint if it has one."""
-    text = " ".join(str(exc).split())
-    hint = getattr(exc, "cli_hint", None)
-    return f"{text} ({hint})" if hint else text
+    return one_line(exc)
 
 
 def _run(args: argparse.Namespace) -> int:

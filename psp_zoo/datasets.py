@@ -68,8 +68,7 @@ def classes(dataset: str, manifest=None) -> Tuple[str, ...]:
 def class_names(dataset: str, num_classes: int, manifest=None) -> Tuple[str, ...]:
     """Names to report per-class scores under: the dataset's, or "0".."C-1" for a model whose class
     count differs from the dataset's (e.g. a test fixture), which is then scored by index."""
-    names = classes(dataset, manifest)
-    return names if len(names) == num_classes else tuple(str(i) for i in range(num_classes))
+    return dataset_spec(dataset, manifest).class_names(num_classes)
 
 
 def palette(dataset: str, manifest=None) -> Tuple[Tuple[int, int, int], ...]:

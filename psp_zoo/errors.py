@@ -50,3 +50,12 @@ class ResultsError(PspZooError):
 
 class ModelConfigError(PspZooError, ValueError):
     """A network configuration no published PSPNet has (depth, output stride, backbone name)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line for people: a PspZooError's message with its command-line hint, any
+    other exception with its type (it is not a user mistake, so its kind matters)."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, PspZooError):
+        return f"{type(exc).__name__}: {text}"
+    return f"{text} ({exc.cli_hint})" if exc.cli_hint else text

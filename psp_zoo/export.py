@@ -26,7 +26,7 @@ from torch import nn
 
 from ._version import __version__
 from .errors import PspZooError
-from .factory import create_model
+from .factory import create_model, refuse_checkpoint_for_model_object
 from .manifest import get_checkpoint
 from .optimization import fold_batchnorm
 from .files import atomic_write
@@ -132,9 +132,7 @@ def export_model(name_or_model: Model, *, checkpoint: Union[None, str, Path] = N
     if isinstance(name_or_model, str):
         entry = get_checkpoint(name_or_model, manifest=manifest)
         return create_model(entry.name, checkpoint=checkpoint, manifest=manifest, device="cpu", **fetch), entry
-    if checkpoint is not None:
-        raise PspZooError("checkpoint= selects the weights of a named model; load them into the model "
-                          "object yourself (psp_zoo.load_checkpoint) or pass a manifest name")
+    refuse_checkpoint_for_model_object(checkpoint)
     if not isinstance(name_or_model, nn.Module):
         raise PspZooError(f"expected a manifest name or a torch model, got {type(name_or_model).__name__}")
     return name_or_model.eval(), entry

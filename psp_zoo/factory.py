@@ -23,7 +23,7 @@ from .manifest import Checkpoint, DatasetSpec, EvalSettings, get_checkpoint, get
 from .model import PSPNet
 from .options import FetchOptions
 
-__all__ = ["create_model", "resolve", "Resolved", "usable_device"]
+__all__ = ["create_model", "resolve", "Resolved", "refuse_checkpoint_for_model_object", "usable_device"]
 
 PathLike = Union[str, Path]
 
@@ -108,15 +108,20 @@ def resolve(name_or_model: Union[str, nn.Module], *, dataset: Optional[str] = No
         spec, settings = _entry_settings(entry, dataset or named_dataset, manifest)
         return Resolved(entry.name, entry, spec, settings.with_overrides(overrides or {}), entry.num_classes,
                         device, fetch, None if checkpoint is None else Path(checkpoint))
-    if checkpoint is not None:
-        raise PspZooError("checkpoint= selects the weights of a named model; load them into the model "
-                          "object yourself (psp_zoo.load_checkpoint) or pass a manifest name")
+    refuse_checkpoint_for_model_object(checkpoint)
     spec = _dataset_spec(manifest, dataset)
     settings = spec.test.with_overrides({"align_corners": bool(getattr(name_or_model, "align_corners",
                                                                        spec.test.align_corners))})
     num_classes = int(getattr(name_or_model, "num_classes", spec.num_classes))
     return Resolved(type(name_or_model).__name__, None, spec, settings.with_overrides(overrides or {}),
                     num_classes, device, fetch, model=name_or_model)
+
+
+def refuse_checkpoint_for_model_object(checkpoint: Optional[PathLike]) -> None:
+    """``checkpoint=`` names the weights of a manifest entry; a model object brings its own."""
+    if checkpoint is not None:
+        raise PspZooError("checkpoint= selects the weights of a named model; load them into the model "
+                          "object yourself (psp_zoo.load_checkpoint) or pass a manifest name")
 
 
 def _entry_settings(entry: Checkpoint, dataset: str, manifest) -> Tuple[DatasetSpec, EvalSettings]:

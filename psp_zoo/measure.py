@@ -160,7 +160,11 @@ def inference_peak_memory(model_call: Callable[[Any], Any], inputs: Iterable[Any
             model_call(item)
     if calls == 0:
         raise PspZooError("inference memory needs at least one input image")
-    where = "this process" if device.type == "cpu" else "allocated on the device"
+    return _inference_use(peak, calls)
+
+
+def _inference_use(peak: PeakMemory, calls: int) -> MemoryUse:
+    where = "this process" if peak.device.type == "cpu" else "allocated on the device"
     return peak.use(f"inference peak over {calls} image(s), batch 1, {where}")
 
 
@@ -173,9 +177,7 @@ def speed_and_memory(model_call: Callable[[Any], Any], inputs: Iterable[Any], *,
     device = torch.device(device)
     with PeakMemory(device, above_baseline=False) as peak:
         speed = measure_fps(model_call, inputs, warmup=warmup, total=total, device=device)
-    where = "this process" if device.type == "cpu" else "allocated on the device"
-    calls = speed.images_timed + speed.warmup
-    return speed, peak.use(f"inference peak over {calls} image(s), batch 1, {where}")
+    return speed, _inference_use(peak, speed.images_timed + speed.warmup)
 
 
 # --------------------------------------------------------------------------------------------

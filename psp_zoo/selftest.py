@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import platform
 import sys
 import tempfile
@@ -27,8 +26,9 @@ from ._version import __version__
 from .checkpoint import load_checkpoint
 from .datasets import list_items
 from .hub import HOME_ENV, cache_dir, cache_state, download
-from .errors import DownloadError, PspZooError
+from .errors import DownloadError, PspZooError, one_line
 from .evaluation import evaluate
+from .files import check_writable_folder
 from .manifest import Manifest, get_checkpoint, get_manifest
 from .model import PSPNet
 from .prediction import Predictor, predict_files
@@ -46,13 +46,6 @@ PathLike = Union[str, Path]
 # the steps
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    if not isinstance(exc, PspZooError):
-        return f"{type(exc).__name__}: {text}"
-    return f"{text} ({exc.cli_hint})" if exc.cli_hint else text
-
-
 class _Report:
     """Runs steps in order, prints each outcome, and skips a step whose prerequisites did not pass."""
 
@@ -68,7 +61,7 @@ class _Report:
         try:
             detail = action()
         except Exception as exc:  # a self-test reports any failure as a result, whatever its kind
-            self._print(title, f"FAILED: {_one_line(exc)}")
+            self._print(title, f"FAILED: {one_line(exc)}")
             self.failed.append(title)
             return False
         self._print(title, f"ok  {detail}" if detail else "ok")
@@ -104,13 +97,13 @@ def _devices() -> str:
 
 def _user_cache() -> str:
     """The real checkpoint cache must be writable (or creatable); checked without writing to it."""
-
     path = cache_dir()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise PspZooError(f"cannot write to the checkpoint cache {path} ({existing} is not a writable "
-                          f"folder); downloads will fail: set {HOME_ENV} to a writable folder")
-    return f"{path} ({'writable' if existing == path else 'can be created'})"
+    try:
+        check_writable_folder(path, "checkpoint cache")
+    except PspZooError as exc:
+        raise PspZooError(f"cannot write to the checkpoint cache {path} ({exc}); downloads will fail: "
+                          f"set {HOME_ENV} to a writable folder") from None
+    return f"{path} ({'writable' if path.is_dir() else 'can be created'})"
 
 
 class _SelfTest:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import PspZooError
+
+if TYPE_CHECKING:  # annotations only: the command line reads these options without torch
+    import torch
 
 __all__ = ["FetchOptions", "SpeedOptions", "split_options", "PRECISIONS", "cpu_supports_bf16"]
 
@@ -68,7 +71,7 @@ class SpeedOptions:
     channels_last: bool = True
     factorize_head: bool = True
 
-    def check(self, device: Union[str, "torch.device"] = "cpu") -> "SpeedOptions":
+    def check(self, device: Union[str, torch.device] = "cpu") -> "SpeedOptions":
         """Refuse an unknown precision, a non-bool switch or a precision ``device`` cannot run."""
         import torch
 

@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))  # benchmark the checkout this script lives in
 from psp_zoo import PSPNet, load_checkpoint  # noqa: E402
 from psp_zoo.inference import slide_inference  # noqa: E402
 from psp_zoo.model import FactorizedPSPHead  # noqa: E402
+from psp_zoo.model.winograd import use_winograd  # noqa: E402
 from psp_zoo.optimization import cpu_supports_bf16, fold_batchnorm, optimize  # noqa: E402
 from psp_zoo.measure import PeakMemory  # noqa: E402
 from psp_zoo.environment import cpu_flags, cpu_name, environment_info  # noqa: E402
@@ -73,15 +74,18 @@ RESIDUAL_SCALE = 0.5  # see random_model()
 WHOLE_VARIANTS: Dict[str, Optional[dict]] = {
     "eager": None,
     # each optimization alone
-    "fuse_bn": dict(fuse_bn=True, channels_last=False, factorize_head=False),
-    "channels_last": dict(fuse_bn=False, channels_last=True, factorize_head=False),
-    "factorize_head": dict(fuse_bn=False, channels_last=False, factorize_head=True),
-    "compile": dict(fuse_bn=False, channels_last=False, compile=True, factorize_head=False),
+    "fuse_bn": dict(fuse_bn=True, channels_last=False, factorize_head=False, winograd=False),
+    "channels_last": dict(fuse_bn=False, channels_last=True, factorize_head=False, winograd=False),
+    "factorize_head": dict(fuse_bn=False, channels_last=False, factorize_head=True, winograd=False),
+    "winograd": dict(fuse_bn=False, channels_last=False, factorize_head=False, winograd=True),
+    "compile": dict(fuse_bn=False, channels_last=False, compile=True, factorize_head=False, winograd=False),
     "bf16": dict(fuse_bn=False, channels_last=False, precision="bf16", factorize_head=False),
     # combinations; fast_* without a suffix are optimize()'s defaults for that precision
+    "fast_fp32_no_winograd": dict(fuse_bn=True, channels_last=True, winograd=False),
     "fast_fp32_plain_head": dict(fuse_bn=True, channels_last=True, factorize_head=False),
     "fast_fp32_nchw": dict(fuse_bn=True, channels_last=False),
     "fast_fp32": dict(fuse_bn=True, channels_last=True),
+    "fast_fp32_compile_no_winograd": dict(fuse_bn=True, channels_last=True, compile=True, winograd=False),
     "fast_fp32_compile": dict(fuse_bn=True, channels_last=True, compile=True),
     "fast_bf16": dict(fuse_bn=True, channels_last=True, precision="bf16"),
     "fast_bf16_compile": dict(fuse_bn=True, channels_last=True, precision="bf16", compile=True),
@@ -210,7 +214,8 @@ def load_model(key: str, device: torch.device, checkpoints: Dict[str, str]) -> P
 
 def _describe(options: dict) -> str:
     """'eager fp32' for the model as loaded, else what optimize() applied, e.g. 'fp32 fuse_bn channels_last'."""
-    flags = [key for key in ("fuse_bn", "channels_last", "factorize_head", "compile", "freezing") if options.get(key)]
+    flags = [key for key in ("fuse_bn", "channels_last", "factorize_head", "winograd", "compile", "freezing")
+             if options.get(key)]
     described = " ".join([options.get("precision", "eager fp32"), *flags])
     return f"{described} slide={options['slide']}" if "slide" in options else described
 
@@ -382,8 +387,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def head_case(args: argparse.Namespace, device: torch.device, sizes: Dict[str, Tuple[int, int]],
               meter: MemoryMeter, log: Callable[[str], None]) -> List[dict]:
-    """The PSP decode head alone on the stage-4 map of the first model's input (BN folded in both):
-    the plain bottleneck over the upsampled pyramid against FactorizedPSPHead."""
+    """The PSP decode head alone on the stage-4 map of the first model's input (BN folded in all):
+    the plain bottleneck over the upsampled pyramid against FactorizedPSPHead, and FactorizedPSPHead
+    with its 3x3 conv by Winograd (CPU only)."""
     key = args.models.split(",")[0]
     height, width = sizes[key]
     model = load_model(key, device, dict(_model_path(s) for s in args.checkpoint))
@@ -393,9 +399,13 @@ def head_case(args: argparse.Namespace, device: torch.device, sizes: Dict[str, T
         param.requires_grad_(False)
     features = [None, None, None, torch.randn(1, head.psp_modules[0][1].conv.in_channels, (height + 7) // 8,
                                               (width + 7) // 8, device=device)]
-    factorized = FactorizedPSPHead(head)
-    calls = {name: (_no_grad_call(lambda f, h=h: h(f), features), {"factorize_head": name == "factorized"})
-             for name, h in (("plain_head", head), ("factorized", factorized))}
+    heads = {"plain_head": head, "factorized": FactorizedPSPHead(head)}
+    if device.type == "cpu":
+        heads["factorized_winograd"] = FactorizedPSPHead(head)
+        use_winograd(heads["factorized_winograd"])
+    calls = {name: (_no_grad_call(lambda f, h=h: h(f), features),
+                    {"factorize_head": name != "plain_head", "winograd": name.endswith("winograd")})
+             for name, h in heads.items()}
     log(f"{key} decode head alone on a {features[3].shape[2]}x{features[3].shape[3]} stage-4 map")
     rows = run_case(calls, device, args.rounds, args.warmup, meter, log)
     return [{"model": key, "case": "head", "size": f"{height}x{width}", **row} for row in rows]

@@ -65,7 +65,7 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
     return ResultRecord(
         checkpoint=target.name, dataset=target.dataset.key, environment=environment_info(target.device),
         images=ImageCount(count=len(items), limit=limit), precision=speed.precision if backend is None else "fp32",
-        optimizations=speed.applied() if backend is None else (), backend=backend,
+        optimizations=speed.applied(target.device) if backend is None else (), backend=backend,
         settings=recorded_settings(target, ms_flip, data_root),
         single_scale=None if ms_flip else metrics, ms_flip=metrics if ms_flip else None)
 

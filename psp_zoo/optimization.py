@@ -1,8 +1,9 @@
-"""Fast inference: fold BN into convs, channels-last, bf16/fp16 autocast, optional torch.compile.
+"""Fast inference: fold BN into convs, factorized PSP head, Winograd 3x3 convs, channels-last,
+bf16/fp16 autocast, optional torch.compile.
 
 ``optimize(model)`` returns a new module (the caller's model is never touched) that takes and
 returns ordinary NCHW float32 tensors exactly like ``model(x)``. The default (fp32, folded BN,
-channels-last, no compile) stays within rounding of the eager model, so it can be the default
+factorized head, Winograd convs on the CPU, channels-last, no compile) stays within rounding of the eager model, so it can be the default
 everywhere; every other setting is recorded in ``.optimizations`` for results files to state.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .inference import model_device
 from .model.fast_head import factorize_psp_head
+from .model.winograd import use_winograd
 from .options import SpeedOptions, cpu_supports_bf16
 
 __all__ = ["optimize", "OptimizedModel", "fold_batchnorm", "cpu_supports_bf16", "DTYPES"]
@@ -80,8 +82,10 @@ def optimize(model: nn.Module, options: Optional[SpeedOptions] = None, *,
     ``compile`` wraps the model in ``torch.compile`` (inductor) with weight freezing
     (``freezing``, default on with compile); ``factorize_head`` swaps a PSP decode head for
     FactorizedPSPHead, which applies the bottleneck conv to the pooled pyramid maps before
-    upsampling them (same logits within rounding, about a fifth less arithmetic for R-50-D8).
-    ``.optimizations`` records what was applied.
+    upsampling them (same logits within rounding, about a fifth less arithmetic for R-50-D8);
+    ``winograd`` (CPU, fp32 only) computes every 3x3 conv with at least 256 input and output
+    channels by Winograd F(4x4, 3x3) (a quarter of the products, same sums within rounding).
+    ``.optimizations`` records what was applied (``winograd_convs``: how many convs).
     """
     options = dataclasses.replace(options or SpeedOptions(), **switches)
     device = model_device(model)
@@ -92,10 +96,12 @@ def optimize(model: nn.Module, options: Optional[SpeedOptions] = None, *,
         param.requires_grad_(False)
     folded = fold_batchnorm(prepared) if options.fuse_bn else 0
     factorized = factorize_psp_head(prepared) if options.factorize_head else False
+    winograd = use_winograd(prepared) if options.winograd_applies(device) else 0
     if options.channels_last:
         prepared = prepared.to(memory_format=torch.channels_last)
     runner = torch.compile(prepared, backend="inductor") if options.compile else prepared
     optimizations = {**dataclasses.asdict(options), "factorize_head": factorized, "folded_bn": folded,
+                     "winograd": winograd > 0, "winograd_convs": winograd,
                      "freezing": freezing,
                      "device": str(device), "torch": torch.__version__}
     return OptimizedModel(prepared, runner, optimizations, options)

@@ -62,7 +62,8 @@ class SpeedOptions:
     format, within rounding of the model as loaded. ``precision`` 'bf16' (CUDA, or a CPU with
     native bf16) and 'fp16' (CUDA) autocast, and are not the reference numerics; ``compile``
     runs torch.compile (inductor); ``factorize_head`` computes the PSP bottleneck on the pooled
-    pyramid maps instead of their upsampling (exact up to float rounding).
+    pyramid maps instead of their upsampling; ``winograd`` computes the wide 3x3 convs by
+    Winograd F(4x4, 3x3) on the CPU in fp32 (both exact up to float rounding).
     """
 
     precision: str = "fp32"
@@ -70,6 +71,7 @@ class SpeedOptions:
     fuse_bn: bool = True
     channels_last: bool = True
     factorize_head: bool = True
+    winograd: bool = True
 
     def check(self, device: Union[str, torch.device] = "cpu") -> "SpeedOptions":
         """Refuse an unknown precision, a non-bool switch or a precision ``device`` cannot run."""
@@ -100,9 +102,19 @@ class SpeedOptions:
         """The on/off fields, in the order results files list them."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.name != "precision")
 
-    def applied(self) -> Tuple[str, ...]:
-        """Names of the switches that are on, as recorded in results files."""
-        return tuple(name for name in ("fuse_bn", "channels_last", "factorize_head", "compile") if getattr(self, name))
+    def applied(self, device: Union[str, "torch.device", None] = "cpu") -> Tuple[str, ...]:
+        """Names of the switches that take effect on ``device``, as recorded in results files.
+
+        ``winograd`` only acts on the CPU in fp32 (cuDNN picks its own conv algorithms, and the
+        tile transforms are not for bf16/fp16), so elsewhere it is not listed.
+        """
+        names = ("fuse_bn", "channels_last", "factorize_head", "winograd", "compile")
+        return tuple(name for name in names if getattr(self, name)
+                     and (name != "winograd" or self.winograd_applies(device)))
+
+    def winograd_applies(self, device: Union[str, "torch.device", None] = "cpu") -> bool:
+        """Whether the Winograd convs are used for this precision on ``device``."""
+        return self.winograd and self.precision == "fp32" and str(device or "cpu").split(":")[0] == "cpu"
 
 
 def split_options(keywords: Mapping[str, Any], fetch: Optional[FetchOptions] = None,

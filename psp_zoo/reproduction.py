@@ -108,7 +108,7 @@ def select_checkpoints(dataset: str, pattern: Optional[str] = None, manifest: An
 
 def run_options(options: ReproduceOptions, speed: SpeedOptions, device: torch.device) -> Dict[str, Any]:
     """What a finished record must have been made with to be reused (recorded in its settings)."""
-    return {"precision": speed.precision, "optimizations": list(speed.applied()), "limit": options.limit,
+    return {"precision": speed.precision, "optimizations": list(speed.applied(device)), "limit": options.limit,
             "speed_images": _speed_count(options, device), "speed_warmup": options.speed_warmup,
             "train_memory": options.train_memory}
 
@@ -141,7 +141,7 @@ class _CheckpointRun:
         kept = {} if previous is None else {k: getattr(previous, k) for k in
                                             ("single_scale", "speed", "inference_memory", "training_memory")}
         return ResultRecord(checkpoint=self.entry.name, dataset=job.dataset, environment=job.environment,
-                            precision=job.speed.precision, optimizations=job.speed.applied(),
+                            precision=job.speed.precision, optimizations=job.speed.applied(job.device),
                             images=ImageCount(count=scored, available=job.available, limit=self.options.limit),
                             settings=settings, **{**kept, **fields})
 

@@ -111,7 +111,7 @@ def test_reproduce_records_everything_and_tables_show_both_columns(capsys, setup
     assert code == 1 and "failed: tiny_r101" in err  # and tiny_r50 was still reproduced
     record = read_result(results / "tiny_r50" / "cpu.json")
     assert record.status == "complete" and record.precision == "fp32"
-    assert record.optimizations == ("fuse_bn", "channels_last", "factorize_head")  # the default exact fast path
+    assert record.optimizations == ("fuse_bn", "channels_last", "factorize_head", "winograd")  # the default exact fast path
     assert (record.images.count, record.images.available, record.images.limit) == (3, 3, None)
     for ms_flip, metrics in ((False, record.single_scale), (True, record.ms_flip)):
         expected = evaluate("tiny_r50", setup["data"], manifest=setup["manifest"], device="cpu",
@@ -279,6 +279,11 @@ def test_finished_results_are_reused_only_with_the_same_options(capsys, setup, t
     other = read_result(results / "tiny_r50" / "cpu_fp32-no_fuse_bn-no_channels_last.json")
     assert "fuse_bn" not in other.optimizations and "channels_last" not in other.optimizations
     assert read_result(results / "tiny_r50" / "cpu.json") == second  # the default result is kept
+    code, _, err = _cli(capsys, *_argv(setup, results, *quick, "--no-ms-flip", "--no-winograd",
+                                       "--no-factorize-head"))
+    assert code == 0 and "skipped" not in err
+    exact = read_result(results / "tiny_r50" / "cpu_fp32-no_factorize_head-no_winograd.json")
+    assert exact.optimizations == ("fuse_bn", "channels_last")
 
     # another number of speed images: redone, not reused
     code, _, err = _cli(capsys, *_argv(setup, results, *quick, "--speed-images", "2"))

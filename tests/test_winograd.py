@@ -28,6 +28,9 @@ def test_equals_the_direct_conv(size, dilation):
     out = winograd_conv2d(x, winograd_weight(weight), bias, dilation)
     assert out.shape == ref.shape
     assert max_rel_diff(out, ref) <= 1e-5
+    # one band per tile row (large images are done in bands) gives the same result
+    banded = winograd_conv2d(x, winograd_weight(weight), bias, dilation, band_tiles=1)
+    assert torch.allclose(banded, out, atol=1e-5)
     # the batch items stay apart: each one alone gives the same result
     assert torch.allclose(winograd_conv2d(x[1:], winograd_weight(weight), bias, dilation), out[1:], atol=1e-6)
 

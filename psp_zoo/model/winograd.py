@@ -17,7 +17,7 @@ On CUDA, cuDNN already chooses Winograd kernels itself; this module is for the C
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ _G = torch.tensor([[1 / 4, 0, 0],
                    [0, 0, 1]], dtype=torch.float64)
 TILE = 4  # outputs per tile side
 SPAN = TILE + 2  # inputs per tile side
+BAND_TILES = 256  # tiles per band (see winograd_conv2d)
 
 
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -45,14 +46,16 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     return transformed.reshape(SPAN * SPAN, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
-def _input_rows(d: List[torch.Tensor]) -> List[torch.Tensor]:
-    """``B^T`` applied across six equally shaped slices (the 6 rows or columns of each tile)."""
+def _input_rows(d: List[torch.Tensor], out: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+    """``B^T`` applied across six equally shaped slices (the 6 rows or columns of each tile),
+    written into ``out`` (six tensors of the slices' shape) when given."""
+    out = out or [None] * SPAN
     t1, t2 = torch.add(d[4], d[2], alpha=-4), torch.add(d[3], d[1], alpha=-4)
     t3, t4 = d[4] - d[2], d[3] - d[1]
-    return [torch.add(torch.add(d[4], d[2], alpha=-5), d[0], alpha=4),
-            t1 + t2, t1 - t2,
-            torch.add(t3, t4, alpha=2), torch.add(t3, t4, alpha=-2),
-            torch.add(torch.add(d[5], d[3], alpha=-5), d[1], alpha=4)]
+    return [torch.add(torch.add(d[4], d[2], alpha=-5), d[0], alpha=4, out=out[0]),
+            torch.add(t1, t2, out=out[1]), torch.sub(t1, t2, out=out[2]),
+            torch.add(t3, t4, alpha=2, out=out[3]), torch.add(t3, t4, alpha=-2, out=out[4]),
+            torch.add(torch.add(d[5], d[3], alpha=-5), d[1], alpha=4, out=out[5])]
 
 
 def _output_rows(m: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -77,40 +80,70 @@ def _to_tiles(x: torch.Tensor, dilation: int) -> Tuple[torch.Tensor, Tuple[int, 
     return padded.reshape(n * d * d, TILE * th + 2, TILE * tw + 2, c), (n, height, width, sub_h, sub_w, th, tw)
 
 
-def _transform_input(padded: torch.Tensor, th: int, tw: int) -> torch.Tensor:
-    """(B, 4 th + 2, 4 tw + 2, C) -> V (36, B * th * tw, C): ``B^T d B`` of every 6x6 tile."""
-    batch, channels = padded.shape[0], padded.shape[3]
-    rows = _input_rows([padded[:, k:k + TILE * th:TILE] for k in range(SPAN)])
-    out = padded.new_empty(SPAN, SPAN, batch, th, tw, channels)
-    for i, row in enumerate(rows):
-        for j, value in enumerate(_input_rows([row[:, :, k:k + TILE * tw:TILE] for k in range(SPAN)])):
-            out[i, j] = value
-    return out.reshape(SPAN * SPAN, batch * th * tw, channels)
+def _transform_input(band: torch.Tensor) -> torch.Tensor:
+    """(B, 4 rows + 2, 4 tw + 2, C) -> V (36, B * rows * tw, C): ``B^T d B`` of every 6x6 tile."""
+    batch, rows, tw, channels = band.shape[0], (band.shape[1] - 2) // TILE, (band.shape[2] - 2) // TILE, band.shape[3]
+    across = _input_rows([band[:, k:k + TILE * rows:TILE] for k in range(SPAN)])
+    v = band.new_empty(SPAN, SPAN, batch, rows, tw, channels)
+    for i, row in enumerate(across):
+        _input_rows([row[:, :, k:k + TILE * tw:TILE] for k in range(SPAN)], out=list(v[i]))
+    return v.reshape(SPAN * SPAN, batch * rows * tw, channels)
 
 
-def _transform_output(m: torch.Tensor, shape: Tuple[int, ...], bias: torch.Tensor) -> torch.Tensor:
-    """M (36, B * th * tw, K) -> NCHW (channels-last memory) conv output with ``bias`` added."""
-    n, height, width, sub_h, sub_w, th, tw = shape
-    batch, k = m.shape[1] // (th * tw), m.shape[2]
-    m = m.reshape(SPAN, SPAN, batch, th, tw, k)
-    rows = _output_rows([m[i] for i in range(SPAN)])  # each (6, B, th, tw, K): a row of A^T m
-    out = m.new_empty(batch, th, TILE, tw, TILE, k)
+def _transform_output(m: torch.Tensor, out: torch.Tensor, bias: torch.Tensor) -> None:
+    """M (36, B * rows * tw, K) -> ``out`` (B, rows, 4, tw, 4, K): ``A^T m A + bias`` of every tile."""
+    m = m.reshape(SPAN, SPAN, out.shape[0], out.shape[1], out.shape[3], out.shape[5])
+    rows = _output_rows([m[i] for i in range(SPAN)])  # each (6, B, rows, tw, K): a row of A^T m
     for i, row in enumerate(rows):
         for j, value in enumerate(_output_rows([row[j] for j in range(SPAN)])):
             torch.add(value, bias, out=out[:, :, i, :, j])
-    d = int(round((batch // n) ** 0.5))
+
+
+def _from_tiles(out: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """(N * d * d, th, 4, tw, 4, K) tiles -> the NCHW (channels-last memory) conv output."""
+    n, height, width, sub_h, sub_w, th, tw = shape
+    k = out.shape[-1]
+    d = int(round((out.shape[0] // n) ** 0.5))
     out = out.reshape(n, d, d, TILE * th, TILE * tw, k)[:, :, :, :sub_h, :sub_w]
     # interleave the sub-images back: (n, a, b, i, j, k) -> pixel (i * d + a, j * d + b)
     out = out.permute(0, 3, 1, 4, 2, 5).reshape(n, sub_h * d, sub_w * d, k)[:, :height, :width]
     return out.permute(0, 3, 1, 2)
 
 
-def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilation: int = 1) -> torch.Tensor:
+def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilation: int = 1,
+                    band_tiles: int = BAND_TILES) -> torch.Tensor:
     """``F.conv2d(x, w, bias, padding=dilation, dilation=dilation)`` for a 3x3 ``w`` given as
-    ``winograd_weight(w)``; ``x`` is (N, C, H, W), the result is channels-last (N, K, H, W)."""
+    ``winograd_weight(w)``; ``x`` is (N, C, H, W), the result is channels-last (N, K, H, W).
+
+    Tile rows go through the transforms and the matrix products in bands of about
+    ``band_tiles`` tiles: the transformed band stays in cache on the way to the matrix products,
+    which are still large enough to run at full speed, and the extra memory stays bounded on
+    large images.
+    """
     padded, shape = _to_tiles(x, dilation)
-    v = _transform_input(padded, shape[5], shape[6])
-    return _transform_output(torch.bmm(v, weight), shape, bias)
+    th, tw = shape[5], shape[6]
+    batch = padded.shape[0]
+    out = padded.new_empty(batch, th, TILE, tw, TILE, weight.shape[2])
+    step = max(1, round(band_tiles / (batch * tw)))
+    for r0 in range(0, th, step):
+        r1 = min(th, r0 + step)
+        v = _transform_input(padded[:, TILE * r0:TILE * r1 + 2])
+        _transform_output(torch.bmm(v, weight), out[:, r0:r1], bias)
+    return _from_tiles(out, shape)
+
+
+@torch.library.custom_op("psp_zoo::winograd_conv2d", mutates_args=())
+def _winograd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilation: int) -> torch.Tensor:
+    # One opaque operator for torch.compile: traced, inductor fuses the tile transforms into
+    # kernels no faster than these eager ops after a ten-minute build for R-50-D8; as a graph
+    # break per conv it splits the compiled model into pieces (benchmarks/speed.py, fast_fp32_compile).
+    return winograd_conv2d(x, weight, bias, dilation).contiguous(memory_format=torch.channels_last)
+
+
+@_winograd_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilation: int) -> torch.Tensor:
+    n, _, height, width = x.shape
+    return x.new_empty((n, weight.shape[2], height, width)).contiguous(memory_format=torch.channels_last)
 
 
 def winograd_eligible(conv: nn.Module) -> bool:
@@ -135,11 +168,8 @@ class WinogradConv2d(nn.Module):
         bias = conv.bias.detach() if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
         self.register_buffer("bias", bias.clone())
 
-    # Inductor fuses the tile transforms into kernels that are slower than these eager ops and
-    # take ten times the memory (benchmarks/speed.py, fast_fp32_compile): compiled models call it eagerly.
-    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return winograd_conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.dilation)
+        return _winograd_op(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.dilation)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size=(3, 3), dilation={self.dilation}, F(4x4, 3x3)"

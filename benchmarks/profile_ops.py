@@ -26,14 +26,18 @@ from psp_zoo.optimization import optimize  # noqa: E402
 from psp_zoo.files import atomic_write  # noqa: E402
 
 
-def top_ops(net, x: torch.Tensor, top: int) -> List[dict]:
+def top_ops(net, x: torch.Tensor, top: int, by_shape: bool = False) -> List[dict]:
+    """The ``top`` ops by self CPU time; ``by_shape`` splits each op by its input shapes (which
+    conv of the network it is) instead of adding all its calls together."""
     with torch.no_grad():
         net(x)  # warm-up (and compilation, for compiled variants)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=by_shape) as prof:
             net(x)
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    events = sorted(prof.key_averages(group_by_input_shape=by_shape), key=lambda e: e.self_cpu_time_total,
+                    reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
-    return [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
+    label = (lambda e: f"{e.key} {e.input_shapes[:2]}") if by_shape else (lambda e: e.key)
+    return [{"op": label(e), "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
              "share": e.self_cpu_time_total / total} for e in events[:top]] + [
         {"op": "TOTAL", "calls": None, "self_ms": total / 1e3, "share": 1.0}]
 
@@ -42,7 +46,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="r50")
     parser.add_argument("--size", type=parse_size, default=(512, 1024), metavar="HxW")
-    parser.add_argument("--variants", default="fast_fp32_plain_head,fast_fp32")
+    parser.add_argument("--variants", default="fast_fp32_no_winograd,fast_fp32")
+    parser.add_argument("--by-shape", action="store_true", help="one row per op and input shape")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
@@ -53,12 +58,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ["eager", *args.variants.split(",")]:
         kwargs = WHOLE_VARIANTS[name]
         net = model if kwargs is None else optimize(model, **kwargs)
-        rows = top_ops(net, x, args.top)
+        rows = top_ops(net, x, args.top, args.by_shape)
         report["profiles"][name] = rows
         print(f"\n{name} (load average {os.getloadavg()[0]:.2f})")
         for row in rows:
-            print(f"  {row['op']:<45} {row['calls'] or '':>5} {row['self_ms']:>10.1f} ms {row['share']:>6.1%}")
+            print(f"  {row['op'][:90]:<90} {row['calls'] or '':>5} {row['self_ms']:>10.1f} ms {row['share']:>6.1%}")
     stem = f"profile_{args.model}_{args.size[0]}x{args.size[1]}_torch{torch.__version__.split('+')[0]}"
+    stem += "_by_shape" if args.by_shape else ""
     path = args.out_dir / f"{stem}.json"
     atomic_write(path, json.dumps(report, indent=1))
     print(f"wrote {path}")

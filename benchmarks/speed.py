@@ -49,6 +49,7 @@ from psp_zoo.environment import cpu_flags, cpu_name, environment_info  # noqa: E
 from psp_zoo.records import device_tag  # noqa: E402
 from psp_zoo.testing import calibrate_batchnorm  # noqa: E402
 from psp_zoo.files import atomic_write  # noqa: E402
+from psp_zoo.manifest import get_checkpoint  # noqa: E402
 
 MODEL_CONFIGS = {
     "r50": {"depth": 50, "num_classes": 19},
@@ -70,6 +71,8 @@ DEFAULT_SLIDE = {
     "cpu": ((513, 1025), (385, 385), (257, 257)),
 }
 RESIDUAL_SCALE = 0.5  # see random_model()
+# The published rows a GPU run is read beside: mmseg's fps (fp32, 1024x2048, one V100) and training memory.
+PUBLISHED_ROWS = {"r50": "pspnet_r50-d8_512x1024_40k_cityscapes", "r101": "pspnet_r101-d8_512x1024_40k_cityscapes"}
 # name -> optimize() keyword arguments; None is the model exactly as loaded.
 WHOLE_VARIANTS: Dict[str, Optional[dict]] = {
     "eager": None,
@@ -89,6 +92,9 @@ WHOLE_VARIANTS: Dict[str, Optional[dict]] = {
     "fast_fp32_compile": dict(fuse_bn=True, channels_last=True, compile=True),
     "fast_bf16": dict(fuse_bn=True, channels_last=True, precision="bf16"),
     "fast_bf16_compile": dict(fuse_bn=True, channels_last=True, precision="bf16", compile=True),
+    # CUDA only: one captured CUDA graph replayed per call (no kernel launch overhead)
+    "fast_fp32_cuda_graph": dict(fuse_bn=True, channels_last=True, cuda_graph=True),
+    "fast_bf16_cuda_graph": dict(fuse_bn=True, channels_last=True, precision="bf16", cuda_graph=True),
 }
 SLIDE_VARIANTS: Dict[str, Tuple[Optional[dict], bool]] = {  # name -> (optimize kwargs, batched)
     "eager_loop": (None, False),
@@ -214,7 +220,7 @@ def load_model(key: str, device: torch.device, checkpoints: Dict[str, str]) -> P
 
 def _describe(options: dict) -> str:
     """'eager fp32' for the model as loaded, else what optimize() applied, e.g. 'fp32 fuse_bn channels_last'."""
-    flags = [key for key in ("fuse_bn", "channels_last", "factorize_head", "winograd", "compile", "freezing")
+    flags = [key for key in ("fuse_bn", "channels_last", "factorize_head", "winograd", "compile", "freezing", "cuda_graph")
              if options.get(key)]
     described = " ".join([options.get("precision", "eager fp32"), *flags])
     return f"{described} slide={options['slide']}" if "slide" in options else described
@@ -223,7 +229,7 @@ def _describe(options: dict) -> str:
 def _prepared(model: PSPNet, kwargs: Optional[dict]) -> Tuple[Callable, dict]:
     if kwargs is None:
         return model, {}
-    net = optimize(model, **kwargs)
+    net = optimize(model, **{k: v for k, v in kwargs.items() if k != "cuda_graph"})
     return net, net.optimizations
 
 
@@ -231,8 +237,31 @@ def whole_calls(model: PSPNet, x: torch.Tensor, variants: Dict[str, Optional[dic
     calls = {}
     for name, kwargs in variants.items():
         net, options = _prepared(model, kwargs)
+        if (kwargs or {}).get("cuda_graph"):
+            net, options = cuda_graphed(net, x), {**options, "cuda_graph": True}
         calls[name] = (_no_grad_call(net, x), options)
     return calls
+
+
+def cuda_graphed(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``net`` captured once as a CUDA graph for x's shape; each call copies its input into the
+    static input buffer and replays the graph (the returned logits are the static output buffer)."""
+    static_x = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):  # warm-up on a side stream, as torch.cuda.graph requires
+            net(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = net(static_x)
+
+    def replay(t: torch.Tensor) -> torch.Tensor:
+        static_x.copy_(t)
+        graph.replay()
+        return static_out
+    return replay
 
 
 def slide_calls(model: PSPNet, img: torch.Tensor, crop, stride,
@@ -259,7 +288,9 @@ def supported_variants(variants: dict, device: torch.device, allow_compile: bool
     kept = {}
     for name, spec in variants.items():
         kwargs = (spec[0] if isinstance(spec, tuple) else spec) or {}
-        if kwargs.get("compile") and not allow_compile:
+        if kwargs.get("cuda_graph") and device.type != "cuda":
+            log(f"  skipping {name}: CUDA graphs need a CUDA device")
+        elif kwargs.get("compile") and not allow_compile:
             log(f"  skipping {name}: --no-compile")
         elif kwargs.get("precision") == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
             log(f"  skipping {name}: this CPU has no native bf16")
@@ -284,7 +315,18 @@ def environment(device: torch.device, note: str) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "weights": f"random (seeded), BN statistics calibrated on random images, residual BN scale x{RESIDUAL_SCALE}",
         "note": note,
+        "published": published_figures(),
     }
+
+
+def published_figures() -> Dict[str, dict]:
+    """The model zoo's fps and training memory for each benchmarked model (V100, fp32, 1024x2048)."""
+    figures = {}
+    for key, name in PUBLISHED_ROWS.items():
+        published = get_checkpoint(name).published
+        figures[key] = {"checkpoint": name, "fps": published.fps, "train_mem_gb": published.mem_gb,
+                        "measured_on": "V100, fp32, 1024x2048 (mmseg's benchmark)"}
+    return figures
 
 
 def results_stem(device: torch.device) -> str:
@@ -381,6 +423,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     csv_path, json_path = write_results(rows, env, args.out_dir, results_stem(device))
     print(ratio_table(rows))
     print(f"{env['device_name']} ({env['cpu_capability']}), torch {env['torch']}, {env['threads']} threads")
+    if kind == "cuda":  # the published fps are whole-image 1024x2048 on a V100: comparable to this case only
+        print("published (V100, fp32): " + ", ".join(f"{key} {fig['fps']} fps" for key, fig in env["published"].items()))
     print(f"wrote {csv_path} and {json_path}")
     return 0
 

@@ -29,8 +29,8 @@ def _add_speed_options(parser: argparse.ArgumentParser) -> None:
     from .options import PRECISIONS
 
     group = parser.add_argument_group("inference speed (default: fp32 with BN folded into convs, "
-                                      "factorized PSP head, Winograd 3x3 convs on the CPU, channels-last; within 1e-5 of "
-                                      "the plain model, relative)")
+                                      "factorized PSP head, Winograd 3x3 convs on the CPU, channels-last; "
+                                      "within 1e-5 of the plain model, relative)")
     group.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                        help="bf16: CUDA or a CPU with native bf16; fp16: CUDA only. Not fp32 = not the "
                             "reference numerics; recorded in results")

@@ -3,8 +3,9 @@ bf16/fp16 autocast, optional torch.compile.
 
 ``optimize(model)`` returns a new module (the caller's model is never touched) that takes and
 returns ordinary NCHW float32 tensors exactly like ``model(x)``. The default (fp32, folded BN,
-factorized head, Winograd convs on the CPU, channels-last, no compile) stays within rounding of the eager model, so it can be the default
-everywhere; every other setting is recorded in ``.optimizations`` for results files to state.
+factorized head, Winograd convs on the CPU, channels-last, no compile) stays within rounding of
+the eager model, so it can be the default everywhere; every other setting is recorded in
+``.optimizations`` for results files to state.
 """
 from __future__ import annotations
 

@@ -95,6 +95,30 @@ def _devices() -> str:
     return "; ".join(found)
 
 
+def _fast_path() -> str:
+    """The default fast path (folded BN, factorized head, Winograd convs) gives the plain model's
+    logits on this machine's kernels, on a narrow R-18 whose last stage is wide enough for Winograd."""
+    import torch
+
+    from .model import PSPNet
+    from .optimization import optimize
+
+    torch.manual_seed(0)
+    model = PSPNet(depth=18, num_classes=5, base_channels=32, stem_channels=16).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        plain = model(x)
+    fast = optimize(model)
+    out = fast(x)
+    diff = float((out - plain).abs().max() / plain.abs().max())
+    if diff > 1e-4 or not torch.equal(out.argmax(1), plain.argmax(1)):
+        raise PspZooError(f"the fp32 fast path differs from the plain model by {diff:.1e} (relative); "
+                          "run with --no-winograd / --no-factorize-head and report this machine")
+    applied = [name for name in ("fuse_bn", "channels_last", "factorize_head", "winograd")
+               if fast.optimizations[name]]
+    return f"{', '.join(applied)} on cpu: logits within {diff:.1e} of the plain model, same labels"
+
+
 def _user_cache() -> str:
     """The real checkpoint cache must be writable (or creatable); checked without writing to it."""
     path = cache_dir()
@@ -257,6 +281,7 @@ def run_selftest(*, keep: Optional[PathLike] = None, port: int = 0, device: Opti
         report.step("versions", _versions)
         report.step("devices", _devices)
         report.step("user cache", _user_cache)
+        report.step("fast path", _fast_path)
         report.step("tiny checkpoint", test.checkpoint)
         report.step("local server", test.server, needs=["tiny checkpoint"])
         report.step("download", test.download, needs=["local server"])

@@ -22,7 +22,7 @@ from conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-STEPS = ("versions", "devices", "user cache", "tiny checkpoint", "local server", "download", "mini dataset",
+STEPS = ("versions", "devices", "user cache", "fast path", "tiny checkpoint", "local server", "download", "mini dataset",
          "evaluate", "results table", "predict")
 
 
@@ -50,7 +50,7 @@ def test_selftest_passes_offline_in_a_clean_environment(tmp_path):
     outcomes = _outcomes(process.stdout)
     assert process.returncode == 0, process.stdout + process.stderr
     assert list(outcomes) == list(STEPS) and all(o.startswith("ok") for o in outcomes.values()), process.stdout
-    assert "selftest: all 10 steps ok" in process.stdout
+    assert "selftest: all 11 steps ok" in process.stdout
     assert re.search(r"torch \S+, torchvision \S+, numpy \S+, opencv \S+, python \d", outcomes["versions"])
     assert not home.exists()  # the user's caches were never written
 
@@ -78,7 +78,7 @@ def test_a_taken_port_fails_the_server_step_and_skips_what_needs_it(capsys):
     assert outcomes["evaluate"] == "skipped (needs: download)"
     assert outcomes["results table"] == "skipped (needs: evaluate)"
     assert outcomes["mini dataset"].startswith("ok") and outcomes["tiny checkpoint"].startswith("ok")
-    assert "selftest: 5 of 10 steps did not pass: local server, download, evaluate, results table, predict" in report
+    assert "selftest: 5 of 11 steps did not pass: local server, download, evaluate, results table, predict" in report
 
 
 def test_an_unwritable_cache_is_reported_and_the_rest_still_runs(tmp_path, monkeypatch):

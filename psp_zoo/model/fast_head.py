@@ -22,6 +22,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..errors import PspZooError
 from .heads import PSPHead
+from .winograd import winograd_eligible
 
 __all__ = ["FactorizedPSPHead", "factorize_psp_head", "interpolation_matrix", "shifted_interpolation"]
 
@@ -74,9 +75,7 @@ def _folded_bottleneck(head: PSPHead) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def _check_bottleneck(head: PSPHead) -> None:
     conv = head.bottleneck.conv
-    if not (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
-            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros"):
+    if not (winograd_eligible(conv) and conv.dilation == (1, 1)):
         raise PspZooError("FactorizedPSPHead needs PSPHead's 3x3, padding-1 bottleneck conv")
     if isinstance(head.bottleneck.bn, nn.BatchNorm2d) and head.bottleneck.bn.training:
         raise PspZooError("FactorizedPSPHead is for inference: put the head in eval mode first")

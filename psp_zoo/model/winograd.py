@@ -77,7 +77,7 @@ def _to_tiles(x: torch.Tensor, dilation: int) -> Tuple[torch.Tensor, Tuple[int, 
         nhwc = F.pad(nhwc, (0, 0, 0, sub_w * d - width, 0, sub_h * d - height))
     # pixel (i * d + a, j * d + b) goes to sub-image (a, b) at (i, j), one pixel in from the border
     padded[:, :, :, 1:1 + sub_h, 1:1 + sub_w] = nhwc.reshape(n, sub_h, d, sub_w, d, c).permute(0, 2, 4, 1, 3, 5)
-    return padded.reshape(n * d * d, TILE * th + 2, TILE * tw + 2, c), (n, height, width, sub_h, sub_w, th, tw)
+    return padded.reshape(n * d * d, TILE * th + 2, TILE * tw + 2, c), (n, d, height, width, sub_h, sub_w, th, tw)
 
 
 def _transform_input(band: torch.Tensor) -> torch.Tensor:
@@ -101,9 +101,8 @@ def _transform_output(m: torch.Tensor, out: torch.Tensor, bias: torch.Tensor) ->
 
 def _from_tiles(out: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
     """(N * d * d, th, 4, tw, 4, K) tiles -> the NCHW (channels-last memory) conv output."""
-    n, height, width, sub_h, sub_w, th, tw = shape
+    n, d, height, width, sub_h, sub_w, th, tw = shape
     k = out.shape[-1]
-    d = int(round((out.shape[0] // n) ** 0.5))
     out = out.reshape(n, d, d, TILE * th, TILE * tw, k)[:, :, :, :sub_h, :sub_w]
     # interleave the sub-images back: (n, a, b, i, j, k) -> pixel (i * d + a, j * d + b)
     out = out.permute(0, 3, 1, 4, 2, 5).reshape(n, sub_h * d, sub_w * d, k)[:, :height, :width]
@@ -121,7 +120,7 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, d
     large images.
     """
     padded, shape = _to_tiles(x, dilation)
-    th, tw = shape[5], shape[6]
+    th, tw = shape[-2:]
     batch = padded.shape[0]
     out = padded.new_empty(batch, th, TILE, tw, TILE, weight.shape[2])
     step = max(1, round(band_tiles / (batch * tw)))

@@ -1,12 +1,18 @@
 """Winograd F(4x4, 3x3) convs compute what F.conv2d computes, within fp32 rounding."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_expected, tiny_model
+from conftest import REPO, tiny_expected, tiny_model
 
 from psp_zoo import PSPNet, PspZooError, SpeedOptions
+from psp_zoo.environment import cpu_flags
 from psp_zoo.model.winograd import WinogradConv2d, use_winograd, winograd_conv2d, winograd_weight
 from psp_zoo.optimization import optimize
 
@@ -119,3 +125,15 @@ def test_compiled_model_runs_winograd_eagerly_and_agrees():
     fast = optimize(model, compile=True)
     assert fast.optimizations["winograd_convs"] == 3
     assert max_rel_diff(fast(x), eager) <= 1e-4
+
+
+def test_per_conv_benchmark_runs_and_records(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "winograd_convs.py"), "--quick", "--rounds", "1",
+           "--out-dir", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    (path,) = tmp_path.glob("winograd_convs_cpu_torch*_quick.json")
+    results = json.loads(path.read_text())
+    assert results["environment"]["cpu_flags"] == cpu_flags()
+    assert [row["where"] for row in results["results"]][-1] == "PSP bottleneck, x part"
+    assert all(row["max_rel_diff"] <= 1e-5 and row["speedup"] > 0 for row in results["results"])

@@ -177,7 +177,8 @@ class WinogradConv2d(nn.Module):
 def use_winograd(model: nn.Module, min_channels: int = 256) -> int:
     """Swap every eligible 3x3 conv with at least ``min_channels`` input and output channels for a
     WinogradConv2d, in place; returns how many. Narrower convs gain too little over the direct
-    kernels to pay for the tile transforms (see benchmarks/speed.py)."""
+    kernels to pay for the tile transforms (benchmarks/winograd_convs.py: 128 channels 0.8x,
+    256 and more 1.8-2x on a 2-core AVX2 EPYC)."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

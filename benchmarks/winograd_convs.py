@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import REPO, environment  # noqa: E402
+from speed import REPO, compare, environment, timed  # noqa: E402
 
 from psp_zoo.files import atomic_write  # noqa: E402
 from psp_zoo.model.winograd import winograd_conv2d, winograd_weight  # noqa: E402
@@ -42,12 +41,6 @@ SHAPES = [
 ]
 
 
-def timed(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
-
-
 def measure(rounds: int, shapes: list) -> List[dict]:
     generator = torch.Generator().manual_seed(0)
     cases = []
@@ -62,12 +55,12 @@ def measure(rounds: int, shapes: list) -> List[dict]:
         with torch.no_grad():
             ref, out = direct(), fast()
         cases.append({"shape": (c_in, c_out, height, width, dilation), "where": where, "calls": (direct, fast),
-                      "max_rel_diff": float((out - ref).abs().max() / ref.abs().max()), "times": ([], [])})
+                      "max_rel_diff": compare(out, ref)["max_rel_diff"], "times": ([], [])})
     with torch.no_grad():
         for _ in range(rounds):
             for case in cases:
                 for i, call in enumerate(case["calls"]):
-                    case["times"][i].append(timed(call))
+                    case["times"][i].append(timed(call, torch.device("cpu"))[0])
     rows = []
     for case in cases:
         (c_in, c_out, height, width, dilation), (direct_t, fast_t) = case["shape"], case["times"]

@@ -7,7 +7,7 @@ the median over rounds of baseline_time[r] / variant_time[r], so load from other
 a shared machine hits both sides of each ratio. Numerics (max relative logit difference,
 argmax agreement) are against the eager fp32 output on the same input.
 
-A slide case compares psp_zoo.slide_inference one window at a time (the reference loop, REFERENCE.md grid)
+A slide case compares psp_zoo.slide_inference one window at a time (the reference loop, docs/reference.md's grid)
 with all windows in one batch.
 
     python benchmarks/speed.py                      # defaults for the device found

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 from psp_zoo.testing import LocalHTTPServer
 
-from conftest import TINY, tiny_checkpoint_path, tiny_info
+from helpers import TINY, tiny_checkpoint_path, tiny_info
 
 ZOO_DIR = "/mmsegmentation/v0.5/pspnet/tiny/"
 ALT_DIR = "/mmsegmentation/v0.5/pspnet/tiny_again/"

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Set
 
-from conftest import REPO
+from helpers import REPO
 
 PACKAGE = REPO / "psp_zoo"
 MAX_FUNCTION_LINES = 50
@@ -117,7 +117,7 @@ def test_the_tests_need_nothing_beside_the_clone():
     import hashlib
     import json
 
-    from conftest import FIXTURES
+    from helpers import FIXTURES
 
     for info in json.loads((FIXTURES / "index.json").read_text()).values():
         data = (FIXTURES / info["checkpoint"]).read_bytes()
@@ -186,3 +186,19 @@ def test_the_code_cites_only_documents_in_the_repository():
                      if not (REPO / name).is_file() and not (REPO / "docs" / Path(name).name).is_file()
                      and not (REPO / where).parent.joinpath(name).is_file())
     assert missing == []
+
+
+def test_test_files_share_through_helpers_only():
+    """tests/helpers.py is the one shared module; conftest.py holds fixtures; no test file imports another."""
+    offenders = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in getattr(node, "names", [])]
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+                    n and (n == "conftest" or n.startswith("test_")) for n in names):
+                offenders.append(path.name)
+    assert offenders == []
+    conftest = ast.parse((REPO / "tests" / "conftest.py").read_text(encoding="utf-8"))
+    plain = [n.name for n in conftest.body if isinstance(n, ast.FunctionDef)
+             and not any("fixture" in ast.unparse(d) for d in n.decorator_list)]
+    assert plain == []

@@ -16,7 +16,7 @@ from psp_zoo import DownloadError, cache_state, cached_path, create_model, downl
 from psp_zoo.hub import cache_dir, forget_failed_hosts
 from psp_zoo.manifest import Checkpoint, get_checkpoint
 
-from conftest import tiny_checkpoint_path, tiny_info
+from helpers import tiny_checkpoint_path, tiny_info
 from hub_server import ALT_DIR, OPENMMLAB, write_manifest
 
 FAST = {"backoff": 0.001, "quiet": True}

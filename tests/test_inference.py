@@ -13,7 +13,7 @@ from psp_zoo.inference import slide_windows
 from psp_zoo.manifest import EvalSettings as Settings
 from psp_zoo.transforms import normalize, to_tensor
 
-from conftest import TINY, tiny_expected, tiny_model
+from helpers import TINY, tiny_expected, tiny_model
 
 TOL = 1e-4
 

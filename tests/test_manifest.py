@@ -10,7 +10,7 @@ import pytest
 import psp_zoo
 from psp_zoo import ManifestError, UnknownModelError, get_checkpoint, list_models, load_manifest
 
-from conftest import REFERENCE, REPO
+from helpers import REFERENCE, REPO
 
 # a copy of the reference pspnet_family.tsv: every published row of mmseg's PSPNet page
 FAMILY = REPO / "tests" / "fixtures" / "pspnet_family.tsv"

@@ -11,7 +11,7 @@ from psp_zoo.errors import PspZooError
 from psp_zoo.measure import inference_peak_memory, measure_fps, training_loss, training_memory
 from psp_zoo.records import ImageCount, ResultRecord
 
-from conftest import tiny_info
+from helpers import tiny_info
 
 
 class FakeClock:

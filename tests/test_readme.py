@@ -13,7 +13,7 @@ import pytest
 
 from psp_zoo.testing import write_mini_cityscapes
 
-from conftest import REPO, tiny_checkpoint_path, tiny_info
+from helpers import REPO, tiny_checkpoint_path, tiny_info
 
 QUICK_START_NAME = "pspnet_r50-d8_512x1024_40k_cityscapes"
 

@@ -33,7 +33,7 @@ from psp_zoo.model import PSPNet
 from psp_zoo.records import device_tag, read_result
 
 import minidata
-from conftest import REPO, tiny_checkpoint_path, tiny_info, tiny_model
+from helpers import REPO, tiny_checkpoint_path, tiny_info, tiny_model
 from hub_server import CheckpointServer, manifest_text
 
 SMALL_SCALE = [32, 16]

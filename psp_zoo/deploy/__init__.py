@@ -1,0 +1,1 @@
+"""Deploying a PSPNet outside PyTorch: exported graphs and the modules written into them."""

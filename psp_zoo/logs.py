@@ -29,6 +29,7 @@ from .hub import fetch_file
 from .errors import PspZooError
 from .manifest import Checkpoint, get_checkpoint
 from .files import atomic_write
+from .optional import require
 
 __all__ = ["TrainStep", "Validation", "TrainingLog", "LogError", "parse_log", "read_log", "log_path",
            "fetch_log", "compare_with_table", "render_comparison", "check_plotting", "log_figure", "plot_log"]
@@ -299,12 +300,10 @@ def render_comparison(report: Mapping[str, Any]) -> str:
 
 
 def _matplotlib():
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise PspZooError("plotting needs matplotlib; install it with "
-                          "`python -m pip install 'psp-zoo[plot]'`") from None
+    require("matplotlib", "plot", purpose="plotting")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     return Figure, FigureCanvasAgg
 
 

@@ -45,7 +45,8 @@ def test_list_shows_published_numbers_and_cache_state(capsys, hub_server, hub_ma
 
     code, out, _ = run_cli(capsys, "list", "--pattern", "tiny*", *args)
     table = out.splitlines()
-    assert table[0].startswith("| name") and "| yes" in table[2] and "| no" in table[3] and len(table) == 4
+    # one vocabulary: the table says what CSV, JSON and `info` say
+    assert table[0].startswith("| name") and "| cached" in table[2] and "| missing" in table[3] and len(table) == 4
 
 
 def test_info_shows_every_field_and_the_cache(capsys, hub_manifest, hub_cache, hub_server):

@@ -114,7 +114,7 @@ def test_a_command_line_mistake_is_one_line_and_exit_2(capsys, argv, where):
 def test_ctrl_c_in_a_command_is_interrupted_exit_130(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "_cmd_list", interrupted)
+    monkeypatch.setattr(cli.list_command, "run", interrupted)
     code, out, err = run_cli(capsys, "list")
     assert code == 130 and one_line(err) == "psp-zoo list: interrupted"
 

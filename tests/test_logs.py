@@ -192,7 +192,7 @@ def test_without_matplotlib_a_plot_is_refused_before_fetching(capsys, served, hu
     plot = tmp_path / "curves.png"
     code, out, err = _logs(capsys, served(log_0x()), tmp_path / "cache", "--plot", plot)
     assert code == 2 and out == "" and hub_server.log == [] and not plot.exists()
-    assert err.strip() == ("psp-zoo logs: error: plotting needs matplotlib; install it with "
+    assert err.strip() == ("psp-zoo logs: error: plotting needs matplotlib, which is not installed; install it with "
                            "`python -m pip install 'psp-zoo[plot]'`")
 
 

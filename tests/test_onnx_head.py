@@ -1,12 +1,15 @@
 """The factorized PSP head inside the exported ONNX graph: one dynamic file, the logits of the model as loaded."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from psp_zoo import PSPNet, SegmentationDataset
-from psp_zoo.deploy.onnx_head import OnnxPSPHead, bilinear_operator, pyramid_bins, use_onnx_head
+from psp_zoo import PspZooError, SegmentationDataset
+from psp_zoo.cli import main
+from psp_zoo.deploy.onnx_head import OnnxPSPHead, bilinear_operator, use_onnx_head
 from psp_zoo.inference import slide_inference
 from psp_zoo.manifest import EvalSettings as Settings
 from psp_zoo.model.heads import PSPHead
@@ -20,7 +23,7 @@ from hub_server import write_manifest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from psp_zoo import export  # noqa: E402  (after the skips)
+from psp_zoo.deploy import export, runtime  # noqa: E402  (after the skips)
 
 TRACE_SIZE = (64, 64)
 
@@ -31,13 +34,9 @@ def _one_thread(single_thread):
 
 
 def write_factorized(model: torch.nn.Module, path):
-    """The model exported with the factorized head (BN folded, as the exporter prepares it)."""
-    prepared = export.exportable_copy(model, exact_pooling=False)
-    assert use_onnx_head(prepared)
-    proto = onnx.load_from_string(export._onnx_bytes(prepared, TRACE_SIZE, True, export.DEFAULT_OPSET))
-    for key, value in export._metadata(model, None, True).items():
-        proto.metadata_props.add(key=key, value=value)
-    path.write_bytes(proto.SerializeToString())
+    """The model exported with the default (factorized) head, dynamic shapes."""
+    export.export_onnx(model, path, input_size=TRACE_SIZE)
+    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}["psp_zoo.head"] == "factorized"
     return path
 
 
@@ -83,22 +82,6 @@ def test_bilinear_operator_is_pytorchs_bit_for_bit(align_corners):
             assert torch.equal(got, expected.reshape(scale, size).t()), (scale, size)
 
 
-def test_pyramid_bins_pool_like_adaptive_avg_pool():
-    x = torch.randn(2, 3, 25, 23, dtype=torch.float64)
-    scales = (1, 2, 3, 6, 8)
-    for height in (1, 2, 5, 6, 7, 13, 25):
-        for width in (1, 4, 9, 23):
-            part = x[:, :, :height, :width]
-            rows, row_len = pyramid_bins(height, scales, part)
-            cols, col_len = pyramid_bins(width, scales, part)
-            means = (rows @ part @ cols.t()) / (row_len[:, None] * col_len[None, :])
-            start = 0
-            for scale in scales:
-                block = means[:, :, start:start + scale, start:start + scale]
-                torch.testing.assert_close(block, F.adaptive_avg_pool2d(part, scale), rtol=1e-12, atol=1e-12)
-                start += scale
-
-
 @pytest.mark.parametrize("scales, channels", [((1, 2, 3, 6), 8), ((1, 3, 4, 8), 12), ((2, 5), 6), ((6,), 4)])
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_eager_head_equals_plain_head_for_any_scales_and_width(scales, channels, align_corners):
@@ -142,7 +125,7 @@ def test_the_graph_holds_no_upsampled_pyramid(exported):
 def test_one_file_two_sizes_within_1e4_of_the_model_as_loaded(exported):
     """97 x 131 (the reference's logits) and 37 x 29: odd, pooled at 5 x 4, below the 6 x 6 grid."""
     tag, model, path = exported
-    runner = export.OnnxModel(path, threads=1)
+    runner = runtime.OnnxModel(path, threads=1)
     assert runner.static_size is None and runner.align_corners is model.align_corners
     expected = tiny_expected(tag, model.align_corners)
     assert _rel(expected["whole_logits"], runner(expected["whole_input"])) <= 1e-4
@@ -155,7 +138,7 @@ def test_one_file_two_sizes_within_1e4_of_the_model_as_loaded(exported):
 
 def test_identical_argmax_on_the_fixtures(exported):
     tag, model, path = exported
-    runner = export.OnnxModel(path, threads=1)
+    runner = runtime.OnnxModel(path, threads=1)
     expected = tiny_expected(tag, model.align_corners)
     assert torch.equal(runner(expected["whole_input"]).argmax(1), expected["whole_logits"].argmax(1))
     slide = slide_inference(runner, expected["slide_input"], expected["slide_crop"], expected["slide_stride"],
@@ -170,7 +153,7 @@ def test_a_broken_operator_is_caught(tmp_path, monkeypatch):
     model = tiny_model("r50", align_corners=True)
     wrong = onnx_head.bilinear_operator
     monkeypatch.setattr(onnx_head, "bilinear_operator", lambda size, scale, _ac, like: wrong(size, scale, False, like))
-    runner = export.OnnxModel(write_factorized(model, tmp_path / "wrong.onnx"), threads=1)
+    runner = runtime.OnnxModel(write_factorized(model, tmp_path / "wrong.onnx"), threads=1)
     expected = tiny_expected("r50", True)
     assert _rel(expected["whole_logits"], runner(expected["whole_input"])) > 1e-4
 
@@ -187,24 +170,85 @@ def test_confusion_matrix_through_the_factorized_file_equals_pytorch(tmp_path, m
     slide = dict(crop_size=(17, 17), stride=(11, 11)) if mode == "slide" else {}
     settings = Settings(mode=mode, img_scale=(64, 32), align_corners=False, **slide)
     matrices = []
-    for runner in (model, export.OnnxModel(path, threads=1)):
+    for runner in (model, runtime.OnnxModel(path, threads=1)):
         data = SegmentationDataset("cityscapes", tmp_path / "cityscapes", img_scales=[(64, 32)])
         matrices.append(score(runner, data, settings, 5, ms_flip=False, device=torch.device("cpu"),
                               num_workers=0, show=False).matrix)
     assert matrices[0].sum() > 0 and torch.equal(matrices[0], matrices[1])
 
 
+def _cli_export(tmp_path, out, *extra) -> int:
+    manifest = write_manifest(tmp_path / "m.yml", "http://127.0.0.1:9")  # unreachable: nothing fetched
+    return main(["export", "tiny_r50", "--manifest", str(manifest), "--checkpoint", str(tiny_checkpoint_path("r50")),
+                 "--input-size", "64", "64", "--out", str(out), *extra])
+
+
 @pytest.mark.parametrize("mode", ["whole", "slide"])
-def test_evaluate_onnx_on_the_factorized_file_gives_the_pytorch_record(tmp_path, mode):
+def test_evaluate_onnx_on_the_default_export_gives_the_pytorch_record(tmp_path, mode, caplog):
+    """``psp-zoo export`` (factorized by default), then ``evaluate(..., onnx=FILE)``: the scores of
+    the model as loaded, and the session's threads as asked, in the record and in a log line."""
     from psp_zoo import evaluate
 
-    manifest = write_manifest(tmp_path / "m.yml", "http://127.0.0.1:9")  # unreachable: nothing fetched
-    path = write_factorized(tiny_model("r50"), tmp_path / "tiny.onnx")
+    path = tmp_path / "tiny.onnx"
+    assert _cli_export(tmp_path, path) == 0
+    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}["psp_zoo.head"] == "factorized"
     minidata.write_cityscapes(tmp_path / "cityscapes")
     slide = dict(mode="slide", crop_size=(17, 17), stride=(11, 11)) if mode == "slide" else {}
-    common = dict(manifest=str(manifest), device="cpu", num_workers=0, progress=False, img_scale=(64, 32), **slide)
-    through_onnx = evaluate("tiny_r50", tmp_path / "cityscapes", onnx=path, **common)
+    common = dict(manifest=str(tmp_path / "m.yml"), device="cpu", num_workers=0, progress=False,
+                  img_scale=(64, 32), **slide)
+    with caplog.at_level(logging.INFO, logger="psp_zoo"):
+        through_onnx = evaluate("tiny_r50", tmp_path / "cityscapes", onnx=path, threads=1, **common)
     through_torch = evaluate("tiny_r50", tmp_path / "cityscapes", checkpoint=tiny_checkpoint_path("r50"),
                              fuse_bn=False, factorize_head=False, winograd=False, channels_last=False, **common)
     assert through_onnx.single_scale == through_torch.single_scale and through_onnx.images.count == 3
     assert through_onnx.backend["backend"] == "onnxruntime"
+    assert through_onnx.backend["threads"] == 1 and through_onnx.backend["spinning"] is False
+    assert "on 1 intra-op thread(s), idle threads not spinning" in caplog.text
+
+
+def test_onnx_sessions_take_torchs_thread_count_unless_told(tmp_path):
+    from psp_zoo import evaluate
+
+    path = write_factorized(tiny_model("r50"), tmp_path / "tiny.onnx")
+    minidata.write_cityscapes(tmp_path / "cityscapes")
+    manifest = write_manifest(tmp_path / "m.yml", "http://127.0.0.1:9")
+    common = dict(manifest=str(manifest), device="cpu", num_workers=0, progress=False, img_scale=(32, 16), limit=1)
+    record = evaluate("tiny_r50", tmp_path / "cityscapes", onnx=path, **common)
+    assert record.backend["threads"] == torch.get_num_threads() == 1  # the single_thread fixture's setting
+    with pytest.raises(PspZooError, match="threads must be a whole number"):
+        evaluate("tiny_r50", tmp_path / "cityscapes", onnx=path, threads=0, **common)
+
+
+# ------------------------------------------------------------------------------------------------
+# the plain head on request
+
+
+def test_plain_head_keeps_the_convolved_pyramid(tmp_path):
+    model = tiny_model("r50", align_corners=True)
+    plain = export.export_onnx(model, tmp_path / "plain.onnx", input_size=TRACE_SIZE, plain_head=True)
+    proto = onnx.load(str(plain))
+    assert {p.key: p.value for p in proto.metadata_props}["psp_zoo.head"] == "plain"
+    wide = model.decode_head.bottleneck.conv.in_channels
+    assert any(len(init.dims) == 4 and init.dims[1] == wide for init in proto.graph.initializer)
+    assert [node.op_type for node in proto.graph.node].count("Resize") == 1 + len(model.decode_head.psp_modules)
+    factorized = write_factorized(model, tmp_path / "factorized.onnx")
+    x = torch.randn(1, 3, 45, 51, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = model(x)
+    for path in (plain, factorized):
+        assert _rel(reference, runtime.OnnxModel(path, threads=1)(x)) <= 1e-4
+
+
+def test_cli_export_default_head_verifies_and_plain_head_is_onnx_only(tmp_path, capsys):
+    out = tmp_path / "tiny.onnx"
+    assert _cli_export(tmp_path, out, "--verify") == 0
+    assert capsys.readouterr().out.count(" ok\n") == 3
+    assert {p.key: p.value for p in onnx.load(str(out)).metadata_props}["psp_zoo.head"] == "factorized"
+    assert _cli_export(tmp_path, out, "--plain-head", "--verify") == 0
+    assert capsys.readouterr().out.count(" ok\n") == 3
+    assert {p.key: p.value for p in onnx.load(str(out)).metadata_props}["psp_zoo.head"] == "plain"
+    assert _cli_export(tmp_path, tmp_path / "m.pt", "--format", "torchscript", "--plain-head") == 2
+    assert "--plain-head apply to --format onnx only" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
+    with pytest.raises(PspZooError, match="ONNX files only"):
+        export.export_file(tiny_model("r50"), tmp_path / "m.pt", "torchscript", plain_head=True)

@@ -6,9 +6,8 @@ come from a per-size cache, so a traced copy would freeze them at the example's 
 :class:`OnnxPSPHead` computes the same sums with everything that depends on the input's height
 and width built from the traced shape inside the graph:
 
-- the adaptive-average-pooling bins of every pool scale, as 0/1 matrices stacked over the
-  scales, so one pair of matrix products pools the features to all scales at once (each bin
-  summed, then divided by its pixel count, with PyTorch's bin edges for any size);
+- the adaptive-average-pooling bins of every pool scale (:mod:`psp_zoo.deploy.pooling`, the
+  exporter's exact pooling: PyTorch's bins for any size);
 - F.interpolate's bilinear operator from each scale to the feature size (PyTorch's float32
   source index, clamping and weights, for either ``align_corners``), shifted by the 3x3 taps.
 
@@ -27,8 +26,9 @@ from torch import nn
 
 from ..model.fast_head import FactorizedPSPHead
 from ..model.heads import PSPHead
+from .pooling import adaptive_avg_pool_exact
 
-__all__ = ["OnnxPSPHead", "use_onnx_head", "bilinear_operator", "shifted_operator", "pyramid_bins"]
+__all__ = ["OnnxPSPHead", "use_onnx_head", "bilinear_operator", "shifted_operator"]
 
 Size = Union[int, torch.Tensor]  # a Python int when eager, a traced 0-d tensor under torch.onnx.export
 
@@ -76,21 +76,6 @@ def shifted_operator(size: Size, scale: int, align_corners: bool, like: torch.Te
     return torch.cat([padded[d:d + size] for d in range(3)], dim=1)
 
 
-def pyramid_bins(size: Size, scales: Sequence[int], like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(sum(scales) x size) 0/1 matrix of every scale's adaptive-pooling bins, and each bin's length.
-
-    Bin i of scale s covers [floor(i size / s), ceil((i + 1) size / s)), PyTorch's bins.
-    """
-    size = _as_size(size)
-    index = torch.cat([torch.arange(s, device=like.device) for s in scales])
-    bins = torch.cat([torch.full((s,), s, device=like.device, dtype=torch.long) for s in scales])
-    start = torch.div(index * size, bins, rounding_mode="floor")
-    end = torch.div((index + 1) * size + bins - 1, bins, rounding_mode="floor")
-    position = torch.arange(size, device=like.device)
-    inside = (position[None, :] >= start[:, None]) & (position[None, :] < end[:, None])
-    return inside.to(like.dtype), (end - start).to(like.dtype)
-
-
 class OnnxPSPHead(FactorizedPSPHead):
     """FactorizedPSPHead whose pooling and interpolation follow the traced input shape.
 
@@ -118,21 +103,12 @@ class OnnxPSPHead(FactorizedPSPHead):
         out = self.conv_x(x) + self.pyramid_term(x)
         return self.conv_seg(F.relu(out))
 
-    def pooled(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """x adaptively average-pooled to every scale: one product per axis for all scales."""
-        rows, row_len = pyramid_bins(x.shape[2], self.scales, x)
-        cols, col_len = pyramid_bins(x.shape[3], self.scales, x)
-        sums = torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
-        means = sums / (row_len[:, None] * col_len[None, :])
-        starts = [sum(self.scales[:i]) for i in range(len(self.scales))]
-        return [means[:, :, a:a + s, a:a + s] for a, s in zip(starts, self.scales)]
-
     def pyramid_term(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """The branches' share of the bottleneck conv as an NCHW tensor (N, channels, H, W)."""
         height, width = x.shape[2], x.shape[3]
         blocks, row_ops = [], []
-        for pooled, branch, tap_conv, scale in zip(self.pooled(x), self.branches, self.tap_convs, self.scales):
-            z = tap_conv(branch(pooled))  # (N, (dy, dx, out), a, b)
+        for branch, tap_conv, scale in zip(self.branches, self.tap_convs, self.scales):
+            z = tap_conv(branch(adaptive_avg_pool_exact(x, scale)))  # (N, (dy, dx, out), a, b)
             n, o = z.shape[0], z.shape[1] // 9
             z = z.reshape(n, 3, 3, o, scale, scale).permute(0, 3, 1, 4, 2, 5).reshape(n, o, 3 * scale, 3 * scale)
             # (N, out, (dy, a), (dx, b)) times the shifted column operator: the w axis resized

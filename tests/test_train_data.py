@@ -3,6 +3,7 @@ paths, written out here, not derived from the manifest), and the batches of a ru
 whatever the number of processes, accumulation steps and loader workers, and after a resume."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
@@ -239,3 +240,54 @@ def test_missing_or_unusable_training_data_is_named(tmp_path):
     (voc / "ImageSets/Segmentation/train.txt").write_text("2007_000032\n")
     with pytest.raises(DatasetError, match="2007_000032.jpg listed in .*train.txt is missing"):
         training_items("voc12aug", voc)
+
+
+USER_DATASET = """
+datasets:
+  shapes:
+    title: Shapes
+    num_classes: 4
+    img_scale: [56, 40]
+    reduce_zero_label: false
+    train_images_per_gpu: 2
+    test: {mode: whole}
+    layout:
+      folders: ["", shapes]
+      train: [{images: images/train, labels: labels/train}, {images: images/extra, split: extra.txt}]
+      images: images/val
+      labels: labels/val
+      image_suffix: .png
+      label_suffix: _mask.png
+      split: val.txt
+    classes: [a, b, c, d]
+"""
+
+
+def test_a_user_dataset_declares_its_training_split(tmp_path):
+    manifest = tmp_path / "user.yml"
+    manifest.write_text(USER_DATASET)
+    folder = tmp_path / "shapes"
+    pairs = [("images/train/x.png", "labels/train/x_mask.png"), ("images/extra/y.png", "labels/val/y_mask.png")]
+    for seed, (image, label) in enumerate(pairs):
+        _write(folder, image, label, seed)
+    _write(folder, "images/extra/z.png", "labels/val/z_mask.png", 5)  # not in extra.txt
+    (folder / "extra.txt").write_text("y\n")
+    items = training_items("shapes", tmp_path, manifest=manifest)
+    assert [(str(i.image_path.relative_to(folder)), str(i.label_path.relative_to(folder))) for i in items] == pairs
+
+
+@pytest.mark.parametrize("train,field", [
+    ("{folders: [other]}", "layout.train[0].folders"),
+    ("[]", "layout.train"),
+    ("[{images: ../up}]", "layout.images"),
+    ("images/train", "layout.train"),
+])
+def test_a_bad_training_split_declaration_names_its_field(tmp_path, train, field):
+    from psp_zoo.errors import ManifestError
+    from psp_zoo.manifest import load_manifest
+
+    manifest = tmp_path / "user.yml"
+    manifest.write_text(USER_DATASET.replace(
+        "[{images: images/train, labels: labels/train}, {images: images/extra, split: extra.txt}]", train))
+    with pytest.raises(ManifestError, match=f"field '{re.escape(field)}'"):
+        load_manifest(manifest)

@@ -231,10 +231,6 @@ class TrainBatch:
     images: torch.Tensor  # N x 3 x h x w float32, normalized RGB
     labels: torch.Tensor  # N x h x w int64, 255 = ignore
 
-    def pin_memory(self) -> "TrainBatch":  # called by DataLoader(pin_memory=True)
-        self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
-        return self
-
 
 @dataclass
 class _Failure:

@@ -180,6 +180,18 @@ def test_the_global_batches_do_not_depend_on_processes_accumulation_or_workers(t
     assert not torch.equal(other[0][1], reference[0][1])
 
 
+def test_loading_leaves_the_global_random_states_alone(tmp_path):
+    """The model's own draws (dropout) must not depend on when or how often a loader starts."""
+    _cityscapes(tmp_path, 5)
+    data = _training_set(tmp_path, global_batch=2)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy()
+    for workers in (0, 1):
+        _run(data, stop=2, batch_per_rank=2, num_workers=workers)
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+
+
 def test_a_sample_is_its_file_transformed_with_its_own_key(tmp_path):
     _cityscapes(tmp_path, 5)
     data = _training_set(tmp_path, global_batch=2)

@@ -274,9 +274,13 @@ def train_loader(data: TrainingSet, *, start_iteration: int = 0, stop: Optional[
     sampler = IterationBatches(data.plan, start_iteration, world_size=world_size, rank=rank,
                                batch_per_rank=batch_per_rank, accumulation=accumulation, stop=stop)
     workers = default_num_workers() if num_workers is None else num_workers
+    # A private generator: by default a DataLoader draws its workers' base seed from torch's global
+    # RNG, which would shift the model's dropout draws whenever a loader starts (e.g. on resume).
+    private = torch.Generator().manual_seed(data.seed)
     loader = torch.utils.data.DataLoader(
         _Keyed(data), batch_sampler=sampler, num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
-        worker_init_fn=_quiet_worker if workers else None, prefetch_factor=2 if workers else None)
+        worker_init_fn=_quiet_worker if workers else None, prefetch_factor=2 if workers else None,
+        generator=private)
     for count, batch in enumerate(loader):
         if isinstance(batch, _Failure):
             raise DatasetError(batch.message)

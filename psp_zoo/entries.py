@@ -99,6 +99,8 @@ class Layout:
     split: Optional[str] = None  # one image name per line; None = every image under ``images``
     fallback_label_suffix: Optional[str] = None  # read when the label file is absent, mapped by label_map
     label_map: Optional[str] = None  # one of LABEL_MAPS
+    # The training split: one layout per part, read in this order (VOC + Aug: train.txt, then aug.txt).
+    train: Tuple["Layout", ...] = ()
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from .transforms import normalize_batch, resized_inputs, target_scales
 
 __all__ = [
     "SLIDE_BATCH_SIZE", "default_slide_batch", "model_device", "slide_windows", "whole_inference", "slide_inference", "mode_logits", "single_scale_probs",
-    "ms_flip_inference", "infer_probs", "predict_probs", "infer_labels", "predict_labels", "resized_rows",
+    "ms_flip_inference", "infer_probs", "predict_probs", "single_scale_labels", "infer_labels", "predict_labels", "resized_rows",
     "BAND_BYTES",
 ]
 
@@ -142,11 +142,13 @@ def _source_positions(in_size: int, out_size: int, align_corners: bool, fused: b
     into a fused multiply-add compute it (torch's CPU kernels on AVX2, CUDA); else rounded twice.
     """
     y = torch.arange(out_size, dtype=torch.float32, device=device)
+    # The scale is a 0-dim CPU tensor, which torch passes to a GPU kernel as a scalar: the same
+    # float32 rounding as a tensor on the device, without a copy to it for every image.
     if align_corners:
         if out_size == 1:
             return torch.zeros_like(y)
-        return torch.tensor(in_size - 1, dtype=torch.float32, device=device) / (out_size - 1) * y
-    scale = torch.tensor(in_size, dtype=torch.float32, device=device) / out_size
+        return torch.tensor(in_size - 1, dtype=torch.float32) / (out_size - 1) * y
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
     if fused:  # the product of two float32 is exact in float64: one rounding, as an FMA
         src = (scale.double() * (y + 0.5).double() - 0.5).float()
     else:
@@ -349,6 +351,14 @@ def infer_probs(model: Model, inputs: Sequence[torch.Tensor], ori_size: Sequence
 
 
 @torch.inference_mode()
+def single_scale_labels(model: Model, img: torch.Tensor, ori_size: Sequence[int], settings, *,
+                        batch_size: Optional[int] = None, band_bytes: Optional[int] = None) -> torch.Tensor:
+    """N x H x W class indices of an already normalized N x 3 x h x w batch on the model's device:
+    logits by the settings' mode, resized to ``ori_size``, softmax and argmax (in bands of rows)."""
+    return _labels_of_views(_scale_views(model, img, ori_size, settings, False, batch_size), ori_size, band_bytes)
+
+
+@torch.inference_mode()
 def infer_labels(model: Model, inputs: Sequence[torch.Tensor], ori_size: Sequence[int], settings,
                  ms_flip: bool, *, device=None, batch_size: Optional[int] = None,
                  band_bytes: Optional[int] = None) -> torch.Tensor:
@@ -362,8 +372,8 @@ def infer_labels(model: Model, inputs: Sequence[torch.Tensor], ori_size: Sequenc
     batches = _normalized(inputs, ms_flip, device)
     if ms_flip:
         return _ms_flip_labels(model, batches, ori_size, settings, batch_size, band_bytes)[0]
-    views = _scale_views(model, batches[0], ori_size, settings, False, batch_size)
-    return _labels_of_views(views, ori_size, band_bytes)[0]
+    return single_scale_labels(model, batches[0], ori_size, settings, batch_size=batch_size,
+                               band_bytes=band_bytes)[0]
 
 
 def predict_probs(model: Model, image_rgb: np.ndarray, settings, ms_flip: bool = False, *,

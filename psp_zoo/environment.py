@@ -18,7 +18,7 @@ from ._version import __version__
 from .errors import PspZooError
 
 __all__ = ["usable_device", "cpu_name", "cpu_flags", "environment_info", "float32_flags", "exact_float32",
-           "on_device"]
+           "exact_float32_flags", "on_device"]
 
 DeviceLike = Union[None, str, torch.device]
 
@@ -92,6 +92,12 @@ def exact_float32() -> Iterator[Dict[str, Any]]:
         if torch.backends.cuda.matmul.allow_tf32 != matmul:
             torch.backends.cuda.matmul.allow_tf32 = matmul
         torch.backends.cudnn.allow_tf32 = cudnn
+
+
+def exact_float32_flags() -> Dict[str, Any]:
+    """The flags :func:`exact_float32` puts in effect on this torch, as records state them."""
+    with exact_float32() as flags:
+        return flags
 
 
 def on_device(device: DeviceLike) -> contextlib.AbstractContextManager:

@@ -31,7 +31,7 @@ import torch
 
 from .datasets import Item, SegmentationDataset, list_items, make_loader
 from .distributed import Distributed
-from .environment import environment_info, exact_float32, on_device, usable_device
+from .environment import environment_info, exact_float32_flags, on_device, usable_device
 from .errors import PspZooError, ResultsError
 from .evaluation import recorded_settings
 from .factory import Resolved, resolve
@@ -156,12 +156,10 @@ class _CheckpointRun:
     def measure_settings(self) -> Dict[str, Any]:
         """How speed and memory were measured, beside the figures."""
         device = self.job.device
-        with exact_float32() as flags:
-            pass
         return {"published_precision": self.published.precision, "loss_scale": self.published.loss_scale,
                 "plain_precision": self.published.precision_on(device), "plain_windows_per_call": 1,
                 "prepared_windows_per_call": default_slide_batch(device), "timed_call": PROTOCOL_CALL,
-                "float32": flags, "training": "cudnn.benchmark on, one extra gradient-sized buffer for "
+                "float32": exact_float32_flags(), "training": "cudnn.benchmark on, one extra gradient-sized buffer for "
                                               "DDP's gradient buckets, BN in place of SyncBN"}
 
     def partial(self, pass_name: str) -> PartialState:

@@ -3,7 +3,6 @@ what happened (issue 15)."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import re
 from pathlib import Path
@@ -302,6 +301,16 @@ def test_show_prints_per_class_and_published_beside_reproduced(capsys, tmp_path)
     assert any(line.startswith("ms+flip") and line.endswith("published mIoU 79.18") for line in lines), out
 
 
+def test_show_of_a_limited_run_says_how_many_images_and_not_comparable(capsys, tmp_path):
+    path = write_result(make_record(limit=10, count=10), tmp_path / "r.json")
+    code, out, _ = run_cli(capsys, "show", path)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("pspnet_r50-d8_512x1024_40k_cityscapes on cityscapes "
+                                             "(10 of 500 images (--limit), ")
+    assert lines[-1] == ("(only 10 of 500 images (--limit) were scored; the published mIoU is over all 500, "
+                         "so the two are not comparable)")
+
+
 def test_show_a_checkpoint_outside_the_manifest_and_a_bad_file(capsys, tmp_path):
     path = write_result(make_record(name="private_model", ms_flip=None), tmp_path / "p.json")
     code, out, _ = run_cli(capsys, "show", path)
@@ -311,26 +320,6 @@ def test_show_a_checkpoint_outside_the_manifest_and_a_bad_file(capsys, tmp_path)
     bad.write_text("{")
     code, _, err = run_cli(capsys, "show", bad)
     assert code == 2 and str(bad) in one_line(err)
-
-
-# --------------------------------------------------------------------------------------------
-# evaluate --onnx
-
-
-def test_evaluate_passes_onnx_through(monkeypatch, capsys, tmp_path):
-    pytest.importorskip("onnxruntime")
-    from psp_zoo import evaluation
-
-    if "onnx" not in inspect.signature(evaluation.evaluate).parameters:
-        pytest.skip("psp_zoo.evaluation.evaluate has no onnx keyword yet")
-    seen = {}
-
-    def fake_evaluate(name, data_root, **kwargs):  # records what the CLI passes; scoring is tested elsewhere
-        seen.update(kwargs)
-        return make_record()
-    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
-    code, out, _ = run_cli(capsys, "evaluate", "x", "--data-root", tmp_path, "--onnx", tmp_path / "m.onnx")
-    assert code == 0 and seen["onnx"] == str(tmp_path / "m.onnx") and "mIoU 77.80" in out
 
 
 def test_selftest_refuses_a_port_out_of_range_before_any_step(capsys):

@@ -20,6 +20,7 @@ speed and memory and writes the results file. Integer counts make the sum exact.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -159,8 +160,9 @@ class _CheckpointRun:
         return {"published_precision": self.published.precision, "loss_scale": self.published.loss_scale,
                 "plain_precision": self.published.precision_on(device), "plain_windows_per_call": 1,
                 "prepared_windows_per_call": default_slide_batch(device), "timed_call": PROTOCOL_CALL,
-                "float32": exact_float32_flags(), "training": "cudnn.benchmark on, one extra gradient-sized buffer for "
-                                              "DDP's gradient buckets, BN in place of SyncBN"}
+                "float32": exact_float32_flags(),
+                "training": "cudnn.benchmark on, one extra gradient-sized buffer for DDP's gradient buckets, "
+                            "BN in place of SyncBN"}
 
     def partial(self, pass_name: str) -> PartialState:
         job = self.job
@@ -265,11 +267,13 @@ class _CheckpointRun:
             for step in sorted(steps, key=STEPS.index):
                 try:
                     measured.update(self.measure_step(step))
+                    continue
                 except Exception as exc:  # noqa: BLE001 - recorded; the scores and other figures are kept
                     failed[step] = _describe(exc)
-                    log.error("%s: measuring %s failed: %s", self.entry.name, step, failed[step])
-                    if self.job.device.type == "cuda":
-                        torch.cuda.empty_cache()
+                log.error("%s: measuring %s failed: %s", self.entry.name, step, failed[step])
+                if self.job.device.type == "cuda":  # outside the except: its traceback held the tensors
+                    gc.collect()
+                    torch.cuda.empty_cache()
         return measured, failed
 
     def run(self, previous: Optional[ResultRecord]) -> ResultRecord:

@@ -39,17 +39,15 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from .errors import DownloadError
-from .manifest import MANIFEST_ENV, Checkpoint, get_checkpoint
+from .errors import DownloadError, PspZooError
+from .constants import HOME_ENV, MANIFEST_ENV, MIRROR_ENV, OFFLINE_ENV, env_flag, env_text
+from .manifest import Checkpoint, get_checkpoint
 
 __all__ = ["download", "fetch_file", "cache_dir", "cached_path", "cache_state", "is_cached", "resolve_url",
            "forget_failed_hosts"]
 
 log = logging.getLogger(__name__)
 
-HOME_ENV = "PSP_ZOO_HOME"
-MIRROR_ENV = "PSP_ZOO_MIRROR"
-OFFLINE_ENV = "PSP_ZOO_OFFLINE"
 OPENMMLAB_PREFIX = "https://download.openmmlab.com/"
 HOUSEKEEPING = ".psp-zoo"
 
@@ -120,19 +118,19 @@ class _KnownDown(_HostDown):
 
 def cache_dir(path: CacheDir = None) -> Path:
     """The checkpoint cache: ``path``, else ``$PSP_ZOO_HOME``, else ``torch.hub.get_dir()/checkpoints``."""
-    return _cache_root(path)
-
-
-def _cache_root(path: CacheDir) -> Path:
     # torch.hub and mmseg (via mmengine) save published files here under the same hashed names
     if path is None:
-        path = os.environ.get(HOME_ENV) or _torch_hub_dir() / "checkpoints"
+        path = env_text(HOME_ENV) or _torch_hub_dir() / "checkpoints"
     return Path(path).expanduser()
+
+
+# inside the functions below, ``cache_dir`` is their keyword argument (the folder the caller chose)
+_cache_root = cache_dir
 
 
 def resolve_url(url: str, mirror: Optional[str] = None) -> str:
     """``url`` with the OpenMMLab download host replaced by ``mirror`` (or ``$PSP_ZOO_MIRROR``)."""
-    mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV)
+    mirror = mirror if mirror is not None else env_text(MIRROR_ENV)
     if mirror and url.startswith(OPENMMLAB_PREFIX):
         return mirror.rstrip("/") + "/" + url[len(OPENMMLAB_PREFIX):]
     return url
@@ -244,7 +242,7 @@ def download(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, mirror: Opti
     final = _cache_root(cache_dir) / target.filename
     if final.is_file() and _marker_matches(final, target):
         return final  # the common case: no lock, no hashing
-    offline = _env_flag(OFFLINE_ENV) if offline is None else offline
+    offline = _offline_from_env() if offline is None else offline
     if offline:
         return _from_cache_only(final, target)
     _make_dirs(final)
@@ -259,9 +257,6 @@ def download(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, mirror: Opti
     return final
 
 
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
-
-
 def _torch_hub_dir() -> Path:
     """torch.hub.get_dir() without importing torch (``list`` and ``info`` start without it):
     ``$TORCH_HOME/hub``, else ``$XDG_CACHE_HOME/torch/hub``, else ``~/.cache/torch/hub``. A
@@ -273,13 +268,11 @@ def _torch_hub_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
-def _env_flag(name: str) -> bool:
-    """An on/off environment variable; anything but the usual spellings is an error, not "off"."""
-    value = os.environ.get(name, "").strip().lower()
-    if value not in _TRUE + _FALSE:
-        raise DownloadError(f"{name}={os.environ[name]!r} is neither on (1, true, yes, on) nor off "
-                            f"(0, false, no, off, empty); set it to one of those")
-    return value in _TRUE
+def _offline_from_env() -> bool:
+    try:
+        return env_flag(OFFLINE_ENV)
+    except PspZooError as exc:
+        raise DownloadError(str(exc)) from None
 
 
 def _from_cache_only(final: Path, target: _Target) -> Path:
@@ -623,7 +616,7 @@ def fetch_file(url: str, final: Union[str, Path], *, mirror: Optional[str] = Non
     final = Path(final)
     if final.is_file():
         return final
-    if _env_flag(OFFLINE_ENV) if offline is None else offline:
+    if _offline_from_env() if offline is None else offline:
         raise DownloadError(f"offline: {final.name} is not in the cache (looked for {final}); fetch it "
                             f"while online, or copy the file there")
     _make_dirs(final)

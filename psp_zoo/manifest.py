@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import yaml
 
+from .backbones import BACKBONE_FORMS, head_channels, parse_backbone
+from .constants import MANIFEST_ENV, env_paths
 from .errors import ManifestError, PspZooError, UnknownModelError
 
 __all__ = [
@@ -41,7 +43,6 @@ __all__ = [
     "list_models",
 ]
 
-MANIFEST_ENV = "PSP_ZOO_MANIFEST"
 BUILTIN_MANIFEST = Path(__file__).with_name("model_index.yml")
 CLASSES_FILE = Path(__file__).with_name("data") / "dataset_classes.json"
 
@@ -66,11 +67,7 @@ ENTRY_EITHER = (("backbone", "depth"),)
 ENTRY_OPTIONAL = ("hash", "sha256", "aliases", "log", "test", "model", "published_on")
 # Results-table backbone names: R-<depth>[b]-D<output stride>[ rsb] ('b': ResNetV1b stem; 'rsb': the
 # ResNet-strikes-back pretraining, which does not change the network).
-_BACKBONE_RE = re.compile(r"R-(?P<depth>18|50|101)(?P<v1b>b?)-D(?P<stride>8|32)(?: rsb)?")
-_BACKBONE_FORMS = "'R-<depth>[b]-D<stride>[ rsb]', depth 18, 50 or 101, stride 8 or 32, e.g. 'R-50b-D8 rsb'"
 # Head widths (decode head channels, auxiliary head channels) of the published configs.
-HEAD_CHANNELS = {18: (128, 64)}
-DEFAULT_HEAD_CHANNELS = (512, 256)
 DATASET_REQUIRED = ("title", "num_classes", "img_scale", "reduce_zero_label", "train_images_per_gpu",
                     "test", "layout")
 DATASET_OPTIONAL = ("ignore_index", "classes", "palette")
@@ -280,7 +277,7 @@ class Checkpoint:
 
     def model_kwargs(self) -> dict:
         """Keyword arguments for :class:`psp_zoo.PSPNet` that build this checkpoint's network."""
-        channels, aux_channels = HEAD_CHANNELS.get(self.depth, DEFAULT_HEAD_CHANNELS)
+        channels, aux_channels = head_channels(self.depth)
         kwargs = {
             "depth": self.depth,
             "deep_stem": self.deep_stem,
@@ -543,13 +540,12 @@ def _parse_backbone(where: _Where, raw: Mapping) -> Tuple[str, dict]:
             where.fail("backbone", "missing: give the results table's backbone, e.g. 'R-50-D8' (or the depth "
                                    "of an R-<depth>-D8 network)")
         backbone = f"R-{depth}-D8"
-    match = _BACKBONE_RE.fullmatch(backbone) if isinstance(backbone, str) else None
-    if match is None:
-        where.fail("backbone", f"expected {_BACKBONE_FORMS}, got {backbone!r}")
-    if depth is not None and depth != int(match["depth"]):
+    net = parse_backbone(backbone) if isinstance(backbone, str) and backbone == backbone.strip() else None
+    if net is None:
+        where.fail("backbone", f"expected {BACKBONE_FORMS}, got {backbone!r}")
+    if depth is not None and depth != net["depth"]:
         where.fail("depth", f"{depth} contradicts backbone {backbone!r}; give one or make them agree")
-    return backbone, {"depth": int(match["depth"]), "deep_stem": not match["v1b"],
-                      "output_stride": int(match["stride"])}
+    return backbone, net
 
 
 def _parse_arch(where: _Where, raw: Mapping) -> dict:
@@ -789,7 +785,7 @@ _CACHE: dict = {}
 
 def _user_manifest_paths(manifest: Union[None, str, Path, Sequence]) -> Tuple[str, ...]:
     if manifest is None:
-        manifest = os.environ.get(MANIFEST_ENV) or ()
+        manifest = env_paths(MANIFEST_ENV)
     if isinstance(manifest, (str, Path)):
         manifest = [p for p in str(manifest).split(os.pathsep) if p]
     return tuple(str(Path(p).expanduser()) for p in manifest)

@@ -14,6 +14,7 @@ from PIL import Image
 
 import psp_zoo.cli as cli
 from psp_zoo.cli import build_parser, main
+from psp_zoo.errors import PspZooError
 from psp_zoo.records import write_result
 from psp_zoo.testing import manifest_entry, write_manifest
 
@@ -99,6 +100,7 @@ def test_ms_flip_cost_is_the_measured_one():
     (["selftest", "--port", "99999"], "psp-zoo selftest: error: argument --port: expected a port number"),
     (["list", "--format", "xml"], "psp-zoo list: error: argument --format: invalid choice"),
     (["nonsense"], "psp-zoo: error: argument COMMAND: invalid choice"),
+    (["list", "--datset", "x"], "psp-zoo list: error: unrecognized arguments: --datset x"),
     ([], "psp-zoo: error: the following arguments are required: COMMAND"),
 ])
 def test_a_command_line_mistake_is_one_line_and_exit_2(capsys, argv, where):
@@ -330,3 +332,41 @@ def test_selftest_refuses_a_port_out_of_range_before_any_step(capsys):
         with pytest.raises(PspZooError, match="port must be a whole number from 0 to 65535"):
             run_selftest(port=port)
     assert capsys.readouterr().out == ""
+
+
+# --------------------------------------------------------------------------------------------
+# refused before any work
+
+
+@pytest.mark.parametrize("command", sorted(FETCHING))
+def test_a_bad_offline_setting_is_refused_by_every_command_that_reads_it(command, capsys, monkeypatch, tmp_path):
+    image = tmp_path / "pic.png"
+    cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+    argv = {"get": ["get", NAME], "info": ["info", NAME], "logs": ["logs", NAME],
+            "evaluate": ["evaluate", NAME, "--data-root", tmp_path], "predict": ["predict", NAME, image],
+            "reproduce": ["reproduce", "--dataset", "cityscapes", "--data-root", tmp_path],
+            "export": ["export", NAME, "--out", tmp_path / "m.onnx", "--format", "torchscript"]}[command]
+    monkeypatch.setenv("PSP_ZOO_OFFLINE", "maybe")
+    code, out, err = run_cli(capsys, *argv, "--cache-dir", tmp_path / "cache")
+    assert code == 2 and out == ""
+    assert one_line(err).startswith(f"psp-zoo {command}: error: PSP_ZOO_OFFLINE='maybe' is neither on")
+
+
+def test_export_refuses_an_opset_before_downloading_anything(capsys, hub_server, hub_manifest, tmp_path):
+    code, _, err = run_cli(capsys, "export", "tiny_r50", "--opset", "22", "--out", tmp_path / "m.onnx",
+                           "--manifest", hub_manifest, "--cache-dir", tmp_path / "cache")
+    assert code == 2 and "opset must be a whole number from 11 to 21, got 22" in one_line(err)
+    assert hub_server.log == [] and not (tmp_path / "cache").exists()
+
+
+def test_speed_images_below_what_the_library_takes_is_a_usage_error(capsys, tmp_path):
+    from psp_zoo.constants import MIN_SPEED_IMAGES
+    from psp_zoo.reproduction import ReproduceOptions
+
+    with pytest.raises(SystemExit) as stop:
+        main(["reproduce", "--dataset", "cityscapes", "--data-root", str(tmp_path), "--speed-images", "1"])
+    assert stop.value.code == 2
+    assert "argument --speed-images: expected a whole number >= 2, got '1'" in one_line(capsys.readouterr().err)
+    with pytest.raises(PspZooError, match="speed_images must be a whole number >= 2"):
+        ReproduceOptions(speed_images=MIN_SPEED_IMAGES - 1).check()
+    ReproduceOptions(speed_images=MIN_SPEED_IMAGES, speed_warmup=1).check()  # the least both accept

@@ -412,13 +412,13 @@ def select_device(name: Optional[str]) -> torch.device:
     """The device to benchmark, made the current one before anything else touches CUDA: streams,
     pinned memory, cuDNN handles and the caching allocator otherwise start on GPU 0."""
     device = torch.device(name) if name else None
-    if device is not None and device.type == "cuda":
-        torch.cuda.set_device(device)
-        return device
     if device is None and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    return device or torch.device("cpu")
+        device = torch.device("cuda")
+    if device is None or device.type != "cuda":
+        return device or torch.device("cpu")
+    device = torch.device("cuda", 0 if device.index is None else device.index)  # 'cuda': the first, as at start
+    torch.cuda.set_device(device)
+    return device
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -123,12 +123,12 @@ def show_text(record: ResultRecord, manifest: ManifestArg = None) -> str:
     for label, metrics in passes:
         lines.append(f"{label:<13} aAcc {_number(metrics.aacc)}  mIoU {_number(metrics.miou)}  "
                      f"mAcc {_number(metrics.macc)}  published mIoU {_number(published.get(label))}")
+    lines += _figure_lines(record, published)
     if not published:
         lines.append(f"(no published numbers: {record.checkpoint} is not in the manifest)")
     elif record.images.limited:
         lines.append(f"(only {images_text(record)} were scored; the published mIoU is over all "
                      f"{record.images.available}, so the two are not comparable)")
-    lines += _figure_lines(record, published)
     return "\n".join(lines) + "\n"
 
 

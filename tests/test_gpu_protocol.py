@@ -192,6 +192,10 @@ def test_speed_benchmark_sets_its_device_before_anything_touches_cuda(monkeypatc
     with pytest.raises(_Stop):
         speed.main(["--device", "cuda:1", "--tiny", "--threads", "1"])
     assert touched == [("set_device", torch.device("cuda:1"))]
+    touched.clear()
+    with pytest.raises(_Stop):  # 'cuda' names a device too: set_device needs its index
+        speed.main(["--device", "cuda", "--tiny"])
+    assert touched == [("set_device", torch.device("cuda:0"))]
 
 
 def test_speed_benchmark_synchronizes_the_device_it_times(monkeypatch):

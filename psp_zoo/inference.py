@@ -175,16 +175,29 @@ def _row_weights(in_size: int, out_size: int, align_corners: bool, device) -> Tu
     parity = torch.arange(in_size, device=device) % 2
     probe = torch.stack([parity == 0, parity == 1]).float().view(1, 2, in_size, 1)
     seen = F.interpolate(probe, size=(out_size, 1), mode="bilinear", align_corners=align_corners)[0, :, :, 0]
-    best, best_misses = None, None
-    for fused in (True, False):
-        i0, i1, w0, w1 = weights = _weights_from(_source_positions(in_size, out_size, align_corners, fused,
-                                                                   device), in_size)
+    fused, unfused = (_weights_from(_source_positions(in_size, out_size, align_corners, rounding, device), in_size)
+                      for rounding in (True, False))
+
+    def misses(weights: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+        i0, i1, w0, w1 = weights
         even = i0 % 2 == 0
         expected = torch.stack([torch.where(even, w0, w1), torch.where(even, w1, w0)])
-        misses = int(((expected != seen).any(dim=0) & (i1 != i0)).sum())  # an edge row sums its weights
-        if best is None or misses < best_misses:
-            best, best_misses = weights, misses
-    return best
+        return ((expected != seen).any(dim=0) & (i1 != i0)).sum()  # an edge row sums its weights
+    # chosen on the device, never read back: a GPU is not waited for on every image
+    take_fused = misses(fused) <= misses(unfused)
+    return tuple(torch.where(take_fused, a, b) for a, b in zip(fused, unfused))
+
+
+def _source_rows(in_size: int, out_size: int, align_corners: bool, rows: Tuple[int, int]) -> Tuple[int, int]:
+    """The source rows ``lo:hi`` that output rows ``rows`` sample under either rounding of
+    ``_source_positions``, computed on the CPU so that no device tensor is read back. Rows that
+    only the other rounding samples get zero weight."""
+    r0, r1 = rows
+    if in_size == out_size:
+        return r0, r1
+    bounds = [_weights_from(_source_positions(in_size, out_size, align_corners, fused, "cpu"), in_size)
+              for fused in (True, False)]
+    return min(int(i0[r0]) for i0, *_ in bounds), max(int(i1[r1 - 1]) for _, i1, *_ in bounds) + 1
 
 
 def resized_rows(logits: torch.Tensor, size: Sequence[int], align_corners: bool, rows: Tuple[int, int],
@@ -199,7 +212,7 @@ def resized_rows(logits: torch.Tensor, size: Sequence[int], align_corners: bool,
         return _resize(logits, size, align_corners)
     i0, i1, w0, w1 = (t[r0:r1] for t in (weights or _row_weights(logits.shape[2], height, align_corners,
                                                                   logits.device)))
-    lo, hi = int(i0[0]), int(i1[-1]) + 1
+    lo, hi = _source_rows(logits.shape[2], height, align_corners, (r0, r1))
     source = logits[:, :, lo:hi].contiguous()
     # Width first and then height, as torch's kernel does; an unchanged height is an exact copy.
     wide = F.interpolate(source, size=(hi - lo, width), mode="bilinear", align_corners=align_corners)

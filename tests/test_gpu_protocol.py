@@ -241,6 +241,22 @@ def test_resize_weights_create_no_tensors_on_the_device(monkeypatch):
     assert made and all(device is None for device in made)  # 0-dim CPU scalars only
 
 
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_the_timed_steps_never_read_the_device_back(mode):
+    """On the meta device any read back to the host (``.item()``, ``int()``, a boolean selection)
+    raises: normalization, the model, the banded resize + softmax + argmax and the confusion-matrix
+    update run there end to end, so on a GPU nothing inside a timed call waits for it to finish."""
+    from psp_zoo.inference import single_scale_labels
+    from psp_zoo.transforms import normalize_batch
+
+    model = PSPNet(**tiny_info("r50")["config"]).eval().to("meta")
+    settings = EvalSettings(mode=mode, img_scale=(96, 64), crop_size=(48, 48), stride=(32, 32), align_corners=False)
+    image = normalize_batch(torch.empty(1, 3, 64, 96, dtype=torch.uint8, device="meta"))
+    labels = single_scale_labels(model, image, (70, 100), settings, batch_size=1, band_bytes=4096)  # several bands
+    metric = ConfusionMatrix(5, device="meta").update(labels, torch.empty(1, 70, 100, dtype=torch.long, device="meta"))
+    assert labels.shape == (1, 70, 100) and metric.matrix.shape == (6, 5)
+
+
 def test_confusion_matrix_update_reads_nothing_back(monkeypatch):
     pred, label = torch.tensor([0, 1, 2, 2, 1]), torch.tensor([0, 1, 1, 255, 7])
     expected = ConfusionMatrix(3).update(pred, label).matrix.clone()

@@ -1,5 +1,5 @@
-"""Speed and memory, measured the way the published table measured them (REFERENCE.md,
-"Speed and memory as published"; mmseg 0.x ``tools/benchmark.py``).
+"""Speed and memory, measured the way the published table measured them (docs/reference.md,
+"Speed and memory as published"; mmseg 0.x ``tools/benchmark.py``; docs/performance.md).
 
 - fps: batch 1, the first ``warmup`` calls untimed, then ``fps = timed calls / summed call time``;
   only the model call is timed, with ``torch.cuda.synchronize()`` before and after each call,
@@ -15,13 +15,16 @@
   (ignore_index 255), ``cudnn.benchmark`` on (its workspaces counted, as in the published runs),
   one more gradient-sized buffer standing for DDP's gradient buckets, and the fp16 row in fp16
   autocast with its static loss scale on CUDA; peak allocated on top of what was allocated
-  before. On CPU: the peak RSS increase, in fp32. GB are 2**30 bytes, as mmseg divides its MB
-  (2**20) log figure by 1024.
+  before. On CPU: the peak RSS increase of a fresh process running the steps, in fp32. GB are
+  2**30 bytes, as mmseg divides its MB (2**20) log figure by 1024.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import os
+import subprocess
 import resource
 import sys
 import time
@@ -276,23 +279,72 @@ def training_memory(model_kwargs: Mapping[str, Any], crop_size: Sequence[int], i
     their ``max_memory_allocated``). ``ddp_buckets``: the published runs used DDP, whose gradient
     buckets hold one more copy of the gradients; one buffer of that size stands for them.
     ``published``: the fp16 row trains in fp16 autocast with its static loss scale on CUDA.
+    On CUDA the allocator counts the bytes; on the CPU the steps run in a fresh process, whose
+    allocator holds nothing yet, so the peak RSS increase is what the steps needed (in this
+    process, memory freed by earlier work would be reused and the increase could read as zero).
     """
     device = torch.device(device)
+    where = "above the memory in use before"
+    if device.type == "cpu":
+        used, exact = _in_fresh_process(dict(model_kwargs), list(crop_size), images_per_gpu, steps, seed, ddp_buckets)
+        where = "in a fresh process, " + where
+    else:
+        used, exact = _training_peak(model_kwargs, crop_size, images_per_gpu, device, steps, seed,
+                                     precision=published.precision_on(device), loss_scale=published.loss_scale,
+                                     ddp_buckets=ddp_buckets)
     height, width = crop_size
-    precision = published.precision_on(device)
+    buckets = "one gradient-sized buffer for DDP's gradient buckets" if ddp_buckets else "no DDP buckets"
+    detail = (f"training, {steps} SGD step(s) at {height}x{width}, {images_per_gpu} image(s) per device, "
+              f"BN in place of SyncBN, {buckets}, cudnn.benchmark on, {published.describe(device)}, {where}")
+    if not exact:
+        detail += " (peak could not be reset: process lifetime peak)"
+    return MemoryUse(gb=used / GB, kind="cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS",
+                     detail=detail)
+
+
+def _in_fresh_process(model_kwargs: dict, crop_size: list, images_per_gpu: int, steps: int,
+                      seed: int, ddp_buckets: bool = True) -> Tuple[int, bool]:
+    """:func:`_training_peak` on the CPU (fp32) in a new Python process (not a fork: that would share this heap)."""
+    job = json.dumps({"model_kwargs": model_kwargs, "crop_size": crop_size, "images_per_gpu": images_per_gpu,
+                      "steps": steps, "seed": seed, "threads": torch.get_num_threads(), "ddp_buckets": ddp_buckets})
+    package_root = str(Path(__file__).resolve().parents[1])  # this psp_zoo, whatever sys.path the child gets
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", "from psp_zoo.measure import _training_peak_main; "
+                           "_training_peak_main()"], input=job, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PspZooError(f"the training-memory step failed in its own process ({last}); skip it with "
+                          f"train_memory=False", cli_hint="--no-train-mem")
+    used, exact = json.loads(done.stdout.strip().splitlines()[-1])
+    return int(used), bool(exact)
+
+
+def _training_peak_main() -> None:
+    """The fresh process's side: a job as JSON on stdin, ``[bytes, exact]`` on stdout."""
+    job = json.loads(sys.stdin.read())
+    print(json.dumps(list(_training_peak(job["model_kwargs"], job["crop_size"], job["images_per_gpu"], "cpu",
+                                         job["steps"], job["seed"], job["threads"],
+                                         ddp_buckets=job.get("ddp_buckets", True)))))
+
+
+def _training_peak(model_kwargs: Mapping[str, Any], crop_size: Sequence[int], images_per_gpu: int,
+                   device: DeviceLike, steps: int, seed: int, threads: Optional[int] = None, *,
+                   precision: str = "fp32", loss_scale: Optional[float] = None,
+                   ddp_buckets: bool = True) -> Tuple[int, bool]:
+    """(peak bytes above the memory in use before, whether the peak was reset) of the training
+    steps, with ``cudnn.benchmark`` on and no TF32 (restored afterwards)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
     previous = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
         with exact_float32(), PeakMemory(device, above_baseline=True) as peak:
             _train_steps(PSPNet(**model_kwargs).to(device).train(), _random_batch(
-                model_kwargs, crop_size, images_per_gpu, device, seed), steps, precision,
-                published.loss_scale, ddp_buckets)
+                model_kwargs, crop_size, images_per_gpu, device, seed), steps, precision, loss_scale, ddp_buckets)
     finally:
         torch.backends.cudnn.benchmark = previous
-    buckets = ", one gradient-sized buffer for DDP's gradient buckets" if ddp_buckets else ", no DDP buckets"
-    return peak.use(f"training, {steps} SGD step(s) at {height}x{width}, {images_per_gpu} image(s) "
-                    f"per device, BN in place of SyncBN{buckets}, cudnn.benchmark on, "
-                    f"{published.describe(device)}, above the memory in use before")
+    return peak.bytes, peak.exact
 
 
 def _random_batch(model_kwargs: Mapping[str, Any], crop_size: Sequence[int], images_per_gpu: int,

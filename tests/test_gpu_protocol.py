@@ -16,11 +16,11 @@ from psp_zoo import PSPNet
 from psp_zoo.environment import exact_float32, float32_flags
 from psp_zoo.errors import PspZooError
 from psp_zoo.manifest import EvalSettings, get_checkpoint
-from psp_zoo.measure import PublishedRun, _train_steps, measure_fps, protocol_call, training_memory
+from psp_zoo.measure import PublishedRun, _train_steps, _training_peak, measure_fps, protocol_call, training_memory
 from psp_zoo.metrics import ConfusionMatrix, count_cells
 from psp_zoo.options import SpeedOptions
 
-from conftest import REPO, tiny_info, tiny_model
+from helpers import REPO, tiny_info, tiny_model
 
 EXACT = {"cuda_matmul_allow_tf32": False, "cudnn_allow_tf32": False, "float32_matmul_precision": "highest"}
 
@@ -117,13 +117,16 @@ def test_training_memory_runs_with_cudnn_benchmark_and_without_tf32(monkeypatch,
 
     seen = []
     monkeypatch.setattr(measure, "_train_steps", lambda *args: seen.append(
-        (torch.backends.cudnn.benchmark, float32_flags(), args[3:])))
+        (torch.backends.cudnn.benchmark, float32_flags(), args[2:])))
     torch.backends.cudnn.benchmark = False
-    use = training_memory(dict(tiny_info("r50")["config"]), (32, 32), 2, "cpu",
-                          published=PublishedRun("fp16", 512.0))
-    assert seen == [(True, EXACT, ("fp32", 512.0, True))]  # the CPU trains in fp32; DDP buckets on
+    _training_peak(dict(tiny_info("r50")["config"]), (32, 32), 2, "cpu", 2, 0, precision="fp16", loss_scale=512.0)
+    assert seen == [(True, EXACT, (2, "fp16", 512.0, True))]  # DDP buckets on by default
     assert torch.backends.cudnn.benchmark is False and float32_flags() == tf32_on
-    assert "DDP's gradient buckets" in use.detail and "cudnn.benchmark on" in use.detail
+
+
+def test_the_fp16_rows_training_memory_says_what_was_done_on_the_cpu():
+    use = training_memory(dict(tiny_info("r50")["config"]), (32, 32), 2, "cpu", published=PublishedRun("fp16", 512.0))
+    assert use.gb > 0 and "DDP's gradient buckets" in use.detail and "cudnn.benchmark on" in use.detail
     assert "published in fp16 (training: static loss scale 512); measured in fp32 on the CPU" in use.detail
 
 

@@ -144,6 +144,7 @@ class DatasetTable:
     frame: pd.DataFrame
     environments: Dict[str, str] = field(default_factory=dict)  # "[1]" -> description
     failures: List[str] = field(default_factory=list)
+    not_measured: List[str] = field(default_factory=list)  # figures of complete rows whose step failed
 
     titles: Dict[str, str] = field(default_factory=dict)  # dataset key -> section title, for training sets
 
@@ -192,8 +193,8 @@ def _table(manifest: Manifest, dataset: str, records: Sequence[ResultRecord]) ->
         table.environments[label] = _environment_text(by_environment[key])
     for record in records:
         for step, error in (record.failed_steps.items() if record.status == "complete" else ()):
-            table.failures.append(f"{record.checkpoint} {labels[_environment_key(record)]}: measuring "
-                                  f"{step.replace('_', ' ')} failed: {error}")
+            table.not_measured.append(f"{record.checkpoint} {labels[_environment_key(record)]}: "
+                                      f"{step.replace('_', ' ')} failed: {error}")
     rows = []
     for ckpt in (c for c in manifest if dataset in c.datasets):
         mine = sorted((r for r in records if r.checkpoint == ckpt.name and r.status == "complete"
@@ -302,6 +303,8 @@ def _markdown(tables: Sequence[DatasetTable]) -> str:
             parts.append("\n".join(f"- {note}" for note in notes))
         if table.failures:
             parts.append("\n".join(f"- not reproduced: {failure}" for failure in table.failures))
+        if table.not_measured:
+            parts.append("\n".join(f"- not measured: {missing}" for missing in table.not_measured))
         sections.append("\n\n".join(parts))
     return "\n\n".join(sections) + "\n"
 
@@ -318,7 +321,8 @@ def _json(tables: Sequence[DatasetTable]) -> str:
                 for r in records]
 
     payload = [{"dataset": t.dataset, "title": t.title, "rows": clean(t.frame),
-                "environments": t.environments, "failures": t.failures} for t in tables]
+                "environments": t.environments, "failures": t.failures, "not_measured": t.not_measured}
+               for t in tables]
     return json.dumps({"tables": payload}, indent=1) + "\n"
 
 

@@ -370,7 +370,7 @@ def test_an_error_while_measuring_keeps_the_scores(capsys, monkeypatch, setup, t
     code, tables, _ = _cli(capsys, "tables", "--results", results, "--manifest", setup["manifest"])
     row = next(line for line in tables.splitlines() if line.startswith("| PSPNet [1]"))
     assert code == 0 and f"1.50 / {record.miou:.2f}" in row and "| - / failed |" in row  # Mem failed, scores shown
-    assert "tiny_r50 [1]: measuring training memory failed: RuntimeError: CUDA out of memory" in tables
+    assert "- not measured: tiny_r50 [1]: training memory failed: RuntimeError: CUDA out of memory" in tables
     code, shown, _ = _cli(capsys, "show", results / "tiny_r50" / CPU_FILE, "--manifest", setup["manifest"])
     assert code == 0 and "training memory" in shown and "failed" in shown
 

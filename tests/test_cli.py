@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 import cv2
@@ -142,6 +143,8 @@ def test_ctrl_c_during_a_lazy_import_is_interrupted(capsys, monkeypatch):
             raise KeyboardInterrupt
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", slow_import)
+    for name in ("tabulate", "psp_zoo.reports"):  # imported afresh, whatever earlier tests imported
+        monkeypatch.delitem(sys.modules, name, raising=False)
     code, _, err = run_cli(capsys, "list")
     assert code == 130 and one_line(err) == "psp-zoo list: interrupted"
 

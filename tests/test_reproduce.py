@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -152,8 +153,9 @@ def test_reproduce_records_everything_and_tables_show_both_columns(capsys, setup
     assert "not reproduced: tiny_r101 failed" in tables
 
 
-def test_a_rerun_skips_finished_checkpoints_and_retries_failed_ones(capsys, setup, first_run):
-    results = first_run[3]
+def test_a_rerun_skips_finished_checkpoints_and_retries_failed_ones(capsys, setup, first_run, tmp_path):
+    results = tmp_path / "results"  # a copy: other tests read the first run's files as it wrote them
+    shutil.copytree(first_run[3], results)
     record = read_result(results / "tiny_r50" / CPU_FILE)
     setup["server"].script("r101", "404")
     requests_before = len(setup["server"].log)

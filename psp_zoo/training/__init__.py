@@ -1,0 +1,1 @@
+"""Training PSPNet as the published checkpoints were trained: recipe, data pipeline, trainer, loop, logs."""

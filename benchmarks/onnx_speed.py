@@ -29,7 +29,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from speed import environment, parse_size, random_image, random_model, timed  # noqa: E402
 
-from psp_zoo.export import OnnxModel, compare_outputs, export_onnx, onnx_backend_info  # noqa: E402
+from psp_zoo.deploy.export import export_onnx  # noqa: E402
+from psp_zoo.deploy.runtime import OnnxModel, onnx_backend_info  # noqa: E402
+from psp_zoo.deploy.verify import compare_outputs  # noqa: E402
 from psp_zoo.optimization import optimize  # noqa: E402
 from psp_zoo.files import atomic_write  # noqa: E402
 

@@ -33,7 +33,7 @@ _API: Dict[str, str] = {
     "write_result": "records",
     "evaluate": "evaluation", "reproduce": "reproduction",
     "predict": "prediction", "Predictor": "prediction",
-    "export_onnx": "export", "verify_onnx": "export", "OnnxModel": "export",
+    "export_onnx": "deploy.export", "verify_onnx": "deploy.verify", "OnnxModel": "deploy.runtime",
 }
 
 __all__: List[str] = ["__version__", *_API]

@@ -16,7 +16,7 @@ import torch
 from .datasets import SegmentationDataset, list_items
 from .environment import environment_info
 from .errors import PspZooError
-from .export import OnnxModel, onnx_backend_info
+from .deploy.runtime import OnnxModel, onnx_backend_info
 from .factory import Resolved, resolve
 from .optimization import optimize
 from .options import FetchOptions, SpeedOptions, split_options

@@ -100,7 +100,7 @@ def _fast_path() -> str:
     logits on this machine's kernels, on a narrow R-18 whose last stage is wide enough for Winograd."""
     import torch
 
-    from .export import compare_outputs
+    from .deploy.verify import compare_outputs
     from .model import PSPNet
     from .optimization import optimize
 

@@ -28,6 +28,7 @@ import tabulate as tabulate_module
 from .errors import PspZooError
 from .manifest import Checkpoint, Manifest, get_manifest
 from .files import atomic_write
+from .optional import require
 from .records import ResultRecord
 
 __all__ = ["COLUMNS", "DatasetTable", "build_tables", "render", "summary", "update_readme", "plot",
@@ -336,14 +337,12 @@ _DATASET_MARKERS = ("o", "s", "^", "D", "v", "P")
 
 def plot(results: Sequence[ResultRecord], path: Union[str, Path], *, manifest: ManifestArg = None) -> Path:
     """mIoU against fps for every checkpoint: published (filled) and reproduced (hollow, per device)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.lines import Line2D
-        from matplotlib.ticker import FuncFormatter
-    except ImportError:
-        raise PspZooError("plotting needs matplotlib; install it with "
-                          "`python -m pip install 'psp-zoo[plot]'`") from None
+    require("matplotlib", "plot", purpose="plotting")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
     tables = build_tables(manifest, results)
     figure = Figure(figsize=(8, 5.5), layout="constrained")
     FigureCanvasAgg(figure)

@@ -35,8 +35,10 @@ def _internal_imports(path: Path) -> Set[str]:
             base = base[: len(base) - node.level + 1] if node.level else []
             target = ".".join(base + (node.module.split(".") if node.module else []))
             names = [f"{target}.{alias.name}" for alias in node.names]
-            found.update(name for name in names if (PACKAGE / Path(*name.split(".")[1:])).with_suffix(".py").exists())
-            found.add(target)
+            modules = {name for name in names if (PACKAGE / Path(*name.split(".")[1:])).with_suffix(".py").exists()}
+            found.update(modules)
+            if len(modules) < len(names):  # `from . import a_module` imports that module, not the package's names
+                found.add(target)
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
     return {name for name in found if name == "psp_zoo" or name.startswith("psp_zoo.")}

@@ -21,7 +21,7 @@ from hub_server import write_manifest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from psp_zoo import export  # noqa: E402  (after the skips: needs onnx at call time only)
+from psp_zoo.deploy import export, pooling, runtime, verify  # noqa: E402  (after the skips: needs onnx at call time only)
 
 TRACE_SIZE = (64, 64)
 
@@ -41,7 +41,7 @@ def exported(request, tmp_path_factory):
 
 
 def _within(reference: torch.Tensor, got: torch.Tensor) -> None:
-    result = export.compare_outputs(reference, got)
+    result = verify.compare_outputs(reference, got)
     assert result.rel_diff <= 1e-4 and result.agreement >= 0.9999, result.line()
 
 
@@ -52,13 +52,13 @@ def test_exact_pooling_equals_adaptive_avg_pool_for_every_size():
             part = x[:, :, :height, :width]
             for scale in (1, 2, 3, 6):
                 expected = F.adaptive_avg_pool2d(part, scale)
-                torch.testing.assert_close(export.adaptive_avg_pool_exact(part, scale), expected,
+                torch.testing.assert_close(pooling.adaptive_avg_pool_exact(part, scale), expected,
                                            rtol=1e-6, atol=1e-6)
 
 
 def test_one_file_serves_three_sizes_and_a_batch(exported):
     model, path = exported
-    runner = export.OnnxModel(path, threads=1)
+    runner = runtime.OnnxModel(path, threads=1)
     assert runner.static_size is None
     assert [d for d in runner.session.get_inputs()[0].shape] == ["batch", 3, "height", "width"]
     assert runner.num_classes == 5 and runner.align_corners is model.align_corners
@@ -78,14 +78,14 @@ def test_one_file_serves_three_sizes_and_a_batch(exported):
 def test_slide_inference_runs_on_the_onnx_model(exported):
     model, path = exported
     expected = tiny_expected("r50", model.align_corners)
-    got = slide_inference(export.OnnxModel(path, threads=1), expected["slide_input"], expected["slide_crop"],
+    got = slide_inference(runtime.OnnxModel(path, threads=1), expected["slide_input"], expected["slide_crop"],
                           expected["slide_stride"], batch_size=3)
     _within(expected["slide_logits"], got)
 
 
 def test_verify_reports_numbers_and_passes(exported):
     model, path = exported
-    report = export.verify_onnx(path, model, input_size=TRACE_SIZE, threads=1)
+    report = verify.verify_onnx(path, model, input_size=TRACE_SIZE, threads=1)
     assert report.ok and [c.shape for c in report.comparisons] == [(1, 5, 64, 64), (2, 5, 61, 87), (1, 5, 37, 29)]
     assert "max rel diff" in report.text() and "argmax agreement" in report.text()
 
@@ -99,7 +99,7 @@ def test_verify_fails_on_corrupted_weights(exported, tmp_path):
     bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
     broken = tmp_path / "broken.onnx"
     onnx.save(proto, str(broken))
-    report = export.verify_onnx(broken, model, sizes=[(1, 40, 40)], threads=1)
+    report = verify.verify_onnx(broken, model, sizes=[(1, 40, 40)], threads=1)
     assert not report.ok and report.comparisons[0].rel_diff > 1e-4
     assert "FAILED" in report.text()
 
@@ -107,9 +107,9 @@ def test_verify_fails_on_corrupted_weights(exported, tmp_path):
 def test_static_export_has_fixed_shape(tmp_path):
     model = tiny_model("r50")
     path = export.export_onnx(model, tmp_path / "static.onnx", input_size=(48, 40), dynamic=False)
-    assert export.OnnxModel(path, threads=1).static_size == (48, 40)
-    assert export.verify_onnx(path, model, threads=1).ok  # its own size
-    report = export.verify_onnx(path, model, sizes=[(1, 40, 48)], threads=1)
+    assert runtime.OnnxModel(path, threads=1).static_size == (48, 40)
+    assert verify.verify_onnx(path, model, threads=1).ok  # its own size
+    report = verify.verify_onnx(path, model, sizes=[(1, 40, 48)], threads=1)
     assert not report.ok and report.comparisons[0].error
 
 
@@ -122,10 +122,10 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(PspZooError, match="checkpoint="):
         export.export_onnx(model, tmp_path / "x.onnx", checkpoint=tiny_checkpoint_path("r50"))
     with pytest.raises(PspZooError, match="not found"):
-        export.OnnxModel(tmp_path / "missing.onnx")
+        runtime.OnnxModel(tmp_path / "missing.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"not a graph")
     with pytest.raises(PspZooError, match="not a loadable ONNX"):
-        export.OnnxModel(tmp_path / "junk.onnx")
+        runtime.OnnxModel(tmp_path / "junk.onnx")
     assert not list(tmp_path.glob("x.onnx*"))
 
 
@@ -171,7 +171,7 @@ def test_cli_verify_failure_exits_1(tmp_path, capsys, monkeypatch):
         inside = (position[None, :] >= start[:, None]) & (position[None, :] < end[:, None])
         return inside.to(like.dtype), (end - start).clamp(min=1).to(like.dtype)
 
-    monkeypatch.setattr(export, "_bin_matrix", floor_bins)
+    monkeypatch.setattr(pooling, "_bin_matrix", floor_bins)
     assert _cli_export(tmp_path, "--out", str(tmp_path / "bad.onnx"), "--verify") == 1
     captured = capsys.readouterr()
     assert "FAILED" in captured.out and "max rel diff" in captured.out
@@ -198,14 +198,14 @@ def test_safetensors_round_trip(tmp_path):
     assert meta["psp_zoo.num_classes"] == "5"
     for key, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
-    assert export.verify_safetensors(path, model).ok
+    assert verify.verify_safetensors(path, model).ok
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         load_checkpoint(fresh, path)
 
 
 def test_backend_info(exported):
-    info = export.onnx_backend_info(export.OnnxModel(exported[1], threads=1))
+    info = runtime.onnx_backend_info(runtime.OnnxModel(exported[1], threads=1))
     assert info == {"backend": "onnxruntime", "version": ort.__version__, "providers": ["CPUExecutionProvider"]}
 
 
@@ -216,7 +216,7 @@ def test_confusion_matrix_through_onnx_equals_pytorch(exported, tmp_path, mode):
     slide = dict(crop_size=(17, 17), stride=(11, 11)) if mode == "slide" else {}
     settings = Settings(mode=mode, img_scale=(64, 32), align_corners=model.align_corners, **slide)
     matrices = []
-    for runner in (optimize(model), export.OnnxModel(path, threads=1)):
+    for runner in (optimize(model), runtime.OnnxModel(path, threads=1)):
         data = SegmentationDataset("cityscapes", tmp_path / "cityscapes", img_scales=[(64, 32)])
         metric = score(runner, data, settings, 5, ms_flip=False, device=torch.device("cpu"), num_workers=0,
                        show=False)
@@ -242,3 +242,16 @@ def test_evaluate_through_onnx_gives_the_pytorch_record(tmp_path, mode):
     assert through_onnx.single_scale == through_torch.single_scale and through_onnx.images.count == 3
     assert through_onnx.backend["backend"] == "onnxruntime" and through_torch.backend is None
     assert read_result(write_result(through_onnx, tmp_path / "onnx.json")) == through_onnx
+
+
+def test_cli_evaluate_onnx_says_onnxruntime_scored_it(tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "m.yml", "http://127.0.0.1:9")
+    path = tmp_path / "tiny.onnx"
+    assert _cli_export(tmp_path, "--out", str(path)) == 0
+    minidata.write_cityscapes(tmp_path / "cityscapes")
+    capsys.readouterr()
+    code = main(["evaluate", "tiny_r50", "--data-root", str(tmp_path / "cityscapes"), "--onnx", str(path),
+                 "--manifest", str(manifest), "--device", "cpu", "--num-workers", "0"])
+    headline = capsys.readouterr().out.splitlines()[0]
+    assert code == 0 and headline.startswith("tiny_r50 on cityscapes (3 images, single-scale, ")
+    assert headline.endswith(f", onnxruntime {ort.__version__})"), headline

@@ -1,0 +1,46 @@
+"""``psp-zoo logs``: a checkpoint's published training log beside its published numbers."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import _options
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "logs", help="a checkpoint's training log beside its published mIoU and Mem (GB)",
+        description="Fetch the training log published with a checkpoint (cached beside the checkpoints), "
+                    "print its last and best validation mIoU and its peak training memory next to the "
+                    "results table's mIoU and Mem (GB), and optionally plot loss and mIoU against the "
+                    "training iteration. Reads mmseg 0.x .log.json and 1.x scalars.json logs.")
+    _options.add_name_argument(parser)
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw loss and mIoU against iteration into FILE.png")
+    parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    _options.add_fetch_options(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..logs import check_plotting, compare_with_table, fetch_log, plot_log, read_log, render_comparison
+    from ..manifest import get_checkpoint
+
+    entry = get_checkpoint(args.name, manifest=args.manifest)
+    if args.plot:  # refuse a plot that cannot be drawn or written before fetching anything
+        check_plotting()
+        _options.check_writable_folder(Path(args.plot).parent, "--plot", args.plot)
+    with _options.progress_messages(quiet=False):
+        path = fetch_log(entry, fetch=_options.fetch_options(args))
+    log = read_log(path)
+    report = compare_with_table(entry, log)
+    if args.plot:
+        report["plot"] = str(plot_log(log, args.plot, title=entry.name, published_miou=entry.published.miou))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        sys.stdout.write(render_comparison(report))
+        if args.plot:
+            print(f"wrote {report['plot']}")
+    return 0

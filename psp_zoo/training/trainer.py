@@ -220,8 +220,12 @@ class Trainer:
 
 
 def _plain_state_dict(model: nn.Module) -> "dict[str, torch.Tensor]":
-    """The model's weights in the published layout (contiguous tensors, the same keys as plain BN)."""
-    return {key: value.detach().contiguous() for key, value in model.state_dict().items()}
+    """The model's weights in the published layout: plain BN's keys, contiguous tensors, and mmseg's
+    order (a head's ``conv_seg`` first: mmseg's decode heads create it before their own layers)."""
+    state = model.state_dict()
+    modules = list(dict.fromkeys(key.split(".", 1)[0] for key in state))
+    rank = {key: (modules.index(key.split(".", 1)[0]), ".conv_seg." not in key) for key in state}
+    return {key: state[key].detach().contiguous() for key in sorted(state, key=rank.__getitem__)}
 
 
 def _set_dropout(model: nn.Module, p: float) -> None:

@@ -25,7 +25,7 @@ from test_results import make_record
 SHARED = ("name", "--checkpoint", "--data-root", "--num-workers", "--device", "--manifest", "--cache-dir",
           "--mirror", "--offline", "--dataset")
 FETCHING = ("get", "evaluate", "predict", "reproduce", "logs", "export", "info")
-EVERY_COMMAND = {"list", "info", "get", "evaluate", "predict", "reproduce", "tables", "show", "logs",
+EVERY_COMMAND = {"list", "info", "get", "evaluate", "predict", "reproduce", "tables", "show", "train", "logs",
                  "export", "selftest"}
 
 
@@ -76,7 +76,7 @@ def test_shared_options_read_the_same_everywhere():
         assert "--workers" not in strings and all(a.dest != "model" for a in parser._actions)
     assert set(seen["name"]) >= {"evaluate", "info", "predict", "logs", "export"}
     assert set(seen["--checkpoint"]) == {"evaluate", "predict", "export"}
-    assert set(seen["--data-root"]) == {"evaluate", "reproduce"}
+    assert set(seen["--data-root"]) == {"evaluate", "reproduce", "train"}
 
 
 def test_every_fetching_command_takes_the_fetch_options():

@@ -1,4 +1,4 @@
-"""The training transform against REFERENCE.md's "Data pipeline" (mmseg 0.30.0 / mmcv 1.x), step by step.
+"""The training transform against docs/reference.md's "Data pipeline" (mmseg 0.30.0 / mmcv 1.x), step by step.
 
 Random draws are checked through numpy RandomState subclasses that record (or script) every call,
 so the order and the arguments of mmseg's ``np.random`` calls are asserted, not just their effect.

@@ -1,7 +1,7 @@
 """The training transform of the published recipes, step for step as mmseg 0.30.0 and mmcv 1.x ran it.
 
 ``Resize(img_scale, ratio_range)`` -> ``RandomCrop(crop_size, cat_max_ratio=0.75)`` -> ``RandomFlip(0.5)``
--> ``PhotoMetricDistortion`` -> ``Normalize`` -> ``Pad(crop_size, 0, 255)`` (REFERENCE.md, "Training as
+-> ``PhotoMetricDistortion`` -> ``Normalize`` -> ``Pad(crop_size, 0, 255)`` (docs/reference.md, "Training as
 published", "Data pipeline"). Images stay BGR uint8 until normalization, as mmcv reads them; every
 photometric step clips to 0..255 and truncates to uint8 (``astype``) before the next one; HSV is
 OpenCV's (H in 0..179); the image is resized bilinearly and the label with nearest neighbour, both by

@@ -117,6 +117,12 @@ def test_the_files_of_a_run(shapes, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     record = read_result(record_path)
     assert record.miou == pytest.approx(100 * val_lines[-1]["mIoU"], abs=0.006)
+    logs = subprocess.run([sys.executable, "-m", "psp_zoo", "logs", NAME, "--log", str(next(work.glob("*.log.json"))),
+                           "--manifest", str(shapes / "manifest.yml"), "--json"],
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert logs.returncode == 0, logs.stderr[-3000:]
+    report = json.loads(logs.stdout)
+    assert report["val_lines"] == 2 and report["last_val"]["mIoU"] == pytest.approx(100 * val_lines[-1]["mIoU"])
 
 
 def test_ctrl_c_saves_and_exits_130(shapes, tmp_path):

@@ -60,7 +60,7 @@ def plain_step(model: PSPNet, optimizer: torch.optim.Optimizer) -> Callable[[tor
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return loss.item()
     return step
 
 

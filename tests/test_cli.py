@@ -42,7 +42,7 @@ def _subcommands() -> dict:
 
 def test_commands_are_listed_once_in_the_order_of_the_workflow(capsys):
     """One list (cli.COMMANDS) gives --help its order: a new command is one module and one line."""
-    workflow = ["list", "info", "get", "predict", "evaluate", "reproduce", "tables", "show", "logs", "export",
+    workflow = ["list", "info", "get", "predict", "evaluate", "reproduce", "tables", "show", "train", "logs", "export",
                 "selftest"]
     assert [module.__name__.rsplit(".", 1)[1] for module in cli.COMMANDS] == workflow
     assert list(_subcommands()) == workflow

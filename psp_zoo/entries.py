@@ -119,6 +119,8 @@ class DatasetSpec:
     palette: Tuple[Tuple[int, int, int], ...]
     ignore_index: int = IGNORE_INDEX
     source: str = "builtin"
+    # the training recipe's facts for this dataset, read and checked by psp_zoo.training.recipe
+    train: Mapping[str, Any] = field(default_factory=dict, hash=False, repr=False)
 
     def class_names(self, num_classes: int) -> Tuple[str, ...]:
         """Names for ``num_classes`` scores: the dataset's, or "0".."C-1" for a model whose class
@@ -160,6 +162,8 @@ class Checkpoint:
     # names of the published rows on other datasets (e.g. mmseg's '..._dark' configs): dataset -> names
     dataset_aliases: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
     _tests: Mapping[str, EvalSettings] = field(default_factory=dict, hash=False, repr=False)
+    # this entry's own training-recipe fields (e.g. AdamW for the rsb rows), read by psp_zoo.training.recipe
+    train: Mapping[str, Any] = field(default_factory=dict, hash=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -223,6 +227,7 @@ class Checkpoint:
             published_on={key: asdict(p) for key, p in self.published_on.items()},
             dataset_aliases={key: list(names) for key, names in self.dataset_aliases},
             test_settings={key: asdict(self.test_settings(key)) for key in self.datasets},
+            train=dict(self.train),
         )
         return {key: asdict(v) if dataclasses.is_dataclass(v) else v for key, v in fields.items()}
 

@@ -50,8 +50,11 @@ class Manifest:
     trained on, the names of its rows on other datasets (``published_on``) to those datasets.
     """
 
-    def __init__(self, datasets: Mapping[str, DatasetSpec], checkpoints: Sequence[Checkpoint]):
+    def __init__(self, datasets: Mapping[str, DatasetSpec], checkpoints: Sequence[Checkpoint],
+                 backbones: Optional[Mapping[str, Tuple[str, Mapping]]] = None):
         self.datasets = dict(datasets)
+        # ImageNet backbone files by name: (source, raw declaration), read by psp_zoo.training.pretrained
+        self.backbones = dict(backbones or {})
         self._checkpoints = {c.name: c for c in checkpoints}
         self._lookup: dict = {}
         for ckpt in self._checkpoints.values():
@@ -124,6 +127,7 @@ def _builtin_data() -> Mapping:
 def load_manifest(*user_paths: Union[str, Path], builtin: bool = True) -> Manifest:
     """Read the built-in manifest, then each user manifest in order (later ones override)."""
     datasets: dict = {}
+    backbones: dict = {}
     entries: dict = {}
     raws: dict = {}
     sources = ([BUILTIN_MANIFEST] if builtin else []) + [Path(p) for p in user_paths]
@@ -132,6 +136,7 @@ def load_manifest(*user_paths: Union[str, Path], builtin: bool = True) -> Manife
         source = "model_index.yml" if path == BUILTIN_MANIFEST else str(path)
         for key, raw in (data.get("datasets") or {}).items():
             datasets[key] = _parse_dataset(source, key, raw)
+        backbones.update((raw["name"], (source, raw)) for raw in data.get("backbones") or [])
         seen = set()
         for index, raw in enumerate(data.get("models") or []):
             name = raw.get("name") if isinstance(raw, Mapping) else None
@@ -143,7 +148,7 @@ def load_manifest(*user_paths: Union[str, Path], builtin: bool = True) -> Manife
             ckpt = _parse_entry(source, index, raw, datasets)
             raws[ckpt.name] = raw
             entries[ckpt.name] = ckpt  # an override keeps the entry's place in the list
-    return Manifest(datasets, list(entries.values()))
+    return Manifest(datasets, list(entries.values()), backbones)
 
 
 _CACHE: dict = {}

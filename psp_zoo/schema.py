@@ -28,13 +28,13 @@ ENTRY_REQUIRED = ("name", "dataset", "crop_size", "schedule", "weights", "publis
 # one of the two is required: backbone or depth
 ENTRY_EITHER = (("backbone", "depth"),)
 # hash and sha256: the hash prefix comes from the weights file name or sha256; given, they must agree
-ENTRY_OPTIONAL = ("hash", "sha256", "aliases", "log", "test", "model", "published_on")
+ENTRY_OPTIONAL = ("hash", "sha256", "aliases", "log", "test", "model", "published_on", "train")
 # Results-table backbone names: R-<depth>[b]-D<output stride>[ rsb] ('b': ResNetV1b stem; 'rsb': the
 # ResNet-strikes-back pretraining, which does not change the network).
 # Head widths (decode head channels, auxiliary head channels) of the published configs.
 DATASET_REQUIRED = ("title", "num_classes", "img_scale", "reduce_zero_label", "train_images_per_gpu",
                     "test", "layout")
-DATASET_OPTIONAL = ("ignore_index", "classes", "palette")
+DATASET_OPTIONAL = ("ignore_index", "classes", "palette", "train")
 LAYOUT_REQUIRED = ("folders", "images", "labels", "image_suffix", "label_suffix")
 LAYOUT_OPTIONAL = ("split", "fallback_label_suffix", "label_map", "train")
 # What a training split may set; the rest (folders, and whatever it leaves out but ``split``) is the test layout's.
@@ -174,6 +174,7 @@ def _parse_dataset(source: str, key: str, raw: Any) -> DatasetSpec:
         palette=palette,
         ignore_index=ignore_index,
         source=source,
+        train=_ReadOnlyMap(where.mapping(raw.get("train") or {}, "train")),
     )
 
 
@@ -337,6 +338,7 @@ def _parse_entry(source: str, index: int, raw: Any, datasets: Mapping[str, Datas
         published_on=_ReadOnlyMap({dataset: published, **cross}),
         dataset_aliases=dataset_aliases,
         _tests=_ReadOnlyMap(tests),
+        train=_ReadOnlyMap(where.mapping(raw.get("train") or {}, "train")),
         **net,
     )
 
@@ -354,13 +356,17 @@ def _read_yaml(path: Path) -> Mapping:
         raise ManifestError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, Mapping):
         raise ManifestError(f"{path}: expected a mapping with 'models' at the top level")
-    unknown = sorted(set(data) - {"version", "datasets", "models"})
+    unknown = sorted(set(data) - {"version", "datasets", "models", "backbones"})
     if unknown:
-        raise ManifestError(f"{path}: unknown top-level field {unknown[0]!r}; allowed: version, datasets, models")
+        raise ManifestError(f"{path}: unknown top-level field {unknown[0]!r}; "
+                            f"allowed: version, datasets, models, backbones")
     if data.get("version", 1) != 1:
         raise ManifestError(f"{path}: field 'version': this psp-zoo reads version 1, got {data.get('version')!r}")
     if not isinstance(data.get("models", []), list):
         raise ManifestError(f"{path}: field 'models': expected a list of entries")
+    if not isinstance(data.get("backbones", []), list) or not all(
+            isinstance(b, Mapping) and isinstance(b.get("name"), str) for b in data.get("backbones") or []):
+        raise ManifestError(f"{path}: field 'backbones': expected a list of entries, each with a 'name'")
     if not isinstance(data.get("datasets", {}), Mapping):
         raise ManifestError(f"{path}: field 'datasets': expected a mapping of dataset keys")
     return data

@@ -25,7 +25,7 @@ from helpers import make_record, one_line, run_cli, tiny_checkpoint_path, tiny_i
 SHARED = ("name", "--checkpoint", "--data-root", "--num-workers", "--device", "--manifest", "--cache-dir",
           "--mirror", "--offline", "--dataset")
 FETCHING = ("get", "evaluate", "predict", "reproduce", "logs", "export", "info")
-EVERY_COMMAND = {"list", "info", "get", "evaluate", "predict", "reproduce", "tables", "show", "logs",
+EVERY_COMMAND = {"list", "info", "get", "evaluate", "predict", "reproduce", "tables", "show", "train", "logs",
                  "export", "selftest"}
 
 
@@ -42,7 +42,7 @@ def _subcommands() -> dict:
 
 def test_commands_are_listed_once_in_the_order_of_the_workflow(capsys):
     """One list (cli.COMMANDS) gives --help its order: a new command is one module and one line."""
-    workflow = ["list", "info", "get", "predict", "evaluate", "reproduce", "tables", "show", "logs", "export",
+    workflow = ["list", "info", "get", "predict", "evaluate", "reproduce", "tables", "show", "train", "logs", "export",
                 "selftest"]
     assert [module.__name__.rsplit(".", 1)[1] for module in cli.COMMANDS] == workflow
     assert list(_subcommands()) == workflow
@@ -81,7 +81,7 @@ def test_shared_options_read_the_same_everywhere():
         assert "--workers" not in strings and all(a.dest != "model" for a in parser._actions)
     assert set(seen["name"]) >= {"evaluate", "info", "predict", "logs", "export"}
     assert set(seen["--checkpoint"]) == {"evaluate", "predict", "export"}
-    assert set(seen["--data-root"]) == {"evaluate", "reproduce"}
+    assert set(seen["--data-root"]) == {"evaluate", "reproduce", "train"}
 
 
 def test_every_fetching_command_takes_the_fetch_options():

@@ -72,7 +72,9 @@ DATASET_REQUIRED = ("title", "num_classes", "img_scale", "reduce_zero_label", "t
                     "test", "layout")
 DATASET_OPTIONAL = ("ignore_index", "classes", "palette")
 LAYOUT_REQUIRED = ("folders", "images", "labels", "image_suffix", "label_suffix")
-LAYOUT_OPTIONAL = ("split", "fallback_label_suffix", "label_map")
+LAYOUT_OPTIONAL = ("split", "fallback_label_suffix", "label_map", "train")
+# What a training split may set; the rest (folders, and whatever it leaves out but ``split``) is the test layout's.
+TRAIN_LAYOUT_FIELDS = ("images", "labels", "image_suffix", "label_suffix", "split", "fallback_label_suffix", "label_map")
 _DATASET_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _HEX8_RE = re.compile(r"^[0-9a-f]{8}$")
@@ -150,6 +152,8 @@ class Layout:
     split: Optional[str] = None  # one image name per line; None = every image under ``images``
     fallback_label_suffix: Optional[str] = None  # read when the label file is absent, mapped by label_map
     label_map: Optional[str] = None  # one of LABEL_MAPS
+    # The training split: one layout per part, read in this order (VOC + Aug: train.txt, then aug.txt).
+    train: Tuple["Layout", ...] = ()
 
 
 @dataclass(frozen=True)
@@ -398,7 +402,23 @@ def _parse_layout(where: _Where, raw: Any) -> Layout:
     )
     if (layout.images, layout.image_suffix) == (layout.labels, layout.label_suffix):
         where.fail("layout.label_suffix", "images and labels would be the same files; give the label folder or suffix")
-    return layout
+    return replace(layout, train=_parse_train_layouts(where, raw)) if "train" in raw else layout
+
+
+def _parse_train_layouts(where: _Where, raw: Mapping) -> Tuple[Layout, ...]:
+    """``layout.train``: one mapping or a list of them, each a training split whose fields override
+    the test layout's; ``split`` is never inherited (the test split file lists validation images)."""
+    parts = raw["train"]
+    parts = [parts] if isinstance(parts, Mapping) else parts
+    if not isinstance(parts, list) or not parts:
+        where.fail("layout.train", f"expected a mapping or a list of mappings (the training split), got {parts!r}")
+    inherited = {key: value for key, value in raw.items() if key not in ("train", "split")}
+    layouts = []
+    for i, part in enumerate(parts):
+        where.mapping(part, f"layout.train[{i}]")
+        where.known_keys(part, TRAIN_LAYOUT_FIELDS, f"layout.train[{i}]")
+        layouts.append(_parse_layout(_Where(where.source, f"{where.entry}: layout.train[{i}]"), {**inherited, **part}))
+    return tuple(layouts)
 
 
 @lru_cache(maxsize=None)

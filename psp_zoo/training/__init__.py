@@ -1,0 +1,1 @@
+"""Training: the published recipes, their data pipeline and loop."""

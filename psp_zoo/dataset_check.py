@@ -48,7 +48,7 @@ class SplitCheck:
     labels: int = 0  # label files found in the label folders (a split file's: those of its images)
     pairs: int = 0  # images with their label
     missing_labels: List[Tuple[Path, Path]] = field(default_factory=list)  # (image, the label expected)
-    missing_images: List[Tuple[Path, Path]] = field(default_factory=list)  # (label or split line, image expected)
+    missing_images: List[Tuple[str, Path]] = field(default_factory=list)  # (the label or split line, image expected)
     out_of_range: List[Tuple[Path, Tuple[int, ...], int]] = field(default_factory=list)  # (label, stored values, pixels)
     size_mismatches: List[Tuple[Path, Tuple[int, int], Path, Tuple[int, int]]] = field(default_factory=list)
     unreadable: List[str] = field(default_factory=list)  # the reader's message, naming the file
@@ -158,7 +158,7 @@ def _pairs_of(check: SplitCheck, spec: DatasetSpec, folder: Path, layout: Layout
     if layout.split is None:  # with a split file, other labels may belong to other splits
         for name in sorted(label_files - expected):
             suffix = next(s for s in suffixes if name.endswith(s))
-            check.missing_images.append((label_dir / name, image_dir / (name[: -len(suffix)] + layout.image_suffix)))
+            check.missing_images.append((f"label {label_dir / name}", image_dir / (name[: -len(suffix)] + layout.image_suffix)))
     return pairs
 
 
@@ -177,7 +177,7 @@ def _listed_images(check: SplitCheck, spec: DatasetSpec, folder: Path, layout: L
         if (image_dir / (name + layout.image_suffix)).is_file():
             present.append(name + layout.image_suffix)
         else:
-            check.missing_images.append((Path(f"{split}: line {name!r}"), image_dir / (name + layout.image_suffix)))
+            check.missing_images.append((f"split file {split}: line {name!r}", image_dir / (name + layout.image_suffix)))
     return present
 
 

@@ -25,7 +25,7 @@ from test_results import make_record
 SHARED = ("name", "--checkpoint", "--data-root", "--num-workers", "--device", "--manifest", "--cache-dir",
           "--mirror", "--offline", "--dataset")
 FETCHING = ("get", "evaluate", "predict", "reproduce", "logs", "export", "info")
-EVERY_COMMAND = {"list", "info", "get", "evaluate", "predict", "reproduce", "tables", "show", "logs",
+EVERY_COMMAND = {"list", "info", "get", "dataset", "evaluate", "predict", "reproduce", "tables", "show", "logs",
                  "export", "selftest"}
 
 

@@ -12,8 +12,10 @@ SPLIT_NAMES = ("train", "val")  # psp_zoo.dataset_check.SPLITS, read without imp
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "dataset", help="check a dataset folder against its declaration",
-        description="Work on a dataset declared in the manifest (built in, or a user manifest's datasets:).")
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=type(parser))
+        description="Work on a dataset declared in the manifest (built in, or a user manifest's datasets: "
+                    "classes, palette, ignore index, folders and suffixes of each split).")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=type(parser),
+                                    help="check: read every image and label of the dataset folder")
     actions.required = True
     check = actions.add_parser(
         "check", help="count, pair and read every image and label; list each problem; class frequencies",
@@ -24,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "their image's and unreadable files, each naming the file, then how often each class "
                     "occurs. Exits 1 when a problem was found, 2 when the folder or declaration is unusable.")
     check.add_argument("data_root", metavar="DIR", help="the dataset folder, or a folder that contains it")
-    check.add_argument("--dataset", required=True, metavar="NAME",
+    check.add_argument("--dataset", required=True, metavar="DATASET",
                        help="the dataset's key in the manifest (e.g. one a --manifest file declares)")
     check.add_argument("--split", choices=SPLIT_NAMES, default=None,
                        help="one split only (default: every split the dataset declares)")

@@ -28,7 +28,7 @@ from .datasets import (_LABEL_MAPS, SEE_README, _files_below, dataset_spec, deco
 from .errors import DatasetError, PspZooError
 from .manifest import DatasetSpec, Layout
 
-__all__ = ["SPLITS", "SplitCheck", "check_split", "check_dataset", "split_layouts"]
+__all__ = ["SPLITS", "SplitCheck", "check_split", "check_dataset", "check_folders", "split_layouts"]
 
 PathLike = Union[str, Path]
 #: The splits a dataset declares: ``val`` (its ``layout``) and ``train`` (``layout.train``).
@@ -120,6 +120,11 @@ def split_layouts(spec: DatasetSpec, split: str) -> Tuple[Layout, ...]:
     return spec.layout.train
 
 
+def _field(split: str, part: int) -> str:
+    """The declaration's name for a layout part: ``layout`` (val) or ``layout.train[i]``."""
+    return "layout" if split == "val" else f"layout.train[{part}]"
+
+
 def _split_folder(spec: DatasetSpec, data_root: PathLike, layout: Layout, split: str) -> Path:
     """The dataset folder: the first of the layout's ``folders`` below ``data_root`` holding the split's images."""
     root = Path(data_root).expanduser()
@@ -131,16 +136,32 @@ def _split_folder(spec: DatasetSpec, data_root: PathLike, layout: Layout, split:
         if (root / location / layout.images).is_dir():
             return root / location
     expected = " or ".join(str(root / loc / layout.images) for loc in layout.folders)
-    raise DatasetError(f"{spec.key} {split}: image folder missing (layout.images {layout.images!r}): "
-                       f"expected {expected} ({SEE_README})")
+    raise DatasetError(f"{spec.key} {split}: image folder missing ({_field(split, 0)}.images "
+                       f"{layout.images!r}): expected {expected} ({SEE_README})")
+
+
+def _check_part(spec: DatasetSpec, folder: Path, layout: Layout, split: str, part: int) -> None:
+    """DatasetError naming the field when the part's image or label folder is missing."""
+    for kind, sub in (("image", layout.images), ("label", layout.labels)):
+        if not (folder / sub).is_dir():
+            where = f"{_field(split, part)}.{kind}s"
+            raise DatasetError(f"{spec.key} {split}: {kind} folder {folder / sub} ({where} {sub!r}) is missing "
+                               f"({SEE_README})")
+
+
+def check_folders(dataset: str, data_root: PathLike, splits: Sequence[str] = SPLITS, *, manifest=None) -> None:
+    """DatasetError naming the layout field when a split's image or label folder is missing (nothing is read)."""
+    spec = dataset_spec(dataset, manifest)
+    for split in splits:
+        layouts = split_layouts(spec, split)
+        folder = _split_folder(spec, data_root, layouts[0], split)
+        for part, layout in enumerate(layouts):
+            _check_part(spec, folder, layout, split, part)
 
 
 def _pairs_of(check: SplitCheck, spec: DatasetSpec, folder: Path, layout: Layout) -> List[Tuple[Path, Path, Optional[str]]]:
     """The (image, label, label map) pairs of one layout part; missing files recorded in ``check``."""
     image_dir, label_dir = folder / layout.images, folder / layout.labels
-    if not label_dir.is_dir():
-        raise DatasetError(f"{spec.key} {check.split}: label folder {label_dir} (layout.labels "
-                           f"{layout.labels!r}) is missing ({SEE_README})")
     suffixes = [s for s in (layout.label_suffix, layout.fallback_label_suffix) if s]
     label_files = {name for suffix in suffixes for name in _files_below(label_dir, suffix)}
     images = _listed_images(check, spec, folder, layout)
@@ -220,6 +241,8 @@ def check_split(dataset: str, data_root: PathLike, split: str = "val", *, manife
     spec = dataset_spec(dataset, manifest)
     layouts = split_layouts(spec, split)
     folder = _split_folder(spec, data_root, layouts[0], split)
+    for part, layout in enumerate(layouts):
+        _check_part(spec, folder, layout, split, part)
     check = SplitCheck(dataset, split, folder, tuple(spec.classes), spec.ignore_index)
     pairs = [pair for layout in layouts for pair in _pairs_of(check, spec, folder, layout)]
     # decoding releases the GIL (OpenCV, Pillow, numpy): threads read several files at once

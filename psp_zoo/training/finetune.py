@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from ..checkpoint import read_checkpoint
+from ..dataset_check import check_folders
 from ..datasets import dataset_spec, list_items
 from ..distributed import Distributed
 from ..environment import usable_device
@@ -180,7 +180,9 @@ def _default_name(source: Source, dataset: str) -> str:
 
 
 def _check_data(spec: DatasetSpec, data_root: PathLike, manifest) -> None:
-    """Both splits listed (every image with its label) before anything is built: a missing folder stops here."""
+    """Both splits listed (every image with its label) before anything is built: a missing folder stops here,
+    named by its field of the declaration."""
+    check_folders(spec.key, data_root, manifest=manifest)
     training_items(spec.key, data_root, manifest=manifest)
     list_items(spec.key, data_root, manifest=manifest)
 

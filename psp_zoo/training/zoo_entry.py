@@ -64,7 +64,7 @@ def dataset_declaration(spec: DatasetSpec) -> dict:
 
 def _dump(path: Path, header: str, datasets: dict, models: Sequence[dict]) -> Path:
     data = {"version": 1, "datasets": datasets, "models": list(models)}
-    return atomic_write(path, header + yaml.safe_dump(data, sort_keys=False, width=120))
+    return atomic_write(path, header + yaml.safe_dump(data, sort_keys=False, width=120, default_flow_style=None))
 
 
 def write_run_manifest(path: Path, spec: DatasetSpec, entry: dict) -> Path:

@@ -1,0 +1,182 @@
+"""Fine-tuning end to end on a CPU: a narrow published-format checkpoint with 5 classes (the tiny
+fixture, served as a manifest entry) fine-tuned on a generated 3-class dataset of one's own layout
+(tests/finetune_data.py), then used by name from the work dir's manifest: evaluate, predict, export,
+info, reproduce and tables."""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import finetune_data
+from conftest import tiny_checkpoint_path, tiny_info
+from psp_zoo.checkpoint import read_checkpoint
+from psp_zoo.cli import main
+from psp_zoo.manifest import load_manifest
+from psp_zoo.training.finetune import CLASSIFIERS
+
+SOURCE = "tiny_pspnet_r50-d8"
+NAME = "shapes_pspnet"
+ITERATIONS = 240
+# what the fine-tune needs to learn the shapes within a few hundred iterations on small crops
+RECIPE = ("--max-iters", str(ITERATIONS), "--lr", "0.05", "--batch-size", "4", "--gpus", "1", "--eval-interval", "80",
+          "--num-workers", "0")
+
+
+def source_entry(url: str) -> dict:
+    info = tiny_info("r50")
+    return {"name": SOURCE, "dataset": "cityscapes", "depth": 50, "crop_size": [64, 64], "schedule": 1000,
+            "weights": url, "hash": info["sha256"][:8], "sha256": info["sha256"], "published": {},
+            "model": {"num_classes": 5, "stem_channels": 8, "base_channels": 8, "channels": 16, "aux_channels": 8}}
+
+
+def _cli(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("finetune")
+    data = finetune_data.write_dataset(folder / "data", train=32, val=8)
+    spec = finetune_data.declaration(train={"ratio_range": [0.75, 1.5]})
+    manifest = finetune_data.write_manifest(folder / "user.yml", spec=spec,
+                                            models=[source_entry(f"file://{tiny_checkpoint_path('r50')}")])
+    common = ("--manifest", manifest, "--cache-dir", folder / "cache")
+    return {"folder": folder, "data": data, "manifest": manifest, "common": common}
+
+
+@pytest.fixture(scope="module")
+def finetuned(setup):
+    work = setup["folder"] / "work"
+    code, out, err = _cli("train", "--from", SOURCE, "--dataset", "shapes", "--name", NAME, "--data-root",
+                          setup["data"], "--work-dir", work, *RECIPE, *setup["common"])
+    assert code == 0, err[-3000:]
+    return {"work": work, "out": out, "err": err, "manifest": work / "model_index.yml",
+            "by_name": ("--manifest", work / "model_index.yml", "--cache-dir", setup["folder"] / "cache")}
+
+
+def test_the_classifier_convs_are_reinitialized_and_everything_else_starts_as_the_source(finetuned):
+    assert "re-initialized for 3 classes (was 5): auxiliary_head.conv_seg, decode_head.conv_seg" in finetuned["err"]
+    init_file, = (finetuned["work"] / "init").glob(f"{NAME}_init-*.pth")
+    start, meta = read_checkpoint(init_file)
+    source, _ = read_checkpoint(tiny_checkpoint_path("r50"))
+    assert list(start) == list(source)
+    layers = {key.rsplit(".", 1)[0] for key in source}
+    for key, tensor in source.items():
+        if key.rsplit(".", 1)[0] in CLASSIFIERS:
+            continue
+        assert torch.equal(start[key], tensor), key
+    for layer, channels in zip(CLASSIFIERS, (16, 8)):
+        assert layer in layers and start[f"{layer}.weight"].shape == (3, channels, 1, 1)
+        assert torch.equal(start[f"{layer}.bias"], torch.zeros(3))
+        weight = start[f"{layer}.weight"]
+        assert 0.004 < weight.std().item() < 0.02 and weight.abs().max().item() < 0.06  # normal(0, 0.01)
+    assert meta["psp_zoo_finetune"]["reinitialized"] == list(CLASSIFIERS)[::-1]
+    # the run started from that file: its manifest entry names it, hash and all
+    run_entry = yaml.safe_load((finetuned["work"] / "init" / "manifest.yml").read_text())["models"][0]
+    assert run_entry["weights"].endswith(init_file.name) and run_entry["train"]["pretrained"] is None
+
+
+def test_it_joins_the_zoo_with_a_self_contained_manifest_entry(finetuned, setup):
+    manifest = load_manifest(finetuned["manifest"])  # the work dir's manifest alone
+    entry = manifest.get(NAME)
+    assert entry.dataset == "shapes" and entry.num_classes == 3 and entry.backbone == "R-50-D8"
+    assert entry.schedule == ITERATIONS and entry.crop_size == (64, 64)
+    weights = finetuned["work"] / entry.filename
+    assert weights.is_file() and entry.sha256.startswith(entry.hash_prefix) and weights.stem.endswith(entry.hash_prefix)
+    import hashlib
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == entry.sha256
+    assert set(torch.load(weights, weights_only=True)) == {"meta", "state_dict"}  # published form: no optimizer
+    assert entry.finetuned_from["name"] == SOURCE and entry.finetuned_from["sha256"] == tiny_info("r50")["sha256"]
+    assert entry.published.miou is not None and entry.published.miou >= 85.0
+    spec = manifest.datasets["shapes"]
+    assert spec.classes == finetune_data.CLASSES and spec.palette == finetune_data.PALETTE
+    assert spec.layout.train[0].images == "images/train"
+    code, out, _ = _cli("info", NAME, *finetuned["by_name"])
+    assert code == 0 and "finetuned_from" in out and SOURCE in out and "shapes" in out
+
+
+def test_evaluate_by_name_reaches_85_miou_on_held_out_images(finetuned, setup):
+    code, out, err = _cli("evaluate", NAME, "--data-root", setup["data"], "--num-workers", "0", *finetuned["by_name"])
+    assert code == 0, err
+    miou = float(re.search(r"mIoU\s*[:=]?\s*([0-9.]+)", out).group(1))
+    assert miou >= 85.0, out
+    # the published number is this same measurement (validation through the same scoring code)
+    entry = load_manifest(finetuned["manifest"]).get(NAME)
+    assert abs(entry.published.miou - miou) < 0.05
+    assert "disc" in out and "square" in out  # per-class lines under the declared class names
+
+
+def test_predict_by_name_draws_the_declared_palette(finetuned, setup, tmp_path):
+    image = setup["data"] / "images" / "val" / "shape_000.jpg"
+    code, out, err = _cli("predict", NAME, image, "--out", tmp_path, *finetuned["by_name"])
+    assert code == 0, err
+    with Image.open(tmp_path / "shape_000_labels.png") as png:
+        labels, shown = np.array(png), np.array(png.convert("RGB"))
+    colours = {tuple(c) for c in shown.reshape(-1, 3)}
+    assert colours <= set(finetune_data.PALETTE) and len(colours) >= 2
+    truth = np.array(Image.open(setup["data"] / "masks" / "val" / "shape_000_mask.png"))
+    scored = truth != 255
+    assert (labels[scored] == truth[scored]).mean() > 0.9
+
+
+def test_export_by_name_verifies(finetuned, tmp_path):
+    code, out, err = _cli("export", NAME, "--out", tmp_path / "shapes.onnx", "--verify", *finetuned["by_name"])
+    assert code == 0, out + err
+
+
+def test_reproduce_and_tables_by_name(finetuned, setup):
+    results = setup["folder"] / "results"
+    code, out, err = _cli("reproduce", "--dataset", "shapes", "--data-root", setup["data"], "--results", results,
+                          "--no-ms-flip", "--no-train-mem", "--speed-images", "2", "--speed-warmup", "1",
+                          "--num-workers", "0", *finetuned["by_name"])
+    assert code == 0, err
+    code, tables, _ = _cli("tables", "--results", results, *finetuned["by_name"])
+    assert code == 0 and "Shapes" in tables
+    entry = load_manifest(finetuned["manifest"]).get(NAME)
+    assert f"{entry.published.miou:.2f} / " in tables
+
+
+def test_freeze_backbone_leaves_every_backbone_tensor_bit_identical(setup):
+    work = setup["folder"] / "frozen"
+    code, _, err = _cli("train", "--from", tiny_checkpoint_path("r50"), "--dataset", "shapes", "--name", "frozen",
+                        "--freeze-backbone", "--data-root", setup["data"], "--work-dir", work, "--max-iters", "6",
+                        "--eval-interval", "6", "--lr", "0.05", "--batch-size", "2", "--gpus", "1", "--num-workers", "0", *setup["common"])
+    assert code == 0, err[-3000:]
+    source, _ = read_checkpoint(tiny_checkpoint_path("r50"))
+    trained, _ = read_checkpoint(work / "latest.pth")
+    backbone = [key for key in source if key.startswith("backbone.")]
+    assert len(backbone) > 300 and any(key.endswith("running_var") for key in backbone)
+    for key in backbone:  # weights, BN statistics and num_batches_tracked alike
+        assert torch.equal(trained[key], source[key]), key
+    moved = [key for key in trained if key.startswith("decode_head.") and key.endswith("running_mean")
+             and not torch.equal(trained[key], source[key])]
+    assert moved  # the heads trained (their BN statistics too)
+    entry = load_manifest(work / "model_index.yml").get("frozen")
+    assert entry.train["freeze_backbone"] is True and entry.finetuned_from["name"] == str(tiny_checkpoint_path("r50"))
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"colours": [[0, 0, 0]]}, "field 'colours': unknown field"),
+    ({"palette": [[0, 0, 0]]}, "field 'palette': expected 3 colours"),
+    ({"layout": dict(finetune_data.declaration()["layout"], train={"images": "pictures/train"})},
+     "layout.train[0].images 'pictures/train'"),
+])
+def test_a_wrong_declaration_is_refused_before_any_model_is_built(tmp_path, change, expected):
+    data = finetune_data.write_dataset(tmp_path / "data", train=2, val=1)
+    # the source is not fetchable: had anything been built or fetched first, that would be the error
+    manifest = finetune_data.write_manifest(tmp_path / "m.yml", spec=finetune_data.declaration(**change),
+                                            models=[source_entry(f"http://127.0.0.1:9/{tiny_checkpoint_path('r50').name}")])
+    code, out, err = _cli("train", "--from", SOURCE, "--dataset", "shapes", "--data-root", data, "--work-dir",
+                          tmp_path / "work", "--manifest", manifest, "--cache-dir", tmp_path / "cache")
+    assert code == 2 and out == "" and expected in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "work" / "init").exists() and not (tmp_path / "cache").exists()

@@ -147,3 +147,13 @@ def test_a_dataset_without_a_training_split_says_how_to_declare_one(tmp_path):
     assert [c.split for c in check_dataset("shapes", root, manifest=str(manifest))] == ["val"]
     with pytest.raises(DatasetError, match="declares no training split: add 'train' to its layout"):
         check_split("shapes", root, "train", manifest=str(manifest))
+
+
+def test_a_missing_training_folder_names_its_part_of_the_layout(shapes, tmp_path, capsys):
+    root, _ = shapes
+    layout = dict(finetune_data.declaration()["layout"], train={"images": "images/train", "labels": "labels/train"})
+    manifest = finetune_data.write_manifest(tmp_path / "m.yml", spec=finetune_data.declaration(layout=layout))
+    code, out, err = _cli(capsys, "dataset", "check", str(root), "--dataset", "shapes", "--split", "train",
+                          "--manifest", str(manifest))
+    assert code == 2 and out == ""
+    assert f"label folder {root / 'labels/train'} (layout.train[0].labels 'labels/train') is missing" in err

@@ -25,7 +25,7 @@ import hashlib
 import io
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -44,7 +44,7 @@ from ..model import PSPNet
 from ..options import FetchOptions
 from .data import training_items
 from .loop import TrainResult, train
-from .recipe import RECIPE_FIELDS, recipe_from_entry
+from .recipe import Recipe, recipe_from_entry
 from .zoo_entry import manifest_paths, write_run_manifest, write_zoo_manifest
 
 __all__ = ["CLASSIFIERS", "Source", "read_source", "starting_weights", "finetune", "FinetuneResult"]
@@ -66,8 +66,8 @@ class Source:
     """The checkpoint a fine-tune starts from."""
 
     label: str  # its manifest name, or the file's path
-    path: Path  # the verified local file
-    sha256: str
+    path: Optional[Path]  # the verified local file (None: not fetched yet)
+    sha256: Optional[str]
     arch: Dict[str, Any]  # PSPNet keyword arguments that rebuild it
     backbone: str  # the results table's backbone name, e.g. "R-50-D8"
     crop_size: Tuple[int, int]
@@ -89,15 +89,13 @@ def _sha256(path: Path) -> str:
 
 
 def read_source(source: PathLike, fetch: FetchOptions) -> Source:
-    """A manifest name (fetched and verified through the cache) or a local checkpoint file."""
+    """A manifest name (its file not fetched yet: ``path`` None, see ``fetched``) or a local checkpoint file."""
     manifest = get_manifest(fetch.manifest)
     if isinstance(source, str) and source in manifest:
         entry = manifest.get(source)
         recipe = recipe_from_entry(entry, fetch.manifest)
-        path = download(entry, cache_dir=fetch.cache_dir, mirror=fetch.mirror, offline=fetch.offline,
-                        quiet=fetch.quiet)
         optimization = {key: getattr(recipe, key) for key in _OPTIMIZATION}
-        return Source(entry.name, path, entry.sha256 or _sha256(path), entry.model_kwargs(), entry.backbone,
+        return Source(entry.name, None, entry.sha256, entry.model_kwargs(), entry.backbone,
                       entry.crop_size, entry.schedule, optimization, entry.url)
     path = Path(source).expanduser()
     if not path.is_file():
@@ -107,6 +105,27 @@ def read_source(source: PathLike, fetch: FetchOptions) -> Source:
     arch = inferred_arch(state_dict, meta, path)
     backbone = f"R-{arch['depth']}{'' if arch['deep_stem'] else 'b'}-D{arch['output_stride']}"
     return Source(str(path), path, _sha256(path), arch, backbone, (512, 512), 80000, {})
+
+
+def fetched(source: Source, fetch: FetchOptions) -> Source:
+    """``source`` with its file fetched and verified through the checkpoint cache."""
+    if source.path is not None:
+        return source
+    path = download(source.label, cache_dir=fetch.cache_dir, mirror=fetch.mirror, offline=fetch.offline,
+                    quiet=fetch.quiet, manifest=fetch.manifest)
+    return replace(source, path=path, sha256=source.sha256 or _sha256(path))
+
+
+def run_recipe(name: str, spec: DatasetSpec, source: Source, overrides: Dict[str, Any]) -> Recipe:
+    """The recipe the run will follow, checked field by field: the source's optimizer and schedule, the
+    dataset's training facts, then ``overrides`` (the run's entry gives the loop the same)."""
+    base = Recipe(name=name, dataset=spec.key, num_classes=spec.num_classes, img_scale=spec.img_scale,
+                  crop_size=source.crop_size, batch_size=spec.train_images_per_gpu, pretrained=None,
+                  max_iters=source.schedule, eval_interval=max(1, source.schedule // 10),
+                  checkpoint_interval=max(1, source.schedule // 10))
+    recipe = base.with_overrides(source.optimization, where=f"the recipe of {source.label}")
+    recipe = recipe.with_overrides(dict(spec.train), where=f"{spec.source}: datasets.{spec.key}: field 'train'")
+    return recipe.with_overrides(overrides)
 
 
 def inferred_arch(state_dict: Dict[str, torch.Tensor], meta: dict, path: Path) -> Dict[str, Any]:
@@ -248,14 +267,14 @@ def finetune(source: PathLike, *, dataset: str, data_root: PathLike, work_dir: P
     fetch = fetch or FetchOptions()
     spec = dataset_spec(dataset, fetch.manifest)
     _check_data(spec, data_root, fetch.manifest)
-    unknown = sorted(k for k in options if k not in RECIPE_FIELDS and k not in _TRAIN_KEYWORDS)
-    if unknown:
-        raise PspZooError(f"unknown fine-tuning setting {unknown[0]!r}; settable: {', '.join(RECIPE_FIELDS)}")
-    work_dir = check_writable_folder(work_dir, "work dir")
     src = read_source(source, fetch)
     name = name or _default_name(src, dataset)
     if not _NAME_RE.match(name):
         raise PspZooError(f"model name {name!r}: use letters, digits, '_', '-', '.' and '+'")
+    overrides = {key: value for key, value in options.items() if key not in _TRAIN_KEYWORDS}
+    run_recipe(name, spec, src, dict(overrides, freeze_backbone=freeze_backbone))
+    work_dir = check_writable_folder(work_dir, "work dir")
+    src = fetched(src, fetch)
     dist, device = Distributed.from_env(usable_device(device))
     try:
         run_manifest, init_file, reinit = _prepare(name, spec, src, work_dir, seed, freeze_backbone, dist)

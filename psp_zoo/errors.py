@@ -37,7 +37,16 @@ class CheckpointError(PspZooError):
 
 
 class DownloadError(PspZooError):
-    """A checkpoint could not be fetched or verified."""
+    """A checkpoint could not be fetched or verified.
+
+    ``summary`` is why it failed in a few words and ``advice`` what to do, when the message says
+    both; a command fetching many files says each file's summary and the advice once.
+    """
+
+    def __init__(self, message: str = "", *, cli_hint: Optional[str] = None, summary: Optional[str] = None,
+                 advice: Optional[str] = None):
+        super().__init__(message, cli_hint=cli_hint)
+        self.summary, self.advice = summary or message, advice
 
 
 class DatasetError(PspZooError):

@@ -39,7 +39,8 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from .errors import DownloadError
+from .errors import DownloadError, PspZooError
+from .constants import HOME_ENV, MANIFEST_ENV, MIRROR_ENV, OFFLINE_ENV, env_flag, env_text
 from .manifest import Checkpoint, get_checkpoint
 
 __all__ = ["download", "fetch_file", "cache_dir", "cached_path", "cache_state", "is_cached", "resolve_url",
@@ -47,9 +48,6 @@ __all__ = ["download", "fetch_file", "cache_dir", "cached_path", "cache_state", 
 
 log = logging.getLogger(__name__)
 
-HOME_ENV = "PSP_ZOO_HOME"
-MIRROR_ENV = "PSP_ZOO_MIRROR"
-OFFLINE_ENV = "PSP_ZOO_OFFLINE"
 OPENMMLAB_PREFIX = "https://download.openmmlab.com/"
 HOUSEKEEPING = ".psp-zoo"
 
@@ -102,8 +100,16 @@ class _Unavailable(Exception):
         self.cause, self.hint = cause, hint
 
 
+class _WrongFile(_Unavailable):
+    """This URL served a file whose SHA-256 is not the entry's."""
+
+
 class _HostDown(_Unavailable):
     """The host itself cannot be reached in a way another attempt will not fix (DNS, refused)."""
+
+
+class _KnownDown(_HostDown):
+    """The host was found down a moment ago, so it was not asked (nothing new to log)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,19 +118,19 @@ class _HostDown(_Unavailable):
 
 def cache_dir(path: CacheDir = None) -> Path:
     """The checkpoint cache: ``path``, else ``$PSP_ZOO_HOME``, else ``torch.hub.get_dir()/checkpoints``."""
-    return _cache_root(path)
-
-
-def _cache_root(path: CacheDir) -> Path:
     # torch.hub and mmseg (via mmengine) save published files here under the same hashed names
     if path is None:
-        path = os.environ.get(HOME_ENV) or _torch_hub_dir() / "checkpoints"
+        path = env_text(HOME_ENV) or _torch_hub_dir() / "checkpoints"
     return Path(path).expanduser()
+
+
+# inside the functions below, ``cache_dir`` is their keyword argument (the folder the caller chose)
+_cache_root = cache_dir
 
 
 def resolve_url(url: str, mirror: Optional[str] = None) -> str:
     """``url`` with the OpenMMLab download host replaced by ``mirror`` (or ``$PSP_ZOO_MIRROR``)."""
-    mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV)
+    mirror = mirror if mirror is not None else env_text(MIRROR_ENV)
     if mirror and url.startswith(OPENMMLAB_PREFIX):
         return mirror.rstrip("/") + "/" + url[len(OPENMMLAB_PREFIX):]
     return url
@@ -236,7 +242,7 @@ def download(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, mirror: Opti
     final = _cache_root(cache_dir) / target.filename
     if final.is_file() and _marker_matches(final, target):
         return final  # the common case: no lock, no hashing
-    offline = _env_flag(OFFLINE_ENV) if offline is None else offline
+    offline = _offline_from_env() if offline is None else offline
     if offline:
         return _from_cache_only(final, target)
     _make_dirs(final)
@@ -251,9 +257,6 @@ def download(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, mirror: Opti
     return final
 
 
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
-
-
 def _torch_hub_dir() -> Path:
     """torch.hub.get_dir() without importing torch (``list`` and ``info`` start without it):
     ``$TORCH_HOME/hub``, else ``$XDG_CACHE_HOME/torch/hub``, else ``~/.cache/torch/hub``. A
@@ -265,13 +268,11 @@ def _torch_hub_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
-def _env_flag(name: str) -> bool:
-    """An on/off environment variable; anything but the usual spellings is an error, not "off"."""
-    value = os.environ.get(name, "").strip().lower()
-    if value not in _TRUE + _FALSE:
-        raise DownloadError(f"{name}={os.environ[name]!r} is neither on (1, true, yes, on) nor off "
-                            f"(0, false, no, off, empty); set it to one of those")
-    return value in _TRUE
+def _offline_from_env() -> bool:
+    try:
+        return env_flag(OFFLINE_ENV)
+    except PspZooError as exc:
+        raise DownloadError(str(exc)) from None
 
 
 def _from_cache_only(final: Path, target: _Target) -> Path:
@@ -382,21 +383,21 @@ def _fetch_first_that_serves(target: _Target, final: Path, mirror: Optional[str]
             return
         except _Unavailable as exc:
             failures.append((url, exc))
-            if index + 1 < len(urls):
+            if index + 1 < len(urls) and not isinstance(exc, _KnownDown):
                 log.info("%s: %s; trying the next URL", url, exc.cause)
     raise _give_up("" if target.label in target.urls else target.label, final, failures)
 
 
 def _fetch_from(url: str, final: Path, target: _Target, policy: _Policy) -> None:
-    log.info("downloading %s to %s", url, final)
-    _from_live_host(url, lambda: _fetch_verified(url, final, target, policy))
+    _from_live_host(url, final, lambda: _fetch_verified(url, final, target, policy))
 
 
-def _from_live_host(url: str, fetch: Callable[[], object]) -> None:
+def _from_live_host(url: str, final: Path, fetch: Callable[[], object]) -> None:
     """``fetch()``, unless the host of ``url`` was found down a moment ago; a host found down is remembered."""
     known = _known_down(url)
     if known:  # the same answer as a moment ago, without waiting for it again
-        raise _HostDown(f"{known} (failed earlier in this process; not tried again)")
+        raise _KnownDown(f"{known} (failed earlier in this process; not tried again)")
+    log.info("downloading %s to %s", url, final)
     try:
         fetch()
     except _HostDown as exc:
@@ -416,9 +417,19 @@ def _give_up(label: str, final: Path, failures: List[Tuple[str, _Unavailable]],
     hints = (exc.hint if resumable or exc.hint != "run again to resume" else "run again" for _, exc in failures)
     todo = list(dict.fromkeys(hint for hint in hints if hint))
     todo.append(f"set a mirror that serves a copy of the zoo (the mirror argument or {MIRROR_ENV})")
-    todo.append(f"work offline: place the file at {final} and pass offline=True (or set {OFFLINE_ENV}=1)")
-    return DownloadError(f"{tried}; {', '.join(todo[:-1])}, or {todo[-1]}",
-                         cli_hint="on the command line: --mirror BASE, or --offline with the file in --cache-dir")
+    wrong = [isinstance(exc, _WrongFile) for _, exc in failures]
+    if any(wrong):  # offline refuses the served file too: its hash is the one that does not match
+        todo.append(f"to use the file the host serves, declare it in a user manifest entry with its sha256 "
+                    f"(the manifest argument or {MANIFEST_ENV}; see docs/manifests.md)")
+    cli_hint = "on the command line: --mirror BASE" + (", or --manifest FILE" * any(wrong)) + (
+        ", or --offline with the file in --cache-dir" * (not all(wrong)))
+    offline = "work offline: place the file {} and pass offline=True (or set " + OFFLINE_ENV + "=1)"
+    said = [*todo, offline.format(f"at {final}")] if not all(wrong) else todo
+    # the same advice for every file of a command (the folder, not this file), for saying it once
+    common = [*todo, offline.format(f"in {final.parent}")] if not all(wrong) else todo
+    causes = "; ".join(dict.fromkeys(exc.cause for _, exc in failures))
+    return DownloadError(f"{tried}; {', '.join(said[:-1])}, or {said[-1]}", cli_hint=cli_hint, summary=causes,
+                         advice=f"{', '.join(common[:-1])}, or {common[-1]}")
 
 
 def _fetch_verified(url: str, final: Path, target: _Target, policy: _Policy) -> None:
@@ -432,8 +443,8 @@ def _fetch_verified(url: str, final: Path, target: _Target, policy: _Policy) -> 
         digest = _fetch_with_retries(url, part, policy)
     if not target.accepts(digest):
         part.unlink(missing_ok=True)
-        raise _Unavailable(f"SHA-256 mismatch: expected {target.expected}, got {digest}; the download was deleted",
-                           hint="try again (the host may serve a bad copy)")
+        raise _WrongFile(f"SHA-256 mismatch: expected {target.expected}, got {digest}; the download was deleted",
+                         hint="try again (the host may serve a bad copy)")
     os.replace(part, final)
     _remember_verified(final, digest)
 
@@ -605,7 +616,7 @@ def fetch_file(url: str, final: Union[str, Path], *, mirror: Optional[str] = Non
     final = Path(final)
     if final.is_file():
         return final
-    if _env_flag(OFFLINE_ENV) if offline is None else offline:
+    if _offline_from_env() if offline is None else offline:
         raise DownloadError(f"offline: {final.name} is not in the cache (looked for {final}); fetch it "
                             f"while online, or copy the file there")
     _make_dirs(final)
@@ -615,10 +626,9 @@ def fetch_file(url: str, final: Union[str, Path], *, mirror: Optional[str] = Non
         part = _housekeeping(final, ".part")
         part.unlink(missing_ok=True)  # no hash could tell whether an older attempt's bytes still fit
         url = resolve_url(url, mirror)
-        log.info("downloading %s to %s", url, final)
         policy = _Policy.make(retries, backoff, timeout, quiet)
         try:
-            _from_live_host(url, lambda: _fetch_with_retries(url, part, policy))
+            _from_live_host(url, final, lambda: _fetch_with_retries(url, part, policy))
             if check is not None:
                 check(part)
             os.replace(part, final)

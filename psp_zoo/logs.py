@@ -30,6 +30,7 @@ from .errors import PspZooError
 from .manifest import Checkpoint, get_checkpoint
 from .files import atomic_write
 from .optional import require
+from .options import FetchOptions
 
 __all__ = ["TrainStep", "Validation", "TrainingLog", "LogError", "parse_log", "read_log", "log_path",
            "fetch_log", "compare_with_table", "render_comparison", "check_plotting", "log_figure", "plot_log"]
@@ -227,16 +228,16 @@ def log_path(name_or_entry: Union[str, Checkpoint], *, cache_dir: Optional[PathL
     return checkpoint_cache_dir(cache_dir) / filename
 
 
-def fetch_log(name_or_entry: Union[str, Checkpoint], *, cache_dir: Optional[PathLike] = None,
-              mirror: Optional[str] = None, offline: Optional[bool] = None, quiet: Optional[bool] = None,
-              manifest=None) -> Path:
+def fetch_log(name_or_entry: Union[str, Checkpoint], *, fetch: Optional[FetchOptions] = None) -> Path:
     """The local path of a checkpoint's training log, downloaded into the cache if not there.
 
-    A download that is not a readable log is refused and never lands in the cache.
+    ``fetch`` says where from (manifest, cache folder, mirror, offline), as for checkpoints. A
+    download that is not a readable log is refused and never lands in the cache.
     """
-    entry = _entry(name_or_entry, manifest)
-    final = log_path(entry, cache_dir=cache_dir)
-    return fetch_file(entry.log_url, final, mirror=mirror, offline=offline, quiet=quiet,
+    fetch = fetch or FetchOptions()
+    entry = _entry(name_or_entry, fetch.manifest)
+    final = log_path(entry, cache_dir=fetch.cache_dir)
+    return fetch_file(entry.log_url, final, mirror=fetch.mirror, offline=fetch.offline, quiet=fetch.quiet,
                       check=lambda part: _check_download(part, entry.log_url))
 
 
@@ -253,7 +254,7 @@ def _check_download(part: Path, url: str) -> None:
 
 def compare_with_table(entry: Checkpoint, log: TrainingLog) -> Dict[str, Any]:
     """Last and best validation mIoU and peak training memory of ``log`` beside ``entry``'s published
-    mIoU and Mem (GB). Memory in GB is the logged MB / 1024 (the log's MB are MiB)."""
+    mIoU and Mem (GB). The log's "memory" is in MiB (``max_memory_allocated() / 2**20``), so GB is MiB / 1024."""
     last, best, peak = log.last_val, log.best_val, log.peak_memory
     return {
         "name": entry.name,
@@ -263,7 +264,7 @@ def compare_with_table(entry: Checkpoint, log: TrainingLog) -> Dict[str, Any]:
         "val_lines": len(log.val),
         "last_val": None if last is None else {"iter": last.iteration, "mIoU": last.miou},
         "best_val": None if best is None else {"iter": best.iteration, "mIoU": best.miou},
-        "peak_memory": None if peak is None else {"iter": peak.iteration, "MB": peak.memory_mb,
+        "peak_memory": None if peak is None else {"iter": peak.iteration, "MiB": peak.memory_mb,
                                                   "GB": peak.memory_mb / MIB_PER_GIB},
         "published": {"mIoU": entry.published.miou, "Mem (GB)": entry.published.mem_gb},
     }
@@ -291,7 +292,7 @@ def render_comparison(report: Mapping[str, Any]) -> str:
         lines.append(f"  no training memory in the log (table Mem (GB) {published['Mem (GB)'] or '-'})")
     else:
         lines.append(f"  peak memory    {_versus(peak['GB'], published['Mem (GB)'], 2, ' GB')} at iteration "
-                     f"{peak['iter']}: {peak['MB']:.0f} MB / 1024")
+                     f"{peak['iter']}: {peak['MiB']:.0f} MiB / 1024")
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import yaml
 
+from .backbones import BACKBONE_FORMS, head_channels, parse_backbone
+from .constants import MANIFEST_ENV, env_paths
 from .errors import ManifestError, PspZooError, UnknownModelError
 
 __all__ = [
@@ -41,7 +43,6 @@ __all__ = [
     "list_models",
 ]
 
-MANIFEST_ENV = "PSP_ZOO_MANIFEST"
 BUILTIN_MANIFEST = Path(__file__).with_name("model_index.yml")
 CLASSES_FILE = Path(__file__).with_name("data") / "dataset_classes.json"
 
@@ -59,15 +60,14 @@ PUBLISHED_FIELDS = {
 }
 ARCH_FIELDS = ("num_classes", "stem_channels", "base_channels", "channels", "aux_channels")
 TEST_FIELDS = ("mode", "img_scale", "crop_size", "stride", "align_corners")
-ENTRY_REQUIRED = ("name", "dataset", "crop_size", "schedule", "weights", "hash", "published")
-ENTRY_OPTIONAL = ("aliases", "backbone", "depth", "log", "sha256", "test", "model", "published_on")
+ENTRY_REQUIRED = ("name", "dataset", "crop_size", "schedule", "weights", "published")
+# one of the two is required: backbone or depth
+ENTRY_EITHER = (("backbone", "depth"),)
+# hash and sha256: the hash prefix comes from the weights file name or sha256; given, they must agree
+ENTRY_OPTIONAL = ("hash", "sha256", "aliases", "log", "test", "model", "published_on")
 # Results-table backbone names: R-<depth>[b]-D<output stride>[ rsb] ('b': ResNetV1b stem; 'rsb': the
 # ResNet-strikes-back pretraining, which does not change the network).
-_BACKBONE_RE = re.compile(r"R-(?P<depth>18|50|101)(?P<v1b>b?)-D(?P<stride>8|32)(?: rsb)?")
-_BACKBONE_FORMS = "'R-<depth>[b]-D<stride>[ rsb]', depth 18, 50 or 101, stride 8 or 32, e.g. 'R-50b-D8 rsb'"
 # Head widths (decode head channels, auxiliary head channels) of the published configs.
-HEAD_CHANNELS = {18: (128, 64)}
-DEFAULT_HEAD_CHANNELS = (512, 256)
 DATASET_REQUIRED = ("title", "num_classes", "img_scale", "reduce_zero_label", "train_images_per_gpu",
                     "test", "layout")
 DATASET_OPTIONAL = ("ignore_index", "classes", "palette")
@@ -256,8 +256,13 @@ class Checkpoint:
 
     @property
     def filename(self) -> str:
-        """The hashed weight file name, e.g. ``<name>_<date>_<time>-<hash8>.pth``."""
-        return self.url.rsplit("/", 1)[-1]
+        """The hashed weight file name in the cache, e.g. ``<name>_<date>_<time>-<hash8>.pth``: the
+        URL's file name, with ``-<hash8>`` added when the URL's name does not carry it."""
+        name = self.url.rsplit("/", 1)[-1]
+        if _WEIGHTS_RE.match(name):
+            return name
+        stem = name[: -len(".pth")] if name.endswith(".pth") else name
+        return f"{stem}-{self.hash_prefix}.pth"
 
     @property
     def file_stem(self) -> str:
@@ -276,7 +281,7 @@ class Checkpoint:
 
     def model_kwargs(self) -> dict:
         """Keyword arguments for :class:`psp_zoo.PSPNet` that build this checkpoint's network."""
-        channels, aux_channels = HEAD_CHANNELS.get(self.depth, DEFAULT_HEAD_CHANNELS)
+        channels, aux_channels = head_channels(self.depth)
         kwargs = {
             "depth": self.depth,
             "deep_stem": self.deep_stem,
@@ -510,29 +515,36 @@ def _names(where: _Where, value: Any, fld: str) -> Tuple[str, ...]:
 
 
 def _parse_weights(where: _Where, raw: Mapping) -> Tuple[Tuple[str, ...], str]:
-    """The weights URLs (one, or a list of the same file's locations) and their hash prefix."""
+    """The weights URLs (one, or a list of the same file's locations) and their hash prefix.
+
+    The prefix is the ``-<8 hex>`` of the file name (the published files' convention) or, for a
+    file named otherwise, the first 8 digits of the entry's full ``sha256``.
+    """
     value = raw["weights"]
     urls = value if isinstance(value, list) else [value]
     if not urls:
         where.fail("weights", "expected a URL or a list of URLs of the same file, got an empty list")
+    sha256 = raw.get("sha256")
+    if sha256 is not None and (not isinstance(sha256, str) or not _HEX64_RE.match(sha256)):
+        where.fail("sha256", f"expected 64 lowercase hex digits, got {sha256!r}")
     for index, url in enumerate(urls):
         fld = f"weights[{index}]" if isinstance(value, list) else "weights"
         if not isinstance(url, str) or not re.match(r"^(https?|file)://", url):
             where.fail(fld, f"expected an http(s):// or file:// URL, got {url!r}")
-        if not _WEIGHTS_RE.match(url.rsplit("/", 1)[-1]):
-            where.fail(fld, f"file name must end in -<8 hex digits>.pth (the SHA-256 prefix), got {url!r}")
+        if sha256 is None and not _WEIGHTS_RE.match(url.rsplit("/", 1)[-1]):
+            where.fail(fld, f"file name must end in -<8 hex digits>.pth (the SHA-256 prefix), got {url!r}; "
+                            f"rename the file so, or give the file's full 'sha256' instead")
         if url.rsplit("/", 1)[-1] != urls[0].rsplit("/", 1)[-1]:
             where.fail(fld, f"every URL must name the same file as the first ({urls[0].rsplit('/', 1)[-1]}), "
                             f"got {url!r}")
-    hash_prefix = raw["hash"]
+    named = _WEIGHTS_RE.match(urls[0].rsplit("/", 1)[-1])
+    derived = named.group("hash") if named else sha256[:8]
+    hash_prefix = raw.get("hash", derived)
     if not isinstance(hash_prefix, str) or not _HEX8_RE.match(hash_prefix):
         where.fail("hash", f"expected 8 lowercase hex digits, got {hash_prefix!r}")
-    in_name = _WEIGHTS_RE.match(urls[0].rsplit("/", 1)[-1]).group("hash")
-    if in_name != hash_prefix:
-        where.fail("hash", f"{hash_prefix!r} does not match the weights file name ({in_name!r})")
-    sha256 = raw.get("sha256")
-    if sha256 is not None and (not isinstance(sha256, str) or not _HEX64_RE.match(sha256)
-                               or not sha256.startswith(hash_prefix)):
+    if hash_prefix != derived:
+        where.fail("hash", f"{hash_prefix!r} does not match the weights file name or sha256 ({derived!r})")
+    if sha256 is not None and not sha256.startswith(hash_prefix):
         where.fail("sha256", f"expected 64 lowercase hex digits starting with {hash_prefix!r}, got {sha256!r}")
     return tuple(urls), hash_prefix
 
@@ -545,15 +557,15 @@ def _parse_backbone(where: _Where, raw: Mapping) -> Tuple[str, dict]:
     backbone = raw.get("backbone")
     if backbone is None:
         if depth is None:
-            where.fail("backbone", "missing: give the results table's backbone, e.g. 'R-50-D8'")
+            where.fail("backbone", "missing: give the results table's backbone, e.g. 'R-50-D8' (or the depth "
+                                   "of an R-<depth>-D8 network)")
         backbone = f"R-{depth}-D8"
-    match = _BACKBONE_RE.fullmatch(backbone) if isinstance(backbone, str) else None
-    if match is None:
-        where.fail("backbone", f"expected {_BACKBONE_FORMS}, got {backbone!r}")
-    if depth is not None and depth != int(match["depth"]):
+    net = parse_backbone(backbone) if isinstance(backbone, str) and backbone == backbone.strip() else None
+    if net is None:
+        where.fail("backbone", f"expected {BACKBONE_FORMS}, got {backbone!r}")
+    if depth is not None and depth != net["depth"]:
         where.fail("depth", f"{depth} contradicts backbone {backbone!r}; give one or make them agree")
-    return backbone, {"depth": int(match["depth"]), "deep_stem": not match["v1b"],
-                      "output_stride": int(match["stride"])}
+    return backbone, net
 
 
 def _parse_arch(where: _Where, raw: Mapping) -> dict:
@@ -592,7 +604,7 @@ def _entry_where(source: str, index: int, raw: Any) -> _Where:
         label += f" '{raw['name']}'"
     where = _Where(source, label)
     where.mapping(raw, "")
-    where.known_keys(raw, ENTRY_REQUIRED + ENTRY_OPTIONAL, "")
+    where.known_keys(raw, ENTRY_REQUIRED + sum(ENTRY_EITHER, ()) + ENTRY_OPTIONAL, "")
     for fld in ENTRY_REQUIRED:
         if fld not in raw:
             where.fail(fld, "missing")
@@ -753,6 +765,7 @@ def load_manifest(*user_paths: Union[str, Path], builtin: bool = True) -> Manife
     """Read the built-in manifest, then each user manifest in order (later ones override)."""
     datasets: dict = {}
     entries: dict = {}
+    raws: dict = {}
     sources = ([BUILTIN_MANIFEST] if builtin else []) + [Path(p) for p in user_paths]
     for path in sources:
         data = _builtin_data() if path == BUILTIN_MANIFEST else _read_yaml(path)
@@ -761,13 +774,30 @@ def load_manifest(*user_paths: Union[str, Path], builtin: bool = True) -> Manife
             datasets[key] = _parse_dataset(source, key, raw)
         seen = set()
         for index, raw in enumerate(data.get("models") or []):
+            name = raw.get("name") if isinstance(raw, Mapping) else None
+            if name in seen:
+                raise ManifestError(f"{source}: models[{index}] '{name}': field 'name': duplicate name")
+            seen.add(name)
+            if isinstance(name, str) and name in raws:
+                raw = _overridden(raws[name], raw)
             ckpt = _parse_entry(source, index, raw, datasets)
-            if ckpt.name in seen:
-                raise ManifestError(f"{source}: models[{index}] '{ckpt.name}': field 'name': duplicate name")
-            seen.add(ckpt.name)
-            entries.pop(ckpt.name, None)  # an override replaces the entry and its aliases
-            entries[ckpt.name] = ckpt
+            raws[ckpt.name] = raw
+            entries[ckpt.name] = ckpt  # an override keeps the entry's place in the list
     return Manifest(datasets, list(entries.values()))
+
+
+def _overridden(previous: Mapping, override: Mapping) -> dict:
+    """An entry overridden field by field: the override's fields, the previous entry's for the rest.
+
+    Inherited fields that describe what the override replaced go with it: new ``weights`` are
+    another file (its hash is not the previous one), a new ``dataset`` or ``model`` another network
+    (the published rows on other datasets were measured with the previous one).
+    """
+    replaced = {key for trigger, keys in _REPLACED_WITH.items() if trigger in override for key in keys}
+    return {**{key: value for key, value in previous.items() if key not in replaced}, **override}
+
+
+_REPLACED_WITH = {"weights": ("hash", "sha256"), "dataset": ("published_on",), "model": ("published_on",)}
 
 
 _CACHE: dict = {}
@@ -775,7 +805,7 @@ _CACHE: dict = {}
 
 def _user_manifest_paths(manifest: Union[None, str, Path, Sequence]) -> Tuple[str, ...]:
     if manifest is None:
-        manifest = os.environ.get(MANIFEST_ENV) or ()
+        manifest = env_paths(MANIFEST_ENV)
     if isinstance(manifest, (str, Path)):
         manifest = [p for p in str(manifest).split(os.pathsep) if p]
     return tuple(str(Path(p).expanduser()) for p in manifest)

@@ -136,7 +136,9 @@ def predict(name_or_model: Union[str, torch.nn.Module], image: Union[PathLike, n
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    """An image file a folder or glob yields; hidden files (``.x.png``, macOS ``._x.jpg``) are not,
+    as in the datasets."""
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 def _images_in(folder: Path, out_dir: Optional[Path]) -> List[Path]:

@@ -8,8 +8,8 @@ tables; memory is in GB of 2**30 bytes like the published "Mem (GB)" column; ``n
 "not measured" (and for a per-class value of a class that never occurs).
 
 Layout: ``<results_dir>/<checkpoint>/<device_tag>[_<precision>].json``, e.g.
-``results/pspnet_r50-d8_512x1024_40k_cityscapes/cuda-nvidia-h100-80gb-hbm3.json``; fp32 has no
-suffix. A results file is evidence, so reading is strict: :func:`read_results` raises
+``results/pspnet_r50-d8_512x1024_40k_cityscapes/cuda-nvidia-h100-80gb-hbm3.json`` or
+``.../cpu-amd-epyc-7763-64-core-processor.json``; fp32 has no suffix. A results file is evidence, so reading is strict: :func:`read_results` raises
 ``ResultsError`` naming the first malformed file and field instead of silently leaving a
 checkpoint out of a table (``strict=False`` skips such files with a warning instead).
 """
@@ -338,11 +338,10 @@ class _Parser:
 
 
 def device_tag(environment: Mapping[str, Any]) -> str:
-    """File-name tag of a device: ``cpu`` or ``cuda-<device name slug>``."""
-    if environment["device_kind"] == "cpu":
-        return "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", environment["device_name"].lower()).strip("-")
-    return f"cuda-{slug}"
+    """File-name tag of a device: ``<cpu or cuda>-<device name slug>``, e.g. ``cpu-amd-epyc-7763-64-core-processor``,
+    so runs on different machines keep different files in one results folder."""
+    slug = re.sub(r"[^a-z0-9]+", "-", str(environment.get("device_name", "")).lower()).strip("-")
+    return f"{environment['device_kind']}-{slug}" if slug else environment["device_kind"]
 
 
 def result_path(results_dir: PathLike, checkpoint: str, environment: Mapping[str, Any],

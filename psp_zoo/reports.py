@@ -13,7 +13,7 @@ from .hub import cache_state
 from .manifest import Manifest, get_manifest
 from .records import ResultRecord
 
-__all__ = ["checkpoint_frame", "render_checkpoints", "describe_run", "per_class_text", "show_text", "undefined"]
+__all__ = ["checkpoint_frame", "render_checkpoints", "describe_run", "images_text", "per_class_text", "show_text", "undefined"]
 
 ManifestArg = Union[None, str, Path, Sequence, Manifest]
 
@@ -75,12 +75,25 @@ def _number(value: Optional[float]) -> str:
     return "-" if undefined(value) else f"{value:.2f}"
 
 
+def images_text(record: ResultRecord) -> str:
+    """'500 images', or '10 of 500 images (--limit)' for a run limited to the first images."""
+    if record.images.limited:
+        return f"{record.images.count} of {record.images.available} images (--limit)"
+    return f"{record.images.count} images"
+
+
+def _ran_on(record: ResultRecord) -> str:
+    device = record.environment.get("device_name", record.device_kind)
+    if not record.backend:
+        return device
+    return f"{device}, {record.backend.get('backend')} {record.backend.get('version', '')}".rstrip()
+
+
 def describe_run(record: ResultRecord) -> str:
     """The record's headline: checkpoint, dataset, images, passes, device and what ran the model."""
     passes = "+".join(label for label, m in (("single-scale", record.single_scale), ("ms+flip", record.ms_flip))
                       if m is not None)
-    return (f"{record.checkpoint} on {record.dataset} ({record.images.count} images, {passes}, "
-            f"{record.environment.get('device_name', record.device_kind)})")
+    return f"{record.checkpoint} on {record.dataset} ({images_text(record)}, {passes}, {_ran_on(record)})"
 
 
 def per_class_text(metrics) -> str:
@@ -100,8 +113,8 @@ def show_text(record: ResultRecord, manifest: ManifestArg = None) -> str:
     if not passes:
         raise PspZooError(f"{record.source or record.checkpoint} holds no metrics (status {record.status}: "
                           f"{record.error or 'nothing was scored'})")
-    lines = [f"{record.checkpoint} on {record.dataset} ({record.images.count} images, "
-             f"{record.environment.get('device_name', record.device_kind)}, {record.precision}, {record.status})"]
+    lines = [f"{record.checkpoint} on {record.dataset} ({images_text(record)}, {_ran_on(record)}, "
+             f"{record.precision}, {record.status})"]
     headers = ["class"] + [f"{what} {label}" for label, _ in passes for what in ("IoU", "Acc")]
     rows = [[name] + [_number(m.per_class.get(name, {}).get(what)) for _, m in passes for what in ("IoU", "Acc")]
             for name in passes[0][1].per_class]
@@ -112,6 +125,9 @@ def show_text(record: ResultRecord, manifest: ManifestArg = None) -> str:
                      f"mAcc {_number(metrics.macc)}  published mIoU {_number(published.get(label))}")
     if not published:
         lines.append(f"(no published numbers: {record.checkpoint} is not in the manifest)")
+    elif record.images.limited:
+        lines.append(f"(only {images_text(record)} were scored; the published mIoU is over all "
+                     f"{record.images.available}, so the two are not comparable)")
     return "\n".join(lines) + "\n"
 
 

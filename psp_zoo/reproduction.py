@@ -41,6 +41,7 @@ from .manifest import Checkpoint, get_manifest
 from .measure import speed_and_memory, training_memory
 from .optimization import optimize
 from .options import FetchOptions, SpeedOptions
+from .constants import MIN_SPEED_IMAGES
 from .records import (DEFAULT_RESULTS_DIR, ImageCount, Metrics, ResultRecord, read_result, result_path,
                       write_result)
 from .resume import PartialState
@@ -69,7 +70,7 @@ class ReproduceOptions:
     progress: Optional[bool] = None           # None: a bar on a terminal, log lines elsewhere
 
     def check(self) -> None:
-        for name, value, minimum in (("limit", self.limit, 1), ("speed_images", self.speed_images, 2),
+        for name, value, minimum in (("limit", self.limit, 1), ("speed_images", self.speed_images, MIN_SPEED_IMAGES),
                                      ("speed_warmup", self.speed_warmup, 0), ("save_every", self.save_every, 1),
                                      ("num_workers", self.num_workers, 0)):
             if value is not None and value < minimum:

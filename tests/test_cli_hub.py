@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -76,8 +77,25 @@ def test_get_tries_the_rest_and_exits_nonzero(capsys, hub_server, hub_manifest, 
     code, out, err = run_cli(capsys, "get", "tiny_r50", "tiny_r101", "--quiet",
                              "--manifest", hub_manifest, "--cache-dir", hub_cache)
     assert code == 1 and out.splitlines() == [str(hub_cache / tiny_checkpoint_path("r101").name)]
-    line = _one_line(err)
-    assert line.startswith("psp-zoo get: error: tiny_r50: ") and "HTTP 404" in line and "--mirror" in line
+    error, advice = err.strip().splitlines()
+    assert error.startswith("psp-zoo get: error: tiny_r50: ") and "HTTP 404" in error
+    assert advice.startswith("psp-zoo get: to fix: ") and "--mirror" in advice
+
+
+def test_get_against_a_refused_mirror_says_one_short_line_per_file_and_the_advice_once(capsys, tmp_path):
+    with socket.socket() as sock:  # a port nothing listens on: every connection is refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code, out, err = run_cli(capsys, "get", "--dataset", "cityscapes", "--mirror", f"http://127.0.0.1:{port}/",
+                             "--cache-dir", tmp_path / "cache")
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("psp-zoo get: error: ")]
+    fixes = [line for line in lines if line.startswith("psp-zoo get: to fix: ")]
+    assert code == 1 and out == "" and len(errors) == 21 and len(fixes) == 1
+    assert len(lines) <= len(errors) + 2  # at most one 'downloading' line: the refused host is not asked again
+    assert all(len(line) < 200 for line in errors), max(errors, key=len)
+    assert all(f"127.0.0.1:{port}" in line and "refused" in line for line in errors)
+    assert "--mirror" in fixes[0] and "offline" in fixes[0] and not any("mirror" in line for line in errors)
 
 
 def test_get_offline_and_mirror(capsys, hub_server, tmp_path, hub_cache, monkeypatch):

@@ -3,7 +3,6 @@ what happened (issue 15)."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import re
 from pathlib import Path
@@ -15,6 +14,7 @@ from PIL import Image
 
 import psp_zoo.cli as cli
 from psp_zoo.cli import build_parser, main
+from psp_zoo.errors import PspZooError
 from psp_zoo.records import write_result
 from psp_zoo.testing import manifest_entry, write_manifest
 
@@ -100,6 +100,7 @@ def test_ms_flip_cost_is_the_measured_one():
     (["selftest", "--port", "99999"], "psp-zoo selftest: error: argument --port: expected a port number"),
     (["list", "--format", "xml"], "psp-zoo list: error: argument --format: invalid choice"),
     (["nonsense"], "psp-zoo: error: argument COMMAND: invalid choice"),
+    (["list", "--datset", "x"], "psp-zoo list: error: unrecognized arguments: --datset x"),
     ([], "psp-zoo: error: the following arguments are required: COMMAND"),
 ])
 def test_a_command_line_mistake_is_one_line_and_exit_2(capsys, argv, where):
@@ -302,6 +303,16 @@ def test_show_prints_per_class_and_published_beside_reproduced(capsys, tmp_path)
     assert any(line.startswith("ms+flip") and line.endswith("published mIoU 79.18") for line in lines), out
 
 
+def test_show_of_a_limited_run_says_how_many_images_and_not_comparable(capsys, tmp_path):
+    path = write_result(make_record(limit=10, count=10), tmp_path / "r.json")
+    code, out, _ = run_cli(capsys, "show", path)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("pspnet_r50-d8_512x1024_40k_cityscapes on cityscapes "
+                                             "(10 of 500 images (--limit), ")
+    assert lines[-1] == ("(only 10 of 500 images (--limit) were scored; the published mIoU is over all 500, "
+                         "so the two are not comparable)")
+
+
 def test_show_a_checkpoint_outside_the_manifest_and_a_bad_file(capsys, tmp_path):
     path = write_result(make_record(name="private_model", ms_flip=None), tmp_path / "p.json")
     code, out, _ = run_cli(capsys, "show", path)
@@ -313,26 +324,6 @@ def test_show_a_checkpoint_outside_the_manifest_and_a_bad_file(capsys, tmp_path)
     assert code == 2 and str(bad) in one_line(err)
 
 
-# --------------------------------------------------------------------------------------------
-# evaluate --onnx
-
-
-def test_evaluate_passes_onnx_through(monkeypatch, capsys, tmp_path):
-    pytest.importorskip("onnxruntime")
-    from psp_zoo import evaluation
-
-    if "onnx" not in inspect.signature(evaluation.evaluate).parameters:
-        pytest.skip("psp_zoo.evaluation.evaluate has no onnx keyword yet")
-    seen = {}
-
-    def fake_evaluate(name, data_root, **kwargs):  # records what the CLI passes; scoring is tested elsewhere
-        seen.update(kwargs)
-        return make_record()
-    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
-    code, out, _ = run_cli(capsys, "evaluate", "x", "--data-root", tmp_path, "--onnx", tmp_path / "m.onnx")
-    assert code == 0 and seen["onnx"] == str(tmp_path / "m.onnx") and "mIoU 77.80" in out
-
-
 def test_selftest_refuses_a_port_out_of_range_before_any_step(capsys):
     from psp_zoo.errors import PspZooError
     from psp_zoo.selftest import run_selftest
@@ -341,3 +332,41 @@ def test_selftest_refuses_a_port_out_of_range_before_any_step(capsys):
         with pytest.raises(PspZooError, match="port must be a whole number from 0 to 65535"):
             run_selftest(port=port)
     assert capsys.readouterr().out == ""
+
+
+# --------------------------------------------------------------------------------------------
+# refused before any work
+
+
+@pytest.mark.parametrize("command", sorted(FETCHING))
+def test_a_bad_offline_setting_is_refused_by_every_command_that_reads_it(command, capsys, monkeypatch, tmp_path):
+    image = tmp_path / "pic.png"
+    cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+    argv = {"get": ["get", NAME], "info": ["info", NAME], "logs": ["logs", NAME],
+            "evaluate": ["evaluate", NAME, "--data-root", tmp_path], "predict": ["predict", NAME, image],
+            "reproduce": ["reproduce", "--dataset", "cityscapes", "--data-root", tmp_path],
+            "export": ["export", NAME, "--out", tmp_path / "m.onnx", "--format", "torchscript"]}[command]
+    monkeypatch.setenv("PSP_ZOO_OFFLINE", "maybe")
+    code, out, err = run_cli(capsys, *argv, "--cache-dir", tmp_path / "cache")
+    assert code == 2 and out == ""
+    assert one_line(err).startswith(f"psp-zoo {command}: error: PSP_ZOO_OFFLINE='maybe' is neither on")
+
+
+def test_export_refuses_an_opset_before_downloading_anything(capsys, hub_server, hub_manifest, tmp_path):
+    code, _, err = run_cli(capsys, "export", "tiny_r50", "--opset", "22", "--out", tmp_path / "m.onnx",
+                           "--manifest", hub_manifest, "--cache-dir", tmp_path / "cache")
+    assert code == 2 and "opset must be a whole number from 11 to 21, got 22" in one_line(err)
+    assert hub_server.log == [] and not (tmp_path / "cache").exists()
+
+
+def test_speed_images_below_what_the_library_takes_is_a_usage_error(capsys, tmp_path):
+    from psp_zoo.constants import MIN_SPEED_IMAGES
+    from psp_zoo.reproduction import ReproduceOptions
+
+    with pytest.raises(SystemExit) as stop:
+        main(["reproduce", "--dataset", "cityscapes", "--data-root", str(tmp_path), "--speed-images", "1"])
+    assert stop.value.code == 2
+    assert "argument --speed-images: expected a whole number >= 2, got '1'" in one_line(capsys.readouterr().err)
+    with pytest.raises(PspZooError, match="speed_images must be a whole number >= 2"):
+        ReproduceOptions(speed_images=MIN_SPEED_IMAGES - 1).check()
+    ReproduceOptions(speed_images=MIN_SPEED_IMAGES, speed_warmup=1).check()  # the least both accept

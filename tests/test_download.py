@@ -417,3 +417,24 @@ def test_an_offline_setting_that_is_neither_on_nor_off_is_an_error(monkeypatch, 
     forget_failed_hosts()
     with pytest.raises(DownloadError, match="refused"):
         download("http://127.0.0.1:9/x_20200101_000000-12345678.pth", cache_dir=tmp_path, retries=0)
+
+
+def test_a_hash_mismatch_advises_what_works_and_following_it_works(hub_server, hub_manifest, hub_cache, tmp_path):
+    """Offline would refuse the served file as well, so the advice is the mirror or a user manifest
+    entry with the file's own sha256; that entry then downloads and verifies it."""
+    hub_server.script("r50", "wrong")
+    with pytest.raises(DownloadError) as info:
+        download("tiny_r50", manifest=hub_manifest, cache_dir=hub_cache, **FAST)
+    message = str(info.value)
+    assert "offline" not in message.lower() and "PSP_ZOO_MIRROR" in message
+    assert "user manifest entry with its sha256" in message and "PSP_ZOO_MANIFEST" in message
+    assert info.value.cli_hint == "on the command line: --mirror BASE, or --manifest FILE"
+    served = bytes(b ^ 0xFF for b in tiny_checkpoint_path("r50").read_bytes())  # what the host serves
+    digest = hashlib.sha256(served).hexdigest()
+    old = tiny_info("r50")["sha256"]
+    text = hub_manifest.read_text().replace(tiny_checkpoint_path("r50").name, "my_copy.pth")
+    mine = tmp_path / "mine.yml"
+    mine.write_text(text.replace(old, digest).replace(f'hash: "{old[:8]}"', f'hash: "{digest[:8]}"'))
+    hub_server.files[hub_server.path_of("r50").replace(tiny_checkpoint_path("r50").name, "my_copy.pth")] = served
+    path = download("tiny_r50", manifest=mine, cache_dir=hub_cache, **FAST)
+    assert path.read_bytes() == served and path.name == f"my_copy-{digest[:8]}.pth"

@@ -242,3 +242,16 @@ def test_evaluate_through_onnx_gives_the_pytorch_record(tmp_path, mode):
     assert through_onnx.single_scale == through_torch.single_scale and through_onnx.images.count == 3
     assert through_onnx.backend["backend"] == "onnxruntime" and through_torch.backend is None
     assert read_result(write_result(through_onnx, tmp_path / "onnx.json")) == through_onnx
+
+
+def test_cli_evaluate_onnx_says_onnxruntime_scored_it(tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "m.yml", "http://127.0.0.1:9")
+    path = tmp_path / "tiny.onnx"
+    assert _cli_export(tmp_path, "--out", str(path)) == 0
+    minidata.write_cityscapes(tmp_path / "cityscapes")
+    capsys.readouterr()
+    code = main(["evaluate", "tiny_r50", "--data-root", str(tmp_path / "cityscapes"), "--onnx", str(path),
+                 "--manifest", str(manifest), "--device", "cpu", "--num-workers", "0"])
+    headline = capsys.readouterr().out.splitlines()[0]
+    assert code == 0 and headline.startswith("tiny_r50 on cityscapes (3 images, single-scale, ")
+    assert headline.endswith(f", onnxruntime {ort.__version__})"), headline

@@ -85,7 +85,7 @@ def test_0x_log_last_and_best_mIoU_and_peak_memory_beside_the_table(capsys, serv
     assert lines[1] == "  mmseg 0.x .log.json, 12 training and 3 validation lines"
     assert lines[2] == "  last val mIoU  73.00 (table 74.50, -1.50) at iteration 12000"
     assert lines[3] == "  best val mIoU  74.00 (table 74.50, -0.50) at iteration 8000"
-    assert lines[4] == "  peak memory    6.10 GB (table 6.10, +0.00) at iteration 3000: 6246 MB / 1024"
+    assert lines[4] == "  peak memory    6.10 GB (table 6.10, +0.00) at iteration 3000: 6246 MiB / 1024"  # MiB, as mmseg logs them
     assert lines[5] == f"wrote {plot}"
     assert plot.read_bytes().startswith(PNG_SIGNATURE)
     with Image.open(plot) as png:
@@ -106,7 +106,7 @@ def test_json_output_of_a_1x_scalars_log(capsys, served, tmp_path):
     # the step-0 test line after training scores the last iteration's weights
     assert report["last_val"] == {"iter": 12000, "mIoU": pytest.approx(72.5)}
     assert report["best_val"] == {"iter": 8000, "mIoU": pytest.approx(74.0)}
-    assert report["peak_memory"] == {"iter": 3000, "MB": 6246.0, "GB": pytest.approx(6246 / 1024)}
+    assert report["peak_memory"] == {"iter": 3000, "MiB": 6246.0, "GB": pytest.approx(6246 / 1024)}
     assert report["published"] == {"mIoU": 74.5, "Mem (GB)": 6.1}
 
 

@@ -1,6 +1,7 @@
 """The manifest holds every published checkpoint with the table's numbers, and rejects bad input."""
 from __future__ import annotations
 
+import hashlib
 import re
 import textwrap
 
@@ -613,3 +614,81 @@ def test_as_dict_is_plain_json():
     assert night["published_on"]["night_driving"]["miou"] == 23.02
     assert night["dataset_aliases"]["dark_zurich"][0] == "pspnet_r50-d8_512x1024_40k_dark"
     assert night["test_settings"]["dark_zurich"]["img_scale"] == [1920, 1080]
+
+
+# --------------------------------------------------------------------------------------------
+# overriding a published entry, and a user's own weights file
+
+
+PUBLISHED_NAME = "pspnet_r50-d8_512x1024_40k_cityscapes"
+
+
+def test_an_override_changes_what_it_names_and_keeps_the_rest(tmp_path):
+    path = _write(tmp_path, f"""
+    models:
+      - name: {PUBLISHED_NAME}
+        weights: http://mirror.local/x/{PUBLISHED_NAME}_20200605_003338-2966598c.pth
+        log: http://mirror.local/x/the.log.json
+    """)
+    builtin, user = load_manifest(), load_manifest(path)
+    before, after = builtin.get(PUBLISHED_NAME), user.get(PUBLISHED_NAME)
+    assert after.url.startswith("http://mirror.local/") and after.log_url == "http://mirror.local/x/the.log.json"
+    assert after.source == str(path) and after.hash_prefix == before.hash_prefix
+    # the rest stays: aliases, the Dark Zurich / Nighttime Driving rows and their names, the place in `list`
+    assert after.aliases == before.aliases and after.aliases
+    assert dict(after.published_on) == dict(before.published_on) and len(after.published_on) == 3
+    assert after.dataset_aliases == before.dataset_aliases
+    assert user.get("pspnet_r50-d8_512x1024_40k_dark").name == PUBLISHED_NAME
+    assert user.names == builtin.names
+    assert user.list(dataset="dark_zurich") == builtin.list(dataset="dark_zurich")
+
+
+def test_an_override_with_new_weights_needs_their_hash(tmp_path):
+    path = _write(tmp_path, f"""
+    models:
+      - name: {PUBLISHED_NAME}
+        weights: http://mirror.local/x/mine-0123abcd.pth
+    """)
+    assert load_manifest(path).get(PUBLISHED_NAME).hash_prefix == "0123abcd"  # from the new file name
+    path = _write(tmp_path, f"""
+    models:
+      - name: {PUBLISHED_NAME}
+        weights: http://mirror.local/x/mine.pth
+    """)
+    with pytest.raises(ManifestError, match="weights.*rename the file so, or give the file's full 'sha256'"):
+        load_manifest(path)
+
+
+def test_a_weights_file_without_the_hash_in_its_name_is_named_by_its_sha256(tmp_path):
+    digest = hashlib.sha256(b"my weights").hexdigest()
+    path = _write(tmp_path, GOOD_ENTRY.replace("my_pspnet_20260101_000000-0123abcd.pth", "my_weights.pth")
+                  .replace('hash: "0123abcd"', f"sha256: {digest}"))
+    entry = load_manifest(path).get("my_pspnet")
+    assert entry.hash_prefix == digest[:8] and entry.sha256 == digest
+    assert entry.url.endswith("/my_weights.pth") and entry.filename == f"my_weights-{digest[:8]}.pth"
+    with pytest.raises(ManifestError, match="'hash'"):  # a hash beside it must agree
+        load_manifest(_write(tmp_path, path.read_text() + '    hash: "deadbeef"\n'))
+
+
+def test_backbone_or_depth_one_of_them_is_required(tmp_path):
+    with pytest.raises(ManifestError, match=r"'backbone': missing: .*R-50-D8.*or the depth"):
+        load_manifest(_write(tmp_path, GOOD_ENTRY.replace("    depth: 50\n", "")))
+    assert load_manifest(_write(tmp_path, GOOD_ENTRY)).get("my_pspnet").backbone == "R-50-D8"
+
+
+def test_the_manifest_page_documents_every_entry_and_dataset_field(tmp_path):
+    """docs/manifests.md names every field the loader reads, and its example entry loads."""
+    from psp_zoo import manifest as schema
+
+    page = (REPO / "docs" / "manifests.md").read_text()
+    fields = (schema.ENTRY_REQUIRED + sum(schema.ENTRY_EITHER, ()) + schema.ENTRY_OPTIONAL
+              + schema.DATASET_REQUIRED + schema.DATASET_OPTIONAL + schema.LAYOUT_REQUIRED + schema.LAYOUT_OPTIONAL
+              + schema.TEST_FIELDS + schema.ARCH_FIELDS)
+    missing = [name for name in fields if f"`{name}`" not in page]
+    assert missing == []
+    example = page.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "my.yml"
+    path.write_text(example)
+    entry = load_manifest(path).get("my_pspnet")  # the example is a complete, loadable entry and dataset
+    assert entry.dataset == "roads" and entry.filename == f"my_pspnet-{entry.sha256[:8]}.pth"
+    assert load_manifest(path).datasets["roads"].classes == ("background", "road", "marking")

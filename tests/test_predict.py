@@ -225,3 +225,16 @@ def test_an_image_that_fails_in_the_model_is_one_line_and_the_rest_are_done(caps
     assert errors[0].startswith(f"psp-zoo predict: error: {folder / 'big.png'}: ")
     assert all(part in errors[0] for part in expected), errors[0]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.npy", "c.npy"]
+
+
+def test_a_folder_or_glob_yields_no_hidden_files(tmp_path):
+    """As the datasets skip them: '.hidden.png' and macOS's '._x.jpg' (resource forks, not images)."""
+    from psp_zoo.prediction import expand_image_args
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for name in ("a.png", ".hidden.png", "._b.jpg", "b.jpg"):
+        cv2.imwrite(str(folder / name), np.zeros((4, 4, 3), np.uint8))
+    assert [p.name for p in expand_image_args([str(folder)])] == ["a.png", "b.jpg"]
+    assert [p.name for p in expand_image_args([str(tmp_path / "**")])] == ["a.png", "b.jpg"]
+    assert [p.name for p in expand_image_args([str(folder / ".hidden.png")])] == [".hidden.png"]  # named: taken

@@ -51,8 +51,22 @@ def test_record_round_trip_keeps_every_field(tmp_path):
 
 def test_result_path_names_device_and_precision(tmp_path):
     cpu = {"device_kind": "cpu", "device_name": "Intel Xeon"}
-    assert device_tag(cpu) == "cpu"
-    assert result_path(tmp_path, "m", cpu, "fp16").name == "cpu_fp16.json"
+    assert device_tag(cpu) == "cpu-intel-xeon"
+    assert result_path(tmp_path, "m", cpu, "fp16").name == "cpu-intel-xeon_fp16.json"
+
+
+def test_two_cpu_models_write_two_results_files_and_tables_tell_them_apart(tmp_path):
+    from psp_zoo.reports import show_text
+    from psp_zoo.tables import build_tables, render
+
+    records = [make_record(device_kind="cpu", device_name=name, miou=miou)
+               for name, miou in (("AMD EPYC 7763 64-Core Processor", 0.70), ("Intel(R) Xeon(R) Gold 6338", 0.71))]
+    paths = {write_result(r, result_path(tmp_path, r.checkpoint, r.environment)) for r in records}
+    assert sorted(p.name for p in paths) == ["cpu-amd-epyc-7763-64-core-processor.json",
+                                             "cpu-intel-r-xeon-r-gold-6338.json"]
+    shown = render(build_tables(None, read_results(tmp_path)))
+    assert "AMD EPYC 7763" in shown and "Intel(R) Xeon(R) Gold 6338" in shown
+    assert "AMD EPYC 7763 64-Core Processor" in show_text(read_result(sorted(paths)[0])).splitlines()[0]
 
 
 def test_environment_info_has_versions_and_no_hostname():

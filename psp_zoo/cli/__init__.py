@@ -15,6 +15,7 @@ import warnings
 from typing import List, NoReturn, Optional
 
 from .._version import __version__
+from ..constants import OFFLINE_ENV, env_flag
 from ..errors import PspZooError, one_line
 from . import dataset, evaluate, export, get, info, logs, predict, reproduce, selftest, show, tables
 from . import list as list_command  # the module is named after its command
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for module in COMMANDS:
-        module.add_parser(sub).set_defaults(run=module.run)
+        command = module.add_parser(sub)
+        command.set_defaults(run=module.run, parser=command)  # the parser: its mistakes are said in its name
     return parser
 
 
@@ -58,7 +60,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _parse_and_run(argv: Optional[List[str]], command: List[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # `psp-zoo list --datset x` is a mistake of `psp-zoo list`, not of `psp-zoo`
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     command.append(args.command)  # known from here on, for the interrupted line
     shown = set()
 
@@ -75,6 +79,8 @@ def _parse_and_run(argv: Optional[List[str]], command: List[str]) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        if hasattr(args, "offline"):  # a command that fetches reads $PSP_ZOO_OFFLINE: a bad value stops it first
+            env_flag(OFFLINE_ENV)
         return int(args.run(args) or 0)
     except PspZooError as exc:
         print(f"psp-zoo {args.command}: error: {one_line(exc)}", file=sys.stderr)

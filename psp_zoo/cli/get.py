@@ -48,17 +48,25 @@ def _selected_checkpoints(args: argparse.Namespace) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Each path, or one short line per file that failed; what to do about failures is said once."""
+    from ..errors import DownloadError
     from ..hub import download
 
     entries = _selected_checkpoints(args)
-    failed = 0
+    failed, advice = 0, {}
     with _options.progress_messages(args.quiet):
         for entry in entries:
             try:
                 path = download(entry, **_options.fetch_options(args, quiet=args.quiet).download_kwargs())
             except PspZooError as exc:
                 failed += 1
-                print(f"psp-zoo get: error: {entry.name}: {one_line(exc)}", file=sys.stderr, flush=True)
+                if isinstance(exc, DownloadError) and exc.advice:
+                    print(f"psp-zoo get: error: {entry.name}: {exc.summary}", file=sys.stderr, flush=True)
+                    advice.setdefault(f"{exc.advice} ({exc.cli_hint})" if exc.cli_hint else exc.advice)
+                else:
+                    print(f"psp-zoo get: error: {entry.name}: {one_line(exc)}", file=sys.stderr, flush=True)
                 continue
             print(path, flush=True)
+    for text in advice:
+        print(f"psp-zoo get: to fix: {text}", file=sys.stderr, flush=True)
     return _options.EXIT_FAILED if failed else 0

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         check_plotting()
         _options.check_writable_folder(Path(args.plot).parent, "--plot", args.plot)
     with _options.progress_messages(quiet=False):
-        path = fetch_log(entry, cache_dir=args.cache_dir, mirror=args.mirror, offline=args.offline or None)
+        path = fetch_log(entry, fetch=_options.fetch_options(args))
     log = read_log(path)
     report = compare_with_table(entry, log)
     if args.plot:

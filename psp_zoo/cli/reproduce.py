@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..constants import MIN_SPEED_IMAGES
 from ..records import DEFAULT_RESULTS_DIR
 from . import _options
 
@@ -31,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _options.add_workers_option(parser)
     parser.add_argument("--no-train-mem", dest="train_memory", action="store_false",
                         help="skip the training-memory step (slow on CPU for full-size models)")
-    parser.add_argument("--speed-images", type=_options.int_at_least(1), metavar="N",
+    parser.add_argument("--speed-images", type=_options.int_at_least(MIN_SPEED_IMAGES), metavar="N",
                         help="images timed for fps, warm-up included (default: 200 on CUDA as "
                              "published, 20 on CPU; --limit bounds it)")
     parser.add_argument("--speed-warmup", type=_options.int_at_least(0), default=5, metavar="N",

@@ -1,25 +1,16 @@
 """PSPNet (every published backbone variant) exactly as mmseg's ``EncoderDecoder`` runs it at test time."""
 from __future__ import annotations
 
-import re
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones import BACKBONE_FORMS, HEAD_CHANNELS, head_channels, parse_backbone
 from ..errors import ModelConfigError
 from .heads import FCNHead, PSPHead
 from .resnet import STAGE_STRIDES, ResNet, check_backbone
-
-# the published configs narrow both heads for R-18 (decode 128, auxiliary 64); deeper nets use 512 / 256
-HEAD_CHANNELS = {18: (128, 64)}
-DEFAULT_HEAD_CHANNELS = (512, 256)
-
-_BACKBONE_RE = re.compile(r"R-(?P<depth>18|50|101)(?P<v1b>b?)-D(?P<stride>8|32)(?: rsb)?")
-_BACKBONE_FORMS = ("'R-<depth>[b]-D<stride>[ rsb]' with depth 18, 50 or 101 and stride 8 or 32 "
-                   "(e.g. 'R-18-D8', 'R-50b-D32', 'R-50b-D8 rsb')")
-
 
 def backbone_kwargs(backbone: str) -> dict:
     """PSPNet keyword arguments for a results-table backbone name such as ``"R-50b-D32"``.
@@ -28,13 +19,11 @@ def backbone_kwargs(backbone: str) -> dict:
     stride; a trailing ``" rsb"`` (ResNet strikes back pretraining) does not change the network.
     R-18 names also give the narrower published head widths.
     """
-    match = _BACKBONE_RE.fullmatch(backbone.strip()) if isinstance(backbone, str) else None
-    if match is None:
-        raise ModelConfigError(f"unknown PSPNet backbone {backbone!r}; expected {_BACKBONE_FORMS}")
-    depth = int(match["depth"])
-    kwargs = {"depth": depth, "deep_stem": not match["v1b"], "output_stride": int(match["stride"])}
-    if depth in HEAD_CHANNELS:
-        kwargs["channels"], kwargs["aux_channels"] = HEAD_CHANNELS[depth]
+    kwargs = parse_backbone(backbone)
+    if kwargs is None:
+        raise ModelConfigError(f"unknown PSPNet backbone {backbone!r}; expected {BACKBONE_FORMS}")
+    if kwargs["depth"] in HEAD_CHANNELS:
+        kwargs["channels"], kwargs["aux_channels"] = HEAD_CHANNELS[kwargs["depth"]]
     return kwargs
 
 
@@ -55,7 +44,7 @@ class PSPNet(nn.Module):
                  aux_channels: Optional[int] = None, pool_scales: Sequence[int] = (1, 2, 3, 6)):
         super().__init__()
         check_backbone(depth, output_stride)
-        default_channels, default_aux = HEAD_CHANNELS.get(depth, DEFAULT_HEAD_CHANNELS)
+        default_channels, default_aux = head_channels(depth)
         channels = default_channels if channels is None else channels
         aux_channels = default_aux if aux_channels is None else aux_channels
         self.num_classes = num_classes

@@ -1,0 +1,34 @@
+"""The results tables' backbone names and what they mean, for the manifest and the model alike.
+
+A name is ``R-<depth>[b]-D<stride>[ rsb]``: depth 18, 50 or 101; ``b`` the 7x7-stem ResNetV1b
+(no ``b``: the deep-stem V1c); ``D8``/``D32`` the output stride; a trailing ``" rsb"`` (ResNet
+strikes back pretraining) does not change the network. Torch-free: the manifest is read without it.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional, Tuple
+
+__all__ = ["BACKBONE_RE", "BACKBONE_FORMS", "HEAD_CHANNELS", "DEFAULT_HEAD_CHANNELS", "parse_backbone",
+           "head_channels"]
+
+BACKBONE_RE = re.compile(r"R-(?P<depth>18|50|101)(?P<v1b>b?)-D(?P<stride>8|32)(?: rsb)?")
+BACKBONE_FORMS = ("'R-<depth>[b]-D<stride>[ rsb]' with depth 18, 50 or 101 and stride 8 or 32 "
+                  "(e.g. 'R-18-D8', 'R-50b-D32', 'R-50b-D8 rsb')")
+
+# the published configs narrow both heads for R-18 (decode 128, auxiliary 64); deeper nets use 512 / 256
+HEAD_CHANNELS = {18: (128, 64)}
+DEFAULT_HEAD_CHANNELS = (512, 256)
+
+
+def parse_backbone(name: object) -> Optional[dict]:
+    """``{"depth", "deep_stem", "output_stride"}`` for a backbone name, or None if it is not one."""
+    match = BACKBONE_RE.fullmatch(name.strip()) if isinstance(name, str) else None
+    if match is None:
+        return None
+    return {"depth": int(match["depth"]), "deep_stem": not match["v1b"], "output_stride": int(match["stride"])}
+
+
+def head_channels(depth: int) -> Tuple[int, int]:
+    """(decode head, auxiliary head) widths of the published configs for ``depth``."""
+    return HEAD_CHANNELS.get(depth, DEFAULT_HEAD_CHANNELS)

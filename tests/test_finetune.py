@@ -140,7 +140,7 @@ def test_reproduce_and_tables_by_name(finetuned, setup):
                           "--no-ms-flip", "--no-train-mem", "--speed-images", "2", "--speed-warmup", "1",
                           "--num-workers", "0", *finetuned["by_name"])
     assert code == 0, err
-    code, tables, _ = _cli("tables", "--results", results, *finetuned["by_name"])
+    code, tables, _ = _cli("tables", "--results", results, "--manifest", finetuned["manifest"])
     assert code == 0 and "Shapes" in tables
     entry = load_manifest(finetuned["manifest"]).get(NAME)
     assert f"{entry.published.miou:.2f} / " in tables

@@ -313,12 +313,20 @@ def check_plotting() -> None:
     _matplotlib()
 
 
-def log_figure(log: TrainingLog, *, title: str = "", published_miou: Optional[float] = None):
-    """A matplotlib Figure: training loss (top) and validation mIoU (bottom) against iteration."""
+def log_figure(log: TrainingLog, *, title: str = "", published_miou: Optional[float] = None,
+               reference: Optional[TrainingLog] = None):
+    """A matplotlib Figure: training loss (top) and validation mIoU (bottom) against iteration;
+    ``reference`` (the published run's log) is drawn beneath in grey."""
     Figure, FigureCanvasAgg = _matplotlib()
     figure = Figure(figsize=(8, 6), layout="constrained")
     FigureCanvasAgg(figure)
     loss_axes, miou_axes = figure.subplots(2, 1, sharex=True)
+    if reference is not None:
+        ref_losses = [(s.iteration, s.loss) for s in reference.train if s.loss is not None]
+        loss_axes.plot([i for i, _ in ref_losses], [v for _, v in ref_losses], color="grey", linewidth=0.6,
+                       label="published run")
+        miou_axes.plot([v.iteration for v in reference.val], [v.miou for v in reference.val], color="grey",
+                       marker=".", label="published run")
     losses = [(s.iteration, s.loss) for s in log.train if s.loss is not None]
     loss_axes.plot([i for i, _ in losses], [v for _, v in losses], linewidth=0.8, label="training loss")
     loss_axes.set(ylabel="loss", title=title or log.source)
@@ -333,10 +341,10 @@ def log_figure(log: TrainingLog, *, title: str = "", published_miou: Optional[fl
     return figure
 
 
-def plot_log(log: TrainingLog, path: PathLike, *, title: str = "", published_miou: Optional[float] = None
-             ) -> Path:
+def plot_log(log: TrainingLog, path: PathLike, *, title: str = "", published_miou: Optional[float] = None,
+             reference: Optional[TrainingLog] = None) -> Path:
     """Draw :func:`log_figure` into ``path`` (format from its suffix, PNG by default), atomically."""
-    figure = log_figure(log, title=title, published_miou=published_miou)
+    figure = log_figure(log, title=title, published_miou=published_miou, reference=reference)
     buffer = io.BytesIO()
     try:
         figure.savefig(buffer, format=Path(path).suffix.lstrip(".").lower() or "png")

@@ -64,13 +64,13 @@ ENTRY_REQUIRED = ("name", "dataset", "crop_size", "schedule", "weights", "publis
 # one of the two is required: backbone or depth
 ENTRY_EITHER = (("backbone", "depth"),)
 # hash and sha256: the hash prefix comes from the weights file name or sha256; given, they must agree
-ENTRY_OPTIONAL = ("hash", "sha256", "aliases", "log", "test", "model", "published_on")
+ENTRY_OPTIONAL = ("hash", "sha256", "aliases", "log", "test", "model", "published_on", "train")
 # Results-table backbone names: R-<depth>[b]-D<output stride>[ rsb] ('b': ResNetV1b stem; 'rsb': the
 # ResNet-strikes-back pretraining, which does not change the network).
 # Head widths (decode head channels, auxiliary head channels) of the published configs.
 DATASET_REQUIRED = ("title", "num_classes", "img_scale", "reduce_zero_label", "train_images_per_gpu",
                     "test", "layout")
-DATASET_OPTIONAL = ("ignore_index", "classes", "palette")
+DATASET_OPTIONAL = ("ignore_index", "classes", "palette", "train")
 LAYOUT_REQUIRED = ("folders", "images", "labels", "image_suffix", "label_suffix")
 LAYOUT_OPTIONAL = ("split", "fallback_label_suffix", "label_map", "train")
 # What a training split may set; the rest (folders, and whatever it leaves out but ``split``) is the test layout's.
@@ -172,6 +172,8 @@ class DatasetSpec:
     palette: Tuple[Tuple[int, int, int], ...]
     ignore_index: int = IGNORE_INDEX
     source: str = "builtin"
+    # the training recipe's facts for this dataset, read and checked by psp_zoo.training.recipe
+    train: Mapping[str, Any] = field(default_factory=dict, hash=False, repr=False)
 
     def class_names(self, num_classes: int) -> Tuple[str, ...]:
         """Names for ``num_classes`` scores: the dataset's, or "0".."C-1" for a model whose class
@@ -213,6 +215,8 @@ class Checkpoint:
     # names of the published rows on other datasets (e.g. mmseg's '..._dark' configs): dataset -> names
     dataset_aliases: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
     _tests: Mapping[str, EvalSettings] = field(default_factory=dict, hash=False, repr=False)
+    # this entry's own training-recipe fields (e.g. AdamW for the rsb rows), read by psp_zoo.training.recipe
+    train: Mapping[str, Any] = field(default_factory=dict, hash=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -276,6 +280,7 @@ class Checkpoint:
             published_on={key: asdict(p) for key, p in self.published_on.items()},
             dataset_aliases={key: list(names) for key, names in self.dataset_aliases},
             test_settings={key: asdict(self.test_settings(key)) for key in self.datasets},
+            train=dict(self.train),
         )
         return {key: asdict(v) if dataclasses.is_dataclass(v) else v for key, v in fields.items()}
 
@@ -488,6 +493,7 @@ def _parse_dataset(source: str, key: str, raw: Any) -> DatasetSpec:
         palette=palette,
         ignore_index=ignore_index,
         source=source,
+        train=_ReadOnlyMap(where.mapping(raw.get("train") or {}, "train")),
     )
 
 
@@ -651,6 +657,7 @@ def _parse_entry(source: str, index: int, raw: Any, datasets: Mapping[str, Datas
         published_on=_ReadOnlyMap({dataset: published, **cross}),
         dataset_aliases=dataset_aliases,
         _tests=_ReadOnlyMap(tests),
+        train=_ReadOnlyMap(where.mapping(raw.get("train") or {}, "train")),
         **net,
     )
 
@@ -665,8 +672,11 @@ class Manifest:
     trained on, the names of its rows on other datasets (``published_on``) to those datasets.
     """
 
-    def __init__(self, datasets: Mapping[str, DatasetSpec], checkpoints: Sequence[Checkpoint]):
+    def __init__(self, datasets: Mapping[str, DatasetSpec], checkpoints: Sequence[Checkpoint],
+                 backbones: Optional[Mapping[str, Tuple[str, Mapping]]] = None):
         self.datasets = dict(datasets)
+        # ImageNet backbone files by name: (source, raw declaration), read by psp_zoo.training.pretrained
+        self.backbones = dict(backbones or {})
         self._checkpoints = {c.name: c for c in checkpoints}
         self._lookup: dict = {}
         for ckpt in self._checkpoints.values():
@@ -744,13 +754,17 @@ def _read_yaml(path: Path) -> Mapping:
         raise ManifestError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, Mapping):
         raise ManifestError(f"{path}: expected a mapping with 'models' at the top level")
-    unknown = sorted(set(data) - {"version", "datasets", "models"})
+    unknown = sorted(set(data) - {"version", "datasets", "models", "backbones"})
     if unknown:
-        raise ManifestError(f"{path}: unknown top-level field {unknown[0]!r}; allowed: version, datasets, models")
+        raise ManifestError(f"{path}: unknown top-level field {unknown[0]!r}; "
+                            f"allowed: version, datasets, models, backbones")
     if data.get("version", 1) != 1:
         raise ManifestError(f"{path}: field 'version': this psp-zoo reads version 1, got {data.get('version')!r}")
     if not isinstance(data.get("models", []), list):
         raise ManifestError(f"{path}: field 'models': expected a list of entries")
+    if not isinstance(data.get("backbones", []), list) or not all(
+            isinstance(b, Mapping) and isinstance(b.get("name"), str) for b in data.get("backbones") or []):
+        raise ManifestError(f"{path}: field 'backbones': expected a list of entries, each with a 'name'")
     if not isinstance(data.get("datasets", {}), Mapping):
         raise ManifestError(f"{path}: field 'datasets': expected a mapping of dataset keys")
     return data
@@ -765,6 +779,7 @@ def load_manifest(*user_paths: Union[str, Path], builtin: bool = True) -> Manife
     """Read the built-in manifest, then each user manifest in order (later ones override)."""
     datasets: dict = {}
     entries: dict = {}
+    backbones: dict = {}
     raws: dict = {}
     sources = ([BUILTIN_MANIFEST] if builtin else []) + [Path(p) for p in user_paths]
     for path in sources:
@@ -772,6 +787,7 @@ def load_manifest(*user_paths: Union[str, Path], builtin: bool = True) -> Manife
         source = "model_index.yml" if path == BUILTIN_MANIFEST else str(path)
         for key, raw in (data.get("datasets") or {}).items():
             datasets[key] = _parse_dataset(source, key, raw)
+        backbones.update((raw["name"], (source, raw)) for raw in data.get("backbones") or [])
         seen = set()
         for index, raw in enumerate(data.get("models") or []):
             name = raw.get("name") if isinstance(raw, Mapping) else None
@@ -783,7 +799,7 @@ def load_manifest(*user_paths: Union[str, Path], builtin: bool = True) -> Manife
             ckpt = _parse_entry(source, index, raw, datasets)
             raws[ckpt.name] = raw
             entries[ckpt.name] = ckpt  # an override keeps the entry's place in the list
-    return Manifest(datasets, list(entries.values()))
+    return Manifest(datasets, list(entries.values()), backbones)
 
 
 def _overridden(previous: Mapping, override: Mapping) -> dict:

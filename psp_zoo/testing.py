@@ -28,7 +28,7 @@ from .errors import PspZooError
 from .files import atomic_write
 from .model import PSPNet
 
-__all__ = ["TINY_ARCH", "SELFTEST_NAME", "SELFTEST_TEST_SETTINGS", "calibrate_batchnorm", "write_tiny_checkpoint",
+__all__ = ["TINY_ARCH", "SHAPE_CLASSES", "write_shapes_ade20k", "SELFTEST_NAME", "SELFTEST_TEST_SETTINGS", "calibrate_batchnorm", "write_tiny_checkpoint",
            "write_mini_cityscapes", "manifest_entry", "write_manifest", "serve_folder", "LocalHTTPServer", "no_proxy_for_localhost"]
 
 PathLike = Union[str, Path]
@@ -151,6 +151,57 @@ def write_mini_cityscapes(root: PathLike, *, num_images: int = 4, size: Tuple[in
         written[name] = (rgb, label)
     return written
 
+
+#: The classes of :func:`write_shapes_ade20k`: label value - 1 (ADE20K's reduce_zero_label) = class index.
+SHAPE_CLASSES = ("background", "square", "disc", "triangle")
+_SHAPE_COLOURS = ((200, 50, 50), (50, 190, 60), (60, 70, 210))  # RGB of square, disc, triangle
+
+
+def _shapes_image(rng: np.random.Generator, height: int, width: int) -> Tuple[np.ndarray, np.ndarray]:
+    """A grey-ish textured background with 1-3 coloured shapes; the label holds class + 1 (0 = unlabelled)."""
+    rgb = np.clip(_smooth_image(rng, height, width) * 0.3 + 90, 0, 255).astype(np.uint8)
+    label = np.ones((height, width), np.uint8)
+    for _ in range(int(rng.integers(1, 3))):
+        kind = int(rng.integers(0, 3))
+        size = int(rng.integers(min(height, width) // 5, min(height, width) * 2 // 5))
+        cy, cx = int(rng.integers(size, height - size)), int(rng.integers(size, width - size))
+        mask = np.zeros((height, width), np.uint8)
+        if kind == 0:
+            cv2.rectangle(mask, (cx - size, cy - size), (cx + size, cy + size), 1, -1)
+        elif kind == 1:
+            cv2.circle(mask, (cx, cy), size, 1, -1)
+        else:
+            points = np.array([[cx, cy - size], [cx - size, cy + size], [cx + size, cy + size]], np.int32)
+            cv2.fillPoly(mask, [points], 1)
+        colour = np.clip(np.array(_SHAPE_COLOURS[kind]) + rng.integers(-25, 26, 3), 0, 255)
+        rgb[mask > 0] = colour.astype(np.uint8)
+        label[mask > 0] = kind + 2
+    return rgb, label
+
+
+def write_shapes_ade20k(root: PathLike, *, train: int = 32, val: int = 8, size: Tuple[int, int] = (64, 64),
+                        seed: int = 0) -> Path:
+    """A learnable dataset of coloured shapes in ADE20K's layout under ``root`` (returned).
+
+    ``images/{training,validation}/*.jpg`` and ``annotations/{training,validation}/*.png`` with
+    label 0 unlabelled and 1..4 the :data:`SHAPE_CLASSES` (ADE20K's ``reduce_zero_label`` makes
+    them 0..3). Different seeds draw different images.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("training", train), ("validation", val)):
+        for index in range(count):
+            rgb, label = _shapes_image(rng, *size)
+            stem = f"ADE_{split[:5]}_{index:08d}"
+            image_path = Path(root) / "images" / split / f"{stem}.jpg"
+            label_path = Path(root) / "annotations" / split / f"{stem}.png"
+            image_path.parent.mkdir(parents=True, exist_ok=True)
+            label_path.parent.mkdir(parents=True, exist_ok=True)
+            if not cv2.imwrite(str(image_path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]):
+                raise OSError(f"could not write {image_path}")
+            Image.fromarray(label, mode="L").save(label_path)
+    return Path(root)
 
 def _label_map(rng: np.random.Generator, height: int, width: int, num_classes: int,
                values: Optional[Sequence[int]]) -> np.ndarray:

@@ -115,6 +115,13 @@ def test_the_75_percent_rule_on_labels():
     assert crop_is_acceptable(lab((0, 2), (1, 1), (255, 500)), 0.75)
     assert not crop_is_acceptable(lab((255, 50)), 0.75)
     assert not crop_is_acceptable(lab((0, 2), (255, 900)), 0.75)  # one class besides 255
+    rng = np.random.default_rng(8)
+    for _ in range(300):  # uint8 labels are counted without np.unique: the same verdicts as mmseg's code
+        label = rng.choice([0, 3, 7, 255], size=rng.integers(1, 60), p=rng.dirichlet([1, 1, 1, 1])).astype(np.uint8)
+        values, counts = np.unique(label, return_counts=True)
+        counts = counts[values != 255]
+        mmseg = len(counts) > 1 and np.max(counts) / np.sum(counts) < 0.75
+        assert crop_is_acceptable(label, 0.75) == mmseg == crop_is_acceptable(label.astype(np.int64), 0.75)
 
 
 def test_a_rejected_box_is_redrawn_top_then_left():

@@ -17,6 +17,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "results table's mIoU and Mem (GB), and optionally plot loss and mIoU against the "
                     "training iteration. Reads mmseg 0.x .log.json and 1.x scalars.json logs.")
     _options.add_name_argument(parser)
+    parser.add_argument("--log", metavar="FILE", help="a run's own .log.json (psp-zoo train's work dir) to hold "
+                                                      "against the table, drawn over the published log")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw loss and mIoU against iteration into FILE.png")
     parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
     _options.add_fetch_options(parser)
@@ -24,19 +26,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..logs import check_plotting, compare_with_table, fetch_log, plot_log, read_log, render_comparison
+    from ..logs import check_plotting, compare_with_table, plot_log, read_log, render_comparison
     from ..manifest import get_checkpoint
 
     entry = get_checkpoint(args.name, manifest=args.manifest)
     if args.plot:  # refuse a plot that cannot be drawn or written before fetching anything
         check_plotting()
         _options.check_writable_folder(Path(args.plot).parent, "--plot", args.plot)
-    with _options.progress_messages(quiet=False):
-        path = fetch_log(entry, fetch=_options.fetch_options(args))
-    log = read_log(path)
+    log, published = (read_log(args.log), _published_log(args, entry)) if args.log else (
+        read_log(_fetched(args, entry)), None)
     report = compare_with_table(entry, log)
     if args.plot:
-        report["plot"] = str(plot_log(log, args.plot, title=entry.name, published_miou=entry.published.miou))
+        report["plot"] = str(plot_log(log, args.plot, title=entry.name, published_miou=entry.published.miou,
+                                      reference=published))
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -44,3 +46,24 @@ def run(args: argparse.Namespace) -> int:
         if args.plot:
             print(f"wrote {report['plot']}")
     return 0
+
+
+def _fetched(args: argparse.Namespace, entry) -> Path:
+    from ..logs import fetch_log
+
+    with _options.progress_messages(quiet=False):
+        return fetch_log(entry, fetch=_options.fetch_options(args))
+
+
+def _published_log(args: argparse.Namespace, entry):
+    """The published run's log to draw beneath a run's own, or None (said) where it cannot be had."""
+    from ..errors import PspZooError
+    from ..logs import read_log
+
+    if not args.plot or entry.log_url is None:
+        return None
+    try:
+        return read_log(_fetched(args, entry))
+    except PspZooError as exc:
+        print(f"psp-zoo logs: warning: the published log is not drawn: {exc}", file=sys.stderr)
+        return None

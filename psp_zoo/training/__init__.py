@@ -1,1 +1,1 @@
-"""Training: the published recipes, their data pipeline and loop."""
+"""Training PSPNet as the published checkpoints were trained: recipe, data pipeline, trainer, loop, logs."""

@@ -111,8 +111,14 @@ def crop_box(draws: Draws, size_hw: Tuple[int, int], crop_size: Sequence[int]) -
 def crop_is_acceptable(label: np.ndarray, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX) -> bool:
     """The 75% rule: at least two classes besides ``ignore_index``, the most frequent under
     ``cat_max_ratio`` of the labelled pixels."""
-    values, counts = np.unique(label, return_counts=True)
-    counts = counts[values != ignore_index]
+    if label.dtype == np.uint8:  # the same counts as mmseg's np.unique, without its sort (~8x faster)
+        counts = np.bincount(label.ravel(), minlength=256)
+        if 0 <= ignore_index < 256:
+            counts[ignore_index] = 0
+        counts = counts[counts > 0]
+    else:
+        values, counts = np.unique(label, return_counts=True)
+        counts = counts[values != ignore_index]
     return len(counts) > 1 and np.max(counts) / np.sum(counts) < cat_max_ratio
 
 

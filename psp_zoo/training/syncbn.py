@@ -1,0 +1,76 @@
+"""Synchronized BatchNorm for every backend: batch statistics over all processes of a torchrun job.
+
+The published checkpoints were trained with SyncBN: in training mode each BatchNorm normalizes
+with the mean and variance of the images of ALL GPUs. ``torch.nn.SyncBatchNorm`` does this on CUDA
+only; :class:`SyncBatchNorm2d` does it with differentiable all-reduces (gloo on CPU as well), so
+N processes x B images give the statistics, outputs and gradients of one process with N x B
+images (``torch.distributed.nn`` all-reduce sums the gradients of the statistics across
+processes in the backward pass). It is a ``BatchNorm2d``: its state-dict keys are plain BN's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+__all__ = ["SyncBatchNorm2d", "convert_sync_batchnorm"]
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are those of every process's batch together."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        channels = x.shape[1]
+        dims = (0, 2, 3)
+        count = torch.tensor([x.numel() // channels], dtype=x.dtype, device=x.device)
+        totals = dist_fn.all_reduce(torch.cat([x.sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:channels] / n
+        centered = x - mean.view(1, -1, 1, 1)
+        # two passes (mean, then squared deviations) as BatchNorm's own kernel, not E[x^2] - E[x]^2
+        var = dist_fn.all_reduce(centered.pow(2).sum(dims)) / n
+        self._update_running_stats(mean.detach(), var.detach(), n.item())
+        out = centered * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        if self.affine:
+            out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return out
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: float) -> None:
+        if not self.track_running_stats:
+            return
+        self.num_batches_tracked += 1
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        unbiased = var * (n / max(n - 1, 1))
+        self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
+        self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with every BatchNorm2d synchronized: torch's SyncBatchNorm on CUDA, ours elsewhere.
+
+    The weights and running statistics are kept (the same tensors); the keys do not change.
+    """
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return _convert(model)
+
+
+def _convert(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SyncBatchNorm2d):
+        synced = SyncBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                                 module.track_running_stats, device=module.running_mean.device
+                                 if module.running_mean is not None else None)
+        if module.affine:
+            synced.weight, synced.bias = module.weight, module.bias
+        if module.track_running_stats:
+            synced.running_mean, synced.running_var = module.running_mean, module.running_var
+            synced.num_batches_tracked = module.num_batches_tracked
+        synced.train(module.training)
+        return synced
+    for name, child in module.named_children():
+        module.add_module(name, _convert(child))
+    return module

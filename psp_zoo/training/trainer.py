@@ -1,0 +1,249 @@
+"""One optimizer step of PSPNet training, as mmseg 0.x takes it: ``Trainer(model, recipe).step(images, labels)``.
+
+Per step: the lr of the current iteration is set first (mmcv sets it before each iteration), the
+decode head's and the auxiliary head's logits are resized bilinearly to the label size (with the
+head's ``align_corners``), each gets a cross-entropy with ignore index 255 averaged over ALL label
+pixels (ignored and padded ones count 0, mmseg's ``avg_non_ignore=False``), the auxiliary loss is
+weighted 0.4, and the optimizer (SGD or AdamW over every parameter, weight decay on all of them)
+steps. Under torchrun the BatchNorm layers are synchronized (SyncBN: statistics over every
+process's images, as the published runs had) and the gradients averaged over the processes, so
+N processes x B images step exactly like one process with N x B images. Gradient accumulation
+splits a step's images into chunks (the loss of each scaled by 1 / chunks); BatchNorm then sees
+each chunk alone, which is the one way it differs from the larger batch.
+
+Randomness inside the step (Dropout2d) is drawn from torch's generator seeded by (seed, iteration,
+rank) at the start of every step, so a resumed run draws what an uninterrupted one draws.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed import Distributed
+from ..errors import PspZooError
+from .recipe import Recipe
+from .schedule import learning_rate
+from .syncbn import convert_sync_batchnorm
+
+__all__ = ["Trainer", "StepResult", "segmentation_loss"]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step did, averaged over processes and accumulation chunks; the lr it used."""
+
+    lr: float
+    loss: float
+    decode_loss: float
+    aux_loss: float  # already weighted (x 0.4), as mmseg logs it
+    decode_acc: float  # percent of the non-ignored pixels
+    aux_acc: float
+
+    def as_log(self) -> Dict[str, float]:
+        """The loss parts under the names of mmseg 0.30's log lines."""
+        return {"decode.loss_ce": self.decode_loss, "decode.acc_seg": self.decode_acc,
+                "aux.loss_ce": self.aux_loss, "aux.acc_seg": self.aux_acc, "loss": self.loss}
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, *, align_corners: bool,
+                      ignore_index: int = 255) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy averaged over all label pixels, accuracy in percent over non-ignored pixels).
+
+    The logits are resized to the labels' size in float32 first, as mmseg's ``losses`` does.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=align_corners)
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none").mean()
+    with torch.no_grad():
+        valid = labels != ignore_index
+        correct = (logits.argmax(1) == labels) & valid
+        accuracy = correct.sum().to(loss.dtype) * 100.0 / valid.sum().clamp(min=1)
+    return loss, accuracy
+
+
+class _HeadsForward(nn.Module):
+    """backbone -> (decode logits, auxiliary logits), one module so ``torch.compile`` sees it whole."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.backbone(images)
+        return self.model.decode_head(features), self.model.auxiliary_head(features)
+
+
+class Trainer:
+    """Takes optimizer steps on ``model`` (a :class:`psp_zoo.PSPNet`) as ``recipe`` says.
+
+    ``device``: where to train (default: the model's). ``distributed``: this process's place in a
+    torchrun job (``psp_zoo.distributed.Distributed``; default: alone). ``accumulation``: chunks per
+    step. ``amp``: mixed precision on CUDA (default: when the recipe has a loss scale, the fp16
+    row). ``channels_last`` and ``compile`` change speed, not the arithmetic's meaning. ``seed``
+    keys the dropout draws. ``iteration`` counts the steps taken (0-based index of the next one).
+    """
+
+    def __init__(self, model: nn.Module, recipe: Recipe, *, device: Union[None, str, torch.device] = None,
+                 distributed: Optional[Distributed] = None, accumulation: int = 1, amp: Optional[bool] = None,
+                 channels_last: bool = False, compile: bool = False, seed: int = 0):
+        self.recipe = recipe
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.distributed = distributed or Distributed()
+        if accumulation < 1:
+            raise PspZooError(f"accumulation must be a whole number >= 1, got {accumulation}")
+        self.accumulation = accumulation
+        self.seed = seed
+        self.amp = self._use_amp(amp)
+        self.channels_last = channels_last
+        self.iteration = 0
+        model = model.to(self.device)
+        if self.distributed.world_size > 1:
+            model = convert_sync_batchnorm(model)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        _set_dropout(model, recipe.dropout)
+        self.model = model.train()
+        self.optimizer = _optimizer(model, recipe)
+        self.scaler = _scaler(recipe, self.amp)
+        forward = _HeadsForward(model)
+        self._forward = torch.compile(forward) if compile else forward
+
+    def _use_amp(self, amp: Optional[bool]) -> bool:
+        amp = self.recipe.loss_scale is not None if amp is None else amp
+        if amp and self.device.type != "cuda":
+            raise PspZooError(f"mixed precision (the recipe's loss_scale or amp=True) needs a CUDA device, not "
+                              f"{self.device}; train in float32 with amp=False",
+                              cli_hint="--no-amp")
+        return bool(amp)
+
+    @property
+    def lr(self) -> float:
+        """The lr of the next step."""
+        return learning_rate(self.recipe, self.iteration)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        """One optimizer step on this process's ``images`` (N, 3, H, W), normalized, and ``labels`` (N, H, W)."""
+        if images.shape[0] % self.accumulation:
+            raise PspZooError(f"{images.shape[0]} images do not split into {self.accumulation} equal chunks")
+        lr = self.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._seed_step()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = torch.zeros(5, dtype=torch.float64)
+        for chunk_images, chunk_labels in zip(images.chunk(self.accumulation), labels.chunk(self.accumulation)):
+            parts += self._backward(chunk_images, chunk_labels)
+        parts /= self.accumulation
+        self._average_gradients()
+        self._optimizer_step()
+        self.iteration += 1
+        loss, decode, aux, decode_acc, aux_acc = self._averaged(parts).tolist()
+        return StepResult(lr, loss, decode, aux, decode_acc, aux_acc)
+
+    def _seed_step(self) -> None:
+        key = np.random.SeedSequence([self.seed, self.iteration, self.distributed.rank])
+        torch.manual_seed(int(key.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+
+    def _backward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
+        labels = labels.to(self.device, non_blocking=True).long()
+        align_corners = bool(getattr(self.model, "align_corners", False))
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            decode_logits, aux_logits = self._forward(images)
+        decode_loss, decode_acc = segmentation_loss(decode_logits, labels, align_corners=align_corners)
+        aux_loss, aux_acc = segmentation_loss(aux_logits, labels, align_corners=align_corners)
+        aux_loss = aux_loss * self.recipe.aux_weight
+        loss = decode_loss + aux_loss
+        scaled = loss / self.accumulation
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return torch.stack([loss, decode_loss, aux_loss, decode_acc, aux_acc]).detach().double().cpu()
+
+    def _parameters(self) -> List[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _average_gradients(self) -> None:
+        """DDP's averaging: every process's gradients summed in one all-reduce, divided by their number."""
+        if self.distributed.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._parameters()]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.distributed.world_size
+        offset = 0
+        for param, grad in zip(self._parameters(), grads):
+            param.grad = flat[offset:offset + grad.numel()].view_as(grad).clone()
+            offset += grad.numel()
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            if self.recipe.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self._parameters(), self.recipe.grad_clip)
+            self.scaler.step(self.optimizer)
+            # mmcv's Fp16OptimizerHook with a number: the scale is set back to it after every step
+            self.scaler.update(self.recipe.loss_scale)
+            return
+        if self.recipe.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self._parameters(), self.recipe.grad_clip)
+        self.optimizer.step()
+
+    def _averaged(self, parts: torch.Tensor) -> torch.Tensor:
+        """The logged values averaged over processes (mmseg all-reduces its log variables)."""
+        if self.distributed.world_size == 1:
+            return parts
+        reduced = parts.to(self.device, torch.float64 if self.device.type == "cpu" else torch.float32)
+        dist.all_reduce(reduced)
+        return reduced.double().cpu() / self.distributed.world_size
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs besides the data position: model, optimizer, iteration, scaler."""
+        return {"model": _plain_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
+                "iteration": self.iteration, "seed": self.seed,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])
+        self.seed = int(state.get("seed", self.seed))
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def _plain_state_dict(model: nn.Module) -> "dict[str, torch.Tensor]":
+    """The model's weights in the published layout: plain BN's keys, contiguous tensors, and mmseg's
+    order (a head's ``conv_seg`` first: mmseg's decode heads create it before their own layers)."""
+    state = model.state_dict()
+    modules = list(dict.fromkeys(key.split(".", 1)[0] for key in state))
+    rank = {key: (modules.index(key.split(".", 1)[0]), ".conv_seg." not in key) for key in state}
+    return {key: state[key].detach().contiguous() for key in sorted(state, key=rank.__getitem__)}
+
+
+def _set_dropout(model: nn.Module, p: float) -> None:
+    for module in model.modules():
+        if isinstance(module, (nn.Dropout, nn.Dropout2d)):
+            module.p = p
+
+
+def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+
+
+def _scaler(recipe: Recipe, amp: bool) -> Optional[torch.amp.GradScaler]:
+    if not amp:
+        return None
+    if recipe.loss_scale is None:
+        return torch.amp.GradScaler("cuda")  # dynamic scaling for AMP asked of a float32 recipe
+    return torch.amp.GradScaler("cuda", init_scale=recipe.loss_scale, growth_interval=2 ** 31 - 1)

@@ -1,0 +1,152 @@
+"""psp-zoo train end to end on a generated ADE20K-layout set: resume after a kill, Ctrl-C, the files written."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from psp_zoo.logs import read_log
+from psp_zoo.manifest import get_manifest
+from psp_zoo.model import PSPNet
+from psp_zoo.records import read_result
+from psp_zoo.testing import write_shapes_ade20k
+from psp_zoo.training.checkpoints import LATEST, pointed, save_checkpoint
+from psp_zoo.training.recipe import recipe_for
+from psp_zoo.training.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "mmseg"
+NAME = "shapes_pspnet_r18-d8_64x64_ade20k"
+MANIFEST = f"""models:
+  - name: {NAME}
+    dataset: ade20k
+    backbone: R-18-D8
+    crop_size: [64, 64]
+    schedule: 300
+    weights: http://127.0.0.1:1/{NAME}-00000000.pth
+    published: {{}}
+    test: {{img_scale: [64, 64]}}
+    model: {{num_classes: 4, stem_channels: 8, base_channels: 8, channels: 16, aux_channels: 8}}
+    train: {{img_scale: [64, 64], batch_size: 2, gpus: 1, pretrained: null, log_interval: 2}}
+"""
+PUBLISHED_META = {"mmcv_version", "time", "iter", "epoch", "CLASSES", "PALETTE", "config", "env_info", "seed",
+                  "exp_name", "mmseg_version"}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes_ade20k(root / "ADEChallengeData2016", train=8, val=3, seed=1)
+    (root / "manifest.yml").write_text(MANIFEST)
+    return root
+
+
+def _command(shapes: Path, work_dir: Path, *extra: str) -> list:
+    return [sys.executable, "-m", "psp_zoo", "train", NAME, "--data-root", str(shapes), "--work-dir", str(work_dir),
+            "--manifest", str(shapes / "manifest.yml"), "--num-workers", "0", "--device", "cpu", *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _run(command: list) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    began = time.monotonic()
+    while not path.exists():
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.monotonic() - began < timeout, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(shapes, tmp_path):
+    schedule = ["--max-iters", "6", "--checkpoint-interval", "2", "--eval-interval", "3"]
+    _run(_command(shapes, tmp_path / "straight", *schedule))
+    killed = subprocess.Popen(_command(shapes, tmp_path / "killed", *schedule), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=_env())
+    _wait_for(tmp_path / "killed" / "iter_2.pth", killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(60)
+    resumed = _run(_command(shapes, tmp_path / "killed", *schedule))
+    assert "resumed at iteration" in resumed.stderr
+    straight = torch.load(tmp_path / "straight" / "iter_6.pth", weights_only=True)
+    again = torch.load(tmp_path / "killed" / "iter_6.pth", weights_only=True)
+    assert straight["state_dict"].keys() == again["state_dict"].keys()
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, again["state_dict"][key]), key
+    for index, state in straight["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], again["optimizer"]["state"][index]["momentum_buffer"])
+    assert pointed(tmp_path / "killed", LATEST).name == "iter_6.pth"
+
+
+def test_the_files_of_a_run(shapes, tmp_path):
+    """Published checkpoint format, pointers, a log psp_zoo.logs reads, a checkpoint evaluate loads."""
+    work = tmp_path / "run"
+    _run(_command(shapes, work, "--max-iters", "4", "--eval-interval", "2", "--checkpoint-interval", "2"))
+    saved = torch.load(work / "iter_4.pth", weights_only=True)
+    assert set(saved) == {"meta", "state_dict", "optimizer"}
+    assert PUBLISHED_META <= set(saved["meta"]) and saved["meta"]["iter"] == 4
+    assert json.loads(saved["meta"]["config"])["max_iters"] == 4
+    assert (work / "latest.pth").resolve().name == "iter_4.pth" and (work / "best.pth").exists()
+    lines = [json.loads(line) for path in work.glob("*.log.json") for line in path.read_text().splitlines()]
+    assert "env_info" in lines[0] and json.loads(lines[0]["config"])["max_iters"] == 4
+    train_lines = [line for line in lines if line.get("mode") == "train"]
+    val_lines = [line for line in lines if line.get("mode") == "val"]
+    # log every 2 iterations, validation at 2 and 4: mmcv writes no train line at a validation
+    assert train_lines == [] and len(val_lines) == 2
+    assert {"aAcc", "mIoU", "mAcc", "IoU.0", "Acc.3", "lr", "epoch"} <= set(val_lines[0]) and val_lines[0]["iter"] == 3
+    log = read_log(next(work.glob("*.log.json")))
+    assert len(log.val) == 2
+    record_path = tmp_path / "record.json"
+    evaluated = subprocess.run([sys.executable, "-m", "psp_zoo", "evaluate", NAME, "--data-root", str(shapes),
+                                "--checkpoint", str(work / "iter_4.pth"), "--manifest", str(shapes / "manifest.yml"),
+                                "--json", str(record_path), "--device", "cpu"],
+                               capture_output=True, text=True, env=_env(), timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    record = read_result(record_path)
+    assert record.miou == pytest.approx(100 * val_lines[-1]["mIoU"], abs=0.006)
+
+
+def test_ctrl_c_saves_and_exits_130(shapes, tmp_path):
+    work = tmp_path / "interrupted"
+    process = subprocess.Popen(_command(shapes, work, "--max-iters", "1000", "--checkpoint-interval", "2",
+                                        "--eval-interval", "1000"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    _wait_for(work / "iter_2.pth", process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(120) == 130
+    latest = pointed(work, LATEST)
+    saved = torch.load(latest, weights_only=True)
+    assert saved["meta"]["iter"] >= 2 and latest.name == f"iter_{saved['meta']['iter']}.pth"
+    assert "interrupted" in process.stderr.read()
+
+
+@pytest.mark.parametrize("keys, name", [
+    ("r50-d8", "pspnet_r50-d8_512x1024_40k_cityscapes"), ("r101-d8", "pspnet_r101-d8_512x1024_40k_cityscapes"),
+    ("r18-d8", "pspnet_r18-d8_512x1024_80k_cityscapes"), ("r18b-d8", "pspnet_r18b-d8_512x1024_80k_cityscapes"),
+    ("r50b-d8", "pspnet_r50b-d8_512x1024_80k_cityscapes")])
+def test_the_checkpoint_has_the_published_keys_shapes_and_dtypes(tmp_path, keys, name):
+    """A full-size network's checkpoint as the loop writes it, against mmseg's key file (built, not trained)."""
+    entry = get_manifest().get(name)
+    trainer = Trainer(PSPNet(**entry.model_kwargs()), recipe_for(entry.name), device="cpu")
+    state = trainer.state_dict()
+    path = save_checkpoint(tmp_path, 8000, state["model"], state["optimizer"], {"iter": 8000})
+    written = torch.load(path, weights_only=True)["state_dict"]
+    expected = []
+    for line in (FIXTURES / f"pspnet_{keys}_state_dict_keys.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, shape, dtype = line.split("\t")
+            expected.append((key, shape, dtype))
+    assert [(k, str(tuple(v.shape)), str(v.dtype).replace("torch.", "")) for k, v in written.items()] == expected

@@ -65,6 +65,9 @@ ENTRY_REQUIRED = ("name", "dataset", "crop_size", "schedule", "weights", "publis
 ENTRY_EITHER = (("backbone", "depth"),)
 # hash and sha256: the hash prefix comes from the weights file name or sha256; given, they must agree
 ENTRY_OPTIONAL = ("hash", "sha256", "aliases", "log", "test", "model", "published_on", "train")
+# a fine-tuned entry names the checkpoint it started from: name, sha256, url
+ENTRY_OPTIONAL += ("finetuned_from",)
+FINETUNED_FROM_FIELDS = ("name", "sha256", "url")
 # Results-table backbone names: R-<depth>[b]-D<output stride>[ rsb] ('b': ResNetV1b stem; 'rsb': the
 # ResNet-strikes-back pretraining, which does not change the network).
 # Head widths (decode head channels, auxiliary head channels) of the published configs.
@@ -217,6 +220,8 @@ class Checkpoint:
     _tests: Mapping[str, EvalSettings] = field(default_factory=dict, hash=False, repr=False)
     # this entry's own training-recipe fields (e.g. AdamW for the rsb rows), read by psp_zoo.training.recipe
     train: Mapping[str, Any] = field(default_factory=dict, hash=False, repr=False)
+    # the checkpoint a fine-tuned entry started from (FINETUNED_FROM_FIELDS); empty for the published ones
+    finetuned_from: Mapping[str, str] = field(default_factory=dict, hash=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -282,6 +287,7 @@ class Checkpoint:
             test_settings={key: asdict(self.test_settings(key)) for key in self.datasets},
             train=dict(self.train),
         )
+        fields["finetuned_from"] = dict(self.finetuned_from)
         return {key: asdict(v) if dataclasses.is_dataclass(v) else v for key, v in fields.items()}
 
     def model_kwargs(self) -> dict:
@@ -604,6 +610,16 @@ def _parse_cross(where: _Where, raw: Mapping, datasets: Mapping[str, DatasetSpec
     return published, tuple(aliases)
 
 
+def _parse_finetuned_from(where: _Where, raw: Any) -> Mapping[str, str]:
+    """A fine-tuned entry's source checkpoint: its name, full SHA-256 and where it was read from."""
+    raw = where.mapping(raw or {}, "finetuned_from")
+    where.known_keys(raw, FINETUNED_FROM_FIELDS, "finetuned_from")
+    for key, value in raw.items():
+        if not isinstance(value, str) or not value:
+            where.fail(f"finetuned_from.{key}", f"expected text, got {value!r}")
+    return _ReadOnlyMap(raw)
+
+
 def _entry_where(source: str, index: int, raw: Any) -> _Where:
     label = f"models[{index}]"
     if isinstance(raw, Mapping) and isinstance(raw.get("name"), str):
@@ -658,6 +674,7 @@ def _parse_entry(source: str, index: int, raw: Any, datasets: Mapping[str, Datas
         dataset_aliases=dataset_aliases,
         _tests=_ReadOnlyMap(tests),
         train=_ReadOnlyMap(where.mapping(raw.get("train") or {}, "train")),
+        finetuned_from=_parse_finetuned_from(where, raw.get("finetuned_from")),
         **net,
     )
 

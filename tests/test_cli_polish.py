@@ -25,7 +25,7 @@ from test_results import make_record
 SHARED = ("name", "--checkpoint", "--data-root", "--num-workers", "--device", "--manifest", "--cache-dir",
           "--mirror", "--offline", "--dataset")
 FETCHING = ("get", "evaluate", "predict", "reproduce", "logs", "export", "info")
-EVERY_COMMAND = {"list", "info", "get", "dataset", "evaluate", "predict", "reproduce", "tables", "show", "logs",
+EVERY_COMMAND = {"list", "info", "get", "dataset", "train", "evaluate", "predict", "reproduce", "tables", "show", "logs",
                  "export", "selftest"}
 
 
@@ -65,7 +65,9 @@ def test_shared_options_read_the_same_everywhere():
         for action in parser._actions:
             key = action.option_strings[0] if action.option_strings else action.dest
             if key in SHARED and key != "--dataset":
-                seen.setdefault(key, {})[command] = (action.metavar, action.help, action.nargs)
+                # train's NAME may be left out (psp-zoo train --from SOURCE fine-tunes)
+                nargs = None if (command, key) == ("train", "name") else action.nargs
+                seen.setdefault(key, {})[command] = (action.metavar, action.help, nargs)
             if key == "--dataset":
                 seen.setdefault(key, {})[command] = (action.metavar,)
     for key, by_command in seen.items():
@@ -76,7 +78,7 @@ def test_shared_options_read_the_same_everywhere():
         assert "--workers" not in strings and all(a.dest != "model" for a in parser._actions)
     assert set(seen["name"]) >= {"evaluate", "info", "predict", "logs", "export"}
     assert set(seen["--checkpoint"]) == {"evaluate", "predict", "export"}
-    assert set(seen["--data-root"]) == {"evaluate", "reproduce"}
+    assert set(seen["--data-root"]) == {"evaluate", "reproduce", "train"}
 
 
 def test_every_fetching_command_takes_the_fetch_options():

@@ -31,13 +31,22 @@ def add_finetune_options(parser: argparse.ArgumentParser) -> None:
 
 
 def check_finetune_options(args: argparse.Namespace) -> None:
-    """``--dataset``, ``--name`` and ``--freeze-backbone`` belong to ``--from``."""
+    """``--dataset``, ``--name`` and ``--freeze-backbone`` belong to ``--from``, which replaces NAME,
+    ``--init-from`` and the ImageNet backbone."""
     if args.source is None:
         given = [flag for flag, value in (("--dataset", args.dataset), ("--name", args.new_name),
                                           ("--freeze-backbone", args.freeze_backbone)) if value]
         if given:
             raise PspZooError(f"{given[0]} applies to fine-tuning: give --from SOURCE too")
-    elif args.dataset is None:
+        if args.name is None:
+            raise PspZooError("give NAME (the entry whose published recipe to run), or --from SOURCE --dataset "
+                              "DATASET to fine-tune SOURCE on your dataset")
+        return
+    clash = [flag for flag, value in (("NAME", args.name), ("--init-from", args.init_from),
+                                      ("--no-pretrained", not args.pretrained)) if value]
+    if clash:
+        raise PspZooError(f"{clash[0]} does not go with --from: the run starts from SOURCE's weights")
+    if args.dataset is None:
         raise PspZooError("--from needs --dataset: the dataset to fine-tune on")
 
 

@@ -290,4 +290,4 @@ def finetune(source: PathLike, *, dataset: str, data_root: PathLike, work_dir: P
     return FinetuneResult(name, work_dir / "model_index.yml", published[0], published[1], tuple(reinit), result)
 
 
-_TRAIN_KEYWORDS = ("resume", "pretrained", "num_workers", "amp", "channels_last", "compile", "progress")
+_TRAIN_KEYWORDS = ("resume", "num_workers", "amp", "channels_last", "compile", "progress")

@@ -1,10 +1,12 @@
-"""Fine-tuning end to end on a CPU: a narrow published-format checkpoint with 5 classes (the tiny
-fixture, served as a manifest entry) fine-tuned on a generated 3-class dataset of one's own layout
+"""Fine-tuning end to end on a CPU: a narrow published-format checkpoint with 5 classes (a tiny R-18-D8
+from psp_zoo.testing, served as a manifest entry; the mmseg-written tiny R-50 fixture as a local file
+for --freeze-backbone) fine-tuned on a generated 3-class dataset of one's own layout
 (tests/finetune_data.py), then used by name from the work dir's manifest: evaluate, predict, export,
 info, reproduce and tables."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import re
 
@@ -16,24 +18,28 @@ from PIL import Image
 
 import finetune_data
 from conftest import tiny_checkpoint_path, tiny_info
-from psp_zoo.checkpoint import read_checkpoint
+from psp_zoo.checkpoint import load_checkpoint, read_checkpoint
 from psp_zoo.cli import main
+from psp_zoo.errors import CheckpointError
 from psp_zoo.manifest import load_manifest
-from psp_zoo.training.finetune import CLASSIFIERS
+from psp_zoo.model import PSPNet
+from psp_zoo.testing import TINY_ARCH, write_tiny_checkpoint
+from psp_zoo.training.finetune import CLASSIFIERS, inferred_arch, starting_weights
+from psp_zoo.training.freeze import freeze_backbone
 
-SOURCE = "tiny_pspnet_r50-d8"
+SOURCE = "tiny_pspnet_r18-d8_cityscapes"
 NAME = "shapes_pspnet"
-ITERATIONS = 240
+ITERATIONS = 200
 # what the fine-tune needs to learn the shapes within a few hundred iterations on small crops
-RECIPE = ("--max-iters", str(ITERATIONS), "--lr", "0.05", "--batch-size", "4", "--gpus", "1", "--eval-interval", "80",
+RECIPE = ("--max-iters", str(ITERATIONS), "--lr", "0.05", "--batch-size", "4", "--gpus", "1", "--eval-interval", "40",
           "--num-workers", "0")
 
 
-def source_entry(url: str) -> dict:
-    info = tiny_info("r50")
-    return {"name": SOURCE, "dataset": "cityscapes", "depth": 50, "crop_size": [64, 64], "schedule": 1000,
-            "weights": url, "hash": info["sha256"][:8], "sha256": info["sha256"], "published": {},
-            "model": {"num_classes": 5, "stem_channels": 8, "base_channels": 8, "channels": 16, "aux_channels": 8}}
+def source_entry(path, url: str) -> dict:
+    """A manifest entry publishing the 5-class checkpoint file ``path`` at ``url``."""
+    return {"name": SOURCE, "dataset": "cityscapes", "depth": 18, "crop_size": [64, 64], "schedule": 1000,
+            "weights": url, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "published": {},
+            "model": dict(TINY_ARCH, num_classes=5)}
 
 
 def _cli(*argv):
@@ -47,11 +53,13 @@ def _cli(*argv):
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("finetune")
     data = finetune_data.write_dataset(folder / "data", train=32, val=8)
+    source = write_tiny_checkpoint(folder / "published", "tiny_pspnet_r18-d8", num_classes=5, depth=18,
+                                   stamp="20260101_000000")
     spec = finetune_data.declaration(train={"ratio_range": [0.75, 1.5]})
     manifest = finetune_data.write_manifest(folder / "user.yml", spec=spec,
-                                            models=[source_entry(f"file://{tiny_checkpoint_path('r50')}")])
+                                            models=[source_entry(source, source.as_uri())])
     common = ("--manifest", manifest, "--cache-dir", folder / "cache")
-    return {"folder": folder, "data": data, "manifest": manifest, "common": common}
+    return {"folder": folder, "data": data, "manifest": manifest, "common": common, "source": source}
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +72,11 @@ def finetuned(setup):
             "by_name": ("--manifest", work / "model_index.yml", "--cache-dir", setup["folder"] / "cache")}
 
 
-def test_the_classifier_convs_are_reinitialized_and_everything_else_starts_as_the_source(finetuned):
+def test_the_classifier_convs_are_reinitialized_and_everything_else_starts_as_the_source(finetuned, setup):
     assert "re-initialized for 3 classes (was 5): auxiliary_head.conv_seg, decode_head.conv_seg" in finetuned["err"]
     init_file, = (finetuned["work"] / "init").glob(f"{NAME}_init-*.pth")
     start, meta = read_checkpoint(init_file)
-    source, _ = read_checkpoint(tiny_checkpoint_path("r50"))
+    source, _ = read_checkpoint(setup["source"])
     assert list(start) == list(source)
     layers = {key.rsplit(".", 1)[0] for key in source}
     for key, tensor in source.items():
@@ -89,14 +97,14 @@ def test_the_classifier_convs_are_reinitialized_and_everything_else_starts_as_th
 def test_it_joins_the_zoo_with_a_self_contained_manifest_entry(finetuned, setup):
     manifest = load_manifest(finetuned["manifest"])  # the work dir's manifest alone
     entry = manifest.get(NAME)
-    assert entry.dataset == "shapes" and entry.num_classes == 3 and entry.backbone == "R-50-D8"
+    assert entry.dataset == "shapes" and entry.num_classes == 3 and entry.backbone == "R-18-D8"
     assert entry.schedule == ITERATIONS and entry.crop_size == (64, 64)
     weights = finetuned["work"] / entry.filename
     assert weights.is_file() and entry.sha256.startswith(entry.hash_prefix) and weights.stem.endswith(entry.hash_prefix)
-    import hashlib
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == entry.sha256
     assert set(torch.load(weights, weights_only=True)) == {"meta", "state_dict"}  # published form: no optimizer
-    assert entry.finetuned_from["name"] == SOURCE and entry.finetuned_from["sha256"] == tiny_info("r50")["sha256"]
+    assert entry.finetuned_from == {"name": SOURCE, "sha256": hashlib.sha256(setup["source"].read_bytes()).hexdigest(),
+                                    "url": setup["source"].as_uri()}
     assert entry.published.miou is not None and entry.published.miou >= 85.0
     spec = manifest.datasets["shapes"]
     assert spec.classes == finetune_data.CLASSES and spec.palette == finetune_data.PALETTE
@@ -168,15 +176,67 @@ def test_freeze_backbone_leaves_every_backbone_tensor_bit_identical(setup):
 @pytest.mark.parametrize("change, expected", [
     ({"colours": [[0, 0, 0]]}, "field 'colours': unknown field"),
     ({"palette": [[0, 0, 0]]}, "field 'palette': expected 3 colours"),
+    ({"train": {"ratio_range": "wide"}}, "datasets.shapes: field 'train': training setting 'ratio_range'"),
     ({"layout": dict(finetune_data.declaration()["layout"], train={"images": "pictures/train"})},
      "layout.train[0].images 'pictures/train'"),
 ])
 def test_a_wrong_declaration_is_refused_before_any_model_is_built(tmp_path, change, expected):
     data = finetune_data.write_dataset(tmp_path / "data", train=2, val=1)
     # the source is not fetchable: had anything been built or fetched first, that would be the error
+    source = tiny_checkpoint_path("r50")
     manifest = finetune_data.write_manifest(tmp_path / "m.yml", spec=finetune_data.declaration(**change),
-                                            models=[source_entry(f"http://127.0.0.1:9/{tiny_checkpoint_path('r50').name}")])
+                                            models=[source_entry(source, f"http://127.0.0.1:9/{source.name}")])
     code, out, err = _cli("train", "--from", SOURCE, "--dataset", "shapes", "--data-root", data, "--work-dir",
                           tmp_path / "work", "--manifest", manifest, "--cache-dir", tmp_path / "cache")
     assert code == 2 and out == "" and expected in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "work" / "init").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("tag", ["r50", "r101"])
+def test_a_local_files_network_is_read_off_its_tensors(tag):
+    state_dict, meta = read_checkpoint(tiny_checkpoint_path(tag))
+    arch = inferred_arch(state_dict, meta, tiny_checkpoint_path(tag))
+    assert arch == dict(tiny_info(tag)["config"], deep_stem=True, output_stride=8, align_corners=False)
+    model = PSPNet(**arch)
+    load_checkpoint(model, tiny_checkpoint_path(tag))  # strict: every key and shape
+
+
+def test_a_v1b_r18_is_read_off_its_tensors_too(tmp_path):
+    path = write_tiny_checkpoint(tmp_path, "tiny_r18", num_classes=7, depth=18)
+    state_dict, meta = read_checkpoint(path)
+    assert inferred_arch(state_dict, meta, path) == dict(TINY_ARCH, depth=18, num_classes=7, deep_stem=True,
+                                                         output_stride=8, align_corners=False)
+
+
+def test_only_the_classifier_convs_may_differ_from_the_source():
+    source, _ = read_checkpoint(tiny_checkpoint_path("r50"))
+    same, reinit = starting_weights(source, PSPNet(**tiny_info("r50")["config"]), seed=0)
+    assert reinit == [] and all(torch.equal(same[key], source[key]) for key in source)
+    wider = dict(tiny_info("r50")["config"], num_classes=3, channels=32)
+    with pytest.raises(CheckpointError, match=r"other shapes: decode_head\.bottleneck.*only the classifier convs"):
+        starting_weights(source, PSPNet(**wider), seed=0)
+    first, _ = starting_weights(source, PSPNet(**dict(tiny_info("r50")["config"], num_classes=3)), seed=1)
+    again, _ = starting_weights(source, PSPNet(**dict(tiny_info("r50")["config"], num_classes=3)), seed=1)
+    assert all(torch.equal(first[key], again[key]) for key in first)  # seeded: a rerun starts the same
+
+
+def test_a_frozen_batchnorm_keeps_the_keys_and_never_moves():
+    model = PSPNet(**tiny_info("r50")["config"])
+    load_checkpoint(model, tiny_checkpoint_path("r50"))
+    keys = list(model.state_dict())
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    freeze_backbone(model)
+    assert list(model.state_dict()) == keys
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    model.train()
+    images = torch.randn(2, 3, 64, 64)
+    reference = PSPNet(**tiny_info("r50")["config"])
+    load_checkpoint(reference, tiny_checkpoint_path("r50"))
+    reference.eval()
+    with torch.no_grad():  # in train mode the frozen backbone computes what an eval-mode one does
+        torch.testing.assert_close(model.backbone(images)[-1], reference.backbone(images)[-1], rtol=0, atol=0)
+    (model.decode_head(model.backbone(images))).sum().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in keys if k.startswith("backbone."))
+    assert not torch.equal(after["decode_head.bottleneck.bn.running_mean"], before["decode_head.bottleneck.bn.running_mean"])

@@ -229,11 +229,11 @@ def _write_init(work_dir: Path, name: str, state: Dict[str, torch.Tensor], sourc
     meta = {"psp_zoo_finetune": {"source": source.record(), "reinitialized": reinit}}
     torch.save({"meta": meta, "state_dict": state}, buffer)
     data = buffer.getvalue()
-    folder = work_dir / "init"
-    for old in folder.glob(f"{name}_init-*.pth"):
-        if old.name != f"{name}_init-{hashlib.sha256(data).hexdigest()[:8]}.pth":
+    path = work_dir / "init" / f"{name}_init-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    for old in path.parent.glob(f"{name}_init-*.pth"):  # from a run with other starting weights
+        if old != path:
             old.unlink()
-    return atomic_write(folder / f"{name}_init-{hashlib.sha256(data).hexdigest()[:8]}.pth", data)
+    return atomic_write(path, data)
 
 
 def _prepare(name: str, spec: DatasetSpec, source: Source, work_dir: Path, seed: int, freeze: bool,
@@ -246,10 +246,10 @@ def _prepare(name: str, spec: DatasetSpec, source: Source, work_dir: Path, seed:
         init_file = _write_init(work_dir, name, state, source, reinit)
         write_run_manifest(run_manifest, spec, _run_entry(name, spec, source, init_file, freeze))
     init_file = dist.from_main(init_file)
-    if reinit:
+    if dist.is_main and reinit:
         log.info("re-initialized for %d classes (was %d): %s", spec.num_classes, source.arch["num_classes"],
                  ", ".join(reinit))
-    else:
+    elif dist.is_main:
         log.info("the source has %d classes too: every tensor loaded, nothing re-initialized", spec.num_classes)
     return run_manifest, init_file, reinit
 

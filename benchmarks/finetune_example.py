@@ -62,7 +62,7 @@ def one_round(iterations: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         finetune_data.write_dataset(folder / "shapes", train=64, val=8)
-        spec = finetune_data.declaration(train={"ratio_range": [0.75, 1.5]})
+        spec = finetune_data.declaration(train=finetune_data.WALK_THROUGH_TRAIN)
         finetune_data.write_manifest(folder / "shapes.yml", spec=spec, models=[_source(folder)])
         times, miou = {}, None
         for step, argv in _steps(folder, iterations).items():

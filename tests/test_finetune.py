@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
     data = finetune_data.write_dataset(folder / "data", train=32, val=8)
     source = write_tiny_checkpoint(folder / "published", "tiny_pspnet_r18-d8", num_classes=5, depth=18,
                                    stamp="20260101_000000")
-    spec = finetune_data.declaration(train={"ratio_range": [0.75, 1.5]})
+    spec = finetune_data.declaration(train=finetune_data.WALK_THROUGH_TRAIN)
     manifest = finetune_data.write_manifest(folder / "user.yml", spec=spec,
                                             models=[source_entry(source, source.as_uri())])
     common = ("--manifest", manifest, "--cache-dir", folder / "cache")

@@ -6,6 +6,7 @@ and ``masks/{train,val}/*_mask.png``, 3 classes, 255 ignored.
 from __future__ import annotations
 
 import numpy as np
+import yaml
 import pytest
 from PIL import Image
 
@@ -157,3 +158,12 @@ def test_a_missing_training_folder_names_its_part_of_the_layout(shapes, tmp_path
                           "--manifest", str(manifest))
     assert code == 2 and out == ""
     assert f"label folder {root / 'labels/train'} (layout.train[0].labels 'labels/train') is missing" in err
+
+
+def test_the_walk_through_declares_the_dataset_the_tests_generate():
+    from conftest import REPO
+
+    page = (REPO / "docs" / "finetune.md").read_text()
+    declared = yaml.safe_load(page.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert declared == {"version": 1, "datasets": {
+        "shapes": finetune_data.declaration(train=finetune_data.WALK_THROUGH_TRAIN)}}

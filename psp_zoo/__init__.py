@@ -34,6 +34,8 @@ _API: Dict[str, str] = {
     "evaluate": "evaluation", "reproduce": "reproduction",
     "predict": "prediction", "Predictor": "prediction",
     "export_onnx": "deploy.export", "verify_onnx": "deploy.verify", "OnnxModel": "deploy.runtime",
+    "Recipe": "training.recipe", "recipe_for": "training.recipe", "Trainer": "training.trainer",
+    "train": "training.loop", "TrainResult": "training.loop",
 }
 
 __all__: List[str] = ["__version__", *_API]

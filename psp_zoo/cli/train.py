@@ -38,6 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="mixed precision on CUDA (default: the fp16 row's recipe only)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--float64", action="store_true",
+                        help="train in float64: slow, free of float32 rounding (for exact comparisons)")
     _options.add_workers_option(parser)
     _add_recipe_options(parser)
     _options.add_fetch_options(parser)
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(args.name, data_root=args.data_root, work_dir=args.work_dir, device=args.device,
                        seed=args.seed, resume=args.resume, init_from=args.init_from, pretrained=args.pretrained,
                        num_workers=args.num_workers, amp=args.amp, channels_last=args.channels_last,
-                       compile=args.compile, fetch=_options.fetch_options(args), **overrides(args))
+                       compile=args.compile, float64=args.float64, fetch=_options.fetch_options(args), **overrides(args))
     if result.log is not None:  # process 0 of a torchrun job, or a run alone
         best = f", best mIoU {result.best_miou:.2f} ({Path(result.best).name})" if result.best_miou is not None else ""
         print(f"trained {result.iterations} iterations: {result.checkpoint}{best}; log {result.log}")

@@ -108,7 +108,7 @@ def train(name: str, *, data_root: PathLike, work_dir: PathLike, device: Union[N
           seed: int = 0, resume: Optional[bool] = None, init_from: Optional[PathLike] = None,
           pretrained: bool = True, num_workers: Optional[int] = None, amp: Optional[bool] = None,
           channels_last: bool = False, compile: bool = False, progress: Optional[bool] = None,
-          fetch: Optional[FetchOptions] = None, **overrides: Any) -> TrainResult:
+          float64: bool = False, fetch: Optional[FetchOptions] = None, **overrides: Any) -> TrainResult:
     """Train manifest entry ``name`` as it was published, on the images under ``data_root``.
 
     ``overrides`` are recipe fields (``max_iters``, ``lr``, ``batch_size``, ``crop_size``, ``gpus``,
@@ -117,6 +117,7 @@ def train(name: str, *, data_root: PathLike, work_dir: PathLike, device: Union[N
     ``init_from``: a checkpoint whose weights start the run instead of the ImageNet backbone;
     ``pretrained=False`` starts from mmcv's initialization alone. ``amp``: mixed precision on CUDA
     (default: the fp16 row's recipe). ``progress``: a bar (True), plain lines (False) or automatic.
+    ``float64``: train in double precision (slow; for exact comparisons, e.g. of process counts).
     """
     fetch = fetch or FetchOptions()
     recipe = recipe_for(name, manifest=fetch.manifest, **overrides)
@@ -131,7 +132,7 @@ def train(name: str, *, data_root: PathLike, work_dir: PathLike, device: Union[N
             entry, recipe, seed, init_from, pretrained, fetch)
         trainer = Trainer(model, recipe, device=device, distributed=dist, amp=amp, seed=seed,
                           accumulation=accumulation_for(recipe, dist.world_size), channels_last=channels_last,
-                          compile=compile)
+                          compile=compile, dtype=torch.float64 if float64 else None)
         spec = get_manifest(fetch.manifest).datasets[recipe.dataset]
         run = _Run(recipe, entry, spec, work_dir, dist, trainer, data, val, seed, num_workers,
                    TrainLog(work_dir / log_file_name() if dist.is_main else None))
@@ -263,7 +264,7 @@ def _validate(run: _Run, epoch: int, lr: float) -> None:
     settings = run.entry.test
     model.eval()
     try:
-        matrix = score(model, run.val.shard(run.dist.rank, run.dist.world_size), settings, run.recipe.num_classes,
+        matrix = score(model if run.trainer.dtype == torch.float32 else _InDtype(model, run.trainer.dtype), run.val.shard(run.dist.rank, run.dist.world_size), settings, run.recipe.num_classes,
                        ms_flip=False, device=device, num_workers=run.num_workers, show=False,
                        desc=f"validation at iteration {run.trainer.iteration}")
     finally:
@@ -272,14 +273,16 @@ def _validate(run: _Run, epoch: int, lr: float) -> None:
     names = run.spec.class_names(run.recipe.num_classes)
     run.log.val(epoch=epoch + 1, steps=math.ceil(len(run.val) / run.dist.world_size), lr=lr, aacc=scores["aAcc"],
                 miou=scores["mIoU"], macc=scores["mAcc"], class_names=names, iou=scores["IoU"], acc=scores["Acc"])
-    log.info("iteration %d: mIoU %.2f, mAcc %.2f, aAcc %.2f", run.trainer.iteration, 100 * scores["mIoU"],
-             100 * scores["mAcc"], 100 * scores["aAcc"])
+    if run.dist.is_main:
+        log.info("iteration %d: mIoU %.2f, mAcc %.2f, aAcc %.2f", run.trainer.iteration, 100 * scores["mIoU"],
+                 100 * scores["mAcc"], 100 * scores["aAcc"])
     miou = scores["mIoU"]
     if not math.isnan(miou) and (not run.best or miou > run.best["miou"]):
         run.best = {"miou": float(miou), "iteration": run.trainer.iteration}
-        if run.dist.is_main and run.last_saved == run.trainer.iteration:
-            point(run.last_path, BEST)
+        if run.last_saved == run.trainer.iteration:
             _save(run, epoch, force=True)  # the best score goes into the file's resume state too
+            if run.dist.is_main:
+                point(run.last_path, BEST)
 
 
 def _write_meta(run: _Run) -> None:
@@ -311,6 +314,18 @@ def _meta(run: _Run, epoch: int, state: dict) -> dict:
         "psp_zoo": {"iteration": run.trainer.iteration, "seed": run.seed, "scaler": state["scaler"],
                     "recipe": run.recipe.as_dict(), "best": dict(run.best), "world_size": run.dist.world_size},
     }
+
+
+class _InDtype(torch.nn.Module):
+    """The model seen by the scoring loop when it trains in another dtype than the images' float32."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+        self.align_corners = getattr(model, "align_corners", False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.to(self.dtype)).float()
 
 
 class _StopOnSignal:

@@ -85,12 +85,11 @@ def init_weights(model: nn.Module) -> nn.Module:
 def load_backbone(backbone: nn.Module, path: Union[str, Path], prefix: str = "") -> List[str]:
     """Load an ImageNet file into ``backbone`` strictly; return the file's keys it does not use.
 
-    Every backbone key must be in the file with its shape; the file's other keys (``fc.*``) are
-    returned so the caller can say which were left out.
+    Every backbone key must be in the file (below ``prefix``) with its shape; the file's other keys
+    (``fc.*``, an mmcls file's ``head.*``) are returned so the caller can say which were left out.
     """
-    state, _ = read_checkpoint(path)
-    if prefix:
-        state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    whole, _ = read_checkpoint(path)
+    state = {key[len(prefix):]: value for key, value in whole.items() if key.startswith(prefix)}
     expected = backbone.state_dict()
     missing = [key for key in expected if key not in state]
     shapes = [f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}" for key, value in expected.items()
@@ -100,7 +99,7 @@ def load_backbone(backbone: nn.Module, path: Union[str, Path], prefix: str = "")
             [f"{len(shapes)} shape mismatch: {', '.join(shapes[:5])}"] if shapes else [])
         raise CheckpointError(f"{Path(path).name} does not fit the backbone: {'; '.join(problems)}; check that "
                               f"the backbone's depth and stem match the file")
-    unused = sorted(key for key in state if key not in expected)
+    unused = sorted(key for key in whole if not key.startswith(prefix) or key[len(prefix):] not in expected)
     backbone.load_state_dict({key: state[key].to(value.dtype) for key, value in expected.items()}, strict=True)
     return unused
 

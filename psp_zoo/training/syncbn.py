@@ -4,16 +4,37 @@ The published checkpoints were trained with SyncBN: in training mode each BatchN
 with the mean and variance of the images of ALL GPUs. ``torch.nn.SyncBatchNorm`` does this on CUDA
 only; :class:`SyncBatchNorm2d` does it with differentiable all-reduces (gloo on CPU as well), so
 N processes x B images give the statistics, outputs and gradients of one process with N x B
-images (``torch.distributed.nn`` all-reduce sums the gradients of the statistics across
-processes in the backward pass). It is a ``BatchNorm2d``: its state-dict keys are plain BN's.
+images (the all-reduce of the statistics sums their gradients across processes in the
+backward pass). It is a ``BatchNorm2d``: its state-dict keys are plain BN's.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed as dist
 from torch import nn
 
-__all__ = ["SyncBatchNorm2d", "convert_sync_batchnorm"]
+__all__ = ["SyncBatchNorm2d", "convert_sync_batchnorm", "all_reduce_sum"]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose gradient is the sum over processes of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over every process of the job, differentiably."""
+    return _AllReduceSum.apply(tensor)
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -25,12 +46,12 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         channels = x.shape[1]
         dims = (0, 2, 3)
         count = torch.tensor([x.numel() // channels], dtype=x.dtype, device=x.device)
-        totals = dist_fn.all_reduce(torch.cat([x.sum(dims), count]))
+        totals = all_reduce_sum(torch.cat([x.sum(dims), count]))
         n = totals[-1]
         mean = totals[:channels] / n
         centered = x - mean.view(1, -1, 1, 1)
         # two passes (mean, then squared deviations) as BatchNorm's own kernel, not E[x^2] - E[x]^2
-        var = dist_fn.all_reduce(centered.pow(2).sum(dims)) / n
+        var = all_reduce_sum(centered.pow(2).sum(dims)) / n
         self._update_running_stats(mean.detach(), var.detach(), n.item())
         out = centered * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
         if self.affine:

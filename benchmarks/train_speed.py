@@ -1,0 +1,159 @@
+"""One training iteration of PSPNet R-50-D8 at 512x1024, batch 2: a plain eager loop against psp-zoo's Trainer.
+
+Every variant trains its own copy of the same randomly initialized network (mmcv's init) on the
+same batch: "plain_eager" is the loop a user would write (forward, decode + 0.4 x auxiliary
+cross-entropy, backward, SGD step); "trainer" is ``psp_zoo.Trainer.step`` (the same arithmetic,
+lr set before the step); "trainer_channels_last" adds the channels-last memory format, and
+"trainer_compile" (``--compile``) torch.compile on top. After a warm-up step each, round r runs
+every variant once in a rotated order, and a variant's speed-up is the median over rounds of
+plain_time[r] / variant_time[r], so load from other processes on a shared machine hits both
+sides of each ratio. Peak memory is measured around one step per variant (CUDA
+max_memory_allocated, or the CPU peak-RSS rise).
+
+    flock /tmp/psp-bench.lock python benchmarks/train_speed.py --rounds 3
+    python benchmarks/train_speed.py --size 128x256 --rounds 2 --out-dir /tmp/ts   # a quick look
+
+Writes benchmarks/results/train_speed_<device>_torch<version>.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmark the checkout this script lives in
+
+from psp_zoo.environment import cpu_flags, cpu_name, environment_info  # noqa: E402
+from psp_zoo.files import atomic_write  # noqa: E402
+from psp_zoo.measure import PeakMemory  # noqa: E402
+from psp_zoo.model import PSPNet  # noqa: E402
+from psp_zoo.records import device_tag  # noqa: E402
+from psp_zoo.training.pretrained import init_weights  # noqa: E402
+from psp_zoo.training.recipe import recipe_for  # noqa: E402
+from psp_zoo.training.trainer import Trainer  # noqa: E402
+
+NAME = "pspnet_r50-d8_512x1024_40k_cityscapes"
+
+
+def plain_step(model: PSPNet, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """The loop a user writes by hand (torchvision's references style), same loss and optimizer."""
+    def step(images: torch.Tensor, labels: torch.Tensor) -> float:
+        features = model.backbone(images)
+        losses = []
+        for head, weight in ((model.decode_head, 1.0), (model.auxiliary_head, 0.4)):
+            logits = F.interpolate(head(features), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            losses.append(weight * F.cross_entropy(logits, labels, ignore_index=255))
+        loss = sum(losses)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+    return step
+
+
+def variants(model: PSPNet, device: torch.device, compile_too: bool) -> Dict[str, Callable]:
+    recipe = recipe_for(NAME)
+    plain = copy.deepcopy(model).to(device).train()
+    optimizer = torch.optim.SGD(plain.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+    calls = {"plain_eager": plain_step(plain, optimizer)}
+    calls["trainer"] = Trainer(copy.deepcopy(model), recipe, device=device).step
+    calls["trainer_channels_last"] = Trainer(copy.deepcopy(model), recipe, device=device, channels_last=True).step
+    if compile_too:
+        calls["trainer_compile"] = Trainer(copy.deepcopy(model), recipe, device=device, channels_last=True,
+                                           compile=True).step
+    return calls
+
+
+def timed(call: Callable, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    call(images, labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(calls: Dict[str, Callable], images, labels, device: torch.device, rounds: int) -> List[dict]:
+    memory = {}
+    for name, call in calls.items():  # warm-up (and compile), then the peak of one step
+        timed(call, images, labels, device)
+        with PeakMemory(device, above_baseline=True) as peak:
+            timed(call, images, labels, device)
+        memory[name] = peak.bytes / 2 ** 20 if peak.exact else None
+        print(f"  warmed up {name}", flush=True)
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(timed(calls[name], images, labels, device))
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
+    base = times["plain_eager"]
+    return [{"variant": name, "median_s": statistics.median(times[name]), "times_s": times[name],
+             "speedup_vs_plain": statistics.median(b / t for b, t in zip(base, times[name])),
+             "peak_memory_mib": memory[name]} for name in names]
+
+
+def environment(device: torch.device, size, batch: int) -> dict:
+    return {
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu_flags": cpu_flags(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "load_average_1_5_15min": list(os.getloadavg()),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": "PSPNet R-50-D8, 19 classes, mmcv initialization (random), SGD lr 0.01 momentum 0.9 wd 5e-4",
+        "input": f"batch {batch} x 3 x {size[0]} x {size[1]}",
+        "note": "shared machine: other processes may have been running (see load average); interleaved rounds, "
+                "median of per-round ratios",
+    }
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", default="512x1024", help="crop HxW (default 512x1024, the Cityscapes crop)")
+    parser.add_argument("--batch", type=int, default=2, help="images per step (default 2, one published GPU's)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time the Trainer under torch.compile")
+    parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    size = tuple(int(v) for v in args.size.lower().split("x"))
+    torch.manual_seed(0)
+    model = init_weights(PSPNet(depth=50, num_classes=19))
+    images = torch.randn(args.batch, 3, *size, device=device)
+    labels = torch.randint(0, 19, (args.batch, *size), device=device)
+    labels[:, : size[0] // 8] = 255
+    rows = measure(variants(model, device, args.compile), images, labels, device, args.rounds)
+    env = environment(device, size, args.batch)
+    print(tabulate([[r["variant"], f"{r['median_s']:.2f}", f"{r['speedup_vs_plain']:.2f}x",
+                     "-" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"] for r in rows],
+                   headers=["variant", "median s/iter", "vs plain", "peak MiB"]))
+    stem = f"train_speed_{device_tag(environment_info(device))}_torch{torch.__version__.split('+')[0]}"
+    path = Path(args.out_dir) / f"{stem}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps({"environment": env, "results": rows}, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

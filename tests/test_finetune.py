@@ -8,7 +8,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ import yaml
 from PIL import Image
 
 import finetune_data
-from conftest import tiny_checkpoint_path, tiny_info
+from conftest import REPO, tiny_checkpoint_path, tiny_info
 from psp_zoo.checkpoint import load_checkpoint, read_checkpoint
 from psp_zoo.cli import main
 from psp_zoo.errors import CheckpointError
@@ -240,3 +243,24 @@ def test_a_frozen_batchnorm_keeps_the_keys_and_never_moves():
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in keys if k.startswith("backbone."))
     assert not torch.equal(after["decode_head.bottleneck.bn.running_mean"], before["decode_head.bottleneck.bn.running_mean"])
+
+
+def test_under_torchrun_the_frozen_backbone_stays_frozen_and_process_0_writes_the_entry(tmp_path):
+    """Two CPU processes: synchronized BatchNorm in the heads, the frozen backbone's left alone."""
+    data = finetune_data.write_dataset(tmp_path / "data", train=4, val=2)
+    manifest = finetune_data.write_manifest(tmp_path / "m.yml")
+    source = tiny_checkpoint_path("r50")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "psp_zoo",
+               "train", "--from", str(source), "--dataset", "shapes", "--name", "shapes_torchrun", "--freeze-backbone",
+               "--data-root", str(data), "--work-dir", str(tmp_path / "work"), "--manifest", str(manifest),
+               "--max-iters", "2", "--eval-interval", "2", "--batch-size", "1", "--gpus", "2", "--num-workers", "0",
+               "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stderr.count("re-initialized for 3 classes") == 1  # said once, by process 0
+    trained = torch.load(tmp_path / "work" / "latest.pth", weights_only=True)
+    assert trained["meta"]["psp_zoo"]["world_size"] == 2
+    start, _ = read_checkpoint(source)
+    assert all(torch.equal(trained["state_dict"][key], start[key]) for key in start if key.startswith("backbone."))
+    assert load_manifest(tmp_path / "work" / "model_index.yml").get("shapes_torchrun").schedule == 2

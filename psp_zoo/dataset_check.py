@@ -49,7 +49,8 @@ class SplitCheck:
     pairs: int = 0  # images with their label
     missing_labels: List[Tuple[Path, Path]] = field(default_factory=list)  # (image, the label expected)
     missing_images: List[Tuple[str, Path]] = field(default_factory=list)  # (the label or split line, image expected)
-    out_of_range: List[Tuple[Path, Tuple[int, ...], int]] = field(default_factory=list)  # (label, stored values, pixels)
+    # (label, the stored values outside, how many pixels hold them)
+    out_of_range: List[Tuple[Path, Tuple[int, ...], int]] = field(default_factory=list)
     size_mismatches: List[Tuple[Path, Tuple[int, int], Path, Tuple[int, int]]] = field(default_factory=list)
     unreadable: List[str] = field(default_factory=list)  # the reader's message, naming the file
     pixels: np.ndarray = None  # labelled pixels per class (as training reads them)
@@ -159,7 +160,8 @@ def check_folders(dataset: str, data_root: PathLike, splits: Sequence[str] = SPL
             _check_part(spec, folder, layout, split, part)
 
 
-def _pairs_of(check: SplitCheck, spec: DatasetSpec, folder: Path, layout: Layout) -> List[Tuple[Path, Path, Optional[str]]]:
+def _pairs_of(check: SplitCheck, spec: DatasetSpec, folder: Path,
+              layout: Layout) -> List[Tuple[Path, Path, Optional[str]]]:
     """The (image, label, label map) pairs of one layout part; missing files recorded in ``check``."""
     image_dir, label_dir = folder / layout.images, folder / layout.labels
     suffixes = [s for s in (layout.label_suffix, layout.fallback_label_suffix) if s]
@@ -179,7 +181,8 @@ def _pairs_of(check: SplitCheck, spec: DatasetSpec, folder: Path, layout: Layout
     if layout.split is None:  # with a split file, other labels may belong to other splits
         for name in sorted(label_files - expected):
             suffix = next(s for s in suffixes if name.endswith(s))
-            check.missing_images.append((f"label {label_dir / name}", image_dir / (name[: -len(suffix)] + layout.image_suffix)))
+            image = image_dir / (name[: -len(suffix)] + layout.image_suffix)
+            check.missing_images.append((f"label {label_dir / name}", image))
     return pairs
 
 
@@ -198,7 +201,8 @@ def _listed_images(check: SplitCheck, spec: DatasetSpec, folder: Path, layout: L
         if (image_dir / (name + layout.image_suffix)).is_file():
             present.append(name + layout.image_suffix)
         else:
-            check.missing_images.append((f"split file {split}: line {name!r}", image_dir / (name + layout.image_suffix)))
+            expected = image_dir / (name + layout.image_suffix)
+            check.missing_images.append((f"split file {split}: line {name!r}", expected))
     return present
 
 

@@ -91,7 +91,7 @@ def test_the_classifier_convs_are_reinitialized_and_everything_else_starts_as_th
         assert torch.equal(start[f"{layer}.bias"], torch.zeros(3))
         weight = start[f"{layer}.weight"]
         assert 0.004 < weight.std().item() < 0.02 and weight.abs().max().item() < 0.06  # normal(0, 0.01)
-    assert meta["psp_zoo_finetune"]["reinitialized"] == list(CLASSIFIERS)[::-1]
+    assert meta["psp_zoo_finetune"]["reinitialized"] == sorted(CLASSIFIERS)
     # the run started from that file: its manifest entry names it, hash and all
     run_entry = yaml.safe_load((finetuned["work"] / "init" / "manifest.yml").read_text())["models"][0]
     assert run_entry["weights"].endswith(init_file.name) and run_entry["train"]["pretrained"] is None
@@ -105,7 +105,9 @@ def test_it_joins_the_zoo_with_a_self_contained_manifest_entry(finetuned, setup)
     weights = finetuned["work"] / entry.filename
     assert weights.is_file() and entry.sha256.startswith(entry.hash_prefix) and weights.stem.endswith(entry.hash_prefix)
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == entry.sha256
-    assert set(torch.load(weights, weights_only=True)) == {"meta", "state_dict"}  # published form: no optimizer
+    published = torch.load(weights, weights_only=True)
+    assert set(published) == {"meta", "state_dict"}  # the published form: no optimizer
+    assert published["meta"]["psp_zoo_finetune"]["reinitialized"] == sorted(CLASSIFIERS)
     assert entry.finetuned_from == {"name": SOURCE, "sha256": hashlib.sha256(setup["source"].read_bytes()).hexdigest(),
                                     "url": setup["source"].as_uri()}
     assert entry.published.miou is not None and entry.published.miou >= 85.0
@@ -161,7 +163,8 @@ def test_freeze_backbone_leaves_every_backbone_tensor_bit_identical(setup):
     work = setup["folder"] / "frozen"
     code, _, err = _cli("train", "--from", tiny_checkpoint_path("r50"), "--dataset", "shapes", "--name", "frozen",
                         "--freeze-backbone", "--data-root", setup["data"], "--work-dir", work, "--max-iters", "6",
-                        "--eval-interval", "6", "--lr", "0.05", "--batch-size", "2", "--gpus", "1", "--num-workers", "0", *setup["common"])
+                        "--eval-interval", "6", "--lr", "0.05", "--batch-size", "2", "--gpus", "1", "--num-workers", "0",
+                        *setup["common"])
     assert code == 0, err[-3000:]
     source, _ = read_checkpoint(tiny_checkpoint_path("r50"))
     trained, _ = read_checkpoint(work / "latest.pth")
@@ -242,7 +245,8 @@ def test_a_frozen_batchnorm_keeps_the_keys_and_never_moves():
     assert all(p.grad is None for p in model.backbone.parameters())
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in keys if k.startswith("backbone."))
-    assert not torch.equal(after["decode_head.bottleneck.bn.running_mean"], before["decode_head.bottleneck.bn.running_mean"])
+    key = "decode_head.bottleneck.bn.running_mean"
+    assert not torch.equal(after[key], before[key])
 
 
 def test_under_torchrun_the_frozen_backbone_stays_frozen_and_process_0_writes_the_entry(tmp_path):

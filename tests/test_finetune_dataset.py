@@ -34,7 +34,8 @@ def test_the_declaration_reads_like_a_builtin_dataset(shapes):
     spec = load_manifest(manifest).datasets["shapes"]
     assert spec.classes == finetune_data.CLASSES and spec.palette == finetune_data.PALETTE
     assert (spec.num_classes, spec.ignore_index, spec.reduce_zero_label) == (3, 255, False)
-    assert (spec.layout.images, spec.layout.labels, spec.layout.label_suffix) == ("images/val", "masks/val", "_mask.png")
+    layout = spec.layout
+    assert (layout.images, layout.labels, layout.label_suffix) == ("images/val", "masks/val", "_mask.png")
     train, = spec.layout.train
     assert (train.images, train.labels, train.image_suffix, train.label_suffix) == (
         "images/train", "masks/train", ".jpg", "_mask.png")

@@ -279,10 +279,11 @@ def finetune(source: PathLike, *, dataset: str, data_root: PathLike, work_dir: P
     try:
         run_manifest, init_file, reinit = _prepare(name, spec, src, work_dir, seed, freeze_backbone, dist)
         run_fetch = FetchOptions(manifest=manifest_paths(fetch.manifest) + (str(run_manifest),),
-                                 cache_dir=fetch.cache_dir, mirror=fetch.mirror, offline=fetch.offline, quiet=fetch.quiet)
+                                 cache_dir=fetch.cache_dir, mirror=fetch.mirror, offline=fetch.offline,
+                                 quiet=fetch.quiet)
         result = train(name, data_root=data_root, work_dir=work_dir, device=device, seed=seed,
                        init_from=init_file, fetch=run_fetch, **options)
-        published = write_zoo_manifest(work_dir, name, result, spec, run_fetch.manifest, src.record()) \
+        published = write_zoo_manifest(work_dir, name, result, spec, run_fetch.manifest, src.record(), reinit) \
             if dist.is_main else (None, None)
         dist.barrier()
     finally:

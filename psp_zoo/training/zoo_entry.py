@@ -78,11 +78,12 @@ def recipe_block(recipe: Recipe) -> dict:
     return {key: value for key, value in recipe.as_dict().items() if key not in ("name", "dataset", "num_classes")}
 
 
-def _publish(work_dir: Path, name: str, checkpoint: Path) -> Tuple[Path, str]:
-    """``checkpoint`` without its optimizer, as ``<name>_<stamp>-<sha8>.pth``; (path, full SHA-256)."""
+def _publish(work_dir: Path, name: str, checkpoint: Path, finetuned: dict) -> Tuple[Path, str]:
+    """``checkpoint`` without its optimizer, as ``<name>_<stamp>-<sha8>.pth``; (path, full SHA-256).
+    Its meta also says where the fine-tune started and what it re-initialized (``psp_zoo_finetune``)."""
     state_dict, meta = read_checkpoint(checkpoint)
     buffer = io.BytesIO()
-    torch.save({"meta": meta, "state_dict": state_dict}, buffer)
+    torch.save({"meta": dict(meta, psp_zoo_finetune=finetuned), "state_dict": state_dict}, buffer)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
@@ -93,14 +94,16 @@ def _publish(work_dir: Path, name: str, checkpoint: Path) -> Tuple[Path, str]:
 
 
 def write_zoo_manifest(work_dir: Path, name: str, result, spec: DatasetSpec, manifest: Sequence[str],
-                       source: dict) -> Tuple[Path, Optional[float]]:
+                       source: dict, reinitialized: Sequence[str]) -> Tuple[Path, Optional[float]]:
     """Publish the run's best (else last) checkpoint and write ``work_dir/model_index.yml``.
 
     ``manifest``: the manifests the run read (its own entry in the last); ``source``: the
-    ``finetuned_from`` record. Returns the published file and the mIoU it claims (percent)."""
+    ``finetuned_from`` record; ``reinitialized``: the layers that did not start from it. Returns the
+    published file and the mIoU it claims (percent)."""
     work_dir = Path(work_dir)
     run_entry = yaml.safe_load(Path(manifest[-1]).read_text())["models"][0]
-    weights, digest = _publish(work_dir, name, result.best or result.checkpoint)
+    finetuned = {"source": dict(source), "reinitialized": list(reinitialized)}
+    weights, digest = _publish(work_dir, name, result.best or result.checkpoint, finetuned)
     miou = result.best_miou if result.best is not None else None
     miou = None if miou is None or not math.isfinite(miou) or miou <= 0 else round(float(miou), 2)
     recipe = result.recipe

@@ -168,3 +168,15 @@ def test_the_walk_through_declares_the_dataset_the_tests_generate():
     declared = yaml.safe_load(page.split("```yaml\n", 1)[1].split("```", 1)[0])
     assert declared == {"version": 1, "datasets": {
         "shapes": finetune_data.declaration(train=finetune_data.WALK_THROUGH_TRAIN)}}
+
+
+def test_reduce_zero_label_is_applied_before_the_values_are_checked(tmp_path):
+    root = finetune_data.write_dataset(tmp_path / "data", train=1, val=1)
+    label = np.array([[0, 1, 2, 3, 4, 255]] * 96, np.uint8).repeat(16, axis=1)  # 96 x 96
+    Image.fromarray(label).save(root / "masks" / "val" / "shape_000_mask.png")
+    spec = finetune_data.declaration(reduce_zero_label=True)
+    manifest = finetune_data.write_manifest(tmp_path / "m.yml", spec=spec)
+    check = check_split("shapes", root, "val", manifest=str(manifest))
+    # stored 1..3 are classes 0..2, stored 0 and 255 are ignored, stored 4 would be class 3: outside
+    assert check.pixels.tolist() == [96 * 16] * 3 and check.ignored == 2 * 96 * 16
+    assert check.out_of_range == [(root / "masks" / "val" / "shape_000_mask.png", (4,), 96 * 16)]

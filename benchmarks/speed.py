@@ -7,7 +7,7 @@ the median over rounds of baseline_time[r] / variant_time[r], so load from other
 a shared machine hits both sides of each ratio. Numerics (max relative logit difference,
 argmax agreement) are against the eager fp32 output on the same input.
 
-A slide case compares psp_zoo.slide_inference one window at a time (the reference loop, REFERENCE.md grid)
+A slide case compares psp_zoo.slide_inference one window at a time (the reference loop, docs/reference.md's grid)
 with all windows in one batch.
 
     python benchmarks/speed.py                      # defaults for the device found
@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))  # benchmark the checkout this script lives in
 
 
 from psp_zoo import PSPNet, load_checkpoint  # noqa: E402
+from psp_zoo.deploy.verify import compare_outputs  # noqa: E402
 from psp_zoo.inference import slide_inference  # noqa: E402
 from psp_zoo.model import FactorizedPSPHead  # noqa: E402
 from psp_zoo.model.winograd import use_winograd  # noqa: E402
@@ -139,11 +140,9 @@ def timed(call: Callable[[], torch.Tensor], device: torch.device) -> Tuple[float
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> Dict[str, float]:
-    out, ref = out.float(), ref.float()
-    return {
-        "max_rel_diff": float((out - ref).abs().max() / ref.abs().max()),
-        "argmax_agreement": float((out.argmax(1) == ref.argmax(1)).float().mean()),
-    }
+    """psp_zoo's compare_outputs (the measure the exporter and the selftest use), as result fields."""
+    comparison = compare_outputs(ref, out)
+    return {"max_rel_diff": comparison.rel_diff, "argmax_agreement": comparison.agreement}
 
 
 def run_case(calls: Dict[str, Tuple[Callable[[], torch.Tensor], dict]], device: torch.device, rounds: int,
@@ -330,7 +329,11 @@ def published_figures() -> Dict[str, dict]:
 
 
 def results_stem(device: torch.device) -> str:
-    return f"speed_{device_tag(environment_info(device))}_torch{torch.__version__.split('+')[0]}"
+    """speed_cpu_torch<v> or speed_cuda-<gpu>_torch<v>: the recorded files' names (the CPU model is
+    in the file's environment, not its name)."""
+    env = environment_info(device)
+    tag = "cpu" if env["device_kind"] == "cpu" else device_tag(env)
+    return f"speed_{tag}_torch{torch.__version__.split('+')[0]}"
 
 
 def write_results(rows: List[dict], env: dict, out_dir: Path, stem: str) -> Tuple[Path, Path]:

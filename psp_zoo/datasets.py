@@ -38,7 +38,7 @@ __all__ = [
 
 PathLike = Union[str, Path]
 #: Where a user learns how to prepare each layout; every "not in the layout" message points there.
-SEE_README = "see README, 'Datasets'"
+SEE_README = "see docs/datasets.md"
 
 # Official Cityscapes table: these labelIds are trainIds 0..18 in this order; the rest is ignored.
 _CITYSCAPES_TRAIN_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)

@@ -1,7 +1,7 @@
 """Where a number was measured: the device to run on, the CPU or GPU by name, and the versions.
 
 Every results record carries :func:`environment_info`; a reproduced number means nothing without
-the device and software that produced it (REFERENCE.md, "Speed and memory as published").
+the device and software that produced it (docs/reference.md, "Speed and memory as published").
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ record that ``reproduce`` writes and ``tables`` reads.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -26,13 +27,15 @@ from .transforms import MS_FLIP_RATIOS, target_scales
 
 __all__ = ["evaluate", "recorded_settings"]
 
+log = logging.getLogger("psp_zoo")
+
 
 def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[str] = None,
              ms_flip: bool = False, limit: Optional[int] = None, device: Union[None, str, torch.device] = None,
              checkpoint: Union[None, str, Path] = None, num_workers: Optional[int] = None,
              progress: Optional[bool] = None, batch_size: Optional[int] = None,
              speed: Optional[SpeedOptions] = None, fetch: Optional[FetchOptions] = None,
-             onnx: Union[None, str, Path] = None, **keywords: Any) -> ResultRecord:
+             onnx: Union[None, str, Path] = None, threads: Optional[int] = None, **keywords: Any) -> ResultRecord:
     """Score a checkpoint (manifest name) or a model object on a validation set, as the reference.
 
     With a name, its manifest test settings apply (``checkpoint=PATH`` loads a local file; the
@@ -44,7 +47,8 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
     ``cache_dir``, ``mirror``, ``offline``). ``limit`` scores the first N images in sorted order;
     ``progress``: True/False, or None for automatic; ``batch_size``: sliding-window crops per call.
     ``onnx=FILE`` scores an exported model (``psp-zoo export``) through onnxruntime with the same
-    pipeline instead of the PyTorch weights; the record names the backend.
+    pipeline instead of the PyTorch weights; the record names the backend, with the session's
+    ``threads`` (default: torch's intra-op thread count, what the PyTorch path uses).
 
     Returns the :class:`~psp_zoo.ResultRecord` that a results file holds: ``record.miou``,
     ``record.iou["road"]``, ``record.images.count``...
@@ -54,7 +58,7 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
                      overrides=overrides)
     speed.check(target.device)  # before anything is downloaded or built
     items = list_items(target.dataset.key, data_root, limit=limit, manifest=fetch.manifest)
-    model, backend = _runner(target, speed, onnx)
+    model, backend = _runner(target, speed, onnx, threads)
     scales = target_scales(target.settings.img_scale, ms_flip)
     data = SegmentationDataset(target.dataset.key, data_root, img_scales=scales, items=items,
                                reduce_zero_label=target.dataset.reduce_zero_label, manifest=fetch.manifest)
@@ -70,15 +74,17 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
         single_scale=None if ms_flip else metrics, ms_flip=metrics if ms_flip else None)
 
 
-def _runner(target: Resolved, speed: SpeedOptions, onnx: Union[None, str, Path]):
+def _runner(target: Resolved, speed: SpeedOptions, onnx: Union[None, str, Path], threads: Optional[int]):
     """(what runs the images, the backend record): the prepared PyTorch model, or an ONNX session."""
     if onnx is None:
         return optimize(target.load(), speed), None
-    session = OnnxModel(onnx, device=str(target.device))
+    threads = torch.get_num_threads() if threads is None else threads
+    session = OnnxModel(onnx, device=str(target.device), threads=threads)
     if session.num_classes not in (None, target.num_classes):
         raise PspZooError(f"{onnx} predicts {session.num_classes} classes, {target.name} has "
                           f"{target.num_classes}; export the same checkpoint again")
-    return session, onnx_backend_info(session)
+    log.info(f"onnxruntime runs {onnx} on {threads} intra-op thread(s), idle threads not spinning")
+    return session, {**onnx_backend_info(session), "threads": threads, "spinning": session.spinning}
 
 
 def recorded_settings(target: Resolved, ms_flip: bool, data_root: Union[str, Path]) -> dict:

@@ -1,7 +1,7 @@
 """Test-time inference exactly as mmseg v0.x runs it: whole, sliding window, multi-scale + flip.
 
 Pure functions of a model (``model(x)`` = mmseg's ``encode_decode``: logits resized to x's size)
-and normalized NCHW tensors. REFERENCE.md ("Slide inference", "Multi-scale + flip") is the
+and normalized NCHW tensors. docs/reference.md ("Sliding windows", "Multi-scale + flip") is the
 specification; the only liberty taken is batching (windows, flips), which changes no result.
 
 The resize of the logits to the original image size, the softmax, the ms+flip average and the

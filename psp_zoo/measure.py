@@ -1,4 +1,4 @@
-"""Speed and memory, measured the way the published table measured them (REFERENCE.md,
+"""Speed and memory, measured the way the published table measured them (docs/reference.md,
 "Speed and memory as published").
 
 - fps: batch 1, the first ``warmup`` calls untimed, then ``fps = timed calls / summed call time``;
@@ -9,12 +9,15 @@
 - training memory ("Mem (GB)" in the table): forward + backward + SGD step at the crop size with
   the published images per GPU, plain BN in place of SyncBN, decode CE + 0.4 x auxiliary CE
   (ignore_index 255); peak allocated on top of what was allocated before. On CPU: the peak RSS
-  increase. GB are 2**30 bytes, as mmseg divides its MB (2**20) log figure by 1024.
+  increase of a fresh process running the steps. GB are 2**30 bytes, as mmseg divides its MB (2**20) log figure by 1024.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import os
+import subprocess
 import resource
 import sys
 import time
@@ -203,7 +206,55 @@ def training_memory(model_kwargs: Mapping[str, Any], crop_size: Sequence[int], i
 
     Two steps by default: from the second on, the SGD momentum buffers and the zeroed (not
     freed: torch 1.5's ``zero_grad``) gradients are resident, as in every published iteration.
+    On CUDA the allocator counts the bytes; on the CPU the steps run in a fresh process, whose
+    allocator holds nothing yet, so the peak RSS increase is what the steps needed (in this
+    process, memory freed by earlier work would be reused and the increase could read as zero).
     """
+    device = torch.device(device)
+    where = "above the memory in use before"
+    if device.type == "cpu":
+        used, exact = _in_fresh_process(dict(model_kwargs), list(crop_size), images_per_gpu, steps, seed)
+        where = "in a fresh process, " + where
+    else:
+        used, exact = _training_peak(model_kwargs, crop_size, images_per_gpu, device, steps, seed)
+    height, width = crop_size
+    detail = (f"training, {steps} SGD step(s) at {height}x{width}, {images_per_gpu} image(s) per device, "
+              f"BN in place of SyncBN, {where}")
+    if not exact:
+        detail += " (peak could not be reset: process lifetime peak)"
+    return MemoryUse(gb=used / GB, kind="cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS",
+                     detail=detail)
+
+
+def _in_fresh_process(model_kwargs: dict, crop_size: list, images_per_gpu: int, steps: int,
+                      seed: int) -> Tuple[int, bool]:
+    """:func:`_training_peak` on the CPU in a new Python process (not a fork: that would share this heap)."""
+    job = json.dumps({"model_kwargs": model_kwargs, "crop_size": crop_size, "images_per_gpu": images_per_gpu,
+                      "steps": steps, "seed": seed, "threads": torch.get_num_threads()})
+    package_root = str(Path(__file__).resolve().parents[1])  # this psp_zoo, whatever sys.path the child gets
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", "from psp_zoo.measure import _training_peak_main; "
+                           "_training_peak_main()"], input=job, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PspZooError(f"the training-memory step failed in its own process ({last}); skip it with "
+                          f"train_memory=False", cli_hint="--no-train-mem")
+    used, exact = json.loads(done.stdout.strip().splitlines()[-1])
+    return int(used), bool(exact)
+
+
+def _training_peak_main() -> None:
+    """The fresh process's side: a job as JSON on stdin, ``[bytes, exact]`` on stdout."""
+    job = json.loads(sys.stdin.read())
+    print(json.dumps(list(_training_peak(job["model_kwargs"], job["crop_size"], job["images_per_gpu"], "cpu",
+                                         job["steps"], job["seed"], job["threads"]))))
+
+
+def _training_peak(model_kwargs: Mapping[str, Any], crop_size: Sequence[int], images_per_gpu: int,
+                   device: DeviceLike, steps: int, seed: int, threads: Optional[int] = None) -> Tuple[int, bool]:
+    """(peak bytes above the memory in use before, whether the peak was reset) of the training steps."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     device = torch.device(device)
     height, width = crop_size
     generator = torch.Generator().manual_seed(seed)
@@ -219,5 +270,4 @@ def training_memory(model_kwargs: Mapping[str, Any], crop_size: Sequence[int], i
             training_loss(model, images, labels).backward()
             optimizer.step()
         del model, optimizer, images, labels
-    return peak.use(f"training, {steps} SGD step(s) at {height}x{width}, {images_per_gpu} image(s) "
-                    f"per device, BN in place of SyncBN, above the memory in use before")
+    return peak.bytes, peak.exact

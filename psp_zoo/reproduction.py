@@ -2,7 +2,7 @@
 
 For each selected checkpoint: fetch and verify it, load it, score the validation set single-scale
 and ms+flip (``scoring.score``), measure speed and inference memory in one pass over the same
-images and training memory as published (REFERENCE.md), and write one results file per
+images and training memory as published (docs/reference.md), and write one results file per
 checkpoint, device, precision and speed options (``records.py``). A checkpoint that fails is
 recorded as failed and the rest still run.
 

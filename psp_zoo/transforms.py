@@ -1,6 +1,6 @@
 """The reference test-time transform: keep-ratio resize, RGB normalization, CHW tensor.
 
-Every number here is REFERENCE.md's ("Test pipeline", "Multi-scale + flip"): mmcv's
+Every number here is docs/reference.md's ("Test pipeline", "Multi-scale + flip"): mmcv's
 ``rescale_size`` rounding (``int(x + 0.5)``, not banker's rounding), ``cv2.INTER_LINEAR`` on the
 uint8 image, upscaling allowed, no padding. Labels are never resized.
 """

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 from psp_zoo.testing import LocalHTTPServer
 
-from conftest import TINY, tiny_checkpoint_path, tiny_info
+from helpers import TINY, tiny_checkpoint_path, tiny_info
 
 ZOO_DIR = "/mmsegmentation/v0.5/pspnet/tiny/"
 ALT_DIR = "/mmsegmentation/v0.5/pspnet/tiny_again/"
@@ -126,13 +126,15 @@ def _handler_for(server: CheckpointServer):
             self._send(data[cut:], record)
 
         def _send(self, chunk: bytes, record: Request) -> None:
+            # counted before writing: the client may have read it all (and the test checked the count)
+            # before this thread returns from the write
+            record.sent += len(chunk)
             try:
                 self.wfile.write(chunk)
                 self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test): expected
+                record.sent -= len(chunk)
                 self.close_connection = True
-                return
-            record.sent += len(chunk)
 
     return Handler
 

@@ -11,7 +11,7 @@ import torch
 
 from psp_zoo import CheckpointError, PSPNet, create_model, load_checkpoint, read_checkpoint
 
-from conftest import tiny_checkpoint_path, tiny_info
+from helpers import tiny_checkpoint_path, tiny_info
 
 
 def _tiny(tag="r50", **kw):

@@ -12,22 +12,10 @@ import threading
 import pandas as pd
 import pytest
 
-from psp_zoo.cli import main
-
-from conftest import REPO, tiny_checkpoint_path, tiny_info
+from helpers import REPO, one_line, run_cli, tiny_checkpoint_path, tiny_info
 from hub_server import OPENMMLAB, write_manifest
 
 
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_list_shows_published_numbers_and_cache_state(capsys, hub_server, hub_manifest, hub_cache):
@@ -103,7 +91,7 @@ def test_get_offline_and_mirror(capsys, hub_server, tmp_path, hub_cache, monkeyp
     monkeypatch.setenv("PSP_ZOO_MANIFEST", str(manifest))
     monkeypatch.setenv("PSP_ZOO_HOME", str(hub_cache))
     code, _, err = run_cli(capsys, "get", "tiny_r50", "--offline")
-    assert code == 1 and "is not in the cache" in _one_line(err) and str(hub_cache) in err
+    assert code == 1 and "is not in the cache" in one_line(err) and str(hub_cache) in err
     code, out, err = run_cli(capsys, "get", "tiny_r50", "--mirror", hub_server.base)
     assert code == 0 and out.strip() == str(hub_cache / tiny_checkpoint_path("r50").name)
     assert "downloading " + hub_server.url("r50") in err  # progress messages when not --quiet
@@ -121,7 +109,7 @@ def test_get_offline_and_mirror(capsys, hub_server, tmp_path, hub_cache, monkeyp
 ])
 def test_user_errors_are_one_line_and_nothing_is_fetched(capsys, hub_server, hub_manifest, argv, expected):
     code, out, err = run_cli(capsys, *argv, "--manifest", hub_manifest)
-    assert code == 2 and expected in _one_line(err) and hub_server.log == []
+    assert code == 2 and expected in one_line(err) and hub_server.log == []
 
 
 def test_a_dataset_without_checkpoints_is_one_line(capsys, hub_server, hub_manifest, tmp_path):
@@ -132,12 +120,12 @@ def test_a_dataset_without_checkpoints_is_one_line(capsys, hub_server, hub_manif
                      "    layout: {folders: [''], images: img, labels: ann, image_suffix: .png, label_suffix: .png}\n"
                      "    classes: [a, b]\n")
     code, out, err = run_cli(capsys, "get", "--dataset", "empty_set", "--manifest", hub_manifest, "--manifest", extra)
-    assert code == 2 and "no checkpoints for dataset 'empty_set'" in _one_line(err) and hub_server.log == []
+    assert code == 2 and "no checkpoints for dataset 'empty_set'" in one_line(err) and hub_server.log == []
 
 
 def test_a_broken_manifest_is_one_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "info", "tiny_r50", "--manifest", tmp_path / "missing.yml")
-    assert code == 2 and "cannot read manifest" in _one_line(err)
+    assert code == 2 and "cannot read manifest" in one_line(err)
 
 
 def _psp_zoo(*argv, stderr=subprocess.PIPE) -> subprocess.Popen:
@@ -174,7 +162,7 @@ def test_the_console_entry_reports_an_unknown_name_without_traceback(hub_manifes
     process = _psp_zoo("get", "tiny_r55", "--manifest", hub_manifest)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 2 and out == ""
-    assert _one_line(err).startswith("psp-zoo get: error: unknown checkpoint 'tiny_r55'; did you mean: tiny_r50")
+    assert one_line(err).startswith("psp-zoo get: error: unknown checkpoint 'tiny_r55'; did you mean: tiny_r50")
 
 
 @pytest.mark.parametrize("argv,expected", [
@@ -189,7 +177,7 @@ def test_evaluate_refuses_a_bad_device_or_output_before_any_work(capsys, tmp_pat
     code, out, err = run_cli(capsys, "evaluate", "pspnet_r50-d8_512x1024_40k_cityscapes", "--data-root",
                              tmp_path / "no-data", *argv)
     assert code == 2 and out == ""  # the device and the output path are checked before the data and weights
-    assert _one_line(err).startswith(f"psp-zoo evaluate: error: {expected.format(file=a_file)}")
+    assert one_line(err).startswith(f"psp-zoo evaluate: error: {expected.format(file=a_file)}")
 
 
 def test_a_refused_write_is_one_line_not_a_traceback(capsys, tmp_path):
@@ -197,5 +185,5 @@ def test_a_refused_write_is_one_line_not_a_traceback(capsys, tmp_path):
     a_file.write_text("")
     code, _, err = run_cli(capsys, "tables", "--plot", a_file / "plot.png")
     # refused before the tables are built, naming the requested file and what is in its way
-    assert code == 2 and _one_line(err).startswith(
+    assert code == 2 and one_line(err).startswith(
         f"psp-zoo tables: error: --plot {a_file / 'plot.png'}: {a_file} is a file, not a folder")

@@ -3,12 +3,13 @@ inside a function), functions stay short, and the command line starts without to
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Set
 
-from conftest import REPO
+from helpers import REPO
 
 PACKAGE = REPO / "psp_zoo"
 MAX_FUNCTION_LINES = 50
@@ -116,7 +117,7 @@ def test_the_tests_need_nothing_beside_the_clone():
     import hashlib
     import json
 
-    from conftest import FIXTURES
+    from helpers import FIXTURES
 
     for info in json.loads((FIXTURES / "index.json").read_text()).values():
         data = (FIXTURES / info["checkpoint"]).read_bytes()
@@ -125,3 +126,79 @@ def test_the_tests_need_nothing_beside_the_clone():
     outside = [str(path.relative_to(REPO)) for path in sorted((REPO / "tests").rglob("*.py"))
                if "".join(beside) in path.read_text() or 'parent / "' + beside[2] in path.read_text()]
     assert outside == []
+
+
+# --------------------------------------------------------------------------------------------
+# the documented order
+
+
+def _documented_layers() -> Dict[str, int]:
+    """docs/ARCHITECTURE.md's module table: module (or package, 'model/') -> its row, top first."""
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    table = text.split("## Modules in pipeline order", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    layers = {}
+    for index, row in enumerate(rows):
+        first = row.split("|")[1]
+        for name in re.findall(r"`([A-Za-z_]+(?:\.py|/))`", first):
+            layers[name] = index
+    return layers
+
+
+def _layer_key(module: str) -> str:
+    """psp_zoo.cli.get -> 'cli/', psp_zoo.hub -> 'hub.py'."""
+    parts = module.split(".")[1:]
+    return f"{parts[0]}/" if (PACKAGE / parts[0]).is_dir() else f"{parts[0]}.py"
+
+
+def test_every_module_is_in_the_documented_order_and_imports_only_upward():
+    layers = _documented_layers()
+    graph = _graph()
+    modules = [name for name in graph if name != "psp_zoo"]  # the public face imports lazily, by name
+    unlisted = sorted({_layer_key(m) for m in modules} - set(layers))
+    assert unlisted == [], f"add these to the table in docs/ARCHITECTURE.md: {unlisted}"
+    assert _downward(graph, layers) == [], "imports against the documented order (docs/ARCHITECTURE.md)"
+    gone = sorted(set(layers) - {_layer_key(m) for m in modules})
+    assert gone == [], f"the table lists modules that do not exist: {gone}"
+
+
+def _downward(graph: Dict[str, Set[str]], layers: Dict[str, int]) -> List[str]:
+    return sorted(f"{m} -> {i}" for m in graph if m != "psp_zoo" for i in graph[m]
+                  if i != "psp_zoo" and layers[_layer_key(i)] > layers[_layer_key(m)])
+
+
+def test_the_order_check_catches_an_import_against_it():
+    layers = _documented_layers()
+    assert layers["errors.py"] < layers["manifest.py"] < layers["hub.py"] < layers["cli/"]
+    wrong = {"psp_zoo.scoring": {"psp_zoo.tables", "psp_zoo.metrics"}, "psp_zoo.cli.get": {"psp_zoo.hub"}}
+    assert _downward(wrong, layers) == ["psp_zoo.scoring -> psp_zoo.tables"]
+
+
+def test_the_code_cites_only_documents_in_the_repository():
+    """Facts the code relies on are in docs/reference.md; a file name the code cites must exist."""
+    cited = set()
+    for path in [*PACKAGE.rglob("*.py"), PACKAGE / "model_index.yml", *(REPO / "tests").glob("*.py"),
+                 *(REPO / "benchmarks").glob("*.py")]:
+        cited.update((path.relative_to(REPO), name) for name in re.findall(r"[\w./-]*\b[A-Za-z_]+\.md\b",
+                                                                             path.read_text(encoding="utf-8")))
+    documents = {(where, name) for where, name in cited if name.startswith("docs/") or Path(name).stem.isupper()}
+    missing = sorted(f"{where}: {name}" for where, name in documents
+                     if not (REPO / name).is_file() and not (REPO / "docs" / Path(name).name).is_file()
+                     and not (REPO / where).parent.joinpath(name).is_file())
+    assert missing == []
+
+
+def test_test_files_share_through_helpers_only():
+    """tests/helpers.py is the one shared module; conftest.py holds fixtures; no test file imports another."""
+    offenders = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in getattr(node, "names", [])]
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+                    n and (n == "conftest" or n.startswith("test_")) for n in names):
+                offenders.append(path.name)
+    assert offenders == []
+    conftest = ast.parse((REPO / "tests" / "conftest.py").read_text(encoding="utf-8"))
+    plain = [n.name for n in conftest.body if isinstance(n, ast.FunctionDef)
+             and not any("fixture" in ast.unparse(d) for d in n.decorator_list)]
+    assert plain == []

@@ -283,7 +283,7 @@ def test_family_folder_not_in_layout_names_the_expected_folders(tmp_path, datase
     message = _one_line_error(f"no {dataset} validation images under", lambda: list_items(dataset, tmp_path))
     for location in ("", f"{folder}/", f"data/{folder}/"):
         assert str(tmp_path / f"{location}{images}") in message
-    assert "README, 'Datasets'" in message
+    assert "see docs/datasets.md" in message
 
 
 def test_family_wrong_layouts_are_explained(tmp_path):
@@ -293,12 +293,12 @@ def test_family_wrong_layouts_are_explained(tmp_path):
         path.rename(path.with_name(path.name.replace("_leftImg8bit.png", ".png")))
     message = _one_line_error(r"no \*_leftImg8bit\.png images in .*night \(night_driving validation set\); "
                               r"it holds 4 other files", lambda: list_items("night_driving", tmp_path / "nd"))
-    assert "README, 'Datasets'" in message
+    assert "see docs/datasets.md" in message
     # COCO-Stuff 164k not converted: the class-id maps are there, the train-id maps are not
     minidata.write_coco_stuff164k(tmp_path / "coco")
     for path in (tmp_path / "coco" / "annotations" / "val2017").glob("*_labelTrainIds.png"):
         path.unlink()
-    _one_line_error(r"000000000139\.jpg has no label: expected .*000000000139_labelTrainIds\.png \(see README",
+    _one_line_error(r"000000000139\.jpg has no label: expected .*000000000139_labelTrainIds\.png \(see docs/datasets\.md",
                     lambda: list_items("coco_stuff164k", tmp_path / "coco"))
     # Dark Zurich without its gt folder
     minidata.write_dark_zurich(tmp_path / "dz")

@@ -16,11 +16,11 @@ from psp_zoo import DownloadError, cache_state, cached_path, create_model, downl
 from psp_zoo.hub import cache_dir, forget_failed_hosts
 from psp_zoo.manifest import Checkpoint, get_checkpoint
 
-from conftest import tiny_checkpoint_path, tiny_info
+from helpers import tiny_checkpoint_path, tiny_info
 from hub_server import ALT_DIR, OPENMMLAB, write_manifest
 
 FAST = {"backoff": 0.001, "quiet": True}
-hub_module = importlib.import_module("psp_zoo.hub")
+fetching = importlib.import_module("psp_zoo.fetching")  # where the backoff waits are made
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,7 @@ def _no_hosts_remembered_as_down():
 def sleeps(monkeypatch):
     """The backoff waits download() would have made (none are actually made)."""
     waited = []
-    monkeypatch.setattr(hub_module.time, "sleep", waited.append)
+    monkeypatch.setattr(fetching.time, "sleep", waited.append)
     return waited
 
 

@@ -17,7 +17,7 @@ from psp_zoo.manifest import EvalSettings as Settings
 from psp_zoo.records import ResultRecord, read_result, write_result
 
 import minidata
-from conftest import tiny_checkpoint_path, tiny_model, write_tiny_ade_manifest
+from helpers import tiny_checkpoint_path, tiny_model, write_tiny_ade_manifest
 
 SMALL = dict(img_scale=(64, 32))
 

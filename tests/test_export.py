@@ -15,7 +15,7 @@ from psp_zoo.inference import slide_inference
 from psp_zoo.manifest import EvalSettings as Settings
 
 import minidata
-from conftest import tiny_checkpoint_path, tiny_expected, tiny_info, tiny_model
+from helpers import tiny_checkpoint_path, tiny_expected, tiny_info, tiny_model
 from hub_server import write_manifest
 
 onnx = pytest.importorskip("onnx")

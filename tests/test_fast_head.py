@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from helpers import max_rel_diff, tiny_model
 
 from psp_zoo import PspZooError
 from psp_zoo.model import PSPHead
@@ -13,9 +13,6 @@ from psp_zoo.optimization import fold_batchnorm, optimize
 
 SIZES = [(8, 8), (9, 13), (13, 6), (5, 4), (2, 3), (1, 1)]  # even, odd, smaller than a pool scale
 
-
-def max_rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
 
 
 def random_head(in_ch: int, channels: int, scales=(1, 2, 3, 6), align_corners=False, seed=0) -> PSPHead:

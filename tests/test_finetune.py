@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 import finetune_data
-from conftest import REPO, tiny_checkpoint_path, tiny_info
+from helpers import REPO, tiny_checkpoint_path, tiny_info
 from psp_zoo.checkpoint import load_checkpoint, read_checkpoint
 from psp_zoo.cli import main
 from psp_zoo.errors import CheckpointError

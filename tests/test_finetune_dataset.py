@@ -162,7 +162,7 @@ def test_a_missing_training_folder_names_its_part_of_the_layout(shapes, tmp_path
 
 
 def test_the_walk_through_declares_the_dataset_the_tests_generate():
-    from conftest import REPO
+    from helpers import REPO
 
     page = (REPO / "docs" / "finetune.md").read_text()
     declared = yaml.safe_load(page.split("```yaml\n", 1)[1].split("```", 1)[0])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import REPO, tiny_checkpoint_path, tiny_expected
+from helpers import REPO, tiny_checkpoint_path, tiny_expected
 
 
 def test_hub_lists_the_entry_points_and_names(hub_manifest):

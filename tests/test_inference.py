@@ -13,7 +13,7 @@ from psp_zoo.inference import slide_windows
 from psp_zoo.manifest import EvalSettings as Settings
 from psp_zoo.transforms import normalize, to_tensor
 
-from conftest import TINY, tiny_expected, tiny_model
+from helpers import TINY, tiny_expected, tiny_model
 
 TOL = 1e-4
 
@@ -89,7 +89,7 @@ MS_SIZES = [(16, 27), (24, 40), (32, 53), (40, 67), (48, 80), (56, 93)]
 
 
 def _reference_ms_flip(model: PositionalModel, image: np.ndarray) -> tuple:
-    """The 12 inputs and the mean probability, spelled out step by step from REFERENCE.md."""
+    """The 12 inputs and the mean probability, spelled out step by step from docs/reference.md."""
     inputs, probs = [], []
     for h, w in MS_SIZES:
         resized = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)

@@ -13,7 +13,7 @@ from psp_zoo.logs import LogError, compare_with_table, log_figure, parse_log, re
 from psp_zoo.manifest import get_checkpoint
 from psp_zoo.testing import manifest_entry, write_manifest
 
-from conftest import tiny_checkpoint_path
+from helpers import tiny_checkpoint_path
 
 NAME = "tiny_pspnet_r50-d8"  # manifest_entry's name for the r50 fixture file
 LOG_PATH = "/mmsegmentation/v0.5/pspnet/tiny/tiny_pspnet_r50-d8_20200605_003338.log.json"

@@ -10,7 +10,7 @@ import pytest
 import psp_zoo
 from psp_zoo import ManifestError, UnknownModelError, get_checkpoint, list_models, load_manifest
 
-from conftest import REFERENCE, REPO
+from helpers import REFERENCE, REPO
 
 # a copy of the reference pspnet_family.tsv: every published row of mmseg's PSPNet page
 FAMILY = REPO / "tests" / "fixtures" / "pspnet_family.tsv"
@@ -440,7 +440,7 @@ def test_entry_that_is_not_a_mapping_is_named(tmp_path):
 # dataset declarations
 
 # (key, title, classes, img_scale, mode, reduce_zero_label, images, label_suffix) from mmseg 0.30.0's
-# dataset configs and classes (REFERENCE.md, "Test pipeline" and "The rest of the family")
+# dataset configs and classes (docs/reference.md, "Test pipeline" and "The family")
 DATASET_FACTS = [
     ("cityscapes", "Cityscapes", 19, (2048, 1024), "whole", False, "leftImg8bit/val", "_gtFine_labelTrainIds.png"),
     ("ade20k", "ADE20K", 150, (2048, 512), "whole", True, "images/validation", ".png"),
@@ -678,12 +678,12 @@ def test_backbone_or_depth_one_of_them_is_required(tmp_path):
 
 def test_the_manifest_page_documents_every_entry_and_dataset_field(tmp_path):
     """docs/manifests.md names every field the loader reads, and its example entry loads."""
-    from psp_zoo import manifest as schema
+    from psp_zoo import entries, schema
 
     page = (REPO / "docs" / "manifests.md").read_text()
     fields = (schema.ENTRY_REQUIRED + sum(schema.ENTRY_EITHER, ()) + schema.ENTRY_OPTIONAL
               + schema.DATASET_REQUIRED + schema.DATASET_OPTIONAL + schema.LAYOUT_REQUIRED + schema.LAYOUT_OPTIONAL
-              + schema.TEST_FIELDS + schema.ARCH_FIELDS)
+              + entries.TEST_FIELDS + schema.ARCH_FIELDS)
     missing = [name for name in fields if f"`{name}`" not in page]
     assert missing == []
     example = page.split("```yaml\n", 1)[1].split("```", 1)[0]

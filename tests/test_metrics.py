@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from psp_zoo import ConfusionMatrix
 
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 
 def _case():

@@ -8,7 +8,7 @@ import torch
 
 from psp_zoo import PSPNet
 
-from conftest import FIXTURES, TINY, tiny_expected, tiny_model
+from helpers import FIXTURES, TINY, tiny_expected, tiny_model
 
 TOL = 1e-4
 

@@ -9,14 +9,11 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, TINY, tiny_expected, tiny_model
+from helpers import REPO, TINY, max_rel_diff, tiny_expected, tiny_model
 
 from psp_zoo import PspZooError
 from psp_zoo.optimization import cpu_supports_bf16, fold_batchnorm, optimize
 
-
-def max_rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
 
 
 @pytest.fixture(scope="module", params=TINY)

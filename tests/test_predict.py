@@ -17,7 +17,7 @@ from psp_zoo.manifest import get_checkpoint, get_manifest
 from psp_zoo.prediction import output_stems
 from psp_zoo.testing import manifest_entry, write_manifest
 
-from conftest import tiny_checkpoint_path, tiny_info, tiny_model
+from helpers import tiny_checkpoint_path, tiny_info, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

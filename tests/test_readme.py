@@ -13,27 +13,50 @@ import pytest
 
 from psp_zoo.testing import write_mini_cityscapes
 
-from conftest import REPO, tiny_checkpoint_path, tiny_info
+from helpers import REPO, tiny_checkpoint_path, tiny_info
 
 QUICK_START_NAME = "pspnet_r50-d8_512x1024_40k_cityscapes"
 
 
-def quick_start() -> str:
+def readme_section(title: str) -> str:
     text = (REPO / "README.md").read_text()
-    start = text.index("## Quick start")
+    start = text.index(f"## {title}")
     return text[start:text.index("\n## ", start + 1)]
+
+
+def quick_start() -> str:
+    return readme_section("Quick start")
 
 
 def code_blocks(section: str, language: str) -> list:
     return re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
 
 
-def test_quick_start_opens_with_the_two_ci_commands():
-    first = code_blocks(quick_start(), "bash")[0].strip().splitlines()
-    assert first == ["python -m pip install -e '.[test]'", "python -m pytest -q"]
+def test_the_readme_test_commands_are_what_ci_runs():
+    (block,) = code_blocks(readme_section("Tests"), "bash")
+    assert block.strip().splitlines() == ["python -m pip install -e '.[test]'", "python -m pytest -q"]
     ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
           if line and not line.startswith(("#", "set ", "cd "))]
-    assert ci == first
+    assert ci == block.strip().splitlines()
+
+
+def test_the_readme_is_a_readme_and_links_every_docs_page():
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) < 250
+    assert text.index("## Quick start") < text.index("## Tests")  # using psp-zoo first, its test suite later
+    pages = sorted(p.name for p in (REPO / "docs").glob("*.md"))
+    assert {"commands.md", "datasets.md", "performance.md", "export.md", "manifests.md", "reference.md"} <= set(pages)
+    assert [name for name in pages if f"(docs/{name})" not in text] == []
+
+
+def test_load_checkpoint_examples_pass_a_path_that_works_from_anywhere():
+    """A bare weight file name only resolves from inside the cache: the examples pass the path
+    download() returns (the Quick start's Python block runs it as written, below)."""
+    texts = [(REPO / "README.md").read_text(), *(p.read_text() for p in (REPO / "docs").glob("*.md"))]
+    bare = [call for text in texts for call in re.findall(r"load_checkpoint\([^)]*\)", text)
+            if re.search(r"""["'][^"'/]+\.(pth|safetensors)["']""", call)]
+    assert bare == []
+    assert "psp_zoo.load_checkpoint(model, path)" in code_blocks(quick_start(), "python")[0]
 
 
 def _override_manifest(path: Path, hub_server) -> Path:
@@ -73,7 +96,7 @@ def user_folder(tmp_path, hub_server):
 
 def test_quick_start_commands_run_as_written(user_folder):
     folder, env = user_folder
-    commands = code_blocks(quick_start(), "bash")[1].strip().splitlines()
+    commands = code_blocks(quick_start(), "bash")[0].strip().splitlines()
     assert [c.split()[1] for c in commands] == ["list", "get", "predict", "reproduce", "tables", "selftest"]
     outputs = {}
     for command in commands:

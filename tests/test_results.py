@@ -11,31 +11,10 @@ import torch
 
 from psp_zoo.errors import ResultsError
 from psp_zoo.environment import environment_info
-from psp_zoo.records import (ImageCount, MemoryUse, Metrics, ResultRecord, Speed, device_tag, read_result,
-                             read_results, result_path, write_result)
+from psp_zoo.records import device_tag, read_result, read_results, result_path, write_result
 from psp_zoo.resume import PartialState
 
-
-def make_record(name="pspnet_r50-d8_512x1024_40k_cityscapes", dataset="cityscapes", *, miou=0.778,
-                device_kind="cuda", device_name="NVIDIA H100 80GB HBM3", fps=9.5, mem_gb=6.3,
-                ms_flip=0.791, torch_version="2.5.1", limit=None, count=500, status="complete"):
-    env = {"device_kind": device_kind, "device_name": device_name, "torch": torch_version,
-           "cuda": "12.4", "cudnn": "90100", "python": "3.11.7", "numpy": "2.0", "psp_zoo": "0.1.0",
-           "git_revision": "abcdef123456", "platform": "Linux"}
-    names = ["road", "sidewalk", "rare"]
-    metrics = lambda m: Metrics.from_fractions(  # noqa: E731
-        names, aacc=0.95, miou=m, macc=0.85, iou=[0.9, m, float("nan")], acc=[0.95, 0.8, float("nan")])
-    mem_kind = "cuda max_memory_allocated" if device_kind == "cuda" else "cpu peak RSS"
-    return ResultRecord(
-        checkpoint=name, dataset=dataset, environment=env,
-        images=ImageCount(count=count, available=500, limit=limit),
-        settings={"mode": "whole", "img_scale": [2048, 1024]},
-        single_scale=metrics(miou), ms_flip=None if ms_flip is None else metrics(ms_flip),
-        speed=Speed(fps=fps, images_timed=195, warmup=5, device_kind=device_kind),
-        training_memory=MemoryUse(gb=mem_gb, kind=mem_kind, detail="training"),
-        inference_memory=MemoryUse(gb=1.5, kind=mem_kind, detail="inference"),
-        status=status, error=None if status == "complete" else "CUDA out of memory",
-        date="2025-06-01T12:00:00+00:00")
+from helpers import make_record
 
 
 def test_record_round_trip_keeps_every_field(tmp_path):
@@ -151,3 +130,4 @@ def test_atomic_write_keeps_permissions_not_the_temp_files_0600(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "fresh.json").stat().st_mode & 0o777 == 0o644
+

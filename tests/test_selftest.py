@@ -18,7 +18,7 @@ from psp_zoo.cli import main
 from psp_zoo.selftest import run_selftest
 from psp_zoo.testing import TINY_ARCH, write_tiny_checkpoint
 
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -15,8 +15,7 @@ from psp_zoo.errors import PspZooError
 from psp_zoo.records import write_result
 from psp_zoo.tables import MARKER_END, MARKER_START, build_tables, plot, render, update_readme
 
-from conftest import REFERENCE, REPO
-from test_results import make_record
+from helpers import REFERENCE, REPO, make_record
 
 PUBLISHED = REFERENCE / "000_3f7e1852bf785c2c.txt"
 R50 = "pspnet_r50-d8_512x1024_40k_cityscapes"

@@ -1,4 +1,4 @@
-"""The training transform against REFERENCE.md's "Data pipeline" (mmseg 0.30.0 / mmcv 1.x), step by step.
+"""The training transform against docs/reference.md's "Data pipeline" (mmseg 0.30.0 / mmcv 1.x), step by step.
 
 Random draws are checked through numpy RandomState subclasses that record (or script) every call,
 so the order and the arguments of mmseg's ``np.random`` calls are asserted, not just their effect.
@@ -355,6 +355,12 @@ def test_the_same_key_gives_the_same_sample_and_keys_differ():
 def test_bad_parameters_and_inputs_are_refused():
     with pytest.raises(PspZooError, match="crop_size"):
         TrainTransform(crop_size=(0, 10), img_scale=(10, 10))
+    with pytest.raises(PspZooError, match="crop_size"):
+        TrainTransform(crop_size=(8.5, 10), img_scale=(10, 10))
+    numpy_fields = TrainTransform(crop_size=np.array([8, 9]).tolist(), img_scale=tuple(np.array([10, 12])),
+                                  ratio_range=(np.float32(0.5), 2))
+    assert numpy_fields.crop_size == (8, 9) and numpy_fields.img_scale == (10, 12)
+    assert numpy_fields.ratio_range == (0.5, 2.0) and type(numpy_fields.img_scale[0]) is int
     with pytest.raises(PspZooError, match="ratio_range"):
         TrainTransform(crop_size=(8, 8), img_scale=(10, 10), ratio_range=(2.0, 0.5))
     with pytest.raises(PspZooError, match="cat_max_ratio"):

@@ -9,7 +9,7 @@ import torch
 from psp_zoo.transforms import (ms_flip_scales, normalize, normalize_batch, rescale_size, resize_image,
                                 resized_inputs, target_scales, to_tensor)
 
-# (h, w, img_scale) -> (new_h, new_w), worked out by hand from REFERENCE.md's rule
+# (h, w, img_scale) -> (new_h, new_w), worked out by hand from docs/reference.md's rule
 # s = min(long / max(h, w), short / min(h, w)); new = int(x * s + 0.5).
 RESIZE_CASES = [
     (1024, 2048, (2048, 1024), (1024, 2048)),  # Cityscapes: unchanged

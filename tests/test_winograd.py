@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, tiny_expected, tiny_model
+from helpers import REPO, max_rel_diff, tiny_expected, tiny_model
 
 from psp_zoo import PSPNet, PspZooError, SpeedOptions
 from psp_zoo.environment import cpu_flags
@@ -19,9 +19,6 @@ from psp_zoo.optimization import optimize
 # even, odd, not a multiple of the 4x4 tile or of the dilation, smaller than a tile, one pixel
 SIZES = [(8, 8), (13, 11), (9, 14), (17, 23), (2, 3), (1, 1)]
 
-
-def max_rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).abs().max() / ref.abs().max())
 
 
 @pytest.mark.parametrize("dilation", [1, 2, 4])

@@ -23,6 +23,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--onnx", metavar="FILE", default=None,
                         help="score this ONNX file (written by `psp-zoo export`) with onnxruntime instead of "
                              "the PyTorch model; needs pip install 'psp-zoo[onnx]'")
+    parser.add_argument("--threads", type=_options.int_at_least(1), metavar="N", default=None,
+                        help="CPU threads for PyTorch and onnxruntime (default: torch's, from OMP_NUM_THREADS "
+                             "or the core count)")
     parser.add_argument("--limit", type=_options.int_at_least(1), metavar="N",
                         help="only the first N images (sorted)")
     _options.add_device_option(parser)
@@ -40,11 +43,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json:  # an hour of evaluation must not end in a path typo
         _options.check_writable_folder(Path(args.json).parent, "--json", args.json)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     with _options.progress_messages(quiet=False):
         record = evaluate(args.name, args.data_root, dataset=args.dataset, ms_flip=args.ms_flip,
                           limit=args.limit, device=args.device, checkpoint=args.checkpoint,
                           num_workers=args.num_workers, fetch=_options.fetch_options(args),
-                          speed=_options.speed_options(args), onnx=args.onnx)
+                          speed=_options.speed_options(args), onnx=args.onnx, threads=args.threads)
     print(describe_run(record))
     sys.stdout.write(per_class_text(record.metrics))
     if undefined(record.metrics.aacc) and record.images.count > 0:

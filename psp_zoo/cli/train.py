@@ -8,8 +8,16 @@ from pathlib import Path
 from . import _finetune, _options
 
 # recipe fields settable by their own option (the rest: --set FIELD=VALUE)
-_OVERRIDES = {"max_iters": int, "lr": float, "batch_size": int, "gpus": int, "eval_interval": int,
-              "checkpoint_interval": int, "log_interval": int, "weight_decay": float}
+_OVERRIDES = {
+    "max_iters": (int, "iterations of the run (the intervals follow: max_iters / 10)"),
+    "lr": (float, "base learning rate of the schedule"),
+    "batch_size": (int, "images per process per step (published: 2 for Cityscapes, 4 elsewhere)"),
+    "gpus": (int, "processes of the published run (4); the total batch is batch size x gpus"),
+    "eval_interval": (int, "validate every N iterations"),
+    "checkpoint_interval": (int, "write a checkpoint every N iterations"),
+    "log_interval": (int, "a train line in the log every N iterations (published: 50)"),
+    "weight_decay": (float, "weight decay of every parameter"),
+}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -49,9 +57,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recipe overrides (default: the published recipe)")
-    for field, kind in _OVERRIDES.items():
+    for field, (kind, text) in _OVERRIDES.items():
         group.add_argument(f"--{field.replace('_', '-')}", dest=field, type=kind, metavar="N" if kind is int else "X",
-                           help=f"the recipe's {field} (psp-zoo info NAME shows the published one)")
+                           help=text)
     group.add_argument("--crop-size", nargs="+", type=int, metavar="N", help="H W, or one number for a square")
     group.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                        help="any recipe field, e.g. --set optimizer=adamw --set steps=[600,800] (YAML values)")

@@ -32,7 +32,7 @@ def _providers(ort, device: Optional[str], providers: Optional[Sequence[str]]) -
     return ["CPUExecutionProvider"]
 
 
-def _session(ort, path: Union[str, Path, bytes], providers: List[str], threads: Optional[int]):
+def _session(ort, path: Union[str, Path, bytes], providers: List[str], threads: Optional[int], spinning: bool):
     if isinstance(path, (str, Path)) and not Path(path).is_file():
         raise PspZooError(f"ONNX file not found: {path}; check the path or write it with export_onnx")
     options = ort.SessionOptions()
@@ -40,6 +40,7 @@ def _session(ort, path: Union[str, Path, bytes], providers: List[str], threads: 
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise PspZooError(f"threads must be a whole number >= 1, got {threads!r}")
         options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     try:
         return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime's own error classes differ between versions
@@ -55,15 +56,18 @@ class OnnxModel:
     ``num_classes`` and ``align_corners`` come from the file's metadata (or the keywords), and
     the logits are returned on the input's device. ``device='cuda'`` uses onnxruntime's CUDA
     provider; ``providers`` names them explicitly. ``threads``: onnxruntime's intra-op threads
-    (default: one per physical core).
+    (default: one per physical core). ``spinning``: whether idle threads busy-wait for the next
+    operator (onnxruntime's own default); off here, because spinning threads keep the cores busy
+    after each run, away from data loading and whatever runs next.
     """
 
     def __init__(self, path: Union[str, Path, bytes], *, device: Optional[str] = None,
                  providers: Optional[Sequence[str]] = None, num_classes: Optional[int] = None,
-                 align_corners: Optional[bool] = None, threads: Optional[int] = None):
+                 align_corners: Optional[bool] = None, threads: Optional[int] = None, spinning: bool = False):
         ort = _onnxruntime()
         self.path = None if isinstance(path, bytes) else Path(path)
-        self.session = _session(ort, path, _providers(ort, device, providers), threads)
+        self.threads, self.spinning = threads, bool(spinning)
+        self.session = _session(ort, path, _providers(ort, device, providers), threads, self.spinning)
         meta = self.session.get_modelmeta().custom_metadata_map
         classes = meta.get("psp_zoo.num_classes", "")
         self.num_classes = num_classes if num_classes is not None else (int(classes) if classes else None)

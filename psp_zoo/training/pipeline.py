@@ -1,7 +1,7 @@
 """The training transform of the published recipes, step for step as mmseg 0.30.0 and mmcv 1.x ran it.
 
 ``Resize(img_scale, ratio_range)`` -> ``RandomCrop(crop_size, cat_max_ratio=0.75)`` -> ``RandomFlip(0.5)``
--> ``PhotoMetricDistortion`` -> ``Normalize`` -> ``Pad(crop_size, 0, 255)`` (REFERENCE.md, "Training as
+-> ``PhotoMetricDistortion`` -> ``Normalize`` -> ``Pad(crop_size, 0, 255)`` (docs/reference.md, "Training as
 published", "Data pipeline"). Images stay BGR uint8 until normalization, as mmcv reads them; every
 photometric step clips to 0..255 and truncates to uint8 (``astype``) before the next one; HSV is
 OpenCV's (H in 0..179); the image is resized bilinearly and the label with nearest neighbour, both by
@@ -19,6 +19,7 @@ uninterrupted one would. The distributions are unchanged.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -229,9 +230,9 @@ def pad(image: np.ndarray, label: np.ndarray, size: Sequence[int], pad_val: floa
 
 
 def _check_pair(value: Sequence, name: str, kind: type) -> Tuple:
+    allowed = (numbers.Real,) if kind is float else (numbers.Integral,)
     if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, (int, float) if kind is float else int) and not isinstance(v, bool) and v > 0
-                       for v in value)):
+            or not all(isinstance(v, allowed) and not isinstance(v, (bool, np.bool_)) and v > 0 for v in value)):
         example = "(0.5, 2.0)" if kind is float else "(512, 1024)"
         raise PspZooError(f"{name} must be two positive {kind.__name__}s like {example}, got {value!r}")
     return tuple(kind(v) for v in value)

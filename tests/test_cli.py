@@ -1,10 +1,11 @@
-"""The command line as people meet it: one vocabulary, one-line errors, Ctrl-C, and messages that say
-what happened (issue 15)."""
+"""The command line as people meet it: one list of commands in workflow order, one vocabulary,
+one-line errors, Ctrl-C, mistakes refused before any work, and messages that say what happened."""
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 import cv2
@@ -19,26 +20,15 @@ from psp_zoo.records import write_result
 from psp_zoo.testing import manifest_entry, write_manifest
 
 import minidata
-from conftest import tiny_checkpoint_path, tiny_info, write_tiny_ade_manifest
-from test_results import make_record
+from helpers import make_record, one_line, run_cli, tiny_checkpoint_path, tiny_info, write_tiny_ade_manifest
 
 SHARED = ("name", "--checkpoint", "--data-root", "--num-workers", "--device", "--manifest", "--cache-dir",
           "--mirror", "--offline", "--dataset")
 FETCHING = ("get", "evaluate", "predict", "reproduce", "logs", "export", "info")
-EVERY_COMMAND = {"list", "info", "get", "dataset", "train", "evaluate", "predict", "reproduce", "tables", "show", "logs",
+EVERY_COMMAND = {"list", "info", "get", "dataset", "evaluate", "predict", "reproduce", "tables", "show", "train", "logs",
                  "export", "selftest"}
 
 
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _subcommands() -> dict:
@@ -48,6 +38,21 @@ def _subcommands() -> dict:
 
 # --------------------------------------------------------------------------------------------
 # one vocabulary
+
+
+def test_commands_are_listed_once_in_the_order_of_the_workflow(capsys):
+    """One list (cli.COMMANDS) gives --help its order: a new command is one module and one line."""
+    workflow = ["list", "info", "get", "dataset", "predict", "evaluate", "reproduce", "tables", "show", "train", "logs",
+                "export", "selftest"]
+    assert [module.__name__.rsplit(".", 1)[1] for module in cli.COMMANDS] == workflow
+    assert list(_subcommands()) == workflow
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = [line.split()[0] for line in capsys.readouterr().out.split("COMMAND\n", 1)[1].splitlines()
+             if line.startswith("    ") and not line.startswith("     ")]
+    assert shown == workflow
+    for module in cli.COMMANDS:
+        assert callable(module.add_parser) and callable(module.run)
 
 
 def test_every_subcommand_has_a_description_and_every_option_a_help():
@@ -140,6 +145,8 @@ def test_ctrl_c_during_a_lazy_import_is_interrupted(capsys, monkeypatch):
             raise KeyboardInterrupt
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", slow_import)
+    for name in ("tabulate", "psp_zoo.reports"):  # imported afresh, whatever earlier tests imported
+        monkeypatch.delitem(sys.modules, name, raising=False)
     code, _, err = run_cli(capsys, "list")
     assert code == 130 and one_line(err) == "psp-zoo list: interrupted"
 

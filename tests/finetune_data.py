@@ -2,8 +2,8 @@
 
 ``images/{train,val}/shape_NNN.jpg`` with ``masks/{train,val}/shape_NNN_mask.png``: 3 classes
 (background, disc, square), a 2-pixel ring of 255 (ignored) around each shape, as VOC marks its
-object borders. Discs are reddish, squares bluish, the background a smooth greenish-grey noise,
-so a narrow PSPNet can learn it in a few hundred iterations on a CPU.
+object borders. Discs are bright yellow-orange, squares dark blue, the background smooth mid-grey
+blotches, so a narrow PSPNet can learn it in a few hundred iterations on a CPU.
 
 Run as a script to write the walk-through's example: ``python tests/finetune_data.py DIR``.
 """
@@ -56,8 +56,9 @@ def write_manifest(path: Path, key: str = "shapes", spec: Optional[dict] = None,
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    coarse = rng.integers(70, 150, (h // 12 + 2, w // 12 + 2, 3)).astype(np.float32)
-    coarse[..., 1] += 20  # greenish grey
+    """Smooth mid-grey blotches with a slight green tint: neither as bright as a disc nor as blue as a square."""
+    grey = rng.integers(90, 150, (h // 12 + 2, w // 12 + 2, 1)).astype(np.float32)
+    coarse = grey + rng.integers(-10, 11, grey.shape[:2] + (3,)) + np.array([0, 15, 0], np.float32)
     return cv2.resize(coarse, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
@@ -73,10 +74,10 @@ def shape_sample(rng: np.random.Generator, size: Tuple[int, int] = SIZE) -> Tupl
         mask = np.zeros((h, w), np.uint8)
         if cls == 1:
             cv2.circle(mask, (cx, cy), r, 1, -1)
-            colour = (rng.integers(180, 250), rng.integers(20, 70), rng.integers(20, 70))
+            colour = (rng.integers(210, 251), rng.integers(160, 221), rng.integers(30, 81))  # bright yellow-orange
         else:
             cv2.rectangle(mask, (cx - r, cy - r), (cx + r, cy + r), 1, -1)
-            colour = (rng.integers(20, 70), rng.integers(30, 90), rng.integers(170, 240))
+            colour = (rng.integers(20, 51), rng.integers(30, 71), rng.integers(120, 181))  # dark blue
         ring = cv2.dilate(mask, np.ones((5, 5), np.uint8)) - cv2.erode(mask, np.ones((3, 3), np.uint8))
         image[mask > 0] = colour
         label[mask > 0] = cls

@@ -77,6 +77,29 @@ def one_round(iterations: int) -> dict:
         return {"seconds": times, "miou": miou}
 
 
+def published_width_step(steps: int = 5) -> float:
+    """Median seconds of one training step (batch 4, 64x64 crops) of the published R-18-D8's widths,
+    3 classes, random weights: what the walk-through's run with the real published file costs per iteration."""
+    import torch
+
+    from psp_zoo.model import PSPNet
+    from psp_zoo.training.recipe import Recipe
+    from psp_zoo.training.trainer import Trainer
+
+    torch.manual_seed(0)
+    recipe = Recipe(name="shapes", dataset="shapes", num_classes=3, img_scale=(96, 96), crop_size=(64, 64),
+                    batch_size=4, gpus=1, pretrained=None, max_iters=300, lr=0.05)
+    trainer = Trainer(PSPNet(depth=18, num_classes=3), recipe, device="cpu")
+    images, labels = torch.randn(4, 3, 64, 64), torch.randint(0, 3, (4, 64, 64))
+    trainer.step(images, labels)  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        trainer.step(images, labels)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=300)
@@ -89,8 +112,9 @@ def main() -> int:
                 "fresh psp-zoo process; median over rounds; other processes may have shared the machine",
         "iterations": args.iterations, "rounds": len(rounds),
         "seconds": {step: statistics.median(r["seconds"][step] for r in rounds) for step in rounds[0]["seconds"]},
-        "miou": [r["miou"] for r in rounds], "cpu": cpu_name(), "cpu_flags": cpu_flags(),
-        "cpu_threads": os.cpu_count(), "environment": env,
+        "miou": [r["miou"] for r in rounds],
+        "published_r18_width_step_seconds": round(published_width_step(), 3),
+        "cpu": cpu_name(), "cpu_flags": cpu_flags(), "cpu_threads": os.cpu_count(), "environment": env,
     }
     print(json.dumps(result, indent=1))
     out = REPO / "benchmarks" / "results" / f"finetune_example_cpu_torch{env['torch'].split('+')[0]}.json"

@@ -268,3 +268,17 @@ def test_under_torchrun_the_frozen_backbone_stays_frozen_and_process_0_writes_th
     start, _ = read_checkpoint(source)
     assert all(torch.equal(trained["state_dict"][key], start[key]) for key in start if key.startswith("backbone."))
     assert load_manifest(tmp_path / "work" / "model_index.yml").get("shapes_torchrun").schedule == 2
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--dataset", "shapes"], "--dataset applies to fine-tuning: give --from SOURCE too"),
+    (["--freeze-backbone", "tiny"], "--freeze-backbone applies to fine-tuning"),
+    ([], "give NAME (the entry whose published recipe to run), or --from SOURCE --dataset DATASET"),
+    (["tiny", "--from", "x", "--dataset", "shapes"], "NAME does not go with --from"),
+    (["--from", "x", "--dataset", "shapes", "--init-from", "y.pth"], "--init-from does not go with --from"),
+    (["--from", "x"], "--from needs --dataset"),
+])
+def test_the_fine_tuning_options_go_together(tmp_path, argv, expected):
+    code, out, err = _cli("train", *argv, "--data-root", tmp_path, "--work-dir", tmp_path / "work")
+    assert code == 2 and out == "" and expected in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "work").exists()

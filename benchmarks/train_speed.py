@@ -7,8 +7,8 @@ lr set before the step); "trainer_channels_last" adds the channels-last memory f
 "trainer_compile" (``--compile``) torch.compile on top. After a warm-up step each, round r runs
 every variant once in a rotated order, and a variant's speed-up is the median over rounds of
 plain_time[r] / variant_time[r], so load from other processes on a shared machine hits both
-sides of each ratio. Peak memory is measured around one step per variant (CUDA
-max_memory_allocated, or the CPU peak-RSS rise).
+sides of each ratio. Peak memory is measured around the first (warm-up) step of each variant (CUDA
+max_memory_allocated, or the CPU peak-RSS rise) during its first step.
 
     flock /tmp/psp-bench.lock python benchmarks/train_speed.py --rounds 3
     python benchmarks/train_speed.py --size 128x256 --rounds 2 --out-dir /tmp/ts   # a quick look
@@ -60,7 +60,7 @@ def plain_step(model: PSPNet, optimizer: torch.optim.Optimizer) -> Callable[[tor
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return loss.item()
     return step
 
 
@@ -90,8 +90,7 @@ def timed(call: Callable, images: torch.Tensor, labels: torch.Tensor, device: to
 
 def measure(calls: Dict[str, Callable], images, labels, device: torch.device, rounds: int) -> List[dict]:
     memory = {}
-    for name, call in calls.items():  # warm-up (and compile), then the peak of one step
-        timed(call, images, labels, device)
+    for name, call in calls.items():  # the first step warms up (and compiles); its peak memory is recorded
         with PeakMemory(device, above_baseline=True) as peak:
             timed(call, images, labels, device)
         memory[name] = peak.bytes / 2 ** 20 if peak.exact else None

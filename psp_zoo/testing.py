@@ -154,12 +154,12 @@ def write_mini_cityscapes(root: PathLike, *, num_images: int = 4, size: Tuple[in
 
 #: The classes of :func:`write_shapes_ade20k`: label value - 1 (ADE20K's reduce_zero_label) = class index.
 SHAPE_CLASSES = ("background", "square", "disc", "triangle")
-_SHAPE_COLOURS = ((200, 50, 50), (50, 190, 60), (60, 70, 210))  # RGB of square, disc, triangle
+_SHAPE_COLOURS = ((220, 40, 40), (40, 200, 50), (50, 60, 230))  # RGB of square, disc, triangle
 
 
 def _shapes_image(rng: np.random.Generator, height: int, width: int) -> Tuple[np.ndarray, np.ndarray]:
     """A grey-ish textured background with 1-3 coloured shapes; the label holds class + 1 (0 = unlabelled)."""
-    rgb = np.clip(_smooth_image(rng, height, width) * 0.3 + 90, 0, 255).astype(np.uint8)
+    rgb = np.clip(_smooth_image(rng, height, width) * 0.2 + 100, 0, 255).astype(np.uint8)
     label = np.ones((height, width), np.uint8)
     for _ in range(int(rng.integers(1, 3))):
         kind = int(rng.integers(0, 3))

@@ -102,6 +102,8 @@ def test_the_files_of_a_run(shapes, tmp_path):
     assert (work / "latest.pth").resolve().name == "iter_4.pth" and (work / "best.pth").exists()
     lines = [json.loads(line) for path in work.glob("*.log.json") for line in path.read_text().splitlines()]
     assert "env_info" in lines[0] and json.loads(lines[0]["config"])["max_iters"] == 4
+    assert lines[0]["batch"].startswith("total batch 2 = 2 images x 1 process(es) x 1 accumulation step(s) "
+                                        "(published: 2 images x 1 GPUs")
     train_lines = [line for line in lines if line.get("mode") == "train"]
     val_lines = [line for line in lines if line.get("mode") == "val"]
     # log every 2 iterations, validation at 2 and 4: mmcv writes no train line at a validation
@@ -117,6 +119,12 @@ def test_the_files_of_a_run(shapes, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     record = read_result(record_path)
     assert record.miou == pytest.approx(100 * val_lines[-1]["mIoU"], abs=0.006)
+    logs = subprocess.run([sys.executable, "-m", "psp_zoo", "logs", NAME, "--log", str(next(work.glob("*.log.json"))),
+                           "--manifest", str(shapes / "manifest.yml"), "--json"],
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert logs.returncode == 0, logs.stderr[-3000:]
+    report = json.loads(logs.stdout)
+    assert report["val_lines"] == 2 and report["last_val"]["mIoU"] == pytest.approx(100 * val_lines[-1]["mIoU"])
 
 
 def test_ctrl_c_saves_and_exits_130(shapes, tmp_path):

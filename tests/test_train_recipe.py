@@ -81,3 +81,12 @@ def test_recipes_need_no_torch():
     assert run.returncode == 0, run.stderr
     assert "SGD lr 0.01 momentum 0.9 weight_decay 0.0005" in run.stdout
     assert run.stdout.strip().endswith("False")
+
+
+def test_info_shows_the_recipe(capsys):
+    from psp_zoo.cli import main
+
+    assert main(["info", "pspnet_r101-d8_480x480_40k_pascal_context"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("train "))
+    assert "lr=0.004" in line and "weight_decay=0.0001" in line and "max_iters=40000" in line
+    assert "pretrained=resnet101_v1c" in line and "crop_size=[480, 480]" in line

@@ -63,8 +63,10 @@ class TrainLog:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
 
-    def meta(self, *, env_info: str, config: str, seed: int, exp_name: str) -> None:
-        self._write({"env_info": env_info, "config": config, "seed": seed, "exp_name": exp_name})
+    def meta(self, *, env_info: str, config: str, seed: int, exp_name: str, batch: str = "") -> None:
+        """The first line; ``batch`` says how the total batch was made (psp-zoo's addition)."""
+        record = {"env_info": env_info, "config": config, "seed": seed, "exp_name": exp_name}
+        self._write({**record, "batch": batch} if batch else record)
 
     def train(self, *, epoch: int, iteration: int, lr: float, means: Mapping[str, float],
               memory_mb: Optional[int] = None) -> None:

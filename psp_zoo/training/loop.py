@@ -102,6 +102,7 @@ class _Run:
     best: Dict[str, Any] = field(default_factory=dict)  # {"miou": fraction, "iteration": N}
     last_saved: int = -1
     last_path: Optional[Path] = None
+    published: Optional[Recipe] = None  # the entry's recipe without overrides
 
 
 def train(name: str, *, data_root: PathLike, work_dir: PathLike, device: Union[None, str, torch.device] = None,
@@ -136,6 +137,7 @@ def train(name: str, *, data_root: PathLike, work_dir: PathLike, device: Union[N
         spec = get_manifest(fetch.manifest).datasets[recipe.dataset]
         run = _Run(recipe, entry, spec, work_dir, dist, trainer, data, val, seed, num_workers,
                    TrainLog(work_dir / log_file_name() if dist.is_main else None))
+        run.published = recipe_for(name, manifest=fetch.manifest)
         if resumed:
             _restore(run, *resumed)
         return _loop(run, progress)
@@ -287,7 +289,17 @@ def _validate(run: _Run, epoch: int, lr: float) -> None:
 
 def _write_meta(run: _Run) -> None:
     run.log.meta(env_info=json.dumps(environment_info(run.trainer.device)), config=json.dumps(run.recipe.as_dict()),
-                 seed=run.seed, exp_name=run.recipe.name)
+                 seed=run.seed, exp_name=run.recipe.name, batch=_batch_line(run))
+    if run.dist.is_main:
+        log.info("%s", _batch_line(run))
+
+
+def _batch_line(run: _Run) -> str:
+    """What the total batch is made of, against the published run (the recipe's GPUs)."""
+    recipe, published = run.recipe, run.published or run.recipe
+    return (f"total batch {recipe.total_batch} = {recipe.batch_size} images x {run.dist.world_size} process(es) x "
+            f"{run.trainer.accumulation} accumulation step(s) (published: {published.batch_size} images x "
+            f"{published.gpus} GPUs = {published.total_batch})")
 
 
 def _save(run: _Run, epoch: int, force: bool = False) -> None:

@@ -45,8 +45,9 @@ from psp_zoo.inference import slide_inference  # noqa: E402
 from psp_zoo.model import FactorizedPSPHead  # noqa: E402
 from psp_zoo.model.winograd import use_winograd  # noqa: E402
 from psp_zoo.optimization import cpu_supports_bf16, fold_batchnorm, optimize  # noqa: E402
+from psp_zoo.options import cuda_supports_bf16  # noqa: E402
 from psp_zoo.measure import PeakMemory  # noqa: E402
-from psp_zoo.environment import cpu_flags, cpu_name, environment_info  # noqa: E402
+from psp_zoo.environment import cpu_flags, cpu_name, environment_info, exact_float32  # noqa: E402
 from psp_zoo.records import device_tag  # noqa: E402
 from psp_zoo.testing import calibrate_batchnorm  # noqa: E402
 from psp_zoo.files import atomic_write  # noqa: E402
@@ -130,12 +131,14 @@ class MemoryMeter:
 
 
 def timed(call: Callable[[], torch.Tensor], device: torch.device) -> Tuple[float, torch.Tensor]:
+    # synchronize(device): without it torch waits on the current device, and on any other GPU the
+    # times would be kernel launch times
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     out = call()
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start, out
 
 
@@ -172,10 +175,17 @@ def run_case(calls: Dict[str, Tuple[Callable[[], torch.Tensor], dict]], device: 
             "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
             "first_call_s": first_call_s[name],
             "compile_s": max(first_call_s[name] - median_s, 0.0) if options.get("compile") else None,
-            "peak_mem_mib": meter.measure(calls[name][0]),
+            "peak_mem_mib": _peak_mib(meter.measure(calls[name][0]), options.get("capture_peak_mib")),
             **compare(outputs[name], outputs[baseline]),
         })
     return rows
+
+
+def _peak_mib(replay: Optional[float], capture: Optional[float]) -> Optional[float]:
+    """A call's peak; for a CUDA graph the larger of its replay's and its capture's: the graph's
+    memory pool is allocated while capturing, before any replay's baseline is taken."""
+    known = [v for v in (replay, capture) if v is not None]
+    return max(known) if known else None
 
 
 # ----------------------------------------------------------------------------- models and variants
@@ -237,30 +247,36 @@ def whole_calls(model: PSPNet, x: torch.Tensor, variants: Dict[str, Optional[dic
     for name, kwargs in variants.items():
         net, options = _prepared(model, kwargs)
         if (kwargs or {}).get("cuda_graph"):
-            net, options = cuda_graphed(net, x), {**options, "cuda_graph": True}
+            net, capture_bytes = cuda_graphed(net, x)
+            options = {**options, "cuda_graph": True, "capture_peak_mib": capture_bytes / 2**20}
         calls[name] = (_no_grad_call(net, x), options)
     return calls
 
 
-def cuda_graphed(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``net`` captured once as a CUDA graph for x's shape; each call copies its input into the
-    static input buffer and replays the graph (the returned logits are the static output buffer)."""
-    static_x = x.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(3):  # warm-up on a side stream, as torch.cuda.graph requires
-            net(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        static_out = net(static_x)
+def cuda_graphed(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+                 ) -> Tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """(``net`` captured once as a CUDA graph for x's shape, the peak bytes allocated while
+    warming up and capturing it: the graph's memory pool). Each call copies its input into the
+    static input buffer and replays the graph (the returned logits are the static output buffer).
+    The side stream and the capture are on x's device, not on the current one."""
+    device = x.device
+    with PeakMemory(device, above_baseline=True) as peak:
+        static_x = x.clone()
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(3):  # warm-up on a side stream, as torch.cuda.graph requires
+                net(static_x)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph, stream=side):
+            static_out = net(static_x)
 
     def replay(t: torch.Tensor) -> torch.Tensor:
         static_x.copy_(t)
         graph.replay()
         return static_out
-    return replay
+    return replay, peak.bytes
 
 
 def slide_calls(model: PSPNet, img: torch.Tensor, crop, stride,
@@ -293,6 +309,8 @@ def supported_variants(variants: dict, device: torch.device, allow_compile: bool
             log(f"  skipping {name}: --no-compile")
         elif kwargs.get("precision") == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
             log(f"  skipping {name}: this CPU has no native bf16")
+        elif kwargs.get("precision") == "bf16" and device.type == "cuda" and not cuda_supports_bf16(device):
+            log(f"  skipping {name}: this GPU has no native bf16")
         else:
             kept[name] = spec
     return kept
@@ -363,7 +381,7 @@ def parse_size(text: str) -> Tuple[int, int]:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--models", default="r50,r101", help="comma-separated: r50, r101")
     parser.add_argument("--size", action="append", default=[], metavar="MODEL=HxW",
                         help="input size per model (repeatable), e.g. r101=512x1024")
@@ -393,11 +411,29 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def select_device(name: Optional[str]) -> torch.device:
+    """The device to benchmark, made the current one before anything else touches CUDA: streams,
+    pinned memory, cuDNN handles and the caching allocator otherwise start on GPU 0."""
+    device = torch.device(name) if name else None
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda")
+    if device is None or device.type != "cuda":
+        return device or torch.device("cpu")
+    device = torch.device("cuda", 0 if device.index is None else device.index)  # 'cuda': the first, as at start
+    torch.cuda.set_device(device)
+    return device
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    device = select_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    with exact_float32() as float32:  # fp32 variants are fp32: no TF32 (restored afterwards)
+        return _run(args, device, float32)
+
+
+def _run(args: argparse.Namespace, device: torch.device, float32: dict) -> int:
     kind = "cuda" if device.type == "cuda" else "cpu"
     sizes = {**DEFAULT_SIZES[kind], **dict(_model_size(s) for s in args.size)}
     checkpoints = dict(_model_path(s) for s in args.checkpoint)
@@ -422,7 +458,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     note = args.note or (f"{kind} shared with other processes; ratios are medians of interleaved per-round ratios")
     env = environment(device, note)
     env["weights"] = {key: checkpoints.get(key, env["weights"]) for key in {*args.models.split(","), args.slide_model}}
-    env["memory_method"] = meter.method
+    env["memory_method"] = meter.method + "; CUDA graphs: the larger of replay and capture (the graph's pool)"
+    env["float32"] = float32
     csv_path, json_path = write_results(rows, env, args.out_dir, results_stem(device))
     print(ratio_table(rows))
     print(f"{env['device_name']} ({env['cpu_capability']}), torch {env['torch']}, {env['threads']} threads")

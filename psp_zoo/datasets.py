@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .environment import on_device
 from .errors import DatasetError, PspZooError
 from .manifest import DatasetSpec, Layout, get_manifest
 from .transforms import resized_inputs
@@ -388,17 +389,24 @@ def default_num_workers() -> int:
 
 
 def make_loader(dataset: SegmentationDataset, *, num_workers: Optional[int] = None,
-                pin_memory: bool = False) -> Iterator[Sample]:
+                pin_memory: bool = False, device: Union[None, str, torch.device] = None) -> Iterator[Sample]:
     """Samples of ``dataset`` in order, decoded and transformed in ``num_workers`` processes.
 
-    A DatasetError raised in a worker (an unreadable file) is raised here with its own message.
+    ``device``: where the samples go next; a CUDA device pins them in host memory for its copies
+    (``pin_memory``, default on for CUDA), with that device made current while the loader runs:
+    PyTorch pins for the current device, so a run on ``cuda:1`` would otherwise also create a
+    context (and hold memory) on GPU 0. A DatasetError raised in a worker (an unreadable file)
+    is raised here with its own message.
     """
+    device = torch.device(device) if device is not None else None
+    cuda = device is not None and device.type == "cuda"
     workers = default_num_workers() if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(
-        _CatchErrors(dataset), batch_size=1, shuffle=False, num_workers=workers,
-        collate_fn=_single, pin_memory=pin_memory, prefetch_factor=2 if workers else None,
-        persistent_workers=False)
-    for sample in loader:
-        if isinstance(sample, _Failure):
-            raise DatasetError(sample.message)
-        yield sample
+    with on_device(device):
+        loader = torch.utils.data.DataLoader(
+            _CatchErrors(dataset), batch_size=1, shuffle=False, num_workers=workers,
+            collate_fn=_single, pin_memory=pin_memory or cuda, prefetch_factor=2 if workers else None,
+            persistent_workers=False)
+        for sample in loader:
+            if isinstance(sample, _Failure):
+                raise DatasetError(sample.message)
+            yield sample

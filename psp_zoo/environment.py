@@ -5,10 +5,11 @@ the device and software that produced it (docs/reference.md, "Speed and memory a
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -16,7 +17,8 @@ import torch
 from ._version import __version__
 from .errors import PspZooError
 
-__all__ = ["usable_device", "cpu_name", "cpu_flags", "environment_info"]
+__all__ = ["usable_device", "cpu_name", "cpu_flags", "environment_info", "float32_flags", "exact_float32",
+           "exact_float32_flags", "on_device"]
 
 DeviceLike = Union[None, str, torch.device]
 
@@ -53,6 +55,57 @@ def _unusable_reason(device: torch.device) -> Optional[str]:
     except (RuntimeError, AssertionError) as exc:
         text = str(exc).strip()
         return text.split(". ")[0].splitlines()[0] if text else type(exc).__name__
+
+
+def float32_flags() -> Dict[str, Any]:
+    """The switches that decide whether float32 matmuls and convolutions are really float32.
+
+    On Ampere and later GPUs, TF32 (``allow_tf32``) rounds the inputs of matmuls / convolutions
+    to 10 mantissa bits: cuDNN convolutions use it by default, so "fp32" would not be fp32.
+    """
+    return {"cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+            "float32_matmul_precision": _matmul_precision()}
+
+
+def _matmul_precision() -> Optional[str]:
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:  # torch >= 2.9 refuses to answer after a mix of its old and new switches
+        return None
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[Dict[str, Any]]:
+    """TF32 off (matmul, cuDNN, ``float32_matmul_precision('highest')``) inside the block, as on the
+    V100 of the published numbers; the previous settings are restored afterwards. Yields the
+    flags in effect, which results records state."""
+    matmul, cudnn, precision = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                                _matmul_precision())
+    torch.set_float32_matmul_precision("highest")  # turns cuda.matmul.allow_tf32 off with it
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield float32_flags()
+    finally:
+        if precision is not None:
+            torch.set_float32_matmul_precision(precision)  # restores allow_tf32 with it
+        if torch.backends.cuda.matmul.allow_tf32 != matmul:
+            torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+def exact_float32_flags() -> Dict[str, Any]:
+    """The flags :func:`exact_float32` puts in effect on this torch, as records state them."""
+    with exact_float32() as flags:
+        return flags
+
+
+def on_device(device: DeviceLike) -> contextlib.AbstractContextManager:
+    """``device`` made the current CUDA device inside the block (a no-op for the CPU), so that
+    whatever uses "the current device" (pinned memory, streams, a DataLoader's pinning thread)
+    lands on it and not on GPU 0."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _cpuinfo_field(name: str) -> Optional[str]:

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .datasets import SegmentationDataset, list_items
-from .environment import environment_info
+from .environment import environment_info, exact_float32_flags
 from .errors import PspZooError
 from .deploy.runtime import OnnxModel, onnx_backend_info
 from .factory import Resolved, resolve
@@ -94,4 +94,5 @@ def recorded_settings(target: Resolved, ms_flip: bool, data_root: Union[str, Pat
             "reduce_zero_label": target.dataset.reduce_zero_label,
             "ms_flip_ratios": list(MS_FLIP_RATIOS) if ms_flip else None,
             "checkpoint_file": str(target.checkpoint) if target.checkpoint else (entry.filename if entry else None),
-            "sha256": entry.sha256 if entry and not target.checkpoint else None, "data_root": str(data_root)}
+            "sha256": entry.sha256 if entry and not target.checkpoint else None, "data_root": str(data_root),
+            "float32": exact_float32_flags()}  # scoring.score runs under exact_float32

@@ -22,7 +22,7 @@ from .transforms import normalize_batch, resized_inputs, target_scales
 
 __all__ = [
     "SLIDE_BATCH_SIZE", "default_slide_batch", "model_device", "slide_windows", "whole_inference", "slide_inference", "mode_logits", "single_scale_probs",
-    "ms_flip_inference", "infer_probs", "predict_probs", "infer_labels", "predict_labels", "resized_rows",
+    "ms_flip_inference", "infer_probs", "predict_probs", "single_scale_labels", "infer_labels", "predict_labels", "resized_rows",
     "BAND_BYTES",
 ]
 
@@ -142,11 +142,13 @@ def _source_positions(in_size: int, out_size: int, align_corners: bool, fused: b
     into a fused multiply-add compute it (torch's CPU kernels on AVX2, CUDA); else rounded twice.
     """
     y = torch.arange(out_size, dtype=torch.float32, device=device)
+    # The scale is a 0-dim CPU tensor, which torch passes to a GPU kernel as a scalar: the same
+    # float32 rounding as a tensor on the device, without a copy to it for every image.
     if align_corners:
         if out_size == 1:
             return torch.zeros_like(y)
-        return torch.tensor(in_size - 1, dtype=torch.float32, device=device) / (out_size - 1) * y
-    scale = torch.tensor(in_size, dtype=torch.float32, device=device) / out_size
+        return torch.tensor(in_size - 1, dtype=torch.float32) / (out_size - 1) * y
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
     if fused:  # the product of two float32 is exact in float64: one rounding, as an FMA
         src = (scale.double() * (y + 0.5).double() - 0.5).float()
     else:
@@ -173,16 +175,29 @@ def _row_weights(in_size: int, out_size: int, align_corners: bool, device) -> Tu
     parity = torch.arange(in_size, device=device) % 2
     probe = torch.stack([parity == 0, parity == 1]).float().view(1, 2, in_size, 1)
     seen = F.interpolate(probe, size=(out_size, 1), mode="bilinear", align_corners=align_corners)[0, :, :, 0]
-    best, best_misses = None, None
-    for fused in (True, False):
-        i0, i1, w0, w1 = weights = _weights_from(_source_positions(in_size, out_size, align_corners, fused,
-                                                                   device), in_size)
+    fused, unfused = (_weights_from(_source_positions(in_size, out_size, align_corners, rounding, device), in_size)
+                      for rounding in (True, False))
+
+    def misses(weights: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+        i0, i1, w0, w1 = weights
         even = i0 % 2 == 0
         expected = torch.stack([torch.where(even, w0, w1), torch.where(even, w1, w0)])
-        misses = int(((expected != seen).any(dim=0) & (i1 != i0)).sum())  # an edge row sums its weights
-        if best is None or misses < best_misses:
-            best, best_misses = weights, misses
-    return best
+        return ((expected != seen).any(dim=0) & (i1 != i0)).sum()  # an edge row sums its weights
+    # chosen on the device, never read back: a GPU is not waited for on every image
+    take_fused = misses(fused) <= misses(unfused)
+    return tuple(torch.where(take_fused, a, b) for a, b in zip(fused, unfused))
+
+
+def _source_rows(in_size: int, out_size: int, align_corners: bool, rows: Tuple[int, int]) -> Tuple[int, int]:
+    """The source rows ``lo:hi`` that output rows ``rows`` sample under either rounding of
+    ``_source_positions``, computed on the CPU so that no device tensor is read back. Rows that
+    only the other rounding samples get zero weight."""
+    r0, r1 = rows
+    if in_size == out_size:
+        return r0, r1
+    bounds = [_weights_from(_source_positions(in_size, out_size, align_corners, fused, "cpu"), in_size)
+              for fused in (True, False)]
+    return min(int(i0[r0]) for i0, *_ in bounds), max(int(i1[r1 - 1]) for _, i1, *_ in bounds) + 1
 
 
 def resized_rows(logits: torch.Tensor, size: Sequence[int], align_corners: bool, rows: Tuple[int, int],
@@ -197,7 +212,7 @@ def resized_rows(logits: torch.Tensor, size: Sequence[int], align_corners: bool,
         return _resize(logits, size, align_corners)
     i0, i1, w0, w1 = (t[r0:r1] for t in (weights or _row_weights(logits.shape[2], height, align_corners,
                                                                   logits.device)))
-    lo, hi = int(i0[0]), int(i1[-1]) + 1
+    lo, hi = _source_rows(logits.shape[2], height, align_corners, (r0, r1))
     source = logits[:, :, lo:hi].contiguous()
     # Width first and then height, as torch's kernel does; an unchanged height is an exact copy.
     wide = F.interpolate(source, size=(hi - lo, width), mode="bilinear", align_corners=align_corners)
@@ -349,6 +364,14 @@ def infer_probs(model: Model, inputs: Sequence[torch.Tensor], ori_size: Sequence
 
 
 @torch.inference_mode()
+def single_scale_labels(model: Model, img: torch.Tensor, ori_size: Sequence[int], settings, *,
+                        batch_size: Optional[int] = None, band_bytes: Optional[int] = None) -> torch.Tensor:
+    """N x H x W class indices of an already normalized N x 3 x h x w batch on the model's device:
+    logits by the settings' mode, resized to ``ori_size``, softmax and argmax (in bands of rows)."""
+    return _labels_of_views(_scale_views(model, img, ori_size, settings, False, batch_size), ori_size, band_bytes)
+
+
+@torch.inference_mode()
 def infer_labels(model: Model, inputs: Sequence[torch.Tensor], ori_size: Sequence[int], settings,
                  ms_flip: bool, *, device=None, batch_size: Optional[int] = None,
                  band_bytes: Optional[int] = None) -> torch.Tensor:
@@ -362,8 +385,8 @@ def infer_labels(model: Model, inputs: Sequence[torch.Tensor], ori_size: Sequenc
     batches = _normalized(inputs, ms_flip, device)
     if ms_flip:
         return _ms_flip_labels(model, batches, ori_size, settings, batch_size, band_bytes)[0]
-    views = _scale_views(model, batches[0], ori_size, settings, False, batch_size)
-    return _labels_of_views(views, ori_size, band_bytes)[0]
+    return single_scale_labels(model, batches[0], ori_size, settings, batch_size=batch_size,
+                               band_bytes=band_bytes)[0]
 
 
 def predict_probs(model: Model, image_rgb: np.ndarray, settings, ms_flip: bool = False, *,

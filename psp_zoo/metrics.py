@@ -9,7 +9,7 @@ that all three histograms come out exactly as the reference's.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .manifest import IGNORE_INDEX  # declared once, with the datasets
 
-__all__ = ["ConfusionMatrix", "IGNORE_INDEX"]
+__all__ = ["ConfusionMatrix", "IGNORE_INDEX", "count_cells"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -36,29 +36,46 @@ class ConfusionMatrix:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.matrix = torch.zeros(num_classes + 1, num_classes, dtype=torch.int64, device=device)
+        self._invalid = torch.zeros((), dtype=torch.int64, device=device)  # predictions outside [0, C)
 
     def update(self, pred: ArrayLike, label: ArrayLike) -> "ConfusionMatrix":
-        """Add one image (or a batch) of predicted class indices and labels of the same shape."""
+        """Add one image (or a batch) of predicted class indices and labels of the same shape.
+
+        Nothing here waits for a GPU: every pixel is sent to one cell (its label row and
+        prediction, or one of two spare cells for ignored pixels and for predictions outside
+        [0, C)), so no boolean selection or min/max has to be read back per image. A prediction
+        outside [0, C) raises ValueError at once on the CPU; on a GPU when the counts are read
+        (``areas``, ``compute``, ``state_dict``).
+        """
         pred = torch.as_tensor(pred, device=self.matrix.device).long().flatten()
         label = torch.as_tensor(label, device=self.matrix.device).long().flatten()
         if pred.shape != label.shape:
             raise ValueError(f"prediction has {pred.numel()} pixels but label has {label.numel()}")
-        counted = label != self.ignore_index
-        pred, label = pred[counted], label[counted]
-        if pred.numel() and (pred.min() < 0 or pred.max() >= self.num_classes):
-            raise ValueError(f"predictions must lie in [0, {self.num_classes})")
-        label = torch.where((label >= 0) & (label < self.num_classes), label,
-                            torch.full_like(label, self.num_classes))
-        cells = (self.num_classes + 1) * self.num_classes
-        counts = torch.bincount(label * self.num_classes + pred, minlength=cells)
-        self.matrix += counts.view(self.num_classes + 1, self.num_classes)
+        classes = self.num_classes
+        cells = (classes + 1) * classes
+        row = torch.where((label >= 0) & (label < classes), label, classes)
+        cell = torch.where((pred >= 0) & (pred < classes), row * classes + pred, cells + 1)
+        cell = torch.where(label == self.ignore_index, cells, cell)  # ignored: not even checked
+        counts = count_cells(cell, cells + 2)
+        if self.matrix.device.type == "cpu" and counts[cells + 1]:
+            raise ValueError(self._range_message())
+        self._invalid += counts[cells + 1]
+        self.matrix += counts[:cells].view(classes + 1, classes)
         return self
+
+    def _range_message(self) -> str:
+        return f"predictions must lie in [0, {self.num_classes})"
+
+    def _check(self) -> None:
+        if int(self._invalid):
+            raise ValueError(self._range_message() + f"; {int(self._invalid)} pixel(s) were outside")
 
     def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
         """Add another accumulator's counts into this one (same class count)."""
         if other.num_classes != self.num_classes or other.ignore_index != self.ignore_index:
             raise ValueError("cannot merge confusion matrices of different class counts or ignore index")
         self.matrix += other.matrix.to(self.matrix.device)
+        self._invalid += other._invalid.to(self.matrix.device)
         return self
 
     def __iadd__(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
@@ -70,6 +87,7 @@ class ConfusionMatrix:
     def copy(self) -> "ConfusionMatrix":
         twin = ConfusionMatrix(self.num_classes, ignore_index=self.ignore_index, device=self.matrix.device)
         twin.matrix.copy_(self.matrix)
+        twin._invalid.copy_(self._invalid)
         return twin
 
     def all_reduce(self) -> "ConfusionMatrix":
@@ -85,6 +103,7 @@ class ConfusionMatrix:
 
     def areas(self) -> Dict[str, np.ndarray]:
         """Per-class intersection, prediction and label areas (int64), as the reference's histograms."""
+        self._check()
         counts = self.matrix.cpu().numpy()
         return {
             "intersect": np.diag(counts[: self.num_classes]).copy(),
@@ -109,6 +128,7 @@ class ConfusionMatrix:
         }
 
     def state_dict(self) -> Dict[str, object]:
+        self._check()
         return {"num_classes": self.num_classes, "ignore_index": self.ignore_index,
                 "matrix": self.matrix.cpu().clone()}
 
@@ -118,6 +138,18 @@ class ConfusionMatrix:
         metric = cls(int(state["num_classes"]), ignore_index=int(state["ignore_index"]), device=device)
         metric.matrix.copy_(torch.as_tensor(state["matrix"]))
         return metric
+
+
+def count_cells(cells: torch.Tensor, size: int, *, index_add: Optional[bool] = None) -> torch.Tensor:
+    """How often each of ``size`` cells occurs in ``cells`` (int64 in [0, size)).
+
+    ``torch.bincount`` on the CPU; on a GPU (or with ``index_add=True``) an ``index_add_``,
+    because CUDA's bincount reads the min and max back to the host: a synchronisation per image.
+    """
+    if not (cells.device.type != "cpu" if index_add is None else index_add):
+        return torch.bincount(cells, minlength=size)
+    return torch.zeros(size, dtype=torch.int64, device=cells.device).index_add_(
+        0, cells, torch.ones_like(cells))
 
 
 def _nanmean(values: np.ndarray) -> float:

@@ -17,7 +17,7 @@ from .errors import PspZooError
 if TYPE_CHECKING:  # annotations only: the command line reads these options without torch
     import torch
 
-__all__ = ["FetchOptions", "SpeedOptions", "split_options", "PRECISIONS", "cpu_supports_bf16"]
+__all__ = ["FetchOptions", "SpeedOptions", "split_options", "PRECISIONS", "cpu_supports_bf16", "cuda_supports_bf16"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ManifestPaths = Union[None, str, Path, Sequence[Union[str, Path]]]
@@ -54,6 +54,18 @@ def cpu_supports_bf16() -> bool:
     return bool(check is not None and check())
 
 
+def cuda_supports_bf16(device: Union[str, "torch.device"] = "cuda") -> bool:
+    """Whether this GPU computes in bf16 natively (compute capability 8.0 and later: A100, H100...).
+
+    Older GPUs (V100, T4) either fail inside cuDNN on a bf16 convolution or emulate it in fp32,
+    so a "bf16" speed there would be neither fast nor what it says.
+    """
+    import torch
+
+    with torch.cuda.device(torch.device(device)):
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
 @dataclass(frozen=True)
 class SpeedOptions:
     """How a loaded model is prepared for inference (:func:`psp_zoo.optimize`).
@@ -86,6 +98,9 @@ class SpeedOptions:
                 raise PspZooError(f"{switch} must be True or False, got {value!r}")
         if device.type == "cpu" and self.precision != "fp32":
             self._check_cpu_precision()
+        if device.type == "cuda" and self.precision == "bf16" and not cuda_supports_bf16(device):
+            raise PspZooError(f"precision 'bf16' needs a GPU with native bf16 (compute capability 8.0 or "
+                              f"later); {device} has none: use 'fp16' or 'fp32' on it")
         return self
 
     def _check_cpu_precision(self) -> None:

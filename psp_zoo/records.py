@@ -15,6 +15,7 @@ checkpoint out of a table (``strict=False`` skips such files with a warning inst
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -93,12 +94,20 @@ class Metrics:
 
 @dataclass(frozen=True)
 class Speed:
-    """Inference speed as published: batch 1, ``images_timed`` after ``warmup`` untimed calls."""
+    """Inference speed: batch 1, ``images_timed`` after ``warmup`` untimed calls.
+
+    ``model`` says what was timed: "plain" is the published protocol (the model as loaded, as
+    the reference runs it: the number beside the published fps), "optimized" psp-zoo's prepared
+    model (the run's speed options). ``detail`` says what one timed call covers.
+    """
 
     fps: float
     images_timed: int
     warmup: int
     device_kind: str  # "cuda" or "cpu"; a CPU number is not comparable with the V100 column
+    model: Optional[str] = None       # "plain" or "optimized"; None in files older than the field
+    precision: Optional[str] = None   # what the timed model computed in
+    detail: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -136,11 +145,16 @@ class ResultRecord:
     optimizations: Tuple[str, ...] = ()
     single_scale: Optional[Metrics] = None
     ms_flip: Optional[Metrics] = None
-    speed: Optional[Speed] = None
-    inference_memory: Optional[MemoryUse] = None
+    speed: Optional[Speed] = None                    # the published protocol: the plain model
+    inference_memory: Optional[MemoryUse] = None     # ... and its inference peak
     training_memory: Optional[MemoryUse] = None
+    fast_speed: Optional[Speed] = None               # psp-zoo's prepared model (the speed options)
+    fast_inference_memory: Optional[MemoryUse] = None
     status: str = "complete"
     error: Optional[str] = None
+    # measuring steps that failed after the scores were kept: step ("speed", "fast_speed",
+    # "training_memory") -> its error; the record is still "complete" for its scores
+    failed_steps: Dict[str, str] = field(default_factory=dict)
     backend: Optional[Dict[str, Any]] = None  # None: PyTorch; else e.g. {"backend": "onnxruntime", ...}
     date: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc)
                       .isoformat(timespec="seconds"))
@@ -150,7 +164,7 @@ class ResultRecord:
     def __post_init__(self) -> None:
         # settings and environment hold what their JSON holds (lists, not tuples), so a record
         # read back from its results file equals the record that was written
-        for name in ("settings", "environment"):
+        for name in ("settings", "environment", "failed_steps"):
             object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name))))
         object.__setattr__(self, "optimizations", tuple(self.optimizations))
 
@@ -211,7 +225,10 @@ class ResultRecord:
                 "ms_flip": None if self.ms_flip is None else self.ms_flip.to_dict(),
             },
             "speed": opt(self.speed),
-            "memory": {"inference": opt(self.inference_memory), "training": opt(self.training_memory)},
+            "fast_speed": opt(self.fast_speed),
+            "memory": {"inference": opt(self.inference_memory), "training": opt(self.training_memory),
+                       "fast_inference": opt(self.fast_inference_memory)},
+            "failed_steps": dict(self.failed_steps),
             "backend": None if self.backend is None else dict(self.backend),
             "environment": dict(self.environment),
         }
@@ -275,9 +292,11 @@ class _Parser:
         kind = self.get(data, "device_kind", (str,), "speed.device_kind")
         if kind not in DEVICE_KINDS:
             self.fail("speed.device_kind", f"expected one of {DEVICE_KINDS}, got {kind!r}")
+        optional = {key: self.get(data, key, (str,), f"speed.{key}", optional=True) if key in data else None
+                    for key in ("model", "precision", "detail")}
         return Speed(fps=self.number(data, "fps", "speed.fps"),
                      images_timed=self.get(data, "images_timed", (int,), "speed.images_timed"),
-                     warmup=self.get(data, "warmup", (int,), "speed.warmup"), device_kind=kind)
+                     warmup=self.get(data, "warmup", (int,), "speed.warmup"), device_kind=kind, **optional)
 
     def memory(self, data: Any, fld: str) -> Optional[MemoryUse]:
         if data is None:
@@ -309,7 +328,10 @@ class _Parser:
         images = self.get(data, "images", (dict,), "images")
         metrics = self.get(data, "metrics", (dict,), "metrics")
         memory = self.get(data, "memory", (dict,), "memory")
-        return ResultRecord(
+        failed = self.get(data, "failed_steps", (dict,), "failed_steps") if "failed_steps" in data else {}
+        if not all(isinstance(v, str) for v in failed.values()):
+            self.fail("failed_steps", f"expected step -> error text, got {failed!r}")
+        record = ResultRecord(
             schema_version=version,
             checkpoint=self.get(data, "checkpoint", (str,), "checkpoint"),
             dataset=self.get(data, "dataset", (str,), "dataset"),
@@ -327,10 +349,26 @@ class _Parser:
             speed=self.speed(data.get("speed")),
             inference_memory=self.memory(memory.get("inference"), "memory.inference"),
             training_memory=self.memory(memory.get("training"), "memory.training"),
+            fast_speed=self.speed(data.get("fast_speed")),
+            fast_inference_memory=self.memory(memory.get("fast_inference"), "memory.fast_inference"),
+            failed_steps=failed,
             backend=self.get(data, "backend", (dict,), "backend", optional=True) if "backend" in data else None,
             environment=self.environment(data),
             source=self.source,
         )
+        return record if "fast_speed" in data else _older(record)
+
+
+def _older(record: ResultRecord) -> ResultRecord:
+    """A file written before the protocol fps was measured apart: its one speed (and inference
+    memory) was timed on the model the run prepared, so it is that model's figure, and the
+    protocol figure was not measured."""
+    if record.speed is None and record.inference_memory is None:
+        return record
+    return dataclasses.replace(record, speed=None, inference_memory=None,
+                               fast_speed=dataclasses.replace(record.speed, model="optimized")
+                               if record.speed else None,
+                               fast_inference_memory=record.inference_memory)
 
 
 # --------------------------------------------------------------------------------------------

@@ -119,10 +119,11 @@ def show_text(record: ResultRecord, manifest: ManifestArg = None) -> str:
     rows = [[name] + [_number(m.per_class.get(name, {}).get(what)) for _, m in passes for what in ("IoU", "Acc")]
             for name in passes[0][1].per_class]
     lines.append(tabulate_module.tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
-    published = _published_mious(record.checkpoint, manifest)
+    published = _published_numbers(record.checkpoint, manifest)
     for label, metrics in passes:
         lines.append(f"{label:<13} aAcc {_number(metrics.aacc)}  mIoU {_number(metrics.miou)}  "
                      f"mAcc {_number(metrics.macc)}  published mIoU {_number(published.get(label))}")
+    lines += _figure_lines(record, published)
     if not published:
         lines.append(f"(no published numbers: {record.checkpoint} is not in the manifest)")
     elif record.images.limited:
@@ -131,10 +132,29 @@ def show_text(record: ResultRecord, manifest: ManifestArg = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _published_mious(name: str, manifest: ManifestArg) -> Dict[str, Optional[float]]:
+def _figure_lines(record: ResultRecord, published: Dict[str, Optional[float]]) -> list:
+    """fps (the published protocol, then psp-zoo's prepared model), memory, and failed steps."""
+    lines = []
+    figures = (("fps (model as loaded, as published)", record.speed, "speed", published.get("fps")),
+               ("fps (psp-zoo prepared model)", record.fast_speed, "fast_speed", None))
+    for label, speed, step, known in figures:
+        if speed is not None or step in record.failed_steps:
+            value = "failed" if speed is None else f"{speed.fps:.2f} ({speed.images_timed} timed, {speed.device_kind})"
+            lines.append(f"{label:<36} {value}" + (f"  published {known:.2f} (V100)" if known else ""))
+    if record.training_memory is not None or "training_memory" in record.failed_steps:
+        value = "failed" if record.training_memory is None else \
+            f"{record.training_memory.gb:.2f} GB ({record.training_memory.kind})"
+        known = published.get("mem")
+        lines.append(f"{'training memory':<36} {value}" + (f"  published {known:g} GB" if known else ""))
+    lines += [f"measuring {step.replace('_', ' ')} failed: {error}" for step, error in record.failed_steps.items()]
+    return lines
+
+
+def _published_numbers(name: str, manifest: ManifestArg) -> Dict[str, Optional[float]]:
     manifest = manifest if isinstance(manifest, Manifest) else get_manifest(manifest)
     try:
         published = manifest.get(name).published
     except UnknownModelError:
         return {}
-    return {"single-scale": published.miou, "ms+flip": published.miou_ms_flip}
+    return {"single-scale": published.miou, "ms+flip": published.miou_ms_flip, "fps": published.fps,
+            "mem": published.mem_gb}

@@ -20,25 +20,26 @@ speed and memory and writes the results file. Integer counts make the sum exact.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import filelock
 import torch
 
 from .datasets import Item, SegmentationDataset, list_items, make_loader
 from .distributed import Distributed
-from .environment import environment_info, usable_device
+from .environment import environment_info, exact_float32_flags, on_device, usable_device
 from .errors import PspZooError, ResultsError
 from .evaluation import recorded_settings
 from .factory import Resolved, resolve
 from .files import check_writable_folder
-from .inference import default_slide_batch, mode_logits
+from .inference import default_slide_batch
 from .manifest import Checkpoint, get_manifest
-from .measure import speed_and_memory, training_memory
+from .measure import PROTOCOL_CALL, PublishedRun, protocol_call, speed_and_memory, training_memory
 from .optimization import optimize
 from .options import FetchOptions, SpeedOptions
 from .constants import MIN_SPEED_IMAGES
@@ -52,6 +53,12 @@ __all__ = ["reproduce", "ReproduceOptions", "ReproduceReport", "select_checkpoin
 
 log = logging.getLogger("psp_zoo")
 PASSES = ("single_scale", "ms_flip")
+#: measuring steps, in the order they run: the prepared model first (it is loaded for scoring),
+#: then, with it freed, the plain model as the reference runs it, then training memory
+STEPS = ("fast_speed", "speed", "training_memory")
+#: what a record that gains a pass or a figure keeps from the finished record
+KEPT = ("single_scale", "ms_flip", "speed", "inference_memory", "training_memory", "fast_speed",
+        "fast_inference_memory")
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,8 @@ class _CheckpointRun:
         self.entry, self.job, self.options = entry, job, job.options
         self.target: Resolved = resolve(entry.name, dataset=job.dataset, fetch=job.fetch, device=job.device)
         self.settings = self.target.settings
+        self.published = PublishedRun.of(entry)
+        self.model = None  # the prepared model, while scoring and its timing need it
         # a checkpoint scored on another dataset it is published on (Dark Zurich...) keeps its own folder
         folder = entry.name if job.dataset == entry.dataset else f"{entry.name}/{job.dataset}"
         self.path = result_path(self.options.results_dir, folder, job.environment, _file_tag(job.speed))
@@ -139,12 +148,22 @@ class _CheckpointRun:
         settings = {**recorded_settings(self.target, self.options.ms_flip, job.data_root),
                     "slide_batch_size": default_slide_batch(job.device), "world_size": job.dist.world_size,
                     "run": run_options(self.options, job.speed, job.device)}
-        kept = {} if previous is None else {k: getattr(previous, k) for k in
-                                            ("single_scale", "speed", "inference_memory", "training_memory")}
+        settings["measure"] = self.measure_settings()
+        kept = {} if previous is None else {k: getattr(previous, k) for k in KEPT}
         return ResultRecord(checkpoint=self.entry.name, dataset=job.dataset, environment=job.environment,
                             precision=job.speed.precision, optimizations=job.speed.applied(job.device),
                             images=ImageCount(count=scored, available=job.available, limit=self.options.limit),
                             settings=settings, **{**kept, **fields})
+
+    def measure_settings(self) -> Dict[str, Any]:
+        """How speed and memory were measured, beside the figures."""
+        device = self.job.device
+        return {"published_precision": self.published.precision, "loss_scale": self.published.loss_scale,
+                "plain_precision": self.published.precision_on(device), "plain_windows_per_call": 1,
+                "prepared_windows_per_call": default_slide_batch(device), "timed_call": PROTOCOL_CALL,
+                "float32": exact_float32_flags(),
+                "training": "cudnn.benchmark on, one extra gradient-sized buffer for DDP's gradient buckets, "
+                            "BN in place of SyncBN"}
 
     def partial(self, pass_name: str) -> PartialState:
         job = self.job
@@ -176,8 +195,16 @@ class _CheckpointRun:
                        desc=f"{job.position(self.entry)} {self.entry.name} {pass_name.replace('_', '-')}")
         return Metrics.from_matrix(matrix.all_reduce(), self.target.class_names)
 
-    def measure(self, model) -> Dict[str, Any]:
-        """Speed and inference memory in one pass, and training memory, as published (rank 0 only)."""
+    def wanted_steps(self) -> Tuple[str, ...]:
+        return STEPS if self.options.train_memory else STEPS[:2]
+
+    def missing_steps(self, record: ResultRecord) -> Tuple[str, ...]:
+        """The measuring steps this run wants whose figure ``record`` lacks (failed ones included)."""
+        return tuple(step for step in self.wanted_steps() if getattr(record, step) is None)
+
+    def speed_inputs(self) -> Tuple[Callable[[], Iterator[Tuple[torch.Tensor, Tuple[int, int]]]], int, int]:
+        """(a fresh pass over the speed images as the reference's loader hands them over: normalized
+        float images in host memory, pinned for a GPU; the image count; the warm-up count)."""
         job, options, entry = self.job, self.options, self.entry
         count = min(_speed_count(options, job.device), len(job.items))
         warmup = min(options.speed_warmup, count - 1)  # few images: still time one; the record says so
@@ -190,45 +217,88 @@ class _CheckpointRun:
         # on CPU, loader workers would compete with the timed model for the cores
         workers = 0 if job.device.type == "cpu" else options.num_workers
 
-        def call(item: Tuple[torch.Tensor, Tuple[int, int]]) -> torch.Tensor:
-            image, ori_size = item
-            return mode_logits(model, image, ori_size, self.settings, batch_size=default_slide_batch(image.device))
-
         def inputs() -> Iterator[Tuple[torch.Tensor, Tuple[int, int]]]:
-            for sample in make_loader(data, num_workers=workers, pin_memory=job.device.type == "cuda"):
-                yield normalize_batch(sample.inputs[0].to(job.device).unsqueeze(0)), sample.ori_size
+            for sample in make_loader(data, num_workers=workers, device=job.device):
+                image = normalize_batch(sample.inputs[0].unsqueeze(0))  # preprocessing: not timed
+                yield (image.pin_memory() if job.device.type == "cuda" else image), sample.ori_size
+        return inputs, count, warmup
 
-        log.info("%s %s: timing %d image(s) after %d warm-up, peak memory on the same pass",
-                 job.position(entry), entry.name, count - warmup, warmup)
-        speed, memory = speed_and_memory(call, inputs(), warmup=warmup, total=count,
-                                         device=job.device)
-        measured = {"speed": speed, "inference_memory": memory}
-        if options.train_memory:
-            measured["training_memory"] = training_memory(entry.model_kwargs(), entry.crop_size,
-                                                          entry.train_images_per_gpu, job.device)
-        return measured
+    def timed(self, model, step: str) -> Dict[str, Any]:
+        """fps and inference peak in one pass: the plain model as the reference runs it ("speed"),
+        or the run's prepared model as psp-zoo runs it ("fast_speed")."""
+        job = self.job
+        inputs, count, warmup = self.speed_inputs()
+        protocol = step == "speed"
+        windows = 1 if protocol else default_slide_batch(job.device)
+        precision = self.published.precision_on(job.device) if protocol else job.speed.precision
+        log.info("%s %s: timing the %s model, %d image(s) after %d warm-up, peak memory on the same pass",
+                 job.position(self.entry), self.entry.name, "plain" if protocol else "prepared", count - warmup, warmup)
+        detail = (f"{PROTOCOL_CALL}; {windows} window(s) per model call"
+                  + (f"; {self.published.describe(job.device)}" if protocol else ""))
+        speed, memory = speed_and_memory(protocol_call(model, self.settings, job.device, windows_per_call=windows),
+                                         inputs(), warmup=warmup, total=count, device=job.device,
+                                         model="plain" if protocol else "optimized", precision=precision,
+                                         detail=detail)
+        return {step: speed, "inference_memory" if protocol else "fast_inference_memory": memory}
+
+    def plain_model(self):
+        """The model as loaded, in the published precision where the device runs it (fp16: autocast)."""
+        precision = self.published.precision_on(self.job.device)
+        if precision == "fp32":
+            return self.target.load()
+        return optimize(self.target.load(), SpeedOptions(precision=precision, fuse_bn=False, channels_last=False,
+                                                         factorize_head=False, winograd=False))
+
+    def measure_step(self, step: str) -> Dict[str, Any]:
+        entry = self.entry
+        if step == "fast_speed":
+            return self.timed(self.model, step)
+        self.model = None  # the prepared model's weights must not count in the plain model's memory
+        if step == "speed":
+            return self.timed(self.plain_model(), step)
+        return {step: training_memory(entry.model_kwargs(), entry.crop_size, entry.train_images_per_gpu,
+                                      self.job.device, published=self.published)}
+
+    def measure(self, steps: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, str]]:
+        """(the figures, the failed steps and their errors): a step that fails (say out of memory)
+        is recorded and the others still run; the scores are kept either way (rank 0 only)."""
+        measured: Dict[str, Any] = {}
+        failed: Dict[str, str] = {}
+        with on_device(self.job.device):
+            for step in sorted(steps, key=STEPS.index):
+                try:
+                    measured.update(self.measure_step(step))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - recorded; the scores and other figures are kept
+                    failed[step] = _describe(exc)
+                log.error("%s: measuring %s failed: %s", self.entry.name, step, failed[step])
+                if self.job.device.type == "cuda":  # outside the except: its traceback held the tensors
+                    gc.collect()
+                    torch.cuda.empty_cache()
+        return measured, failed
 
     def run(self, previous: Optional[ResultRecord]) -> ResultRecord:
-        """Evaluate the passes still missing (every rank), measure (rank 0), return the record."""
-        passes = [False, True][: 1 + self.options.ms_flip]
-        if previous is not None:
-            passes = [True]  # a finished single-scale record gains only the ms+flip pass
+        """Evaluate the passes still missing (every rank), measure what is missing (rank 0), return the record."""
+        wanted = [False, True][: 1 + self.options.ms_flip]
+        passes = [p for p in wanted if previous is None or getattr(previous, PASSES[p]) is None]
         error, metrics = None, {}
         try:
-            model = optimize(self.target.load(), self.job.speed)
+            self.model = optimize(self.target.load(), self.job.speed)
             for ms_flip in passes:
-                metrics[PASSES[ms_flip]] = self.score_pass(model, ms_flip)
+                metrics[PASSES[ms_flip]] = self.score_pass(self.model, ms_flip)
         except Exception as exc:  # noqa: BLE001 - recorded, and the other checkpoints still run
             error = _describe(exc)
         errors = self.job.dist.errors(error)  # every rank must agree before all_reduce
         if errors:
             return self.record(status="failed", error="; ".join(errors))
-        if self.job.dist.is_main and previous is None:
-            try:
-                metrics.update(self.measure(model))
-            except Exception as exc:  # noqa: BLE001
-                return self.record(status="failed", error=f"measuring speed and memory: {_describe(exc)}")
-        return self.record(previous, **metrics)
+        failed: Dict[str, str] = {} if previous is None else dict(previous.failed_steps)
+        if self.job.dist.is_main:
+            steps = self.wanted_steps() if previous is None else self.missing_steps(previous)
+            measured, failed_now = self.measure(steps)
+            failed = {**{k: v for k, v in failed.items() if k not in steps}, **failed_now}
+            metrics.update(measured)
+        self.model = None
+        return self.record(previous, failed_steps=failed, **metrics)
 
 
 def _file_tag(speed: SpeedOptions) -> str:
@@ -289,7 +359,7 @@ class _Job:
             if record.status == "complete":
                 log.info("%s: redoing, the results in %s were made with other options", run.entry.name, run.path)
             return None, False
-        return record, record.ms_flip is not None or not self.options.ms_flip
+        return record, (record.ms_flip is not None or not self.options.ms_flip) and not run.missing_steps(record)
 
     def reproduce(self, entry: Checkpoint, report: ReproduceReport) -> None:
         run = _CheckpointRun(entry, self)
@@ -322,7 +392,9 @@ class _Job:
             report.records.append(previous)
             report.skipped.append(entry.name)
             return
-        what = "adding ms+flip" if previous is not None else "reproducing"
+        what = "reproducing" if previous is None else (
+            "adding ms+flip" if previous.ms_flip is None and self.options.ms_flip else
+            f"measuring {', '.join(run.missing_steps(previous))} (the scores are kept)")
         self.say(logging.INFO, "%s %s: %s on %s", self.position(entry), entry.name, what,
                  self.environment["device_name"])
         record = run.run(previous)

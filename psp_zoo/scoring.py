@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .datasets import Sample, SegmentationDataset, make_loader
+from .environment import exact_float32
 from .inference import infer_labels
 from .manifest import EvalSettings
 from .metrics import ConfusionMatrix
@@ -54,15 +55,15 @@ def score(model, data: SegmentationDataset, settings: EvalSettings, num_classes:
     metric = ConfusionMatrix(num_classes, device=device)
     start = _resume(metric, partial, len(data), desc)
     if start < len(data):
-        loader = make_loader(data.subset(range(start, len(data))), num_workers=num_workers,
-                             pin_memory=device.type == "cuda")
+        loader = make_loader(data.subset(range(start, len(data))), num_workers=num_workers, device=device)
         pairs = label_maps(model, loader, settings, ms_flip=ms_flip, device=device, batch_size=batch_size)
-        for done, (sample, labels) in enumerate(progress(pairs, len(data), desc, show, start), start=start + 1):
-            metric.update(labels, sample.label.to(labels.device, non_blocking=True))
-            if partial is not None:
-                partial.maybe_save(done, {"matrix": metric.matrix})
-            if on_image is not None:
-                on_image(done)
+        with exact_float32():  # fp32 means fp32: no TF32 on Ampere and later GPUs, restored afterwards
+            for done, (sample, labels) in enumerate(progress(pairs, len(data), desc, show, start), start=start + 1):
+                metric.update(labels, sample.label.to(labels.device, non_blocking=True))
+                if partial is not None:
+                    partial.maybe_save(done, {"matrix": metric.matrix})
+                if on_image is not None:
+                    on_image(done)
         if partial is not None:  # marks the pass finished, so a later kill does not redo it
             partial.save(len(data), {"matrix": metric.matrix})
     return metric

@@ -10,6 +10,12 @@ different devices or versions are never mixed. fps and Mem are only differenced 
 runs: a CPU figure (labelled) is shown, but its difference from the V100 numbers is meaningless.
 CSV and JSON carry the same rows with numbers in separate columns (``mIoU``,
 ``mIoU reproduced``, ``mIoU diff``...) for further processing.
+
+"Inf time (fps)" is the published protocol: the model as loaded, timed as the reference times it.
+psp-zoo's own figure (its prepared model: folded BN, channels-last, factorized head...) is a
+column apart, "psp-zoo fps", in tables with results; it has no published counterpart. A figure
+whose measuring step failed reads ``failed`` (the scores of that run are shown), with the error
+in the notes.
 """
 from __future__ import annotations
 
@@ -39,14 +45,19 @@ COLUMNS = ("Method", "Backbone", "Crop Size", "Lr schd", "Mem (GB)", "Inf time (
 METRIC_COLUMNS = ("Mem (GB)", "Inf time (fps)", "mIoU", "mIoU(ms+flip)")
 # Columns whose published separator is '---:'; the others are plain '---' (as published).
 _COLON_COLUMNS = {"Lr schd", "mIoU", "mIoU(ms+flip)"}
-_NUMERIC_COLUMNS = {"Lr schd", *METRIC_COLUMNS}
+_NUMERIC_COLUMNS = {"Lr schd", "psp-zoo fps", *METRIC_COLUMNS}
 # Sections of datasets a checkpoint is only evaluated on (Dark Zurich, Nighttime Driving) publish mIoU only.
 CROSS_COLUMNS = ("Method", "Backbone", "Training Dataset", "Test Dataset", "mIoU", "download")
 MARKER_START = "<!-- psp-zoo:tables:start -->"
 MARKER_END = "<!-- psp-zoo:tables:end -->"
 CELL_NOTE = ("Cells with results read `published / reproduced (difference)`; Mem (GB) is the "
              "training peak; fps and Mem are differenced only for CUDA runs (published: V100, "
-             "PyTorch 1.5, CUDA 10.1).")
+             "PyTorch 1.5, CUDA 10.1). Inf time (fps) times the model as loaded, as the reference does "
+             "(one sliding window per call, labels copied back); psp-zoo fps times the same call on "
+             "psp-zoo's prepared model (the precision and switches named in the note of its row).")
+FAST_COLUMN = "psp-zoo fps"
+#: the measuring step behind each figure (records.ResultRecord.failed_steps)
+STEP_OF_COLUMN = {"Inf time (fps)": "speed", "Mem (GB)": "training_memory", FAST_COLUMN: "fast_speed"}
 ManifestArg = Union[None, str, Path, Sequence, Manifest]
 
 
@@ -112,8 +123,8 @@ def _environment_text(records: Sequence[ResultRecord]) -> str:
         parts.append(f"only {limited[0]} of {limited[1]} images (--limit)")
     if kind == "cpu":
         parts.append("fps on CPU; Mem is cpu peak RSS, not comparable")
-    few = sorted({(r.speed.images_timed, r.speed.warmup) for r in records if r.speed is not None
-                  and (r.speed.images_timed, r.speed.warmup) != (195, 5)})
+    few = sorted({(s.images_timed, s.warmup) for r in records for s in (r.speed, r.fast_speed) if s is not None
+                  and (s.images_timed, s.warmup) != (195, 5)})
     if few:
         parts.append("fps from " + ", ".join(f"{n} timed image(s) after {w} warm-up" for n, w in few)
                      + " (published: 195 after 5)")
@@ -133,6 +144,7 @@ class DatasetTable:
     frame: pd.DataFrame
     environments: Dict[str, str] = field(default_factory=dict)  # "[1]" -> description
     failures: List[str] = field(default_factory=list)
+    not_measured: List[str] = field(default_factory=list)  # figures of complete rows whose step failed
 
     titles: Dict[str, str] = field(default_factory=dict)  # dataset key -> section title, for training sets
 
@@ -159,6 +171,8 @@ def _row(ckpt: Checkpoint, dataset: str, record: Optional[ResultRecord], label: 
                                  if comparable and None not in (reproduced, published) else None)
     row["Inference mem (GB) reproduced"] = (record.inference_memory.gb
                                             if record is not None and record.inference_memory else None)
+    row[f"{FAST_COLUMN} reproduced"] = record.fast_speed.fps if record is not None and record.fast_speed else None
+    row["Failed steps"] = "; ".join(f"{k}: {v}" for k, v in record.failed_steps.items()) if record and record.failed_steps else None
     row.update({"model": ckpt.url, "log": ckpt.log_url, "Label": label,
                 "Reproduced on": None, "Images": None if record is None else record.images.count})
     return row
@@ -177,6 +191,10 @@ def _table(manifest: Manifest, dataset: str, records: Sequence[ResultRecord]) ->
     labels = {key: f"[{i}]" for i, key in enumerate(sorted(by_environment, key=str), start=1)}
     for key, label in labels.items():
         table.environments[label] = _environment_text(by_environment[key])
+    for record in records:
+        for step, error in (record.failed_steps.items() if record.status == "complete" else ()):
+            table.not_measured.append(f"{record.checkpoint} {labels[_environment_key(record)]}: "
+                                      f"{step.replace('_', ' ')} failed: {error}")
     rows = []
     for ckpt in (c for c in manifest if dataset in c.datasets):
         mine = sorted((r for r in records if r.checkpoint == ckpt.name and r.status == "complete"
@@ -212,13 +230,18 @@ def build_tables(manifest: ManifestArg = None, results: Sequence[ResultRecord] =
 # rendering
 
 
+def _failed(row: pd.Series, column: str) -> bool:
+    failed = row.get("Failed steps")
+    return isinstance(failed, str) and f"{STEP_OF_COLUMN.get(column)}:" in failed
+
+
 def _cell(row: pd.Series, column: str) -> str:
     published = _published_text(column, row[column])
     if not isinstance(row["Label"], str):  # no result for this row
         return published
     reproduced, diff = row[f"{column} reproduced"], row[f"{column} diff"]
     if reproduced is None or pd.isna(reproduced):
-        return f"{published} / -"
+        return f"{published} / {'failed' if _failed(row, column) else '-'}"
     text = f"{published} / {reproduced:.2f}"
     return text if diff is None or pd.isna(diff) else f"{text} ({diff:+.2f})"
 
@@ -228,10 +251,20 @@ def _download(row: pd.Series) -> str:
     return cell if not isinstance(row["log"], str) else f"{cell} &#124; [log]({row['log']})"
 
 
+def _fast_cell(row: pd.Series) -> str:
+    value = row.get(f"{FAST_COLUMN} reproduced")
+    if value is None or pd.isna(value):
+        return "failed" if isinstance(row["Label"], str) and _failed(row, FAST_COLUMN) else "-"
+    return f"{value:.2f}"
+
+
 def _display_frame(table: DatasetTable) -> pd.DataFrame:
-    """The frame as the README shows it: the published columns, cells already formatted."""
+    """The frame as the README shows it: the published columns, cells already formatted; with
+    psp-zoo's own fps in a column of its own where a row has one."""
     rows = []
     cross = table.is_cross_dataset
+    fast = int(not cross and f"{FAST_COLUMN} reproduced" in table.frame and bool(
+        table.frame[f"{FAST_COLUMN} reproduced"].notna().any() or table.frame["Failed steps"].notna().any()))
     for _, row in table.frame.iterrows():
         method = "PSPNet" if not isinstance(row["Label"], str) else f"PSPNet {row['Label']}"
         if cross:  # a checkpoint trained elsewhere, scored here: the page's columns for such sections
@@ -240,8 +273,9 @@ def _display_frame(table: DatasetTable) -> pd.DataFrame:
             continue
         cells = [method, row["Backbone"], row["Crop Size"], str(row["Lr schd"])]
         cells += [_cell(row, column) for column in METRIC_COLUMNS]
-        rows.append(cells + [_download(row)])
-    return pd.DataFrame(rows, columns=list(CROSS_COLUMNS if cross else COLUMNS))
+        rows.append(cells + [_fast_cell(row)] * fast + [_download(row)])
+    columns = list(CROSS_COLUMNS if cross else COLUMNS)
+    return pd.DataFrame(rows, columns=columns[:-1] + [FAST_COLUMN] * fast + columns[-1:])
 
 
 def _markdown_table(display: pd.DataFrame) -> str:
@@ -269,6 +303,8 @@ def _markdown(tables: Sequence[DatasetTable]) -> str:
             parts.append("\n".join(f"- {note}" for note in notes))
         if table.failures:
             parts.append("\n".join(f"- not reproduced: {failure}" for failure in table.failures))
+        if table.not_measured:
+            parts.append("\n".join(f"- not measured: {missing}" for missing in table.not_measured))
         sections.append("\n\n".join(parts))
     return "\n\n".join(sections) + "\n"
 
@@ -285,7 +321,8 @@ def _json(tables: Sequence[DatasetTable]) -> str:
                 for r in records]
 
     payload = [{"dataset": t.dataset, "title": t.title, "rows": clean(t.frame),
-                "environments": t.environments, "failures": t.failures} for t in tables]
+                "environments": t.environments, "failures": t.failures, "not_measured": t.not_measured}
+               for t in tables]
     return json.dumps({"tables": payload}, indent=1) + "\n"
 
 

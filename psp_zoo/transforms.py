@@ -75,7 +75,13 @@ def resized_inputs(image_rgb: np.ndarray, img_scales: Sequence[Sequence[int]]) -
 
 
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:
-    """N x 3 x H x W (uint8 or float) RGB -> float32 (x - mean) * (1 / std), as ``normalize``."""
-    mean = torch.from_numpy(_MEAN32).to(images.device).view(1, 3, 1, 1)
-    stdinv = torch.from_numpy(_STDINV32).to(images.device).view(1, 3, 1, 1)
-    return (images.float() - mean) * stdinv
+    """N x 3 x H x W (uint8 or float) RGB -> float32 (x - mean) * (1 / std), as ``normalize``.
+
+    Channel by channel with the float32 constants as scalars: the same float32 arithmetic as a
+    broadcast mean / std tensor, without copying those tensors to a GPU (a synchronising copy)
+    on every call.
+    """
+    out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+    for channel, (mean, stdinv) in enumerate(zip(_MEAN32.tolist(), _STDINV32.tolist())):
+        torch.sub(images[:, channel].float(), mean, out=out[:, channel]).mul_(stdinv)
+    return out

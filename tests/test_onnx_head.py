@@ -17,7 +17,7 @@ from psp_zoo.optimization import fold_batchnorm
 from psp_zoo.scoring import score
 
 import minidata
-from helpers import tiny_checkpoint_path, tiny_expected, tiny_model
+from helpers import max_rel_diff, tiny_checkpoint_path, tiny_expected, tiny_model
 from hub_server import write_manifest
 
 onnx = pytest.importorskip("onnx")
@@ -47,11 +47,6 @@ def exported(request, tmp_path_factory):
     tag, align_corners = request.param
     model = tiny_model(tag, align_corners=align_corners)
     return tag, model, write_factorized(model, tmp_path_factory.mktemp("onnx_head") / f"{tag}.onnx")
-
-
-def _rel(reference: torch.Tensor, got: torch.Tensor) -> float:
-    assert got.shape == reference.shape
-    return float((got - reference).abs().max() / reference.abs().max())
 
 
 def random_head(in_ch: int, channels: int, scales, align_corners: bool, seed: int = 0) -> PSPHead:
@@ -96,7 +91,7 @@ def test_eager_head_equals_plain_head_for_any_scales_and_width(scales, channels,
     with torch.no_grad():
         folded = [OnnxPSPHead(head)([None, None, None, x]) for x in inputs]
     for reference, got, got_folded in zip(references, unfolded, folded):
-        assert _rel(reference, got) <= 1e-5 and _rel(reference, got_folded) <= 1e-5
+        assert max_rel_diff(got, reference) <= 1e-5 and max_rel_diff(got_folded, reference) <= 1e-5
 
 
 def test_swap_only_replaces_a_psp_head():
@@ -128,12 +123,12 @@ def test_one_file_two_sizes_within_1e4_of_the_model_as_loaded(exported):
     runner = runtime.OnnxModel(path, threads=1)
     assert runner.static_size is None and runner.align_corners is model.align_corners
     expected = tiny_expected(tag, model.align_corners)
-    assert _rel(expected["whole_logits"], runner(expected["whole_input"])) <= 1e-4
+    assert max_rel_diff(runner(expected["whole_input"]), expected["whole_logits"]) <= 1e-4
     x = torch.randn(2, 3, 37, 29, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert model.backbone(x)[3].shape[2:] == (5, 4)
         reference = model(x)
-    assert _rel(reference, runner(x)) <= 1e-4
+    assert max_rel_diff(runner(x), reference) <= 1e-4
 
 
 def test_identical_argmax_on_the_fixtures(exported):
@@ -155,7 +150,7 @@ def test_a_broken_operator_is_caught(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_head, "bilinear_operator", lambda size, scale, _ac, like: wrong(size, scale, False, like))
     runner = runtime.OnnxModel(write_factorized(model, tmp_path / "wrong.onnx"), threads=1)
     expected = tiny_expected("r50", True)
-    assert _rel(expected["whole_logits"], runner(expected["whole_input"])) > 1e-4
+    assert max_rel_diff(runner(expected["whole_input"]), expected["whole_logits"]) > 1e-4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,7 +231,7 @@ def test_plain_head_keeps_the_convolved_pyramid(tmp_path):
     with torch.no_grad():
         reference = model(x)
     for path in (plain, factorized):
-        assert _rel(reference, runtime.OnnxModel(path, threads=1)(x)) <= 1e-4
+        assert max_rel_diff(runtime.OnnxModel(path, threads=1)(x), reference) <= 1e-4
 
 
 def test_cli_export_default_head_verifies_and_plain_head_is_onnx_only(tmp_path, capsys):

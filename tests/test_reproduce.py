@@ -123,7 +123,14 @@ def test_reproduce_records_everything_and_tables_show_both_columns(capsys, setup
         assert metrics.miou == pytest.approx(expected.miou, abs=1e-9)
         assert metrics.per_class["3"]["IoU"] == pytest.approx(expected.iou["3"], abs=1e-9)
     assert record.speed.device_kind == "cpu" and (record.speed.images_timed, record.speed.warmup) == (2, 1)
-    assert record.inference_memory.kind == record.training_memory.kind == "cpu peak RSS"
+    # the published protocol (the model as loaded, one window per call) and psp-zoo's figure apart
+    assert (record.speed.model, record.fast_speed.model) == ("plain", "optimized")
+    assert record.speed.fps > 0 and record.fast_speed.fps > 0 and record.fast_speed.images_timed == 2
+    assert "labels copied to the host" in record.speed.detail and record.speed.precision == "fp32"
+    assert record.settings["measure"]["plain_windows_per_call"] == 1 and record.failed_steps == {}
+    assert record.settings["measure"]["float32"]["cudnn_allow_tf32"] is False
+    assert record.inference_memory.kind == record.fast_inference_memory.kind == record.training_memory.kind
+    assert record.training_memory.kind == "cpu peak RSS"
     # a fresh process trains: the weights, gradients and momentum buffers alone (3 copies) are a lower bound,
     # whatever this process's allocator already holds after other tests
     weights = sum(p.numel() * 4 for p in PSPNet(**tiny_info("r50")["config"]).parameters())
@@ -140,6 +147,9 @@ def test_reproduce_records_everything_and_tables_show_both_columns(capsys, setup
     row = next(line for line in tables.splitlines() if line.startswith("| PSPNet [1]"))
     assert f"1.50 / {record.single_scale.miou:.2f} ({record.single_scale.miou - 1.5:+.2f})" in row
     assert f"- / {record.ms_flip.miou:.2f}" in row
+    header = next(line for line in tables.splitlines() if line.startswith("| Method"))
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["Inf time (fps)"] == f"- / {record.speed.fps:.2f}" and cells["psp-zoo fps"] == f"{record.fast_speed.fps:.2f}"
     assert "not reproduced: tiny_r101 failed" in tables
 
 
@@ -333,3 +343,76 @@ def test_a_cityscapes_checkpoint_is_reproduced_on_dark_zurich(capsys, tmp_path):
     code, tables, _ = _cli(capsys, "tables", "--results", results, "--manifest", manifest)
     section = tables.split("### Dark Zurich")[1].split("###")[0]
     assert f"10.00 / {record.miou:.2f}" in section and "| Cityscapes" in section
+
+
+# --------------------------------------------------------------------------------------------
+# the published protocol as a GPU would run it, checked on the CPU
+
+
+def _reproduce(setup, results: Path, models: str = "tiny_r50", manifest=None, **options):
+    return reproduce("cityscapes", setup["data"], models=models, device="cpu", results_dir=results,
+                     fetch=FetchOptions(manifest=manifest or setup["manifest"], cache_dir=setup["cache"]),
+                     num_workers=0, speed_images=3, speed_warmup=1, progress=False, **options)
+
+
+def test_an_error_while_measuring_keeps_the_scores(capsys, monkeypatch, setup, tmp_path):
+    import psp_zoo.reproduction as reproduction
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    results = tmp_path / "results"
+    monkeypatch.setattr(reproduction, "training_memory", out_of_memory)
+    report = _reproduce(setup, results)
+    record = read_result(results / "tiny_r50" / CPU_FILE)
+    assert report.failed == [] and record.status == "complete"
+    assert record.single_scale is not None and record.ms_flip is not None and record.images.count == 3
+    assert record.speed is not None and record.fast_speed is not None and record.training_memory is None
+    assert record.failed_steps == {"training_memory": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    code, tables, _ = _cli(capsys, "tables", "--results", results, "--manifest", setup["manifest"])
+    row = next(line for line in tables.splitlines() if line.startswith("| PSPNet [1]"))
+    assert code == 0 and f"1.50 / {record.miou:.2f}" in row and "| - / failed |" in row  # Mem failed, scores shown
+    assert "- not measured: tiny_r50 [1]: training memory failed: RuntimeError: CUDA out of memory" in tables
+    code, shown, _ = _cli(capsys, "show", results / "tiny_r50" / CPU_FILE, "--manifest", setup["manifest"])
+    assert code == 0 and "training memory" in shown and "failed" in shown
+
+    # the next run measures only what is missing; the scores are kept as they were
+    monkeypatch.undo()
+    _reproduce(setup, results)
+    again = read_result(results / "tiny_r50" / CPU_FILE)
+    assert again.failed_steps == {} and again.training_memory is not None
+    assert again.single_scale == record.single_scale and again.ms_flip == record.ms_flip
+    assert again.speed == record.speed and again.fast_speed == record.fast_speed
+
+
+def test_timing_runs_the_plain_model_one_window_per_call_whatever_the_device_default(monkeypatch, setup, tmp_path):
+    import psp_zoo.reproduction as reproduction
+
+    calls = []
+
+    def recording(model, settings, device, *, windows_per_call=1):
+        calls.append((type(model).__name__, windows_per_call))
+        return protocol_call(model, settings, device, windows_per_call=windows_per_call)
+
+    from psp_zoo.measure import protocol_call
+    monkeypatch.setattr(reproduction, "default_slide_batch", lambda device: 8)  # CUDA's batching default
+    monkeypatch.setattr(reproduction, "protocol_call", recording)
+    _reproduce(setup, tmp_path / "results", ms_flip=False, train_memory=False)
+    assert calls == [("OptimizedModel", 8), ("PSPNet", 1)]  # psp-zoo's own figure, then the protocol
+    record = read_result(tmp_path / "results" / "tiny_r50" / CPU_FILE)
+    assert "1 window(s) per model call" in record.speed.detail
+    assert "8 window(s) per model call" in record.fast_speed.detail
+
+
+def test_the_fp16_row_is_measured_as_its_entry_says(setup, tmp_path):
+    data = yaml.safe_load(setup["manifest"].read_text())
+    fp16 = dict(data["models"][0], name="tiny_r50_fp16_cityscapes", aliases=[])
+    manifest = tmp_path / "fp16.yml"
+    manifest.write_text(yaml.safe_dump({"models": [fp16]}))
+    _reproduce(setup, tmp_path / "results", models="tiny_r50_fp16_cityscapes", manifest=manifest, ms_flip=False)
+    record = read_result(tmp_path / "results" / "tiny_r50_fp16_cityscapes" / CPU_FILE)
+    measured = record.settings["measure"]
+    assert (measured["published_precision"], measured["loss_scale"], measured["plain_precision"]) == ("fp16", 512.0, "fp32")
+    said = "published in fp16 (training: static loss scale 512); measured in fp32 on the CPU (fp16 needs CUDA)"
+    assert said in record.training_memory.detail and said in record.speed.detail
+    assert record.speed.precision == "fp32" and record.precision == "fp32"

@@ -11,7 +11,7 @@ import torch
 
 from psp_zoo.errors import ResultsError
 from psp_zoo.environment import environment_info
-from psp_zoo.records import device_tag, read_result, read_results, result_path, write_result
+from psp_zoo.records import MemoryUse, Speed, device_tag, read_result, read_results, result_path, write_result
 from psp_zoo.resume import PartialState
 
 from helpers import make_record
@@ -131,3 +131,36 @@ def test_atomic_write_keeps_permissions_not_the_temp_files_0600(tmp_path):
         os.umask(umask)
     assert (tmp_path / "fresh.json").stat().st_mode & 0o777 == 0o644
 
+
+def test_protocol_and_fast_figures_and_failed_steps_round_trip(tmp_path):
+    import dataclasses
+
+    record = dataclasses.replace(
+        make_record(), speed=Speed(fps=4.1, images_timed=195, warmup=5, device_kind="cuda", model="plain",
+                                   precision="fp32", detail="one window per call"),
+        fast_speed=Speed(fps=20.5, images_timed=195, warmup=5, device_kind="cuda", model="optimized",
+                         precision="bf16"),
+        fast_inference_memory=MemoryUse(gb=0.9, kind="cuda max_memory_allocated", detail="inference"),
+        training_memory=None, failed_steps={"training_memory": "RuntimeError: CUDA out of memory"})
+    path = write_result(record, tmp_path / "r.json")
+    data = json.loads(path.read_text())
+    assert data["speed"]["model"] == "plain" and data["fast_speed"]["fps"] == 20.5
+    assert data["failed_steps"] == {"training_memory": "RuntimeError: CUDA out of memory"}
+    assert read_result(path) == record
+
+
+def test_an_older_results_file_reads_its_one_speed_as_the_prepared_models(tmp_path):
+    """Before the protocol fps was measured apart, the one fps was timed on the run's prepared model."""
+    data = json.loads(make_record().to_json())
+    for key in ("fast_speed", "failed_steps"):
+        del data[key]
+    del data["memory"]["fast_inference"]
+    for key in ("model", "precision", "detail"):
+        del data["speed"][key]
+    data["optimizations"] = ["fuse_bn", "channels_last"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    record = read_result(tmp_path / "old.json")
+    assert record.speed is None and record.inference_memory is None  # the protocol was not measured
+    assert record.fast_speed.fps == 9.5 and record.fast_speed.model == "optimized"
+    assert record.fast_inference_memory.gb == 1.5 and record.failed_steps == {}
+    assert record.training_memory.gb == 6.3 and record.miou == pytest.approx(77.8)

@@ -247,3 +247,27 @@ def test_an_onnx_result_is_its_own_labelled_row():
     assert [r[0] for r in rows] == ["PSPNet [1]", "PSPNet [2]"]
     notes = dict(re.findall(r"^- (\[\d\]) (.*)$", text, flags=re.M))
     assert sum("onnxruntime 1.32.0 (CPUExecutionProvider)" in note for note in notes.values()) == 1
+
+
+def test_protocol_fps_beside_the_published_one_and_the_fast_one_apart():
+    import dataclasses
+
+    from psp_zoo.records import Speed
+
+    fast = Speed(fps=21.25, images_timed=195, warmup=5, device_kind="cuda", model="optimized")
+    records = [dataclasses.replace(make_record(R50, fps=4.5), fast_speed=fast),
+               dataclasses.replace(make_record(R101, fps=3.0), training_memory=None, fast_speed=None,
+                                   failed_steps={"training_memory": "RuntimeError: CUDA out of memory",
+                                                 "fast_speed": "RuntimeError: CUDA error"})]
+    text = render(build_tables(results=records))
+    table = parse_markdown(text)["Cityscapes"]
+    assert table["header"][4:10] == ["Mem (GB)", "Inf time (fps)", "mIoU", "mIoU(ms+flip)", "psp-zoo fps", "download"]
+    r50, r101, untouched = table["rows"][:3]
+    assert r50[5] == "4.07 / 4.50 (+0.43)" and r50[8] == "21.25"
+    assert r101[4] == "9.6 / failed" and r101[8] == "failed" and r101[6] == "78.34 / 77.80 (-0.54)"
+    assert untouched[8] == "-"
+    assert f"- not measured: {R101} [1]: training memory failed: RuntimeError: CUDA out of memory" in text
+    assert "not reproduced" not in text  # its scores are shown
+    frame = build_tables(results=records)[0].frame
+    assert frame.loc[frame["Checkpoint"] == R50, "psp-zoo fps reproduced"].item() == 21.25
+    assert parse_markdown(render(build_tables()))["Cityscapes"]["header"][8] == "download"  # no results: as published

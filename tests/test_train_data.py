@@ -303,3 +303,45 @@ def test_a_bad_training_split_declaration_names_its_field(tmp_path, train, field
         "[{images: images/train, labels: labels/train}, {images: images/extra, split: extra.txt}]", train))
     with pytest.raises(ManifestError, match=f"field '{re.escape(field)}'"):
         load_manifest(manifest)
+
+
+STARTS_WHILE_OPENCV_WORKS = """
+import sys, threading
+from pathlib import Path
+import cv2, numpy as np
+sys.path[:0] = [sys.argv[1], str(Path(sys.argv[1]).parent)]  # the tests, the checkout they test
+from test_train_data import _cityscapes, _training_set
+from psp_zoo.training.data import train_loader
+root = Path(sys.argv[2])
+_cityscapes(root, 4)
+data = _training_set(root, global_batch=2)
+big, stop = np.random.default_rng(0).integers(0, 256, (2000, 2000, 3), dtype=np.uint8), threading.Event()
+def busy():
+    while not stop.is_set():
+        cv2.resize(big, (3000, 3000))  # OpenCV's thread pool is busy whenever a worker forks
+thread = threading.Thread(target=busy)
+thread.start()
+for _ in range(30):  # the old worker init hung within 15 starts, most runs
+    assert sum(1 for _ in train_loader(data, stop=1, batch_per_rank=2, num_workers=2)) == 1
+stop.set()
+thread.join()
+print("ok")
+"""
+
+
+def test_workers_start_while_opencv_threads_are_busy(tmp_path):
+    """A forked worker that reconfigured OpenCV's inherited thread pool could hang for ever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    run = subprocess.Popen([sys.executable, "-c", STARTS_WHILE_OPENCV_WORKS, str(Path(__file__).parent), str(tmp_path)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = run.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)  # the hung workers too
+        run.communicate()
+        pytest.fail("starting loader workers hung (a forked worker deadlocked)")
+    assert run.returncode == 0 and out.strip() == "ok", err[-2000:]

@@ -13,8 +13,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "reproduce", help="re-evaluate and re-measure a dataset's checkpoints, write results files",
         description="For each checkpoint of the dataset: fetch, load, score single-scale and "
-                    "ms+flip, measure fps and memory as published, write one results file per "
-                    "checkpoint and device. Finished checkpoints are skipped and a killed run "
+                    "ms+flip, measure fps and memory as published (the model as loaded, one sliding "
+                    "window per call, TF32 off) and psp-zoo's own fps apart, write one results file per "
+                    "checkpoint and device; a measuring step that fails keeps the scores and is retried "
+                    "by the next run. Finished checkpoints are skipped and a killed run "
                     "resumes; under `torchrun --nproc_per_node N -m psp_zoo reproduce ...` the "
                     "images are shared out across the processes.")
     parser.add_argument("--dataset", metavar="DATASET", required=True,

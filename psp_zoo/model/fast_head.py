@@ -26,9 +26,6 @@ from .winograd import winograd_eligible
 
 __all__ = ["FactorizedPSPHead", "factorize_psp_head", "interpolation_matrix", "shifted_interpolation"]
 
-_CACHE: Dict[tuple, torch.Tensor] = {}
-
-
 def interpolation_matrix(size: int, scale: int, align_corners: bool, device: torch.device,
                          dtype: torch.dtype) -> torch.Tensor:
     """The (size x scale) matrix of F.interpolate's bilinear resize along one axis.
@@ -46,17 +43,11 @@ def shifted_interpolation(size: int, scale: int, align_corners: bool, device: to
     """(size, 3 * scale): the interpolation matrix shifted by each 3x3 tap offset -1, 0, +1.
 
     Column block d holds rows ``A[r + d - 1]``, zero where that row is outside the image (the
-    conv's zero padding). Cached per (size, scale, align_corners, device, dtype) when eager.
+    conv's zero padding).
     """
-    key = (size, scale, align_corners, str(device), dtype)
-    if not torch.compiler.is_compiling() and key in _CACHE:
-        return _CACHE[key]
     base = interpolation_matrix(size, scale, align_corners, device, torch.float64)
     padded = F.pad(base, (0, 0, 1, 1))
-    shifted = torch.cat([padded[d:d + size] for d in range(3)], dim=1).to(dtype)
-    if not torch.compiler.is_compiling():
-        _CACHE[key] = shifted
-    return shifted
+    return torch.cat([padded[d:d + size] for d in range(3)], dim=1).to(dtype)
 
 
 def _folded_bottleneck(head: PSPHead) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +97,9 @@ class FactorizedPSPHead(nn.Module):
         per_branch = weight[:, in_x:].reshape(weight.shape[0], len(self.scales), -1, 9)
         self.register_buffer("branch_weight", per_branch.permute(1, 3, 0, 2).contiguous())
         self.conv_seg = head.conv_seg
+        # shifted_interpolation per (size, scale, device, dtype), kept by this head only: a cache
+        # shared by the module would keep GPU memory of one model alive into the next one's run
+        self._matrices: Dict[tuple, torch.Tensor] = {}
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         x = features[3]
@@ -123,14 +117,23 @@ class FactorizedPSPHead(nn.Module):
             # z[n, dy, a, dx, b, o]: each tap's weights on the pooled map, then the w axis resized
             z = torch.einsum("toc,ncab->nabto", tap_weight, pooled).reshape(*pooled.shape[:1], scale, scale, 3, 3, -1)
             z = z.permute(0, 3, 1, 4, 2, 5).reshape(pooled.shape[0], 3 * scale, 3 * scale, -1)
-            a_w = shifted_interpolation(width, scale, self.align_corners, x.device, z.dtype)
+            a_w = self._shifted(width, scale, x.device, z.dtype)
             blocks.append(torch.einsum("wq,nrqo->nrwo", a_w, z))
-            rows.append(shifted_interpolation(height, scale, self.align_corners, x.device, z.dtype))
+            rows.append(self._shifted(height, scale, x.device, z.dtype))
         # one matmul resizes the h axis of every branch at once
         a_h, stacked = torch.cat(rows, dim=1), torch.cat(blocks, dim=1)
         n, r, _, o = stacked.shape
         term = torch.matmul(a_h.to(stacked.dtype), stacked.reshape(n, r, width * o))
         return term.reshape(n, height, width, o).to(dtype)
+
+
+    def _shifted(self, size: int, scale: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traced into the graph: no Python-side state
+            return shifted_interpolation(size, scale, self.align_corners, device, dtype)
+        key = (size, scale, str(device), dtype)
+        if key not in self._matrices:
+            self._matrices[key] = shifted_interpolation(size, scale, self.align_corners, device, dtype)
+        return self._matrices[key]
 
 
 def _scale(pool: nn.Module) -> int:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-import cv2
 import numpy as np
 import torch
 
@@ -262,10 +261,6 @@ def _collate(samples: list):
             torch.stack([label for _, (_, label) in samples]))
 
 
-def _quiet_worker(_worker_id: int) -> None:
-    cv2.setNumThreads(1)  # the loader's processes are the parallelism; OpenCV's own threads would oversubscribe
-
-
 def train_loader(data: TrainingSet, *, start_iteration: int = 0, stop: Optional[int] = None, world_size: int = 1,
                  rank: int = 0, batch_per_rank: int, accumulation: int = 1, num_workers: Optional[int] = None,
                  pin_memory: bool = False) -> Iterator[TrainBatch]:
@@ -274,12 +269,14 @@ def train_loader(data: TrainingSet, *, start_iteration: int = 0, stop: Optional[
     sampler = IterationBatches(data.plan, start_iteration, world_size=world_size, rank=rank,
                                batch_per_rank=batch_per_rank, accumulation=accumulation, stop=stop)
     workers = default_num_workers() if num_workers is None else num_workers
+    # No OpenCV call in a worker's init (e.g. cv2.setNumThreads): a forked worker that reconfigures the
+    # thread pool it inherited can deadlock; plain OpenCV calls in it are safe.
     # A private generator: by default a DataLoader draws its workers' base seed from torch's global
     # RNG, which would shift the model's dropout draws whenever a loader starts (e.g. on resume).
     private = torch.Generator().manual_seed(data.seed)
     loader = torch.utils.data.DataLoader(
         _Keyed(data), batch_sampler=sampler, num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
-        worker_init_fn=_quiet_worker if workers else None, prefetch_factor=2 if workers else None,
+        prefetch_factor=2 if workers else None,
         generator=private)
     for count, batch in enumerate(loader):
         if isinstance(batch, _Failure):

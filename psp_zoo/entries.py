@@ -164,6 +164,8 @@ class Checkpoint:
     _tests: Mapping[str, EvalSettings] = field(default_factory=dict, hash=False, repr=False)
     # this entry's own training-recipe fields (e.g. AdamW for the rsb rows), read by psp_zoo.training.recipe
     train: Mapping[str, Any] = field(default_factory=dict, hash=False, repr=False)
+    # the checkpoint a fine-tuned entry started from (schema.FINETUNED_FROM_FIELDS); empty for published ones
+    finetuned_from: Mapping[str, str] = field(default_factory=dict, hash=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -228,6 +230,7 @@ class Checkpoint:
             dataset_aliases={key: list(names) for key, names in self.dataset_aliases},
             test_settings={key: asdict(self.test_settings(key)) for key in self.datasets},
             train=dict(self.train),
+            finetuned_from=dict(self.finetuned_from),
         )
         return {key: asdict(v) if dataclasses.is_dataclass(v) else v for key, v in fields.items()}
 

@@ -28,7 +28,9 @@ ENTRY_REQUIRED = ("name", "dataset", "crop_size", "schedule", "weights", "publis
 # one of the two is required: backbone or depth
 ENTRY_EITHER = (("backbone", "depth"),)
 # hash and sha256: the hash prefix comes from the weights file name or sha256; given, they must agree
-ENTRY_OPTIONAL = ("hash", "sha256", "aliases", "log", "test", "model", "published_on", "train")
+ENTRY_OPTIONAL = ("hash", "sha256", "aliases", "log", "test", "model", "published_on", "train", "finetuned_from")
+# what a fine-tuned entry says about the checkpoint it started from
+FINETUNED_FROM_FIELDS = ("name", "sha256", "url")
 # Results-table backbone names: R-<depth>[b]-D<output stride>[ rsb] ('b': ResNetV1b stem; 'rsb': the
 # ResNet-strikes-back pretraining, which does not change the network).
 # Head widths (decode head channels, auxiliary head channels) of the published configs.
@@ -285,6 +287,16 @@ def _parse_cross(where: _Where, raw: Mapping, datasets: Mapping[str, DatasetSpec
     return published, tuple(aliases)
 
 
+def _parse_finetuned_from(where: _Where, raw: Any) -> Mapping[str, str]:
+    """A fine-tuned entry's source checkpoint: its name, full SHA-256 and where it was read from."""
+    raw = where.mapping(raw or {}, "finetuned_from")
+    where.known_keys(raw, FINETUNED_FROM_FIELDS, "finetuned_from")
+    for key, value in raw.items():
+        if not isinstance(value, str) or not value:
+            where.fail(f"finetuned_from.{key}", f"expected text, got {value!r}")
+    return _ReadOnlyMap(raw)
+
+
 def _entry_where(source: str, index: int, raw: Any) -> _Where:
     label = f"models[{index}]"
     if isinstance(raw, Mapping) and isinstance(raw.get("name"), str):
@@ -339,6 +351,7 @@ def _parse_entry(source: str, index: int, raw: Any, datasets: Mapping[str, Datas
         dataset_aliases=dataset_aliases,
         _tests=_ReadOnlyMap(tests),
         train=_ReadOnlyMap(where.mapping(raw.get("train") or {}, "train")),
+        finetuned_from=_parse_finetuned_from(where, raw.get("finetuned_from")),
         **net,
     )
 

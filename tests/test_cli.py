@@ -25,7 +25,7 @@ from helpers import make_record, one_line, run_cli, tiny_checkpoint_path, tiny_i
 SHARED = ("name", "--checkpoint", "--data-root", "--num-workers", "--device", "--manifest", "--cache-dir",
           "--mirror", "--offline", "--dataset")
 FETCHING = ("get", "evaluate", "predict", "reproduce", "logs", "export", "info")
-EVERY_COMMAND = {"list", "info", "get", "evaluate", "predict", "reproduce", "tables", "show", "train", "logs",
+EVERY_COMMAND = {"list", "info", "get", "dataset", "evaluate", "predict", "reproduce", "tables", "show", "train", "logs",
                  "export", "selftest"}
 
 
@@ -42,8 +42,8 @@ def _subcommands() -> dict:
 
 def test_commands_are_listed_once_in_the_order_of_the_workflow(capsys):
     """One list (cli.COMMANDS) gives --help its order: a new command is one module and one line."""
-    workflow = ["list", "info", "get", "predict", "evaluate", "reproduce", "tables", "show", "train", "logs", "export",
-                "selftest"]
+    workflow = ["list", "info", "get", "dataset", "predict", "evaluate", "reproduce", "tables", "show", "train", "logs",
+                "export", "selftest"]
     assert [module.__name__.rsplit(".", 1)[1] for module in cli.COMMANDS] == workflow
     assert list(_subcommands()) == workflow
     with pytest.raises(SystemExit):
@@ -70,7 +70,9 @@ def test_shared_options_read_the_same_everywhere():
         for action in parser._actions:
             key = action.option_strings[0] if action.option_strings else action.dest
             if key in SHARED and key != "--dataset":
-                seen.setdefault(key, {})[command] = (action.metavar, action.help, action.nargs)
+                # train's NAME may be left out (psp-zoo train --from SOURCE fine-tunes)
+                nargs = None if (command, key) == ("train", "name") else action.nargs
+                seen.setdefault(key, {})[command] = (action.metavar, action.help, nargs)
             if key == "--dataset":
                 seen.setdefault(key, {})[command] = (action.metavar,)
     for key, by_command in seen.items():

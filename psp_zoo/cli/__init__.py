@@ -17,14 +17,15 @@ from typing import List, NoReturn, Optional
 from .._version import __version__
 from ..constants import OFFLINE_ENV, env_flag
 from ..errors import PspZooError, one_line
-from . import evaluate, export, get, info, logs, predict, reproduce, selftest, show, tables, train
+from . import dataset, evaluate, export, get, info, logs, predict, reproduce, selftest, show, tables, train
 from . import list as list_command  # the module is named after its command
 from ._options import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 #: the command modules in the order of the workflow (the order of ``psp-zoo --help``)
-COMMANDS = (list_command, info, get, predict, evaluate, reproduce, tables, show, train, logs, export, selftest)
+COMMANDS = (list_command, info, get, dataset, predict, evaluate, reproduce, tables, show, train, logs, export,
+            selftest)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -50,8 +50,10 @@ def port(text: str) -> int:
 # shared options
 
 
-def add_name_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help="checkpoint name, alias (mmseg 1.x config name) or weight file stem")
+def add_name_argument(parser: argparse.ArgumentParser, optional: bool = False) -> None:
+    """The checkpoint NAME positional; ``optional`` where another option can stand for it (train --from)."""
+    parser.add_argument("name", nargs="?" if optional else None, default=None,
+                        help="checkpoint name, alias (mmseg 1.x config name) or weight file stem")
 
 
 def add_checkpoint_option(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import _options
+from . import _finetune, _options
 
 # recipe fields settable by their own option (the rest: --set FIELD=VALUE)
 _OVERRIDES = {
@@ -30,7 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "--work-dir; rerunning into the same --work-dir resumes. Under torchrun "
                     "(torchrun --nproc_per_node N -m psp_zoo train ...) the processes share each batch "
                     "with synchronized BatchNorm. Ctrl-C saves a checkpoint and exits 130.")
-    _options.add_name_argument(parser)
+    _options.add_name_argument(parser, optional=True)  # fine-tuning: --from SOURCE stands for it
     _options.add_data_root_option(parser)
     parser.add_argument("--work-dir", required=True, metavar="DIR", help="where checkpoints and the log go")
     _options.add_device_option(parser)
@@ -51,6 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _options.add_workers_option(parser)
     _add_recipe_options(parser)
     _options.add_fetch_options(parser)
+    _finetune.add_finetune_options(parser)
     return parser
 
 
@@ -89,6 +90,11 @@ def overrides(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..training.loop import train
 
+    _finetune.check_finetune_options(args)
+    if args.source is not None:
+        return _finetune.run_finetune(args, overrides(args), device=args.device, seed=args.seed, resume=args.resume,
+                                      num_workers=args.num_workers, amp=args.amp, channels_last=args.channels_last,
+                                      compile=args.compile)
     result = None
     with _options.progress_messages(quiet=False):
         result = train(args.name, data_root=args.data_root, work_dir=args.work_dir, device=args.device,

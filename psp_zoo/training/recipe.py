@@ -73,6 +73,8 @@ class Recipe:
     eval_interval: int = 8000
     checkpoint_interval: int = 8000
     log_interval: int = 50
+    # fine-tuning: backbone weights and BN statistics kept as they start (psp_zoo.training.freeze)
+    freeze_backbone: bool = False
 
     @property
     def total_batch(self) -> int:
@@ -190,6 +192,7 @@ _CHECKS = {
     **{key: _whole(1) for key in ("batch_size", "gpus", "max_iters", "eval_interval", "checkpoint_interval",
                                    "log_interval")},
     "warmup_iters": _whole(0),
+    "freeze_backbone": ((lambda value: value if isinstance(value, bool) else None), "true or false"),
     "img_scale": (_pair, "two positive whole numbers like (2048, 1024)"),
     "crop_size": (_pair, "two positive whole numbers like (512, 1024), or one for a square"),
     "steps": (_steps, "increasing iteration numbers like (60000, 72000)"),

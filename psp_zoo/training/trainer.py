@@ -29,6 +29,7 @@ from ..distributed import Distributed
 from ..errors import PspZooError
 from .recipe import Recipe
 from .schedule import learning_rate
+from .freeze import freeze_backbone
 from .syncbn import convert_sync_batchnorm
 
 __all__ = ["Trainer", "StepResult", "segmentation_loss"]
@@ -107,6 +108,8 @@ class Trainer:
         self.iteration = 0
         model = model.to(self.device) if dtype is None else model.to(self.device, dtype)
         self.dtype = next(model.parameters()).dtype
+        if recipe.freeze_backbone:  # before SyncBN: a frozen BN is no BatchNorm2d, so it stays frozen
+            model = freeze_backbone(model)
         if self.distributed.world_size > 1:
             model = convert_sync_batchnorm(model)
         if channels_last:

@@ -23,8 +23,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .datasets import (_LABEL_MAPS, SEE_README, _files_below, dataset_spec, decode_image, read_label,
-                       reduce_zero_label)
+from .datasets import (_LABEL_MAPS, SEE_README, _files_below, dataset_spec, decode_image, locate_split_folder,
+                       read_label, reduce_zero_label)
 from .errors import DatasetError, PspZooError
 from .manifest import DatasetSpec, Layout
 
@@ -127,18 +127,9 @@ def _field(split: str, part: int) -> str:
 
 
 def _split_folder(spec: DatasetSpec, data_root: PathLike, layout: Layout, split: str) -> Path:
-    """The dataset folder: the first of the layout's ``folders`` below ``data_root`` holding the split's images."""
-    root = Path(data_root).expanduser()
-    if not root.is_dir():
-        problem = "is not a folder" if root.exists() else "does not exist"
-        raise DatasetError(f"data root {root} {problem}; pass the {spec.key} dataset folder or a folder "
-                           f"that contains it")
-    for location in layout.folders:
-        if (root / location / layout.images).is_dir():
-            return root / location
-    expected = " or ".join(str(root / loc / layout.images) for loc in layout.folders)
-    raise DatasetError(f"{spec.key} {split}: image folder missing ({_field(split, 0)}.images "
-                       f"{layout.images!r}): expected {expected} ({SEE_README})")
+    """The dataset folder holding the split's images; the error names the declaration's field."""
+    words = "validation" if split == "val" else "training"
+    return locate_split_folder(spec.key, data_root, layout, words, field=f"{_field(split, 0)}.images")
 
 
 def _check_part(spec: DatasetSpec, folder: Path, layout: Layout, split: str, part: int) -> None:

@@ -32,7 +32,7 @@ from .transforms import resized_inputs
 
 __all__ = [
     "Item", "Sample", "SegmentationDataset", "dataset_spec", "classes", "class_names", "palette",
-    "find_dataset_root", "list_items", "decode_image", "read_image", "read_label", "make_loader",
+    "find_dataset_root", "locate_split_folder", "list_items", "decode_image", "read_image", "read_label", "make_loader",
     "cityscapes_label_ids_to_train_ids", "cityscapes_train_ids_to_label_ids", "CITYSCAPES_LABEL_IDS",
     "reduce_zero_label", "default_num_workers",
 ]
@@ -93,7 +93,13 @@ class Item:
 
 def find_dataset_root(dataset: str, data_root: PathLike, manifest=None) -> Path:
     """The dataset folder: the first of the layout's ``folders`` below ``data_root`` holding its images."""
-    layout = dataset_spec(dataset, manifest).layout
+    return locate_split_folder(dataset, data_root, dataset_spec(dataset, manifest).layout, "validation")
+
+
+def locate_split_folder(dataset: str, data_root: PathLike, layout: Layout, split: str,
+                        field: Optional[str] = None) -> Path:
+    """The first of ``layout.folders`` below ``data_root`` holding ``layout.images``; else a DatasetError
+    naming the split (``validation``, ``training``), the declaration's ``field`` when given, and where it looked."""
     root = Path(data_root).expanduser()
     if not root.is_dir():
         problem = "is not a folder" if root.exists() else "does not exist"
@@ -103,7 +109,8 @@ def find_dataset_root(dataset: str, data_root: PathLike, manifest=None) -> Path:
         if (root / location / layout.images).is_dir():
             return root / location
     expected = " or ".join(str(root / loc / layout.images) for loc in layout.folders)
-    raise DatasetError(f"no {dataset} validation images under {root}: expected the folder {expected} "
+    declared = f" ({field} {layout.images!r})" if field else ""
+    raise DatasetError(f"no {dataset} {split} images under {root}{declared}: expected the folder {expected} "
                        f"({SEE_README})")
 
 

@@ -10,6 +10,7 @@ import torch
 from psp_zoo.cli import main
 from psp_zoo.deploy.verify import compare_outputs
 from psp_zoo.records import ImageCount, MemoryUse, Metrics, ResultRecord, Speed
+from psp_zoo.model import PSPHead
 
 REPO = Path(__file__).resolve().parents[1]
 # copies of the reference implementation's outputs (see tests/fixtures/mmseg/README.md): a plain
@@ -95,3 +96,16 @@ def one_line(err: str) -> str:
 def max_rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max |ref|: psp_zoo's compare_outputs, the measure the exporter checks with."""
     return compare_outputs(ref, out).rel_diff
+
+
+def random_head(in_ch: int, channels: int, scales=(1, 2, 3, 6), align_corners=False, seed=0) -> PSPHead:
+    """A narrow PSPHead with random weights and BN statistics far from the identity."""
+    torch.manual_seed(seed)
+    head = PSPHead(in_ch, channels, 5, scales, align_corners).eval()
+    for module in head.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.normal_()
+            module.bias.data.normal_()
+    return head

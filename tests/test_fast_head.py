@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import max_rel_diff, tiny_model
+from helpers import max_rel_diff, random_head, tiny_model
 
 from psp_zoo import PspZooError
 from psp_zoo.model import PSPHead
@@ -12,20 +12,6 @@ from psp_zoo.model.fast_head import FactorizedPSPHead, factorize_psp_head, inter
 from psp_zoo.optimization import fold_batchnorm, optimize
 
 SIZES = [(8, 8), (9, 13), (13, 6), (5, 4), (2, 3), (1, 1)]  # even, odd, smaller than a pool scale
-
-
-
-def random_head(in_ch: int, channels: int, scales=(1, 2, 3, 6), align_corners=False, seed=0) -> PSPHead:
-    """A narrow PSPHead with random weights and BN statistics far from the identity."""
-    torch.manual_seed(seed)
-    head = PSPHead(in_ch, channels, 5, scales, align_corners).eval()
-    for module in head.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.normal_()
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.normal_()
-            module.bias.data.normal_()
-    return head
 
 
 def run(head, x: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,11 @@ from psp_zoo.cli import main
 from psp_zoo.deploy.onnx_head import OnnxPSPHead, bilinear_operator, use_onnx_head
 from psp_zoo.inference import slide_inference
 from psp_zoo.manifest import EvalSettings as Settings
-from psp_zoo.model.heads import PSPHead
 from psp_zoo.optimization import fold_batchnorm
 from psp_zoo.scoring import score
 
 import minidata
-from helpers import max_rel_diff, tiny_checkpoint_path, tiny_expected, tiny_model
+from helpers import max_rel_diff, random_head, tiny_checkpoint_path, tiny_expected, tiny_model
 from hub_server import write_manifest
 
 onnx = pytest.importorskip("onnx")
@@ -47,19 +46,6 @@ def exported(request, tmp_path_factory):
     tag, align_corners = request.param
     model = tiny_model(tag, align_corners=align_corners)
     return tag, model, write_factorized(model, tmp_path_factory.mktemp("onnx_head") / f"{tag}.onnx")
-
-
-def random_head(in_ch: int, channels: int, scales, align_corners: bool, seed: int = 0) -> PSPHead:
-    """A narrow PSPHead with random weights and BN statistics far from the identity."""
-    torch.manual_seed(seed)
-    head = PSPHead(in_ch, channels, 5, scales, align_corners).eval()
-    for module in head.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.normal_()
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.normal_()
-            module.bias.data.normal_()
-    return head
 
 
 # ------------------------------------------------------------------------------------------------

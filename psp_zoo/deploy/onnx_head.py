@@ -18,7 +18,7 @@ summation order differs from the plain head.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F

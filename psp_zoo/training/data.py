@@ -18,13 +18,13 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..datasets import (SEE_README, Item, SegmentationDataset, _files_below, _label_for, dataset_spec,
-                        default_num_workers, read_image)
+                        default_num_workers, locate_split_folder, read_image)
 from ..errors import DatasetError, PspZooError
 from ..manifest import Layout
 from .pipeline import TrainTransform, sample_rng
@@ -36,20 +36,6 @@ PathLike = Union[str, Path]
 
 # ---------------------------------------------------------------------------------------------
 # listing the training split
-
-
-def _training_root(dataset: str, data_root: PathLike, layout: Layout) -> Path:
-    """The dataset folder: the first of the layout's ``folders`` below ``data_root`` holding training images."""
-    root = Path(data_root).expanduser()
-    if not root.is_dir():
-        problem = "is not a folder" if root.exists() else "does not exist"
-        raise DatasetError(f"data root {root} {problem}; pass the {dataset} dataset folder "
-                           f"or a folder that contains it ({SEE_README})")
-    for location in layout.folders:
-        if (root / location / layout.images).is_dir():
-            return root / location
-    expected = " or ".join(str(root / loc / layout.images) for loc in layout.folders)
-    raise DatasetError(f"no {dataset} training images under {root}: expected the folder {expected} ({SEE_README})")
 
 
 def _part_images(dataset: str, folder: Path, layout: Layout) -> List[str]:
@@ -80,7 +66,7 @@ def training_items(dataset: str, data_root: PathLike, *, manifest=None) -> List[
     if not parts:
         raise DatasetError(f"{dataset} declares no training split (its layout has no 'train'); "
                            f"train on the dataset its checkpoints were trained on")
-    folder = _training_root(dataset, data_root, parts[0])
+    folder = locate_split_folder(dataset, data_root, parts[0], "training")
     items = []
     for layout in parts:
         if not (folder / layout.labels).is_dir():

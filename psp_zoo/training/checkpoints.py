@@ -54,10 +54,18 @@ def point(target: Path, pointer: str) -> Path:
 
 
 def pointed(work_dir: Path, pointer: str = LATEST) -> Optional[Path]:
-    """The file ``pointer`` leads to in ``work_dir``, or None where there is none."""
+    """The file ``pointer`` leads to in ``work_dir``, or None where there is none.
+
+    Without ``latest.pth`` (a run killed between writing a checkpoint and pointing at it) the
+    newest ``iter_<N>.pth`` is the latest.
+    """
     link = Path(work_dir) / pointer
     if not link.exists():
-        return None
+        if pointer != LATEST:
+            return None
+        written = [(int(p.stem[len("iter_"):]), p) for p in Path(work_dir).glob("iter_*.pth")
+                   if p.stem[len("iter_"):].isdigit()]
+        return max(written)[1] if written else None
     return link.resolve() if link.is_symlink() else link
 
 

@@ -2,6 +2,7 @@
 results record to vary, and running the command line. conftest.py holds only pytest fixtures."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -109,3 +110,11 @@ def random_head(in_ch: int, channels: int, scales=(1, 2, 3, 6), align_corners=Fa
             module.weight.data.normal_()
             module.bias.data.normal_()
     return head
+
+
+def load_speed_script():
+    """benchmarks/speed.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("speed_benchmark", REPO / "benchmarks" / "speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,7 +4,6 @@ calls are counted with a wrapper."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import sys
 
 import numpy as np
@@ -20,7 +19,7 @@ from psp_zoo.measure import PublishedRun, _train_steps, _training_peak, measure_
 from psp_zoo.metrics import ConfusionMatrix, count_cells
 from psp_zoo.options import SpeedOptions
 
-from helpers import REPO, tiny_info, tiny_model
+from helpers import load_speed_script, tiny_info, tiny_model
 
 EXACT = {"cuda_matmul_allow_tf32": False, "cudnn_allow_tf32": False, "float32_matmul_precision": "highest"}
 
@@ -169,19 +168,12 @@ def test_bf16_on_a_gpu_without_native_bf16_is_refused(monkeypatch, native):
 # 9. benchmarks/speed.py on the device it was given
 
 
-def _speed_module():
-    spec = importlib.util.spec_from_file_location("speed_benchmark", REPO / "benchmarks" / "speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class _Stop(Exception):
     pass
 
 
 def test_speed_benchmark_sets_its_device_before_anything_touches_cuda(monkeypatch):
-    speed = _speed_module()
+    speed = load_speed_script()
     touched = []
     for name in ("is_available", "current_device", "synchronize", "get_device_name", "Stream", "current_stream",
                  "memory_allocated", "reset_peak_memory_stats", "empty_cache", "device_count", "init"):
@@ -202,7 +194,7 @@ def test_speed_benchmark_sets_its_device_before_anything_touches_cuda(monkeypatc
 
 
 def test_speed_benchmark_synchronizes_the_device_it_times(monkeypatch):
-    speed = _speed_module()
+    speed = load_speed_script()
     synced = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
     speed.timed(lambda: torch.zeros(1), torch.device("cuda:1"))
@@ -211,7 +203,7 @@ def test_speed_benchmark_synchronizes_the_device_it_times(monkeypatch):
 
 def test_cuda_graph_peak_counts_the_capture(monkeypatch):
     """The graph's pool is allocated while capturing: its replay alone reads ~0 above the baseline."""
-    speed = _speed_module()
+    speed = load_speed_script()
     assert speed._peak_mib(0.0, 512.0) == 512.0 and speed._peak_mib(3.0, None) == 3.0
     assert speed._peak_mib(None, None) is None
 

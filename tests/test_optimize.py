@@ -1,7 +1,6 @@
 """psp_zoo.optimize: the fast paths compute what the eager model computes, on the tiny fixtures."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +12,6 @@ from helpers import REPO, TINY, max_rel_diff, tiny_expected, tiny_model
 
 from psp_zoo import PspZooError
 from psp_zoo.optimization import cpu_supports_bf16, fold_batchnorm, optimize
-
 
 
 @pytest.fixture(scope="module", params=TINY)
@@ -113,13 +111,6 @@ def test_compile_matches_eager():
 def test_bad_arguments_raise(kwargs, message):
     with pytest.raises(PspZooError, match=message):
         optimize(tiny_model("r50"), **kwargs)
-
-
-def load_speed_script():
-    spec = importlib.util.spec_from_file_location("speed_benchmark", REPO / "benchmarks" / "speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_speed_benchmark_runs_end_to_end(tmp_path):

@@ -99,6 +99,19 @@ def max_rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
     return compare_outputs(ref, out).rel_diff
 
 
+def assert_close_to_scale(out, ref, rel: float) -> None:
+    """``out`` equals ``ref`` to ``rel`` of ref's largest magnitude (tensors or arrays, any shape).
+
+    The suite's yardstick for float results: a tolerance relative to the values' scale, never an
+    absolute constant that one CPU's summation order happens to meet.
+    """
+    out, ref = torch.as_tensor(out).detach().double(), torch.as_tensor(ref).detach().double()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    scale = float(ref.abs().max()) if ref.numel() else 1.0
+    diff = float((out - ref).abs().max()) if ref.numel() else 0.0
+    assert diff <= rel * (scale or 1.0), f"max |out - ref| = {diff:.3g}, {diff / (scale or 1.0):.3g} of the scale {scale:.3g} (allowed {rel:g})"
+
+
 def random_head(in_ch: int, channels: int, scales=(1, 2, 3, 6), align_corners=False, seed=0) -> PSPHead:
     """A narrow PSPHead with random weights and BN statistics far from the identity."""
     torch.manual_seed(seed)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from helpers import assert_close_to_scale
 
 from psp_zoo.inference import (BAND_BYTES, _row_weights, infer_labels, infer_probs, predict_labels,
                                predict_probs, resized_rows)
@@ -46,7 +47,7 @@ def test_row_weights_are_torchs_own(sizes, align_corners):
     dense = _dense_weights(h, height, align_corners)
     # Exactly torch's weights; a row clamped at the bottom edge samples one row twice (summed here).
     assert torch.equal(mine[i0 != i1], dense[i0 != i1])
-    assert torch.allclose(mine, dense, rtol=0, atol=1e-7)
+    assert_close_to_scale(mine, dense, 1e-6)
     assert bool((i1 - i0 <= 1).all()) and bool((i0[1:] >= i0[:-1]).all())  # neighbours, in order
 
 
@@ -66,9 +67,9 @@ def test_banded_resize_equals_the_full_resize(sizes, align_corners, channels_las
         banded = torch.cat(bands, dim=2)
         assert banded.shape == full.shape
         # The same source rows and weights; only the rounding of the final weighted sum may differ.
-        assert torch.allclose(banded, full, rtol=0, atol=2e-6), (banded - full).abs().max()
+        assert_close_to_scale(banded, full, 1e-6)
     # Without weights passed, and the whole height at once (exactly F.interpolate).
-    assert torch.allclose(resized_rows(x, (height, width), align_corners, (0, 1)), full[:, :, :1], rtol=0, atol=2e-6)
+    assert_close_to_scale(resized_rows(x, (height, width), align_corners, (0, 1)), full[:, :, :1], 1e-6)
     assert torch.equal(resized_rows(x, (height, width), align_corners, (0, height)), full)
 
 
@@ -134,7 +135,7 @@ def test_ms_flip_labels_equal_the_full_size_argmax(height, width):
         assert torch.equal(labels, expected)
     # infer_probs banded (its default budget holds a few rows here) is the mean of the 12 probability maps.
     probs = infer_probs(model, inputs, (height, width), settings, True)
-    assert torch.allclose(probs.sum(dim=0), torch.ones(height, width), atol=1e-5)
+    assert_close_to_scale(probs.sum(dim=0), torch.ones(height, width), 1e-5)
 
 
 _MEASURE = r"""

@@ -271,17 +271,17 @@ def finetune(source: PathLike, *, dataset: str, data_root: PathLike, work_dir: P
     fetch = options.fetch
     spec = dataset_spec(dataset, fetch.manifest)
     images = _check_data(spec, data_root, fetch.manifest)
-    src = read_source(source, fetch)
-    name = name or _default_name(src, dataset)
+    source = read_source(source, fetch)  # the path or name, read
+    name = name or _default_name(source, dataset)
     if not _NAME_RE.match(name):
         raise PspZooError(f"model name {name!r}: use letters, digits, '_', '-', '.' and '+'")
-    recipe = run_recipe(name, spec, src, dict(overrides, freeze_backbone=freeze_backbone))
+    recipe = run_recipe(name, spec, source, dict(overrides, freeze_backbone=freeze_backbone))
     work_dir = check_writable_folder(work_dir, "work dir")
-    src = fetched(src, fetch)
+    source = fetched(source, fetch)
     dist, device = Distributed.from_env(usable_device(options.device))
     try:
         check_batch(recipe, dist.world_size, images)
-        run_manifest, init_file, reinit = _prepare(name, spec, src, work_dir, options.seed, freeze_backbone, dist)
+        run_manifest, init_file, reinit = _prepare(name, spec, source, work_dir, options.seed, freeze_backbone, dist)
         run_fetch = replace(fetch, manifest=manifest_paths(fetch.manifest) + (str(run_manifest),))
         result = train(recipe, data_root=data_root, work_dir=work_dir,
                        options=replace(options, device=device, init_from=init_file, fetch=run_fetch))
@@ -289,7 +289,7 @@ def finetune(source: PathLike, *, dataset: str, data_root: PathLike, work_dir: P
         if dist.is_main:
             published = published_entry(work_dir, name) if result.already_finished else None
             published = published or write_zoo_manifest(work_dir, name, result, spec, run_fetch.manifest,
-                                                        src.record(), reinit)
+                                                        source.record(), reinit)
         dist.barrier()
     finally:
         dist.close()

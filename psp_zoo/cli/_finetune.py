@@ -55,7 +55,7 @@ def run_finetune(args: argparse.Namespace, overrides: Mapping[str, Any], options
     from ..constants import torchrun_rank
     from ..training.finetune import finetune
 
-    with _options.progress_messages(quiet=False):
+    with _options.main_process_messages():
         result = finetune(args.source, dataset=args.dataset, data_root=args.data_root, work_dir=args.work_dir,
                           name=args.new_name, freeze_backbone=args.freeze_backbone, options=options, **overrides)
     if torchrun_rank() != 0:  # process 0 alone reports

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     _finetune.check_finetune_options(args)
     if args.source is not None:
         return _finetune.run_finetune(args, overrides(args), run_options(args))
-    with _options.progress_messages(quiet=False):
+    with _options.main_process_messages():
         result = train(args.name, data_root=args.data_root, work_dir=args.work_dir, options=run_options(args),
                        **overrides(args))
     if torchrun_rank() == 0:

@@ -65,7 +65,9 @@ def test_two_processes_of_one_image_equal_one_process_of_two(tmp_path):
             assert torch.equal(shared, alone), key
             continue
         scale = alone.abs().max().clamp(min=1e-12)
-        assert ((shared - alone).abs().max() / scale).item() <= 1e-9, key  # 1e-5 asked; float64 gives ~1e-13
+        # float64 gives 5e-10 at most (the pyramid pooling's BN running_var: the variance of two pooled values,
+        # which SyncBN forms as E[x^2] - E[x]^2); dropout keyed by the process put them 1.7 apart here
+        assert ((shared - alone).abs().max() / scale).item() <= 1e-7, key
     # the weights did move: the comparison is between trained states, not two copies of the start
     first = torch.load(tmp_path / "one" / "iter_3.pth", weights_only=True)["optimizer"]["state"]
     moved = sum(int(state["momentum_buffer"].abs().max() > 0) for state in first.values())

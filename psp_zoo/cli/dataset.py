@@ -36,7 +36,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..dataset_check import check_dataset
+    from ..datasets import dataset_spec
+    from ..training.recipe import check_dataset_train
 
+    check_dataset_train(dataset_spec(args.dataset, args.manifest))  # the whole declaration, as train reads it
     splits = None if args.split is None else [args.split]
     checks = check_dataset(args.dataset, args.data_root, splits, manifest=args.manifest)
     for check in checks:

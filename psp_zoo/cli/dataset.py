@@ -24,7 +24,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "number of images and labels, images without a label, labels without an image, label "
                     "values that are neither a class nor the ignore index, labels whose size differs from "
                     "their image's and unreadable files, each naming the file, then how often each class "
-                    "occurs. Exits 1 when a problem was found, 2 when the folder or declaration is unusable.")
+                    "occurs. The declaration is checked whole, its train: block as train reads it. Exits 1 when a "
+                    "problem was found, 2 when the folder or declaration is unusable. train finds the same "
+                    "problems before its first iteration and refuses to start.")
     check.add_argument("data_root", metavar="DIR", help="the dataset folder, or a folder that contains it")
     check.add_argument("--dataset", required=True, metavar="DATASET",
                        help="the dataset's key in the manifest (e.g. one a --manifest file declares)")

@@ -23,10 +23,11 @@ from psp_zoo.datasets import SegmentationDataset
 from psp_zoo.errors import DatasetError, ManifestError
 from psp_zoo.manifest import get_manifest, load_manifest
 from psp_zoo.model import PSPNet
+from psp_zoo.options import FetchOptions
 from psp_zoo.scoring import score
 from psp_zoo.testing import TINY_ARCH
 from psp_zoo.training.loop import train
-from psp_zoo.training.pipeline import TrainTransform
+from psp_zoo.training.pipeline import TrainTransform, crop_is_acceptable
 
 NAME = "shapes_tiny"
 RUN = ("--no-pretrained", "--max-iters", "2", "--batch-size", "2", "--gpus", "1", "--eval-interval", "2",
@@ -104,7 +105,7 @@ def test_the_api_raises_the_same_refusal_as_a_dataset_error(shapes):
     PROBLEMS["value outside the classes"][0](root)
     with pytest.raises(DatasetError, match="holds value 7 outside the classes"):
         train(NAME, data_root=root, work_dir=work, pretrained=False, max_iters=2, batch_size=2, gpus=1,
-              num_workers=0, crop_size=64, fetch=_fetch(manifest))
+              num_workers=0, crop_size=64, fetch=FetchOptions(manifest=str(manifest)))
     assert not work.exists()
 
 
@@ -115,11 +116,6 @@ def test_fine_tuning_refuses_bad_data_before_writing_its_starting_weights(shapes
                           "--work-dir", work, "--manifest", manifest, "--max-iters", "2", "--gpus", "1")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "holds value 7" in err, err[-2000:]
     assert not work.exists()  # no init/ either
-
-
-def _fetch(manifest):
-    from psp_zoo.options import FetchOptions
-    return FetchOptions(manifest=str(manifest))
 
 
 @pytest.fixture
@@ -216,7 +212,6 @@ def test_the_transform_pads_labels_with_the_ignore_index_and_leaves_it_out_of_th
     _, out = transform(image, label, np.random.default_rng(0))
     assert out.shape == (48, 48) and (out[40:, :] == 254).all() and (out[:, 40:] == 254).all()
     # mostly 254 with classes 1 and 2 as 20:16: the rule passes only when 254 is not counted
-    from psp_zoo.training.pipeline import crop_is_acceptable
     assert crop_is_acceptable(label, 0.75, 254) and not crop_is_acceptable(label, 0.75, 255)
 
 

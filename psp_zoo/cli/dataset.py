@@ -24,7 +24,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "number of images and labels, images without a label, labels without an image, label "
                     "values that are neither a class nor the ignore index, labels whose size differs from "
                     "their image's and unreadable files, each naming the file, then how often each class "
-                    "occurs. Exits 1 when a problem was found, 2 when the folder or declaration is unusable.")
+                    "occurs. The declaration is checked whole, its train: block as train reads it. Exits 1 when a "
+                    "problem was found, 2 when the folder or declaration is unusable. train finds the same "
+                    "problems before its first iteration and refuses to start.")
     check.add_argument("data_root", metavar="DIR", help="the dataset folder, or a folder that contains it")
     check.add_argument("--dataset", required=True, metavar="DATASET",
                        help="the dataset's key in the manifest (e.g. one a --manifest file declares)")
@@ -36,7 +38,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..dataset_check import check_dataset
+    from ..datasets import dataset_spec
+    from ..training.recipe import check_dataset_train
 
+    check_dataset_train(dataset_spec(args.dataset, args.manifest))  # the whole declaration, as train reads it
     splits = None if args.split is None else [args.split]
     checks = check_dataset(args.dataset, args.data_root, splits, manifest=args.manifest)
     for check in checks:

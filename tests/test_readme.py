@@ -185,3 +185,13 @@ def test_the_fine_tuning_walk_through_runs_offline_as_written(tmp_path):
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=folder,
                             capture_output=True, text=True, check=True)
     assert status.stdout.splitlines() == ["?? .gitignore"]
+
+
+def test_the_install_section_says_how_to_install_torch_s_cpu_build_first():
+    section = readme_section("Install")
+    (block,) = code_blocks(section, "bash")
+    assert block.strip() == "python -m pip install -e ."  # our own install command, as CI's
+    prose = " ".join(section.split("```")[2].split())
+    command = re.search(r"`((?:python -m )?pip install torch torchvision --index-url (\S+))`", prose)
+    assert command and command.group(2) == "https://download.pytorch.org/whl/cpu"
+    assert re.search(r"first install torch's CPU build .* then the above", prose)  # then the usual install

@@ -15,7 +15,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Work on a dataset declared in the manifest (built in, or a user manifest's datasets: "
                     "classes, palette, ignore index, folders and suffixes of each split).")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=type(parser),
-                                    help="check: read every image and label of the dataset folder")
+                                    help="check: read every image and label of the dataset folder; example: "
+                                         "write the fine-tuning walk-through's example")
     actions.required = True
     check = actions.add_parser(
         "check", help="count, pair and read every image and label; list each problem; class frequencies",
@@ -33,10 +34,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     check.add_argument("--split", choices=SPLIT_NAMES, default=None,
                        help="one split only (default: every split the dataset declares)")
     _options.add_manifest_option(check)
+    example = actions.add_parser(
+        "example", help="write the fine-tuning walk-through's example dataset, declaration and starting checkpoint",
+        description="Write the example of docs/finetune.md into a new or empty folder DIR, offline: 96x96 "
+                    "pictures of discs and squares with their masks (DIR/images, DIR/masks; 3 classes), the "
+                    "dataset's declaration DIR/shapes.yml (a user manifest, key 'shapes') and "
+                    "DIR/tiny_pspnet_r18-d8.pth, a 5-class tiny-width R-18-D8 in the published file format to "
+                    "fine-tune from (train --from DIR/tiny_pspnet_r18-d8.pth) where no published checkpoint "
+                    "can be downloaded.")
+    example.add_argument("folder", metavar="DIR", help="a new or empty folder")
+    example.add_argument("--train-images", type=_options.int_at_least(1), default=64, metavar="N",
+                         help="training images (default 64; 8 validation images)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "example":
+        return _example(args)
     from ..dataset_check import check_dataset
     from ..datasets import dataset_spec
     from ..training.recipe import check_dataset_train
@@ -51,4 +65,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"psp-zoo dataset check: {problems} problem{'s' if problems != 1 else ''} found in "
               f"{args.dataset} under {args.data_root} (listed above)", file=sys.stderr)
         return _options.EXIT_FAILED
+    return 0
+
+
+def _example(args: argparse.Namespace) -> int:
+    from ..testing import write_example
+
+    written = write_example(args.folder, train=args.train_images)
+    print(f"wrote {written['dataset'] / 'images'}, {written['dataset'] / 'masks'}, the declaration "
+          f"{written['manifest']} and the starting checkpoint {written['checkpoint']}")
     return 0

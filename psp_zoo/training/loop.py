@@ -277,7 +277,8 @@ def _validate(run: _Run, epoch: int, lr: float) -> None:
         model.train()
     scores = matrix.all_reduce().compute()
     names = run.spec.class_names(run.recipe.num_classes)
-    run.log.val(epoch=epoch + 1, steps=math.ceil(len(run.val) / run.dist.world_size), lr=lr, aacc=scores["aAcc"],
+    run.log.val(epoch=epoch + 1, steps=math.ceil(len(run.val) / run.dist.world_size),
+                iteration=run.trainer.iteration, lr=lr, aacc=scores["aAcc"],
                 miou=scores["mIoU"], macc=scores["mAcc"], class_names=names, iou=scores["IoU"], acc=scores["Acc"])
     if run.dist.is_main:
         log.info("iteration %d: mIoU %.2f, mAcc %.2f, aAcc %.2f", run.trainer.iteration, 100 * scores["mIoU"],

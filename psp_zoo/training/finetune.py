@@ -4,11 +4,14 @@
 wrong declaration or a missing folder is said before any model is built or file fetched:
 
 1. the dataset's declaration (a user manifest's ``datasets:`` entry, checked when the manifest is
-   read) and its training and validation folders (listed as training and evaluation list them);
+   read) and its training and validation folders;
 2. the recipe: the source entry's optimizer and schedule (its ``train:`` block, crop and schedule
    length), the dataset's own training facts (img_scale, images per GPU, its ``train:`` block), then
    the caller's overrides, each checked;
-3. the source's weights (a manifest name, fetched and verified, or a local file), read safely.
+3. the total batch against the processes and the training images, then every image and label of
+   both splits, read as ``psp-zoo dataset check`` reads them (``dataset_check.scan_for_training``):
+   a problem stops the run here, naming the file;
+4. the source's weights (a manifest name, fetched and verified, or a local file), read safely.
 
 The network is the source's (backbone, widths, ``align_corners``) with the dataset's class count.
 When that count differs from the source's, the two classifier convs (``decode_head.conv_seg``,
@@ -34,7 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from ..checkpoint import read_checkpoint
-from ..dataset_check import check_folders
+from ..dataset_check import check_folders, scan_for_training
 from ..datasets import dataset_spec, list_items
 from ..distributed import Distributed
 from ..environment import usable_device
@@ -44,9 +47,8 @@ from ..hub import download
 from ..manifest import DatasetSpec, get_manifest
 from ..model import PSPNet
 from ..options import FetchOptions
-from .data import training_items
-from .loop import RunOptions, TrainResult, check_batch, run_options, train
-from .recipe import Recipe, recipe_from_entry
+from .loop import RunOptions, TrainResult, check_batch, listed_training_items, run_options, train
+from .recipe import Recipe, dataset_train_where, recipe_from_entry
 from .zoo_entry import manifest_paths, published_entry, write_run_manifest, write_zoo_manifest
 
 __all__ = ["CLASSIFIERS", "Source", "read_source", "starting_weights", "finetune", "FinetuneResult"]
@@ -126,7 +128,7 @@ def run_recipe(name: str, spec: DatasetSpec, source: Source, overrides: Dict[str
                   max_iters=source.schedule, eval_interval=max(1, source.schedule // 10),
                   checkpoint_interval=max(1, source.schedule // 10))
     recipe = base.with_overrides(source.optimization, where=f"the recipe of {source.label}")
-    recipe = recipe.with_overrides(dict(spec.train), where=f"{spec.source}: datasets.{spec.key}: field 'train'")
+    recipe = recipe.with_overrides(dict(spec.train), where=dataset_train_where(spec))
     return recipe.with_overrides(overrides)
 
 
@@ -200,13 +202,14 @@ def _default_name(source: Source, dataset: str) -> str:
     return f"{stem}_finetuned_{dataset}"
 
 
-def _check_data(spec: DatasetSpec, data_root: PathLike, manifest) -> int:
-    """Both splits listed (every image with its label) before anything is built: a missing folder stops here,
-    named by its field of the declaration. Returns the number of training images."""
-    check_folders(spec.key, data_root, manifest=manifest)
-    count = len(training_items(spec.key, data_root, manifest=manifest))
+def _check_data(spec: DatasetSpec, data_root: PathLike, work_dir: Path, recipe: Recipe, world_size: int,
+                manifest) -> None:
+    """Both splits listed as the run lists them, the total batch checked against them and the processes, then
+    both read as ``psp-zoo dataset check`` reads them, before anything is built (the scan's record in
+    ``work_dir``, written when it passes, spares the run reading them again)."""
+    check_batch(recipe, world_size, len(listed_training_items(spec.key, data_root, work_dir, manifest)))
     list_items(spec.key, data_root, manifest=manifest)
-    return count
+    scan_for_training(spec.key, data_root, work_dir, manifest=manifest)
 
 
 def _run_entry(name: str, spec: DatasetSpec, source: Source, init_file: Path, freeze: bool) -> dict:
@@ -270,17 +273,17 @@ def finetune(source: PathLike, *, dataset: str, data_root: PathLike, work_dir: P
     options, overrides = run_options(options, settings)
     fetch = options.fetch
     spec = dataset_spec(dataset, fetch.manifest)
-    images = _check_data(spec, data_root, fetch.manifest)
+    check_folders(spec.key, data_root, manifest=fetch.manifest)
     source = read_source(source, fetch)  # the path or name, read
     name = name or _default_name(source, dataset)
     if not _NAME_RE.match(name):
         raise PspZooError(f"model name {name!r}: use letters, digits, '_', '-', '.' and '+'")
     recipe = run_recipe(name, spec, source, dict(overrides, freeze_backbone=freeze_backbone))
     work_dir = check_writable_folder(work_dir, "work dir")
-    source = fetched(source, fetch)
     dist, device = Distributed.from_env(usable_device(options.device))
     try:
-        check_batch(recipe, dist.world_size, images)
+        _check_data(spec, data_root, work_dir, recipe, dist.world_size, fetch.manifest)
+        source = fetched(source, fetch)
         run_manifest, init_file, reinit = _prepare(name, spec, source, work_dir, options.seed, freeze_backbone, dist)
         run_fetch = replace(fetch, manifest=manifest_paths(fetch.manifest) + (str(run_manifest),))
         result = train(recipe, data_root=data_root, work_dir=work_dir,

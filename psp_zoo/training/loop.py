@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from .._version import __version__
 from ..checkpoint import load_checkpoint
+from ..dataset_check import scan_for_training
 from ..datasets import SegmentationDataset, list_items
 from ..distributed import Distributed
 from ..environment import environment_info, usable_device
@@ -61,7 +62,7 @@ from .pretrained import init_weights, load_pretrained_backbone
 from .recipe import Recipe, recipe_for, recipe_from_entry
 from .trainer import Trainer
 
-__all__ = ["train", "TrainResult", "RunOptions", "RUN_OPTIONS", "run_options", "check_batch"]
+__all__ = ["train", "TrainResult", "RunOptions", "RUN_OPTIONS", "run_options", "check_batch", "listed_training_items"]
 
 log = logging.getLogger("psp_zoo")
 PathLike = Union[str, Path]
@@ -133,6 +134,16 @@ def check_batch(recipe: Recipe, world_size: int, images: int) -> int:
     return recipe.gpus // world_size
 
 
+def listed_training_items(dataset: str, data_root: PathLike, work_dir: Path, manifest) -> list:
+    """The training split as the run lists it; a problem the listing meets (a missing label, ...) is
+    said as ``scan_for_training`` says it (the file, and the ``dataset check`` command)."""
+    try:
+        return training_items(dataset, data_root, manifest=manifest)
+    except DatasetError:
+        scan_for_training(dataset, data_root, work_dir, manifest=manifest)
+        raise
+
+
 def train(recipe: Union[Recipe, str], *, data_root: PathLike, work_dir: PathLike,
           options: Optional[RunOptions] = None, **settings: Any) -> TrainResult:
     """Train ``recipe`` (a :class:`psp_zoo.Recipe`, or the name of a manifest entry for its published
@@ -159,9 +170,10 @@ def _run(recipe: Recipe, entry: Checkpoint, data_root: PathLike, work_dir: Path,
          dist: Distributed, device: torch.device) -> TrainResult:
     """The run itself, in order: every check (nothing written before), the network, then the iterations."""
     manifest = options.fetch.manifest
-    items = training_items(recipe.dataset, data_root, manifest=manifest)
+    items = listed_training_items(recipe.dataset, data_root, work_dir, manifest)
     accumulation = check_batch(recipe, dist.world_size, len(items))
     resumed = _resumable(work_dir, options.resume, recipe)
+    scan_for_training(recipe.dataset, data_root, work_dir, manifest=manifest)  # every image and label, read
     if resumed is not None and resumed.iteration >= recipe.max_iters:
         return _finished(work_dir, recipe, resumed, dist)
     seed = resumed.seed if resumed else options.seed
@@ -169,7 +181,7 @@ def _run(recipe: Recipe, entry: Checkpoint, data_root: PathLike, work_dir: Path,
     model = PSPNet(**entry.model_kwargs()) if resumed else _start_weights(entry, recipe, seed, options)
     trainer = Trainer(model, recipe, device=device, distributed=dist, amp=options.amp, seed=seed,
                       accumulation=accumulation, channels_last=options.channels_last, compile=options.compile,
-                      dtype=torch.float64 if options.float64 else None)
+                      dtype=torch.float64 if options.float64 else None, ignore_index=data.transform.ignore_index)
     best, saved = (dict(resumed.best), resumed.path) if resumed else ({}, None)
     if resumed:
         trainer.load_state_dict(resumed.trainer_state)
@@ -229,6 +241,7 @@ def _resumable(work_dir: Path, resume: Optional[bool], recipe: Recipe) -> Option
         if resume:
             raise PspZooError(f"nothing to resume in {work_dir}: it has no {LATEST}; start a new run without resume")
         return None
+    log.info("resuming from %s", latest)
     state_dict, optimizer, own = read_training_state(latest)
     saved = own.get("recipe", {})
     differs = sorted(key for key, value in recipe.as_dict().items() if saved.get(key) != value)
@@ -258,11 +271,12 @@ def _say(dist: Distributed, message: str, *args: Any) -> None:
 def _datasets(recipe: Recipe, entry: Checkpoint, data_root: PathLike, items: list, seed: int,
               manifest) -> Tuple[TrainingSet, SegmentationDataset]:
     """The training split (every global batch planned) and the validation set."""
+    spec = get_manifest(manifest).datasets[recipe.dataset]
     transform = TrainTransform(crop_size=recipe.crop_size, img_scale=recipe.img_scale, ratio_range=recipe.ratio_range,
-                               cat_max_ratio=recipe.cat_max_ratio, flip_prob=recipe.flip_prob)
+                               cat_max_ratio=recipe.cat_max_ratio, flip_prob=recipe.flip_prob,
+                               ignore_index=spec.ignore_index)
     data = TrainingSet(recipe.dataset, data_root, transform, seed=seed, global_batch=recipe.total_batch,
                        items=items, manifest=manifest)
-    spec = get_manifest(manifest).datasets[recipe.dataset]
     val = SegmentationDataset(recipe.dataset, data_root, img_scales=[entry.test.img_scale],
                               items=list_items(recipe.dataset, data_root, manifest=manifest),
                               reduce_zero_label=spec.reduce_zero_label, manifest=manifest)
@@ -303,7 +317,8 @@ def _validate(trainer: Trainer, val: SegmentationDataset, entry: Checkpoint, spe
     finally:
         model.train()
     scores = matrix.all_reduce().compute()
-    train_log.val(epoch=epoch, steps=math.ceil(len(val) / dist.world_size), lr=lr, aacc=scores["aAcc"],
+    train_log.val(epoch=epoch, steps=math.ceil(len(val) / dist.world_size), iteration=trainer.iteration, lr=lr,
+                  aacc=scores["aAcc"],
                   miou=scores["mIoU"], macc=scores["mAcc"], class_names=spec.class_names(num_classes),
                   iou=scores["IoU"], acc=scores["Acc"])
     _say(dist, "iteration %d: mIoU %.2f, mAcc %.2f, aAcc %.2f", trainer.iteration, 100 * scores["mIoU"],

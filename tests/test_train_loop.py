@@ -196,3 +196,11 @@ def test_pretrained_is_the_recipe_field_alone(shapes, tmp_path):
                    max_iters=1, device="cpu", num_workers=0, progress=False,
                    fetch=FetchOptions(manifest=str(shapes / "manifest.yml")))
     assert result.iterations == 1 and result.recipe.pretrained == "resnet50"
+
+
+def test_set_takes_recipe_fields_not_run_options(shapes, tmp_path, capsys):
+    """--set seed=3 would reach train() as the run option: refused, pointing at --seed, nothing written."""
+    from psp_zoo.cli import main
+    assert main([str(a) for a in _command(shapes, tmp_path / "work", "--set", "seed=3")[3:]]) == 2
+    assert "--set seed=3: seed is not a recipe field but a run option; give --seed instead" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()

@@ -35,7 +35,7 @@ _API: Dict[str, str] = {
     "predict": "prediction", "Predictor": "prediction",
     "export_onnx": "deploy.export", "verify_onnx": "deploy.verify", "OnnxModel": "deploy.runtime",
     "Recipe": "training.recipe", "recipe_for": "training.recipe", "Trainer": "training.trainer",
-    "train": "training.loop", "TrainResult": "training.loop",
+    "train": "training.loop", "TrainResult": "training.loop", "RunOptions": "training.loop",
 }
 
 __all__: List[str] = ["__version__", *_API]

@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import CheckpointError
 
-__all__ = ["load_checkpoint", "read_checkpoint", "read_safetensors"]
+__all__ = ["load_checkpoint", "read_checkpoint", "read_safetensors", "load_checkpoint_file", "checkpoint_parts"]
 
 _SHOW = 5  # mismatches named in an error message
 
@@ -74,9 +74,16 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple["OrderedDict[str, torch.Ten
     Accepts ``{'meta': ..., 'state_dict': ...}``, a bare state dict, and ``module.``-prefixed keys.
     """
     path = Path(path)
-    _check_readable(path)
     if path.suffix == ".safetensors":
+        _check_readable(path)
         return read_safetensors(path)
+    return checkpoint_parts(load_checkpoint_file(path), path)
+
+
+def load_checkpoint_file(path: Union[str, Path]) -> object:
+    """The object a ``.pth`` file holds, unpickled safely (``weights_only=True``, never a fallback)."""
+    path = Path(path)
+    _check_readable(path)
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -90,7 +97,11 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple["OrderedDict[str, torch.Ten
         raise CheckpointError(_corrupt(path)) from None
     except Exception:  # any other failure of the (safe) unpickler: truncated or foreign bytes
         raise CheckpointError(_corrupt(path)) from None
+    return obj
 
+
+def checkpoint_parts(obj: object, path: Union[str, Path]) -> Tuple["OrderedDict[str, torch.Tensor]", dict]:
+    """``(state_dict, meta)`` of what ``load_checkpoint_file(path)`` returned (see ``read_checkpoint``)."""
     if isinstance(obj, Mapping) and "state_dict" in obj:
         state_dict, meta = obj["state_dict"], obj.get("meta") or {}
     else:

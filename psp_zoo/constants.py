@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 from .errors import PspZooError
 
 __all__ = ["MANIFEST_ENV", "HOME_ENV", "MIRROR_ENV", "OFFLINE_ENV", "ENVIRONMENT_VARIABLES", "env_flag",
-           "env_text", "env_paths", "MIN_SPEED_IMAGES"]
+           "env_text", "env_paths", "MIN_SPEED_IMAGES", "torchrun_rank"]
 
 MANIFEST_ENV = "PSP_ZOO_MANIFEST"  # user manifest file(s), separated by os.pathsep
 HOME_ENV = "PSP_ZOO_HOME"          # the checkpoint cache folder
@@ -42,3 +42,8 @@ def env_text(name: str) -> Optional[str]:
 def env_paths(name: str) -> Tuple[str, ...]:
     """A list of paths in one variable, separated by ``os.pathsep`` (empty parts skipped)."""
     return tuple(p for p in (os.environ.get(name) or "").split(os.pathsep) if p)
+
+
+def torchrun_rank() -> int:
+    """This process's rank in a torchrun job (torchrun's ``RANK``), 0 when run alone: the one that speaks."""
+    return int(os.environ.get("RANK", "0") or 0)

@@ -13,6 +13,8 @@ from typing import Any, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .constants import torchrun_rank
+
 __all__ = ["Distributed"]
 
 
@@ -30,7 +32,7 @@ class Distributed:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size <= 1:
             return cls(), device
-        rank = int(os.environ["RANK"])
+        rank = torchrun_rank()
         if device.type == "cuda":
             local_rank = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
             device = torch.device("cuda", local_rank)

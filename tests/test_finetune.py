@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -282,3 +283,38 @@ def test_the_fine_tuning_options_go_together(tmp_path, argv, expected):
     code, out, err = _cli("train", *argv, "--data-root", tmp_path, "--work-dir", tmp_path / "work")
     assert code == 2 and out == "" and expected in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "work").exists()
+
+
+def _quick(setup, work, *extra):
+    """A two-iteration fine-tune of SOURCE into ``work`` (the command line's arguments)."""
+    return ("train", "--from", SOURCE, "--dataset", "shapes", "--name", NAME, "--data-root", setup["data"],
+            "--work-dir", work, "--max-iters", "2", "--eval-interval", "2", "--batch-size", "2", "--gpus", "1",
+            "--crop-size", "64", "--num-workers", "0", *setup["common"], *extra)
+
+
+def test_float64_reaches_the_fine_tuning_run_from_the_command_line_and_python(setup, tmp_path):
+    code, _, err = _cli(*_quick(setup, tmp_path / "cli", "--float64"))
+    assert code == 0, err[-3000:]
+    trained, _ = read_checkpoint(tmp_path / "cli" / "latest.pth")
+    assert trained["decode_head.conv_seg.weight"].dtype == torch.float64
+    from psp_zoo.options import FetchOptions
+    from psp_zoo.training.finetune import finetune
+    result = finetune(SOURCE, dataset="shapes", data_root=setup["data"], work_dir=tmp_path / "api", name=NAME,
+                      float64=True, max_iters=1, batch_size=2, gpus=1, crop_size=64, num_workers=0, progress=False,
+                      fetch=FetchOptions(manifest=str(setup["manifest"]), cache_dir=setup["folder"] / "cache"))
+    weights, _ = read_checkpoint(result.run.checkpoint)
+    assert result.run.iterations == 1 and weights["decode_head.conv_seg.weight"].dtype == torch.float64
+
+
+def test_a_finished_fine_tune_rerun_is_reported_and_left_as_it_is(setup, tmp_path):
+    work = tmp_path / "work"
+    code, out, err = _cli(*_quick(setup, work))
+    assert code == 0, err[-3000:]
+    before = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in work.iterdir() if path.is_file()}
+    time.sleep(1.1)  # a republished file or a new log would carry another second in its name
+    code, again, err = _cli(*_quick(setup, work))
+    assert code == 0, err[-3000:]
+    assert "already trained (2 iterations); nothing to do" in again
+    assert again.splitlines()[1:] == out.splitlines()  # the same entry, weights file and mIoU
+    after = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in work.iterdir() if path.is_file()}
+    assert after == before  # no new log, no republished weights, nothing rewritten

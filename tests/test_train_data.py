@@ -145,14 +145,15 @@ def _training_set(root: Path, seed: int = 7, global_batch: int = 4) -> TrainingS
     return TrainingSet("cityscapes", root, transform, seed=seed, global_batch=global_batch)
 
 
-def _run(data: TrainingSet, *, start=0, stop=4, world_size=1, batch_per_rank=4, accumulation=1, num_workers=0):
+def _run(data: TrainingSet, *, start=0, stop=4, world_size=1, num_workers=0):
     """{iteration: (slots, images, labels)} gathered over every rank, in slot order."""
     out = {}
+    per_rank = data.plan.global_batch // world_size
     for rank in range(world_size):
         for batch in train_loader(data, start_iteration=start, stop=stop, world_size=world_size, rank=rank,
-                                  batch_per_rank=batch_per_rank, accumulation=accumulation, num_workers=num_workers):
-            assert batch.images.shape == (batch_per_rank, 3, 24, 32) and batch.images.dtype == torch.float32
-            assert batch.labels.shape == (batch_per_rank, 24, 32) and batch.labels.dtype == torch.int64
+                                  num_workers=num_workers):
+            assert batch.images.shape == (per_rank, 3, 24, 32) and batch.images.dtype == torch.float32
+            assert batch.labels.shape == (per_rank, 24, 32) and batch.labels.dtype == torch.int64
             out.setdefault(batch.iteration, []).append(batch)
     return {t: (sum((b.samples for b in parts), ()), torch.cat([b.images for b in parts]),
                 torch.cat([b.labels for b in parts])) for t, parts in out.items()}
@@ -163,15 +164,14 @@ def _same(a: dict, b: dict) -> bool:
                                         and torch.equal(a[t][2], b[t][2]) for t in a)
 
 
-def test_the_global_batches_do_not_depend_on_processes_accumulation_or_workers(tmp_path):
+def test_the_global_batches_do_not_depend_on_processes_or_workers(tmp_path):
     _cityscapes(tmp_path, 9)
     data = _training_set(tmp_path)
     reference = _run(data)
     assert sorted(reference) == [0, 1, 2, 3] and all(reference[t][0] == (0, 1, 2, 3) for t in reference)
-    assert _same(reference, _run(data, world_size=2, batch_per_rank=2))
-    assert _same(reference, _run(data, world_size=4, batch_per_rank=1))
-    assert _same(reference, _run(data, world_size=2, batch_per_rank=1, accumulation=2))
-    assert _same(reference, _run(data, batch_per_rank=2, accumulation=2, num_workers=2))
+    assert _same(reference, _run(data, world_size=2))
+    assert _same(reference, _run(data, world_size=4))
+    assert _same(reference, _run(data, world_size=2, num_workers=2))
     resumed = _run(data, start=2)  # the data position of a resumed run is its iteration
     assert _same(resumed, {t: reference[t] for t in (2, 3)})
     again = _run(_training_set(tmp_path))
@@ -188,7 +188,7 @@ def test_loading_leaves_the_global_random_states_alone(tmp_path):
     np.random.seed(0)
     before = torch.get_rng_state(), np.random.get_state()[1].copy()
     for workers in (0, 1):
-        _run(data, stop=2, batch_per_rank=2, num_workers=workers)
+        _run(data, stop=2, num_workers=workers)
     assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
 
 
@@ -219,12 +219,12 @@ def test_each_epoch_reads_a_permutation_and_drops_the_incomplete_batch():
 
 def test_ranks_take_consecutive_slices_of_the_global_batch():
     plan = BatchPlan(20, 8, seed=0)
-    assert list(batches(plan, 5, world_size=2, rank=1, batch_per_rank=2, accumulation=2, stop=6)) == [
-        [(5, 4), (5, 5)], [(5, 6), (5, 7)]]
-    with pytest.raises(PspZooError, match="not the global batch of 8"):
-        next(batches(plan, 0, world_size=3, rank=0, batch_per_rank=2))
-    with pytest.raises(PspZooError, match="rank"):
-        next(batches(plan, 0, world_size=2, rank=2, batch_per_rank=4))
+    assert list(batches(plan, 5, world_size=2, rank=1, stop=7)) == [
+        [(5, 4), (5, 5), (5, 6), (5, 7)], [(6, 4), (6, 5), (6, 6), (6, 7)]]
+    with pytest.raises(PspZooError, match="global batch of 8 does not split into 3"):
+        next(batches(plan, 0, world_size=3, rank=0))
+    with pytest.raises(PspZooError, match="rank 2"):
+        next(batches(plan, 0, world_size=2, rank=2))
 
 
 def test_missing_or_unusable_training_data_is_named(tmp_path):
@@ -322,7 +322,7 @@ def busy():
 thread = threading.Thread(target=busy)
 thread.start()
 for _ in range(30):  # the old worker init hung within 15 starts, most runs
-    assert sum(1 for _ in train_loader(data, stop=1, batch_per_rank=2, num_workers=2)) == 1
+    assert sum(1 for _ in train_loader(data, stop=1, num_workers=2)) == 1
 stop.set()
 thread.join()
 print("ok")

@@ -104,7 +104,7 @@ def test_the_api_raises_the_same_refusal_as_a_dataset_error(shapes):
     root, manifest, work = shapes
     PROBLEMS["value outside the classes"][0](root)
     with pytest.raises(DatasetError, match="holds value 7 outside the classes"):
-        train(NAME, data_root=root, work_dir=work, pretrained=False, max_iters=2, batch_size=2, gpus=1,
+        train(NAME, data_root=root, work_dir=work, no_pretrained=True, max_iters=2, batch_size=2, gpus=1,
               num_workers=0, crop_size=64, fetch=FetchOptions(manifest=str(manifest)))
     assert not work.exists()
 

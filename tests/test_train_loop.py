@@ -17,8 +17,10 @@ from psp_zoo.manifest import get_manifest
 from psp_zoo.model import PSPNet
 from psp_zoo.records import read_result
 from psp_zoo.testing import write_shapes_ade20k
+from psp_zoo.options import FetchOptions
 from psp_zoo.training.checkpoints import LATEST, pointed, save_checkpoint
-from psp_zoo.training.recipe import recipe_for
+from psp_zoo.training.loop import RUN_OPTIONS, train
+from psp_zoo.training.recipe import RECIPE_FIELDS, recipe_for
 from psp_zoo.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,3 +160,47 @@ def test_the_checkpoint_has_the_published_keys_shapes_and_dtypes(tmp_path, keys,
             key, shape, dtype = line.split("\t")
             expected.append((key, shape, dtype))
     assert [(k, str(tuple(v.shape)), str(v.dtype).replace("torch.", "")) for k, v in written.items()] == expected
+
+
+def test_ctrl_c_with_loader_workers_says_stopping_once(shapes, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the loader's workers too."""
+    work = tmp_path / "interrupted"
+    command = _command(shapes, work, "--max-iters", "1000", "--checkpoint-interval", "2", "--eval-interval", "1000")
+    command[command.index("--num-workers") + 1] = "2"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
+                               start_new_session=True)
+    _wait_for(work / "iter_2.pth", process)
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(120) == 130
+    assert process.stderr.read().count("stopping after this iteration") == 1
+
+
+def test_a_finished_run_rerun_is_reported_and_left_as_it_is(shapes, tmp_path):
+    work = tmp_path / "run"
+    schedule = ("--max-iters", "2", "--eval-interval", "2", "--checkpoint-interval", "2")
+    _run(_command(shapes, work, *schedule))
+    before = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in work.iterdir()}
+    time.sleep(1.1)  # a new log would carry another second in its name
+    again = _run(_command(shapes, work, *schedule))
+    assert "already trained: 2 iterations" in again.stdout and "nothing to do" in again.stdout
+    assert {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in work.iterdir()} == before
+
+
+def test_pretrained_is_the_recipe_field_alone(shapes, tmp_path):
+    """--set pretrained=NAME sets the recipe's backbone; --no-pretrained (no_pretrained=) skips loading it."""
+    assert not set(RUN_OPTIONS) & set(RECIPE_FIELDS)  # one name, one meaning
+    work = tmp_path / "cli"
+    _run(_command(shapes, work, "--max-iters", "1", "--set", "pretrained=resnet50", "--no-pretrained"))
+    assert json.loads(torch.load(work / "iter_1.pth", weights_only=True)["meta"]["config"])["pretrained"] == "resnet50"
+    result = train(NAME, data_root=shapes, work_dir=tmp_path / "api", pretrained="resnet50", no_pretrained=True,
+                   max_iters=1, device="cpu", num_workers=0, progress=False,
+                   fetch=FetchOptions(manifest=str(shapes / "manifest.yml")))
+    assert result.iterations == 1 and result.recipe.pretrained == "resnet50"
+
+
+def test_set_takes_recipe_fields_not_run_options(shapes, tmp_path, capsys):
+    """--set seed=3 would reach train() as the run option: refused, pointing at --seed, nothing written."""
+    from psp_zoo.cli import main
+    assert main([str(a) for a in _command(shapes, tmp_path / "work", "--set", "seed=3")[3:]]) == 2
+    assert "--set seed=3: seed is not a recipe field but a run option; give --seed instead" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()

@@ -15,7 +15,7 @@ import warnings
 from typing import List, NoReturn, Optional
 
 from .._version import __version__
-from ..constants import OFFLINE_ENV, env_flag
+from ..constants import OFFLINE_ENV, env_flag, torchrun_rank
 from ..errors import PspZooError, one_line
 from . import dataset, evaluate, export, get, info, logs, predict, reproduce, selftest, show, tables, train
 from . import list as list_command  # the module is named after its command
@@ -84,7 +84,8 @@ def _run(args: argparse.Namespace) -> int:
             env_flag(OFFLINE_ENV)
         return int(args.run(args) or 0)
     except PspZooError as exc:
-        print(f"psp-zoo {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        if torchrun_rank() == 0:  # under torchrun every process fails alike: the first one says so
+            print(f"psp-zoo {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # output piped into `head`: stop quietly (recipe from the signal docs)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -1,9 +1,10 @@
 """``psp-zoo train --from SOURCE --dataset DATASET``: the fine-tuning options of the train command.
 
 ``add_finetune_options(parser)`` adds them to the train command's parser; ``run_finetune(args,
-overrides, **train_options)`` runs when ``--from`` is given, with the recipe overrides and run
-options the train command collected (``--max-iters``, ``--lr``, ``--crop-size``, ``--batch-size``,
-``--resume``, ``--num-workers``, ...).
+overrides, options)`` runs when ``--from`` is given, with the recipe overrides (``--max-iters``,
+``--lr``, ``--crop-size``, ``--batch-size``, ``--set``, ...) and the run options
+(``psp_zoo.training.loop.RunOptions``: ``--resume``, ``--num-workers``, ``--float64``, ...) that
+the train command built, the same ones a run without ``--from`` gets.
 """
 from __future__ import annotations
 
@@ -43,20 +44,24 @@ def check_finetune_options(args: argparse.Namespace) -> None:
                               "DATASET to fine-tune SOURCE on your dataset")
         return
     clash = [flag for flag, value in (("NAME", args.name), ("--init-from", args.init_from),
-                                      ("--no-pretrained", not args.pretrained)) if value]
+                                      ("--no-pretrained", args.no_pretrained)) if value]
     if clash:
         raise PspZooError(f"{clash[0]} does not go with --from: the run starts from SOURCE's weights")
     if args.dataset is None:
         raise PspZooError("--from needs --dataset: the dataset to fine-tune on")
 
 
-def run_finetune(args: argparse.Namespace, overrides: Mapping[str, Any], **train_options: Any) -> int:
+def run_finetune(args: argparse.Namespace, overrides: Mapping[str, Any], options: Any) -> int:
+    from ..constants import torchrun_rank
     from ..training.finetune import finetune
 
-    with _options.progress_messages(quiet=False):
+    with _options.main_process_messages():
         result = finetune(args.source, dataset=args.dataset, data_root=args.data_root, work_dir=args.work_dir,
-                          name=args.new_name, freeze_backbone=args.freeze_backbone, fetch=_options.fetch_options(args),
-                          **dict(overrides), **train_options)
+                          name=args.new_name, freeze_backbone=args.freeze_backbone, options=options, **overrides)
+    if torchrun_rank() != 0:  # process 0 alone reports
+        return 0
+    if result.run.already_finished:
+        print(f"{result.name}: already trained ({result.run.iterations} iterations); nothing to do", flush=True)
     miou = "not measured" if result.miou is None else f"{result.miou:.2f} mIoU on {args.dataset} val"
     print(f"{result.name}: {result.weights} ({miou})", flush=True)
     print(f"use it by name: psp-zoo evaluate {result.name} --manifest {result.manifest} --data-root "

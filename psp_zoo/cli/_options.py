@@ -149,6 +149,24 @@ def check_writable_folder(folder: Path, option: str, given: str) -> None:
 
 
 @contextlib.contextmanager
+def main_process_messages() -> Iterator[None]:
+    """psp_zoo's progress log on stderr from process 0 of a torchrun job (or a process alone); the other
+    processes say nothing (their errors are process 0's too)."""
+    from ..constants import torchrun_rank
+
+    if torchrun_rank() == 0:
+        with progress_messages(quiet=False):
+            yield
+        return
+    logger = logging.getLogger("psp_zoo")
+    previous, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = previous
+
+
+@contextlib.contextmanager
 def progress_messages(quiet: bool) -> Iterator[None]:
     """Show psp_zoo's progress log (retries, waiting on a lock) on stderr for this command."""
     logger = logging.getLogger("psp_zoo")

@@ -40,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "--no-resume starts afresh")
     parser.add_argument("--init-from", metavar="FILE", help="start from this checkpoint's weights instead of "
                                                             "the ImageNet backbone")
-    parser.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+    parser.add_argument("--no-pretrained", action="store_true",
                         help="no ImageNet backbone: mmcv's initialization alone")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed precision on CUDA (default: the fp16 row's recipe only)")
@@ -70,6 +70,7 @@ def overrides(args: argparse.Namespace) -> dict:
     import yaml
 
     from ..errors import PspZooError
+    from ..training.loop import RUN_OPTIONS
 
     values = {field: getattr(args, field) for field in _OVERRIDES if getattr(args, field) is not None}
     if args.crop_size:
@@ -80,29 +81,42 @@ def overrides(args: argparse.Namespace) -> dict:
         field, sep, text = item.partition("=")
         if not sep or not field.strip():
             raise PspZooError(f"--set {item}: expected FIELD=VALUE, e.g. --set optimizer=adamw")
+        key = field.strip().replace("-", "_")
+        if key in RUN_OPTIONS:  # train() would take it as the run option of that name
+            raise PspZooError(f"--set {item}: {key} is not a recipe field but a run option; give "
+                              f"--{key.replace('_', '-')} instead")
         try:
-            values[field.strip().replace("-", "_")] = yaml.safe_load(text)
+            values[key] = yaml.safe_load(text)
         except yaml.YAMLError:
             raise PspZooError(f"--set {item}: {text!r} is not a value (a number, a word, [a, b] or null)") from None
     return values
 
 
+def run_options(args: argparse.Namespace):
+    """The run options the command line sets (everything that is not the recipe), built once."""
+    from ..training.loop import RunOptions
+
+    return RunOptions(device=args.device, seed=args.seed, resume=args.resume, init_from=args.init_from,
+                      no_pretrained=args.no_pretrained, num_workers=args.num_workers, amp=args.amp,
+                      channels_last=args.channels_last, compile=args.compile, float64=args.float64,
+                      fetch=_options.fetch_options(args))
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..constants import torchrun_rank
     from ..training.loop import train
 
     _finetune.check_finetune_options(args)
     if args.source is not None:
-        return _finetune.run_finetune(args, overrides(args), device=args.device, seed=args.seed, resume=args.resume,
-                                      num_workers=args.num_workers, amp=args.amp, channels_last=args.channels_last,
-                                      compile=args.compile)
-    result = None
-    with _options.progress_messages(quiet=False):
-        result = train(args.name, data_root=args.data_root, work_dir=args.work_dir, device=args.device,
-                       seed=args.seed, resume=args.resume, init_from=args.init_from, pretrained=args.pretrained,
-                       num_workers=args.num_workers, amp=args.amp, channels_last=args.channels_last,
-                       compile=args.compile, float64=args.float64, fetch=_options.fetch_options(args), **overrides(args))
-    if result.log is not None:  # process 0 of a torchrun job, or a run alone
+        return _finetune.run_finetune(args, overrides(args), run_options(args))
+    with _options.main_process_messages():
+        result = train(args.name, data_root=args.data_root, work_dir=args.work_dir, options=run_options(args),
+                       **overrides(args))
+    if torchrun_rank() == 0:
         best = f", best mIoU {result.best_miou:.2f} ({Path(result.best).name})" if result.best_miou is not None else ""
-        print(f"trained {result.iterations} iterations: {result.checkpoint}{best}; log {result.log}")
+        if result.already_finished:
+            print(f"already trained: {result.iterations} iterations in {result.checkpoint}{best}; nothing to do")
+        else:
+            print(f"trained {result.iterations} iterations: {result.checkpoint}{best}; log {result.log}")
     sys.stdout.flush()
     return 0

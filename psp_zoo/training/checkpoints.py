@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..checkpoint import read_checkpoint
+from ..checkpoint import checkpoint_parts, load_checkpoint_file
 from ..errors import CheckpointError
 from ..files import atomic_save
 
@@ -71,11 +71,8 @@ def pointed(work_dir: Path, pointer: str = LATEST) -> Optional[Path]:
 
 def read_training_state(path: Path) -> Tuple[Dict[str, torch.Tensor], dict, dict]:
     """``(state_dict, optimizer state, meta['psp_zoo'])`` of a checkpoint this module wrote (weights-only)."""
-    state_dict, meta = read_checkpoint(path)
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # read_checkpoint above already said what is wrong with an unreadable file
-        raise CheckpointError(f"cannot read the optimizer state of {path}; resume from another checkpoint") from None
+    raw = load_checkpoint_file(path)
+    state_dict, meta = checkpoint_parts(raw, path)
     own = meta.get("psp_zoo")
     if not isinstance(raw, dict) or "optimizer" not in raw or not isinstance(own, dict):
         raise CheckpointError(f"{path} is not a psp-zoo training checkpoint (no optimizer or training state); "

@@ -117,22 +117,17 @@ class BatchPlan:
 
 
 def batches(plan: BatchPlan, start_iteration: int = 0, *, world_size: int = 1, rank: int = 0,
-            batch_per_rank: int, accumulation: int = 1, stop: Optional[int] = None) -> Iterator[List[Tuple[int, int]]]:
-    """This process's ``(iteration, sample)`` keys, one list per forward pass, from ``start_iteration``
-    to ``stop`` (excluded; None: forever). Rank ``r`` reads slots ``r * batch_per_rank * accumulation``
-    onwards, ``batch_per_rank`` per pass, ``accumulation`` passes per iteration."""
-    if batch_per_rank < 1 or accumulation < 1 or not 0 <= rank < world_size:
-        raise PspZooError(f"need batch_per_rank >= 1, accumulation >= 1 and 0 <= rank < world_size, got "
-                          f"{batch_per_rank}, {accumulation}, rank {rank} of {world_size}")
-    per_rank = batch_per_rank * accumulation
-    if per_rank * world_size != plan.global_batch:
-        raise PspZooError(f"{world_size} processes x {batch_per_rank} images x {accumulation} accumulation steps "
-                          f"is not the global batch of {plan.global_batch}")
+            stop: Optional[int] = None) -> Iterator[List[Tuple[int, int]]]:
+    """This process's ``(iteration, sample)`` keys, one list per iteration, from ``start_iteration`` to
+    ``stop`` (excluded; None: forever): rank ``r`` of ``world_size`` reads the r-th of ``world_size``
+    equal consecutive slices of the global batch (the trainer splits it into accumulation chunks)."""
+    if not 0 <= rank < world_size or plan.global_batch % world_size:
+        raise PspZooError(f"the global batch of {plan.global_batch} does not split into {world_size} equal "
+                          f"slices for rank {rank}")
+    per_rank = plan.global_batch // world_size
     iterations = itertools.count(start_iteration) if stop is None else range(start_iteration, stop)
     for iteration in iterations:
-        for micro in range(accumulation):
-            first = rank * per_rank + micro * batch_per_rank
-            yield [(iteration, sample) for sample in range(first, first + batch_per_rank)]
+        yield [(iteration, sample) for sample in range(rank * per_rank, (rank + 1) * per_rank)]
 
 
 class IterationBatches(torch.utils.data.Sampler):
@@ -149,7 +144,7 @@ class IterationBatches(torch.utils.data.Sampler):
         stop = self.kwargs.get("stop")
         if stop is None:
             raise TypeError("an endless run of batches has no length")
-        return max(stop - self.start_iteration, 0) * self.kwargs.get("accumulation", 1)
+        return max(stop - self.start_iteration, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,10 +202,9 @@ class TrainingSet(torch.utils.data.Dataset):
 
 @dataclass
 class TrainBatch:
-    """One forward pass of one process: ``micro`` counts the accumulation passes of ``iteration``."""
+    """This process's part of the global batch of ``iteration``."""
 
     iteration: int
-    micro: int
     epoch: int  # 0-based pass over the files
     samples: Tuple[int, ...]  # the global-batch slots these images fill
     images: torch.Tensor  # N x 3 x h x w float32, normalized RGB
@@ -248,12 +242,10 @@ def _collate(samples: list):
 
 
 def train_loader(data: TrainingSet, *, start_iteration: int = 0, stop: Optional[int] = None, world_size: int = 1,
-                 rank: int = 0, batch_per_rank: int, accumulation: int = 1, num_workers: Optional[int] = None,
-                 pin_memory: bool = False) -> Iterator[TrainBatch]:
+                 rank: int = 0, num_workers: Optional[int] = None, pin_memory: bool = False) -> Iterator[TrainBatch]:
     """This process's batches from ``start_iteration`` (a resumed run passes its iteration) to ``stop``,
     decoded and transformed in ``num_workers`` processes (0: here). The same for any worker count."""
-    sampler = IterationBatches(data.plan, start_iteration, world_size=world_size, rank=rank,
-                               batch_per_rank=batch_per_rank, accumulation=accumulation, stop=stop)
+    sampler = IterationBatches(data.plan, start_iteration, world_size=world_size, rank=rank, stop=stop)
     workers = default_num_workers() if num_workers is None else num_workers
     # No OpenCV call in a worker's init (e.g. cv2.setNumThreads): a forked worker that reconfigures the
     # thread pool it inherited can deadlock; plain OpenCV calls in it are safe.
@@ -264,10 +256,9 @@ def train_loader(data: TrainingSet, *, start_iteration: int = 0, stop: Optional[
         _Keyed(data), batch_sampler=sampler, num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
         prefetch_factor=2 if workers else None,
         generator=private)
-    for count, batch in enumerate(loader):
+    for batch in loader:
         if isinstance(batch, _Failure):
             raise DatasetError(batch.message)
         keys, images, labels = batch
         iteration = keys[0][0]
-        yield TrainBatch(iteration, count % accumulation, data.plan.epoch(iteration),
-                         tuple(sample for _, sample in keys), images, labels)
+        yield TrainBatch(iteration, data.plan.epoch(iteration), tuple(sample for _, sample in keys), images, labels)

@@ -8,18 +8,21 @@ wrong declaration or a missing folder is said before any model is built or file 
 2. the recipe: the source entry's optimizer and schedule (its ``train:`` block, crop and schedule
    length), the dataset's own training facts (img_scale, images per GPU, its ``train:`` block), then
    the caller's overrides, each checked;
-3. every image and label of both splits, read as ``psp-zoo dataset check`` reads them
-   (``dataset_check.scan_for_training``): a problem stops the run here, naming the file;
+3. the total batch against the processes and the training images, then every image and label of
+   both splits, read as ``psp-zoo dataset check`` reads them (``dataset_check.scan_for_training``):
+   a problem stops the run here, naming the file;
 4. the source's weights (a manifest name, fetched and verified, or a local file), read safely.
 
 The network is the source's (backbone, widths, ``align_corners``) with the dataset's class count.
 When that count differs from the source's, the two classifier convs (``decode_head.conv_seg``,
 ``auxiliary_head.conv_seg``) are initialized afresh as mmseg initializes them (normal(0, 0.01),
 bias 0, seeded) and every other tensor is loaded strictly: same names, same shapes. The starting
-weights are written as ``work_dir/init/<name>_init-<sha8>.pth`` and the run is an ordinary
-``psp_zoo.train`` of a manifest entry declared for it (``work_dir/init/manifest.yml``), resumable
-like any run. At the end :mod:`psp_zoo.training.zoo_entry` publishes the best checkpoint into
-``work_dir/model_index.yml``.
+weights are written as ``work_dir/init/<name>_init-<sha8>.pth`` (after every check has passed,
+the total batch against the processes and the images included) and the run is an ordinary
+``psp_zoo.train`` of the recipe built here, for a manifest entry declared for the run
+(``work_dir/init/manifest.yml``: the network, its test settings and its dataset), resumable like
+any run. At the end :mod:`psp_zoo.training.zoo_entry` publishes the best checkpoint into
+``work_dir/model_index.yml``; a rerun of a finished fine-tune leaves the published entry as it is.
 """
 from __future__ import annotations
 
@@ -44,10 +47,9 @@ from ..hub import download
 from ..manifest import DatasetSpec, get_manifest
 from ..model import PSPNet
 from ..options import FetchOptions
-from .data import training_items
-from .loop import TrainResult, train
+from .loop import RunOptions, TrainResult, check_batch, listed_training_items, run_options, train
 from .recipe import Recipe, dataset_train_where, recipe_from_entry
-from .zoo_entry import manifest_paths, write_run_manifest, write_zoo_manifest
+from .zoo_entry import manifest_paths, published_entry, write_run_manifest, write_zoo_manifest
 
 __all__ = ["CLASSIFIERS", "Source", "read_source", "starting_weights", "finetune", "FinetuneResult"]
 
@@ -200,12 +202,14 @@ def _default_name(source: Source, dataset: str) -> str:
     return f"{stem}_finetuned_{dataset}"
 
 
-def _check_data(spec: DatasetSpec, data_root: PathLike, work_dir: Path, manifest) -> None:
-    """Both splits read as ``psp-zoo dataset check`` reads them and listed as the run lists them, before
-    anything is built (the scan's record in ``work_dir`` spares the run reading them again)."""
-    scan_for_training(spec.key, data_root, work_dir, manifest=manifest)
-    training_items(spec.key, data_root, manifest=manifest)
+def _check_data(spec: DatasetSpec, data_root: PathLike, work_dir: Path, recipe: Recipe, world_size: int,
+                manifest) -> None:
+    """Both splits listed as the run lists them, the total batch checked against them and the processes, then
+    both read as ``psp-zoo dataset check`` reads them, before anything is built (the scan's record in
+    ``work_dir``, written when it passes, spares the run reading them again)."""
+    check_batch(recipe, world_size, len(listed_training_items(spec.key, data_root, work_dir, manifest)))
     list_items(spec.key, data_root, manifest=manifest)
+    scan_for_training(spec.key, data_root, work_dir, manifest=manifest)
 
 
 def _run_entry(name: str, spec: DatasetSpec, source: Source, init_file: Path, freeze: bool) -> dict:
@@ -257,41 +261,40 @@ def _prepare(name: str, spec: DatasetSpec, source: Source, work_dir: Path, seed:
 
 
 def finetune(source: PathLike, *, dataset: str, data_root: PathLike, work_dir: PathLike,
-             name: Optional[str] = None, freeze_backbone: bool = False, seed: int = 0,
-             device: Union[None, str, torch.device] = None, fetch: Optional[FetchOptions] = None,
-             **options: Any) -> FinetuneResult:
+             name: Optional[str] = None, freeze_backbone: bool = False, options: Optional[RunOptions] = None,
+             **settings: Any) -> FinetuneResult:
     """Fine-tune ``source`` (a manifest name or a checkpoint file) on ``dataset`` under ``data_root``.
 
-    ``options`` are recipe overrides (``max_iters``, ``lr``, ``batch_size``, ``crop_size``, ...) and
-    the other keywords of :func:`psp_zoo.train` (``resume``, ``num_workers``, ``progress``, ...).
+    ``settings`` are recipe overrides (``max_iters``, ``lr``, ``batch_size``, ``crop_size``, ...) and
+    :class:`psp_zoo.training.loop.RunOptions` fields (``seed``, ``device``, ``resume``,
+    ``num_workers``, ``float64``, ``progress``, ``fetch``, ...), as :func:`psp_zoo.train` takes them.
     Returns where the new entry is: ``psp-zoo evaluate NAME --manifest work_dir/model_index.yml``.
     """
-    fetch = fetch or FetchOptions()
+    options, overrides = run_options(options, settings)
+    fetch = options.fetch
     spec = dataset_spec(dataset, fetch.manifest)
     check_folders(spec.key, data_root, manifest=fetch.manifest)
-    src = read_source(source, fetch)
-    name = name or _default_name(src, dataset)
+    source = read_source(source, fetch)  # the path or name, read
+    name = name or _default_name(source, dataset)
     if not _NAME_RE.match(name):
         raise PspZooError(f"model name {name!r}: use letters, digits, '_', '-', '.' and '+'")
-    overrides = {key: value for key, value in options.items() if key not in _TRAIN_KEYWORDS}
-    run_recipe(name, spec, src, dict(overrides, freeze_backbone=freeze_backbone))
+    recipe = run_recipe(name, spec, source, dict(overrides, freeze_backbone=freeze_backbone))
     work_dir = check_writable_folder(work_dir, "work dir")
-    _check_data(spec, data_root, work_dir, fetch.manifest)
-    src = fetched(src, fetch)
-    dist, device = Distributed.from_env(usable_device(device))
+    dist, device = Distributed.from_env(usable_device(options.device))
     try:
-        run_manifest, init_file, reinit = _prepare(name, spec, src, work_dir, seed, freeze_backbone, dist)
-        run_fetch = FetchOptions(manifest=manifest_paths(fetch.manifest) + (str(run_manifest),),
-                                 cache_dir=fetch.cache_dir, mirror=fetch.mirror, offline=fetch.offline,
-                                 quiet=fetch.quiet)
-        result = train(name, data_root=data_root, work_dir=work_dir, device=device, seed=seed,
-                       init_from=init_file, fetch=run_fetch, **options)
-        published = write_zoo_manifest(work_dir, name, result, spec, run_fetch.manifest, src.record(), reinit) \
-            if dist.is_main else (None, None)
+        _check_data(spec, data_root, work_dir, recipe, dist.world_size, fetch.manifest)
+        source = fetched(source, fetch)
+        run_manifest, init_file, reinit = _prepare(name, spec, source, work_dir, options.seed, freeze_backbone, dist)
+        run_fetch = replace(fetch, manifest=manifest_paths(fetch.manifest) + (str(run_manifest),))
+        result = train(recipe, data_root=data_root, work_dir=work_dir,
+                       options=replace(options, device=device, init_from=init_file, fetch=run_fetch))
+        published = (None, None)
+        if dist.is_main:
+            published = published_entry(work_dir, name) if result.already_finished else None
+            published = published or write_zoo_manifest(work_dir, name, result, spec, run_fetch.manifest,
+                                                        source.record(), reinit)
         dist.barrier()
     finally:
         dist.close()
     return FinetuneResult(name, work_dir / "model_index.yml", published[0], published[1], tuple(reinit), result)
 
-
-_TRAIN_KEYWORDS = ("resume", "num_workers", "amp", "channels_last", "compile", "progress")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FrozenBatchNorm2d", "freeze_backbone", "frozen_parameters"]
+__all__ = ["FrozenBatchNorm2d", "freeze_backbone"]
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -52,8 +52,3 @@ def freeze_backbone(model: nn.Module) -> nn.Module:
         param.requires_grad_(False)
     return model
 
-
-def frozen_parameters(model: nn.Module) -> int:
-    """How many tensors of ``model``'s state dict no training step can change (for the log)."""
-    frozen = sum(1 for p in model.parameters() if not p.requires_grad)
-    return frozen + sum(3 for m in model.modules() if isinstance(m, FrozenBatchNorm2d))

@@ -16,7 +16,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Union
 
 __all__ = ["TrainLog", "IntervalMeans", "log_file_name"]
 
@@ -95,8 +95,3 @@ class TrainLog:
             record[f"Acc.{name}"] = _round(value, 4)
         self._write(record)
 
-    def lines(self) -> List[dict]:
-        """The lines written so far (for tests and summaries)."""
-        if self.path is None or not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,37 +1,43 @@
-"""``train(name, data_root=..., work_dir=...)``: the whole published recipe of one checkpoint, resumable.
+"""``train(recipe, data_root=..., work_dir=..., options=RunOptions(...))``: one published recipe, resumable.
 
-Read top to bottom: resolve the recipe (overrides checked before anything is read or fetched),
-find the run's place (a fresh start, or the last checkpoint of ``work_dir``), list the training
-and validation images, build the network (mmcv's initialization, then the ImageNet backbone, or
-the resumed weights), then iterate: a step, a train line every ``log_interval`` iterations, a
-checkpoint every ``checkpoint_interval`` and a validation every ``eval_interval`` through the one
-scoring loop (``scoring.score``, the dataset's test settings, whole or slide), with the
-``best.pth`` pointer following the best mIoU.
+``train`` reads top to bottom: the recipe (a :class:`Recipe`, or a manifest name and overrides)
+and the run options (:class:`RunOptions`: device, seed, resume, workers, precision, speed,
+progress, fetching) are settled first; then every check runs before anything is written (the
+training split listed, the total batch against the processes and the images, the work dir's
+checkpoint against the recipe); then the network is built (mmcv's initialization, then the
+ImageNet backbone, ``init_from``'s weights, or the resumed state) and each iteration takes, in
+order: the batch, the step (the lr set first), the train line every ``log_interval``, the
+validation every ``eval_interval`` (through the one scoring loop, ``scoring.score``, with the
+dataset's test settings), the checkpoint every ``checkpoint_interval`` (carrying the best score,
+with ``best.pth`` following the best mIoU).
 
 Under ``torchrun`` every process runs this function: each reads its slice of every global batch,
 BatchNorm is synchronized and gradients averaged (``Trainer``), validation images are sharded and
-the confusion matrices summed; process 0 alone writes checkpoints and the log. The total batch is
-the published one (``batch_size`` images x ``gpus``) whatever the number of processes: with fewer
-processes than the recipe's GPUs each accumulates ``gpus / processes`` chunks per step.
+the confusion matrices summed; process 0 alone writes checkpoints and the log, and alone speaks.
+The total batch is the published one (``batch_size`` images x ``gpus``) whatever the number of
+processes: with fewer processes than the recipe's GPUs each accumulates ``gpus / processes``
+chunks per step. Crops and dropout are drawn per sample, keyed by (seed, iteration, the sample's
+slot in the global batch), so 1 process and N processes train alike.
 
 A run killed at any point loses at most the iterations since its last checkpoint: rerunning it
-into the same ``work_dir`` continues from ``latest.pth`` with the optimizer, the iteration, the
-seed, and so the same batches and dropout draws as an uninterrupted run (bit-identical on the
-same machine). Ctrl-C (or SIGTERM) finishes the current iteration, saves, and raises
-KeyboardInterrupt (the command line exits 130).
+into the same ``work_dir`` continues from ``latest.pth`` with the optimizer, the iteration and the
+seed, and so the same batches and dropout draws as an uninterrupted run (bit-identical on the same
+machine). Rerunning a finished run says so and leaves its files as they are. Ctrl-C (or SIGTERM)
+finishes the current iteration, saves, and raises KeyboardInterrupt (the command line exits 130).
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 from tqdm import tqdm
@@ -42,294 +48,316 @@ from ..dataset_check import scan_for_training
 from ..datasets import SegmentationDataset, list_items
 from ..distributed import Distributed
 from ..environment import environment_info, usable_device
-from ..errors import PspZooError
+from ..errors import DatasetError, PspZooError
 from ..files import check_writable_folder
 from ..manifest import Checkpoint, DatasetSpec, get_manifest
 from ..model import PSPNet
 from ..options import FetchOptions
 from ..scoring import score
 from .checkpoints import BEST, LATEST, point, pointed, read_training_state, save_checkpoint
-from .data import TrainingSet, train_loader
+from .data import TrainingSet, train_loader, training_items
 from .log import IntervalMeans, TrainLog, log_file_name
 from .pipeline import TrainTransform
 from .pretrained import init_weights, load_pretrained_backbone
-from .recipe import Recipe, recipe_for
+from .recipe import Recipe, recipe_for, recipe_from_entry
 from .trainer import Trainer
 
-__all__ = ["train", "TrainResult", "accumulation_for"]
+__all__ = ["train", "TrainResult", "RunOptions", "RUN_OPTIONS", "run_options", "check_batch", "listed_training_items"]
 
 log = logging.getLogger("psp_zoo")
 PathLike = Union[str, Path]
 
 
 @dataclass(frozen=True)
+class RunOptions:
+    """How to run a recipe, as opposed to what it trains: built once (from the command line, or from
+    the keywords of :func:`train` / :func:`psp_zoo.training.finetune.finetune`) and read by the loop.
+
+    ``resume``: None continues from ``work_dir/latest.pth`` when there is one, True requires it,
+    False starts afresh. ``init_from``: a checkpoint whose weights start the run instead of the
+    ImageNet backbone; ``no_pretrained``: start from mmcv's initialization alone. ``amp``: mixed
+    precision on CUDA (default: the fp16 row's recipe). ``float64``: train in double precision
+    (slow; for exact comparisons, e.g. of process counts). ``progress``: a bar (True), plain lines
+    (False) or automatic.
+    """
+
+    device: Union[None, str, torch.device] = None
+    seed: int = 0
+    resume: Optional[bool] = None
+    init_from: Optional[PathLike] = None
+    no_pretrained: bool = False
+    num_workers: Optional[int] = None
+    amp: Optional[bool] = None
+    channels_last: bool = False
+    compile: bool = False
+    float64: bool = False
+    progress: Optional[bool] = None
+    fetch: FetchOptions = field(default_factory=FetchOptions)
+
+
+RUN_OPTIONS = tuple(f.name for f in fields(RunOptions))
+
+
+def run_options(options: Optional[RunOptions], settings: Mapping[str, Any]) -> Tuple[RunOptions, Dict[str, Any]]:
+    """``settings`` split once: the run options (applied over ``options``) and the recipe overrides."""
+    own = {key: value for key, value in settings.items() if key in RUN_OPTIONS}
+    overrides = {key: value for key, value in settings.items() if key not in RUN_OPTIONS}
+    return replace(options or RunOptions(), **own), overrides
+
+
+@dataclass(frozen=True)
 class TrainResult:
-    """What a finished run left in its work dir."""
+    """What a run left in its work dir."""
 
     work_dir: Path
     checkpoint: Path  # the last one written (``latest.pth`` points at it)
-    log: Optional[Path]  # this launch's .log.json (None on processes other than 0)
+    log: Optional[Path]  # this launch's .log.json (None on processes other than 0, or for a finished run)
     iterations: int
     recipe: Recipe
     best: Optional[Path] = None
     best_miou: Optional[float] = None  # percent
+    already_finished: bool = False  # the work dir held the finished run: nothing was trained or written
 
 
-def accumulation_for(recipe: Recipe, world_size: int) -> int:
-    """Chunks per step so that ``world_size`` processes train with the recipe's total batch."""
+def check_batch(recipe: Recipe, world_size: int, images: int) -> int:
+    """The accumulation chunks per step for ``world_size`` processes to train with the recipe's total
+    batch, after checking that the total batch splits over them and that the training set holds it."""
     if recipe.gpus % world_size:
         raise PspZooError(f"the recipe's {recipe.gpus} GPUs x {recipe.batch_size} images cannot be split over "
                           f"{world_size} processes; run {recipe.gpus} processes or a divisor of it, or set "
                           f"gpus={world_size} (a total batch of {world_size * recipe.batch_size})",
                           cli_hint="--gpus")
+    if images < recipe.total_batch:
+        raise DatasetError(f"the training set holds {images} images, fewer than one total batch of "
+                           f"{recipe.total_batch} ({recipe.batch_size} images x {recipe.gpus} GPUs): every batch "
+                           f"would be dropped; use a smaller batch size or gpus, or more images")
     return recipe.gpus // world_size
 
 
-@dataclass
-class _Run:
-    """Everything one launch holds; the loop below reads and updates it."""
-
-    recipe: Recipe
-    entry: Checkpoint
-    spec: DatasetSpec
-    work_dir: Path
-    dist: Distributed
-    trainer: Trainer
-    data: TrainingSet
-    val: SegmentationDataset
-    seed: int
-    num_workers: Optional[int]
-    log: TrainLog
-    best: Dict[str, Any] = field(default_factory=dict)  # {"miou": fraction, "iteration": N}
-    last_saved: int = -1
-    last_path: Optional[Path] = None
-    published: Optional[Recipe] = None  # the entry's recipe without overrides
-
-
-def train(name: str, *, data_root: PathLike, work_dir: PathLike, device: Union[None, str, torch.device] = None,
-          seed: int = 0, resume: Optional[bool] = None, init_from: Optional[PathLike] = None,
-          pretrained: bool = True, num_workers: Optional[int] = None, amp: Optional[bool] = None,
-          channels_last: bool = False, compile: bool = False, progress: Optional[bool] = None,
-          float64: bool = False, fetch: Optional[FetchOptions] = None, **overrides: Any) -> TrainResult:
-    """Train manifest entry ``name`` as it was published, on the images under ``data_root``.
-
-    ``overrides`` are recipe fields (``max_iters``, ``lr``, ``batch_size``, ``crop_size``, ``gpus``,
-    ...; see :class:`psp_zoo.Recipe`), checked before anything is read. ``resume``: None continues
-    from ``work_dir/latest.pth`` when there is one, True requires it, False starts afresh.
-    ``init_from``: a checkpoint whose weights start the run instead of the ImageNet backbone;
-    ``pretrained=False`` starts from mmcv's initialization alone. ``amp``: mixed precision on CUDA
-    (default: the fp16 row's recipe). ``progress``: a bar (True), plain lines (False) or automatic.
-    ``float64``: train in double precision (slow; for exact comparisons, e.g. of process counts).
-    """
-    fetch = fetch or FetchOptions()
-    recipe = recipe_for(name, manifest=fetch.manifest, **overrides)
-    entry = get_manifest(fetch.manifest).get(name)
-    work_dir = check_writable_folder(work_dir, "work dir")
-    dist, device = Distributed.from_env(usable_device(device))
+def listed_training_items(dataset: str, data_root: PathLike, work_dir: Path, manifest) -> list:
+    """The training split as the run lists it; a problem the listing meets (a missing label, ...) is
+    said as ``scan_for_training`` says it (the file, and the ``dataset check`` command)."""
     try:
-        resumed = _resumable(work_dir, resume)
-        seed = int(resumed[2]["seed"]) if resumed else int(seed)
-        scan_for_training(recipe.dataset, data_root, work_dir, manifest=fetch.manifest)  # before anything is written
-        data, val = _datasets(recipe, data_root, seed, fetch)
-        model = PSPNet(**entry.model_kwargs()) if resumed else _start_weights(
-            entry, recipe, seed, init_from, pretrained, fetch)
-        trainer = Trainer(model, recipe, device=device, distributed=dist, amp=amp, seed=seed,
-                          accumulation=accumulation_for(recipe, dist.world_size), channels_last=channels_last,
-                          compile=compile, dtype=torch.float64 if float64 else None,
-                          ignore_index=data.transform.ignore_index)
-        spec = get_manifest(fetch.manifest).datasets[recipe.dataset]
-        run = _Run(recipe, entry, spec, work_dir, dist, trainer, data, val, seed, num_workers,
-                   TrainLog(work_dir / log_file_name() if dist.is_main else None))
-        run.published = recipe_for(name, manifest=fetch.manifest)
-        if resumed:
-            _restore(run, *resumed)
-        return _loop(run, progress)
+        return training_items(dataset, data_root, manifest=manifest)
+    except DatasetError:
+        scan_for_training(dataset, data_root, work_dir, manifest=manifest)
+        raise
+
+
+def train(recipe: Union[Recipe, str], *, data_root: PathLike, work_dir: PathLike,
+          options: Optional[RunOptions] = None, **settings: Any) -> TrainResult:
+    """Train ``recipe`` (a :class:`psp_zoo.Recipe`, or the name of a manifest entry for its published
+    recipe) on the images under ``data_root``, into ``work_dir``.
+
+    ``settings`` are :class:`RunOptions` fields (``device``, ``seed``, ``resume``, ``num_workers``,
+    ``float64``, ...) and recipe overrides (``max_iters``, ``lr``, ``batch_size``, ``crop_size``,
+    ``gpus``, ``pretrained``, ...; see :class:`psp_zoo.Recipe`), checked before anything is read.
+    """
+    options, overrides = run_options(options, settings)
+    manifest = options.fetch.manifest
+    recipe = recipe_for(recipe, manifest=manifest, **overrides) if isinstance(recipe, str) \
+        else recipe.with_overrides(overrides)
+    entry = get_manifest(manifest).get(recipe.name)
+    work_dir = check_writable_folder(work_dir, "work dir")
+    dist, device = Distributed.from_env(usable_device(options.device))
+    try:
+        return _run(recipe, entry, data_root, work_dir, options, dist, device)
     finally:
         dist.close()
 
 
-def _resumable(work_dir: Path, resume: Optional[bool]) -> Optional[Tuple[Dict[str, torch.Tensor], dict, dict]]:
+def _run(recipe: Recipe, entry: Checkpoint, data_root: PathLike, work_dir: Path, options: RunOptions,
+         dist: Distributed, device: torch.device) -> TrainResult:
+    """The run itself, in order: every check (nothing written before), the network, then the iterations."""
+    manifest = options.fetch.manifest
+    items = listed_training_items(recipe.dataset, data_root, work_dir, manifest)
+    accumulation = check_batch(recipe, dist.world_size, len(items))
+    resumed = _resumable(work_dir, options.resume, recipe)
+    scan_for_training(recipe.dataset, data_root, work_dir, manifest=manifest)  # every image and label, read
+    if resumed is not None and resumed.iteration >= recipe.max_iters:
+        return _finished(work_dir, recipe, resumed, dist)
+    seed = resumed.seed if resumed else options.seed
+    data, val = _datasets(recipe, entry, data_root, items, seed, manifest)
+    model = PSPNet(**entry.model_kwargs()) if resumed else _start_weights(entry, recipe, seed, options)
+    trainer = Trainer(model, recipe, device=device, distributed=dist, amp=options.amp, seed=seed,
+                      accumulation=accumulation, channels_last=options.channels_last, compile=options.compile,
+                      dtype=torch.float64 if options.float64 else None, ignore_index=data.transform.ignore_index)
+    best, saved = (dict(resumed.best), resumed.path) if resumed else ({}, None)
+    if resumed:
+        trainer.load_state_dict(resumed.trainer_state)
+        _say(dist, "resumed at iteration %d of %d", trainer.iteration, recipe.max_iters)
+    spec = get_manifest(manifest).datasets[recipe.dataset]
+    train_log = TrainLog(work_dir / log_file_name() if dist.is_main else None)
+    batch_line = _batch_line(recipe, recipe_from_entry(entry, manifest), dist.world_size, accumulation)
+    train_log.meta(env_info=json.dumps(environment_info(device)), config=json.dumps(recipe.as_dict()), seed=seed,
+                   exp_name=recipe.name, batch=batch_line)
+    _say(dist, "%s", batch_line)
+    means = IntervalMeans()
+    progress = _Progress(recipe, trainer.iteration, options.progress if dist.is_main else False)
+    with _StopOnSignal(dist) as stop, progress:
+        tick = time.perf_counter()
+        for batch in train_loader(data, start_iteration=trainer.iteration, stop=recipe.max_iters,
+                                  world_size=dist.world_size, rank=dist.rank, num_workers=options.num_workers,
+                                  pin_memory=device.type == "cuda"):
+            data_time = time.perf_counter() - tick
+            step = trainer.step(batch.images, batch.labels, batch.samples)
+            means.add({**step.as_log(), "data_time": data_time, "time": time.perf_counter() - tick})
+            progress.update(step)
+            done, epoch = trainer.iteration, batch.epoch + 1  # mmcv logs 1-based epochs
+            validating = done % recipe.eval_interval == 0 or done == recipe.max_iters
+            interval_means = means.take() if validating or done % recipe.log_interval == 0 else None
+            if interval_means is not None and not validating:  # mmcv writes no train line at a validation
+                train_log.train(epoch=epoch, iteration=done, lr=step.lr, means=interval_means,
+                                memory_mb=_memory_mb(trainer))
+            improved = False
+            if validating:
+                miou = _validate(trainer, val, entry, spec, train_log, epoch, step.lr, options.num_workers)
+                improved = not math.isnan(miou) and (not best or miou > best["miou"])
+                best = {"miou": float(miou), "iteration": done} if improved else best
+            stopping = stop.requested()
+            if done % recipe.checkpoint_interval == 0 or done == recipe.max_iters or stopping:
+                saved = _save(work_dir, trainer, dist, _meta(trainer, recipe, spec, epoch, best, dist), improved)
+            if stopping:
+                raise KeyboardInterrupt(f"stopped at iteration {done}; rerun to resume")
+            tick = time.perf_counter()
+    best_path = pointed(work_dir, BEST)
+    return TrainResult(work_dir, saved or pointed(work_dir, LATEST), train_log.path, trainer.iteration, recipe,
+                       best_path, 100.0 * best["miou"] if best else None)
+
+
+class _Resumed(NamedTuple):
+    """What a work dir's latest checkpoint holds for the run that continues it."""
+
+    path: Path
+    iteration: int
+    seed: int
+    best: dict  # {"miou": fraction, "iteration": N} or empty
+    trainer_state: dict
+
+
+def _resumable(work_dir: Path, resume: Optional[bool], recipe: Recipe) -> Optional[_Resumed]:
     latest = pointed(work_dir, LATEST) if resume is not False else None
     if latest is None:
         if resume:
             raise PspZooError(f"nothing to resume in {work_dir}: it has no {LATEST}; start a new run without resume")
         return None
     log.info("resuming from %s", latest)
-    return read_training_state(latest)
-
-
-def _restore(run: _Run, state_dict: Dict[str, torch.Tensor], optimizer: dict, own: dict) -> None:
+    state_dict, optimizer, own = read_training_state(latest)
     saved = own.get("recipe", {})
-    differs = sorted(key for key, value in run.recipe.as_dict().items() if saved.get(key) != value)
+    differs = sorted(key for key, value in recipe.as_dict().items() if saved.get(key) != value)
     if differs:
-        raise PspZooError(f"{run.work_dir} holds a run with other settings ({', '.join(differs)}); resume it with "
+        raise PspZooError(f"{work_dir} holds a run with other settings ({', '.join(differs)}); resume it with "
                           f"the same settings, or train into a new work dir")
-    run.trainer.load_state_dict({"model": state_dict, "optimizer": optimizer, "iteration": own["iteration"],
-                                 "seed": own["seed"], "scaler": own.get("scaler")})
-    run.best = dict(own.get("best") or {})
-    run.last_saved = run.trainer.iteration
-    run.last_path = pointed(run.work_dir, LATEST)
-    log.info("resumed at iteration %d of %d", run.trainer.iteration, run.recipe.max_iters)
+    state = {"model": state_dict, "optimizer": optimizer, "iteration": own["iteration"], "seed": own["seed"],
+             "scaler": own.get("scaler")}
+    return _Resumed(latest, int(own["iteration"]), int(own["seed"]), dict(own.get("best") or {}), state)
 
 
-def _datasets(recipe: Recipe, data_root: PathLike, seed: int,
-              fetch: FetchOptions) -> Tuple[TrainingSet, SegmentationDataset]:
-    """The training split (every global batch planned) and the validation set, listed up front."""
-    spec = get_manifest(fetch.manifest).datasets[recipe.dataset]
+def _finished(work_dir: Path, recipe: Recipe, resumed: _Resumed, dist: Distributed) -> TrainResult:
+    """A rerun of a finished run: said, and nothing written."""
+    _say(dist, "%s already holds the finished run (%d of %d iterations, %s); nothing to do", work_dir,
+         resumed.iteration, recipe.max_iters, resumed.path.name)
+    miou = resumed.best.get("miou")
+    return TrainResult(work_dir, resumed.path, None, resumed.iteration, recipe, pointed(work_dir, BEST),
+                       None if miou is None else 100.0 * miou, already_finished=True)
+
+
+def _say(dist: Distributed, message: str, *args: Any) -> None:
+    """A progress message from process 0 alone."""
+    if dist.is_main:
+        log.info(message, *args)
+
+
+def _datasets(recipe: Recipe, entry: Checkpoint, data_root: PathLike, items: list, seed: int,
+              manifest) -> Tuple[TrainingSet, SegmentationDataset]:
+    """The training split (every global batch planned) and the validation set."""
+    spec = get_manifest(manifest).datasets[recipe.dataset]
     transform = TrainTransform(crop_size=recipe.crop_size, img_scale=recipe.img_scale, ratio_range=recipe.ratio_range,
                                cat_max_ratio=recipe.cat_max_ratio, flip_prob=recipe.flip_prob,
                                ignore_index=spec.ignore_index)
     data = TrainingSet(recipe.dataset, data_root, transform, seed=seed, global_batch=recipe.total_batch,
-                       manifest=fetch.manifest)
-    entry = get_manifest(fetch.manifest).get(recipe.name)
-    items = list_items(recipe.dataset, data_root, manifest=fetch.manifest)
-    val = SegmentationDataset(recipe.dataset, data_root, img_scales=[entry.test.img_scale], items=items,
-                              reduce_zero_label=spec.reduce_zero_label, manifest=fetch.manifest)
+                       items=items, manifest=manifest)
+    val = SegmentationDataset(recipe.dataset, data_root, img_scales=[entry.test.img_scale],
+                              items=list_items(recipe.dataset, data_root, manifest=manifest),
+                              reduce_zero_label=spec.reduce_zero_label, manifest=manifest)
     return data, val
 
 
-def _start_weights(entry: Checkpoint, recipe: Recipe, seed: int, init_from: Optional[PathLike],
-                   pretrained: bool, fetch: FetchOptions) -> PSPNet:
-    """mmcv's initialization (seeded), then ``init_from``'s weights or the ImageNet backbone."""
+def _start_weights(entry: Checkpoint, recipe: Recipe, seed: int, options: RunOptions) -> PSPNet:
+    """mmcv's initialization (seeded), then ``init_from``'s weights or the recipe's ImageNet backbone."""
     torch.manual_seed(seed)
     model = init_weights(PSPNet(**entry.model_kwargs()))
-    if init_from is not None:
-        load_checkpoint(model, init_from)
-    elif pretrained and recipe.pretrained:
-        load_pretrained_backbone(model, recipe.pretrained, fetch)
+    if options.init_from is not None:
+        load_checkpoint(model, options.init_from)
+    elif recipe.pretrained and not options.no_pretrained:
+        load_pretrained_backbone(model, recipe.pretrained, options.fetch)
     return model
 
 
-def _loop(run: _Run, progress: Optional[bool]) -> TrainResult:
-    recipe, trainer = run.recipe, run.trainer
-    _write_meta(run)
-    means = IntervalMeans()
-    bar = _Progress(recipe, trainer.iteration, progress if run.dist.is_main else False)
-    with _StopOnSignal(run.dist) as stop, bar:
-        tick = time.perf_counter()
-        for images, labels, epoch in _iteration_batches(run):
-            data_time = time.perf_counter() - tick
-            result = trainer.step(images, labels)
-            means.add({**result.as_log(), "data_time": data_time, "time": time.perf_counter() - tick})
-            bar.update(result)
-            _after_iteration(run, epoch, result.lr, means)
-            if stop.requested():
-                _save(run, epoch)
-                raise KeyboardInterrupt(f"stopped at iteration {trainer.iteration}; rerun to resume")
-            tick = time.perf_counter()
-    if run.last_saved != trainer.iteration:  # a run resumed at its end, or max_iters off the interval
-        _save(run, run.data.plan.epoch(max(trainer.iteration - 1, 0)))
-    run.dist.barrier()
-    best = pointed(run.work_dir, BEST)
-    return TrainResult(run.work_dir, run.last_path or pointed(run.work_dir, LATEST), run.log.path,
-                       trainer.iteration, recipe, best, 100.0 * run.best["miou"] if run.best else None)
-
-
-def _iteration_batches(run: _Run) -> Iterator[Tuple[torch.Tensor, torch.Tensor, int]]:
-    """(images, labels, epoch) of each remaining iteration: this process's micro-batches joined."""
-    trainer = run.trainer
-    loader = train_loader(run.data, start_iteration=trainer.iteration, stop=run.recipe.max_iters,
-                          world_size=run.dist.world_size, rank=run.dist.rank, batch_per_rank=run.recipe.batch_size,
-                          accumulation=trainer.accumulation, num_workers=run.num_workers,
-                          pin_memory=trainer.device.type == "cuda")
-    pending = []
-    for batch in loader:
-        pending.append(batch)
-        if len(pending) == trainer.accumulation:
-            yield (torch.cat([b.images for b in pending]), torch.cat([b.labels for b in pending]),
-                   pending[0].epoch)
-            pending = []
-
-
-def _after_iteration(run: _Run, epoch: int, lr: float, means: IntervalMeans) -> None:
-    """mmcv's hooks in their order: the train line, the checkpoint, the validation."""
-    recipe, done = run.recipe, run.trainer.iteration
-    validating = done % recipe.eval_interval == 0 or done == recipe.max_iters
-    if done % recipe.log_interval == 0 and not validating:
-        run.log.train(epoch=epoch + 1, iteration=done, lr=lr, means=means.take(), memory_mb=_memory_mb(run))
-    elif validating:
-        means.take()  # mmcv writes no train line at a validation; the next one covers what follows
-    if done % recipe.checkpoint_interval == 0 or done == recipe.max_iters:
-        _save(run, epoch)
-    if validating:
-        _validate(run, epoch, lr)
-
-
-def _memory_mb(run: _Run) -> Optional[int]:
+def _memory_mb(trainer: Trainer) -> Optional[int]:
     """floor MiB of torch.cuda.max_memory_allocated, the max over processes (mmcv's "memory"); CUDA only."""
-    if run.trainer.device.type != "cuda":
+    if trainer.device.type != "cuda":
         return None
-    peak = torch.tensor([torch.cuda.max_memory_allocated(run.trainer.device) / 2 ** 20], device=run.trainer.device)
-    if run.dist.world_size > 1:
+    peak = torch.tensor([torch.cuda.max_memory_allocated(trainer.device) / 2 ** 20], device=trainer.device)
+    if trainer.distributed.world_size > 1:
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     return int(peak.item())
 
 
-def _validate(run: _Run, epoch: int, lr: float) -> None:
-    model, device = run.trainer.model, run.trainer.device
-    settings = run.entry.test
+def _validate(trainer: Trainer, val: SegmentationDataset, entry: Checkpoint, spec: DatasetSpec, train_log: TrainLog,
+              epoch: int, lr: float, num_workers: Optional[int]) -> float:
+    """The validation pass (this process's shard, matrices summed), its val line; returns the mIoU (fraction)."""
+    model, dist, num_classes = trainer.model, trainer.distributed, trainer.recipe.num_classes
     model.eval()
     try:
-        matrix = score(model if run.trainer.dtype == torch.float32 else _InDtype(model, run.trainer.dtype), run.val.shard(run.dist.rank, run.dist.world_size), settings, run.recipe.num_classes,
-                       ms_flip=False, device=device, num_workers=run.num_workers, show=False,
-                       desc=f"validation at iteration {run.trainer.iteration}")
+        matrix = score(model if trainer.dtype == torch.float32 else _InDtype(model, trainer.dtype),
+                       val.shard(dist.rank, dist.world_size), entry.test, num_classes, ms_flip=False,
+                       device=trainer.device, num_workers=num_workers, show=False,
+                       desc=f"validation at iteration {trainer.iteration}")
     finally:
         model.train()
     scores = matrix.all_reduce().compute()
-    names = run.spec.class_names(run.recipe.num_classes)
-    run.log.val(epoch=epoch + 1, steps=math.ceil(len(run.val) / run.dist.world_size),
-                iteration=run.trainer.iteration, lr=lr, aacc=scores["aAcc"],
-                miou=scores["mIoU"], macc=scores["mAcc"], class_names=names, iou=scores["IoU"], acc=scores["Acc"])
-    if run.dist.is_main:
-        log.info("iteration %d: mIoU %.2f, mAcc %.2f, aAcc %.2f", run.trainer.iteration, 100 * scores["mIoU"],
-                 100 * scores["mAcc"], 100 * scores["aAcc"])
-    miou = scores["mIoU"]
-    if not math.isnan(miou) and (not run.best or miou > run.best["miou"]):
-        run.best = {"miou": float(miou), "iteration": run.trainer.iteration}
-        if run.last_saved == run.trainer.iteration:
-            _save(run, epoch, force=True)  # the best score goes into the file's resume state too
-            if run.dist.is_main:
-                point(run.last_path, BEST)
+    train_log.val(epoch=epoch, steps=math.ceil(len(val) / dist.world_size), iteration=trainer.iteration, lr=lr,
+                  aacc=scores["aAcc"],
+                  miou=scores["mIoU"], macc=scores["mAcc"], class_names=spec.class_names(num_classes),
+                  iou=scores["IoU"], acc=scores["Acc"])
+    _say(dist, "iteration %d: mIoU %.2f, mAcc %.2f, aAcc %.2f", trainer.iteration, 100 * scores["mIoU"],
+         100 * scores["mAcc"], 100 * scores["aAcc"])
+    return scores["mIoU"]
 
 
-def _write_meta(run: _Run) -> None:
-    run.log.meta(env_info=json.dumps(environment_info(run.trainer.device)), config=json.dumps(run.recipe.as_dict()),
-                 seed=run.seed, exp_name=run.recipe.name, batch=_batch_line(run))
-    if run.dist.is_main:
-        log.info("%s", _batch_line(run))
-
-
-def _batch_line(run: _Run) -> str:
+def _batch_line(recipe: Recipe, published: Recipe, world_size: int, accumulation: int) -> str:
     """What the total batch is made of, against the published run (the recipe's GPUs)."""
-    recipe, published = run.recipe, run.published or run.recipe
-    return (f"total batch {recipe.total_batch} = {recipe.batch_size} images x {run.dist.world_size} process(es) x "
-            f"{run.trainer.accumulation} accumulation step(s) (published: {published.batch_size} images x "
+    return (f"total batch {recipe.total_batch} = {recipe.batch_size} images x {world_size} process(es) x "
+            f"{accumulation} accumulation step(s) (published: {published.batch_size} images x "
             f"{published.gpus} GPUs = {published.total_batch})")
 
 
-def _save(run: _Run, epoch: int, force: bool = False) -> None:
-    """Process 0 writes ``iter_<N>.pth`` (the others wait for it)."""
-    trainer = run.trainer
-    if run.last_saved == trainer.iteration and not force:
-        return
-    if run.dist.is_main:
+def _save(work_dir: Path, trainer: Trainer, dist: Distributed, meta: dict, best: bool) -> Optional[Path]:
+    """Process 0 writes ``iter_<N>.pth`` and points ``latest.pth`` (and ``best.pth`` when ``best``) at it;
+    the others wait for it."""
+    path = None
+    if dist.is_main:
         state = trainer.state_dict()
-        run.last_path = save_checkpoint(run.work_dir, trainer.iteration, state["model"], state["optimizer"],
-                                        _meta(run, epoch, state))
-    run.last_saved = trainer.iteration
-    run.dist.barrier()
+        meta["psp_zoo"]["scaler"] = state["scaler"]
+        path = save_checkpoint(work_dir, trainer.iteration, state["model"], state["optimizer"], meta)
+        if best:
+            point(path, BEST)
+    dist.barrier()
+    return path
 
 
-def _meta(run: _Run, epoch: int, state: dict) -> dict:
-    classes = run.spec.class_names(run.recipe.num_classes)
-    palette = [list(c) for c in run.spec.palette] if len(run.spec.palette) == run.recipe.num_classes else None
+def _meta(trainer: Trainer, recipe: Recipe, spec: DatasetSpec, epoch: int, best: dict, dist: Distributed) -> dict:
+    """The checkpoint's ``meta``: mmcv's fields, and what a resumed run needs under ``psp_zoo``."""
+    classes = spec.class_names(recipe.num_classes)
+    palette = [list(c) for c in spec.palette] if len(spec.palette) == recipe.num_classes else None
+    config, env = json.dumps(recipe.as_dict()), json.dumps(environment_info(trainer.device))
     return {
         "mmcv_version": None, "mmseg_version": None, "psp_zoo_version": __version__,
-        "time": time.asctime(), "iter": run.trainer.iteration, "epoch": epoch + 1,
-        "CLASSES": list(classes), "PALETTE": palette, "config": json.dumps(run.recipe.as_dict()),
-        "env_info": json.dumps(environment_info(run.trainer.device)), "seed": run.seed, "exp_name": run.recipe.name,
-        "psp_zoo": {"iteration": run.trainer.iteration, "seed": run.seed, "scaler": state["scaler"],
-                    "recipe": run.recipe.as_dict(), "best": dict(run.best), "world_size": run.dist.world_size},
+        "time": time.asctime(), "iter": trainer.iteration, "epoch": epoch, "CLASSES": list(classes),
+        "PALETTE": palette, "config": config, "env_info": env, "seed": trainer.seed, "exp_name": recipe.name,
+        "psp_zoo": {"iteration": trainer.iteration, "seed": trainer.seed, "scaler": None,
+                    "recipe": recipe.as_dict(), "best": dict(best), "world_size": dist.world_size},
     }
 
 
@@ -349,10 +377,12 @@ class _StopOnSignal:
     """Ctrl-C / SIGTERM ask the loop to stop after the current iteration (a second Ctrl-C stops at once).
 
     Under torchrun every process learns whether any process was asked, so all save and stop together.
+    A terminal's Ctrl-C also reaches the loader's worker processes, which inherit the handler: they
+    leave the stopping (and saying so) to this process.
     """
 
     def __init__(self, dist: Distributed):
-        self.dist, self.asked, self.previous = dist, False, {}
+        self.dist, self.asked, self.previous, self.pid = dist, False, {}, os.getpid()
 
     def __enter__(self) -> "_StopOnSignal":
         if threading.current_thread() is threading.main_thread():
@@ -361,10 +391,13 @@ class _StopOnSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # a loader worker forked from this process
+            return
         if self.asked:
             raise KeyboardInterrupt
         self.asked = True
-        log.warning("stopping after this iteration and saving a checkpoint (again to stop at once)")
+        if self.dist.is_main:
+            log.warning("stopping after this iteration and saving a checkpoint (again to stop at once)")
 
     def requested(self) -> bool:
         if self.dist.world_size == 1:

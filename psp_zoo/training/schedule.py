@@ -43,8 +43,6 @@ def learning_rate(recipe, iteration: int) -> float:
         lr = poly_lr(recipe.lr, iteration, recipe.max_iters, recipe.power, recipe.min_lr)
     else:
         lr = step_lr(recipe.lr, iteration, recipe.steps, recipe.gamma)
-    if recipe.warmup == "linear" and iteration < recipe.warmup_iters:
-        # mmcv multiplies the regular lr of this iteration by the factor (k computed as there)
-        k = (1 - iteration / recipe.warmup_iters) * (1 - recipe.warmup_ratio)
-        lr = lr * (1 - k)
+    if recipe.warmup == "linear":  # mmcv multiplies the regular lr of this iteration by the factor
+        lr = lr * warmup_factor(iteration, recipe.warmup_iters, recipe.warmup_ratio)
     return lr

@@ -11,13 +11,15 @@ N processes x B images step exactly like one process with N x B images. Gradient
 splits a step's images into chunks (the loss of each scaled by 1 / chunks); BatchNorm then sees
 each chunk alone, which is the one way it differs from the larger batch.
 
-Randomness inside the step (Dropout2d) is drawn from torch's generator seeded by (seed, iteration,
-rank) at the start of every step, so a resumed run draws what an uninterrupted one draws.
+The one randomness inside a step, the heads' Dropout2d, is drawn per sample, as the crops are:
+each sample's channel mask is keyed by (seed, iteration, the sample's slot in the global batch,
+the layer) and by nothing else (:class:`KeyedDropout2d`), so a resumed run draws what an
+uninterrupted one draws, and N processes draw what one process draws for the same global batch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from .schedule import learning_rate
 from .freeze import freeze_backbone
 from .syncbn import convert_sync_batchnorm
 
-__all__ = ["Trainer", "StepResult", "segmentation_loss"]
+__all__ = ["Trainer", "StepResult", "segmentation_loss", "KeyedDropout2d"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,36 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, *, align_corne
         correct = (logits.argmax(1) == labels) & valid
         accuracy = correct.sum().to(loss.dtype) * 100.0 / valid.sum().clamp(min=1)
     return loss, accuracy
+
+
+class KeyedDropout2d(nn.Module):
+    """``nn.Dropout2d`` whose mask for each sample is drawn from its own key: (seed, iteration, the
+    sample's slot in the global batch, ``layer``), set in ``keys`` as (seed, iteration, slots) by the
+    trainer before each forward pass. Identity in eval mode."""
+
+    def __init__(self, p: float, layer: int):
+        super().__init__()
+        self.p, self.layer = float(p), int(layer)
+        self.keys: Optional[Tuple[int, int, Tuple[int, ...]]] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * self._mask(x)
+
+    @torch.compiler.disable
+    def _mask(self, x: torch.Tensor) -> torch.Tensor:
+        if self.keys is None or len(self.keys[2]) != x.shape[0]:
+            raise PspZooError(f"dropout needs the global-batch slot of each of the {x.shape[0]} samples; "
+                              f"Trainer.step sets them")
+        seed, iteration, slots = self.keys
+        keep = [np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+            [seed, iteration, slot, self.layer], spawn_key=(2,)))).random(x.shape[1]) >= self.p for slot in slots]
+        scale = 0.0 if self.p >= 1 else 1.0 / (1.0 - self.p)
+        return (torch.from_numpy(np.stack(keep)).to(x.device, x.dtype) * scale)[:, :, None, None]
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, layer={self.layer}, keyed by (seed, iteration, sample)"
 
 
 class _HeadsForward(nn.Module):
@@ -116,7 +148,7 @@ class Trainer:
             model = convert_sync_batchnorm(model)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        _set_dropout(model, recipe.dropout)
+        self._dropouts = _keyed_dropout(model, recipe.dropout)
         self.model = model.train()
         self.optimizer = _optimizer(model, recipe)
         self.scaler = _scaler(recipe, self.amp)
@@ -136,19 +168,28 @@ class Trainer:
         """The lr of the next step."""
         return learning_rate(self.recipe, self.iteration)
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        """One optimizer step on this process's ``images`` (N, 3, H, W), normalized, and ``labels`` (N, H, W)."""
-        if images.shape[0] % self.accumulation:
-            raise PspZooError(f"{images.shape[0]} images do not split into {self.accumulation} equal chunks")
+    def step(self, images: torch.Tensor, labels: torch.Tensor, samples: Optional[Sequence[int]] = None) -> StepResult:
+        """One optimizer step on this process's ``images`` (N, 3, H, W), normalized, and ``labels`` (N, H, W).
+
+        ``samples``: the images' slots in the global batch, which key their dropout draws (default:
+        this process's consecutive slice, ``rank * N`` onwards)."""
+        count = images.shape[0]
+        if count % self.accumulation:
+            raise PspZooError(f"{count} images do not split into {self.accumulation} equal chunks")
+        samples = tuple(range(self.distributed.rank * count, (self.distributed.rank + 1) * count)) \
+            if samples is None else tuple(int(s) for s in samples)
+        if len(samples) != count:
+            raise PspZooError(f"{len(samples)} sample slots given for {count} images; give one per image")
         lr = self.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self._seed_step()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         parts = torch.zeros(5, dtype=torch.float64)
-        for chunk_images, chunk_labels in zip(images.chunk(self.accumulation), labels.chunk(self.accumulation)):
-            parts += self._backward(chunk_images, chunk_labels)
+        size = count // self.accumulation
+        for start in range(0, count, size):
+            parts += self._backward(images[start:start + size], labels[start:start + size],
+                                    samples[start:start + size])
         parts /= self.accumulation
         self._average_gradients()
         self._optimizer_step()
@@ -156,11 +197,9 @@ class Trainer:
         loss, decode, aux, decode_acc, aux_acc = self._averaged(parts).tolist()
         return StepResult(lr, loss, decode, aux, decode_acc, aux_acc)
 
-    def _seed_step(self) -> None:
-        key = np.random.SeedSequence([self.seed, self.iteration, self.distributed.rank])
-        torch.manual_seed(int(key.generate_state(1, np.uint64)[0] >> np.uint64(1)))
-
-    def _backward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _backward(self, images: torch.Tensor, labels: torch.Tensor, samples: Tuple[int, ...]) -> torch.Tensor:
+        for dropout in self._dropouts:
+            dropout.keys = (self.seed, self.iteration, samples)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         images = images.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=memory_format)
         labels = labels.to(self.device, non_blocking=True).long()
@@ -238,10 +277,16 @@ def _plain_state_dict(model: nn.Module) -> "dict[str, torch.Tensor]":
     return {key: state[key].detach().contiguous() for key in sorted(state, key=rank.__getitem__)}
 
 
-def _set_dropout(model: nn.Module, p: float) -> None:
-    for module in model.modules():
-        if isinstance(module, (nn.Dropout, nn.Dropout2d)):
-            module.p = p
+def _keyed_dropout(model: nn.Module, p: float) -> List[KeyedDropout2d]:
+    """Every ``nn.Dropout2d`` of ``model`` replaced in place by a :class:`KeyedDropout2d` with ``p`` (no
+    tensors, so the state dict keeps its keys); the layers in ``model.modules()`` order."""
+    keyed: List[KeyedDropout2d] = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (nn.Dropout2d, KeyedDropout2d)):
+                keyed.append(KeyedDropout2d(p, len(keyed)))
+                setattr(parent, name, keyed[-1])
+    return keyed
 
 
 def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:

@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import io
 import math
+import urllib.parse
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -28,7 +29,8 @@ from ..files import atomic_write
 from ..manifest import DatasetSpec, Layout, _user_manifest_paths
 from .recipe import Recipe
 
-__all__ = ["dataset_declaration", "manifest_paths", "write_run_manifest", "write_zoo_manifest", "recipe_block"]
+__all__ = ["dataset_declaration", "manifest_paths", "write_run_manifest", "write_zoo_manifest", "recipe_block",
+           "published_entry"]
 
 _LAYOUT_FIELDS = ("images", "labels", "image_suffix", "label_suffix", "split", "fallback_label_suffix", "label_map")
 _HEADER = ("# psp-zoo manifest written by a fine-tuning run: its dataset's declaration and the fine-tuned\n"
@@ -115,3 +117,16 @@ def write_zoo_manifest(work_dir: Path, name: str, result, spec: DatasetSpec, man
     path = work_dir / "model_index.yml"
     _dump(path, _HEADER.format(name=name, path=path), datasets, [entry])
     return weights, miou
+
+
+def published_entry(work_dir: Path, name: str) -> Optional[Tuple[Path, Optional[float]]]:
+    """The weights file and mIoU that ``work_dir/model_index.yml`` publishes for ``name``; None when it
+    publishes nothing there yet (or its file is gone)."""
+    path = Path(work_dir) / "model_index.yml"
+    if not path.is_file():
+        return None
+    entries = [entry for entry in yaml.safe_load(path.read_text()).get("models") or [] if entry.get("name") == name]
+    if not entries:
+        return None
+    weights = Path(work_dir) / Path(urllib.parse.urlparse(entries[0]["weights"]).path).name
+    return (weights, (entries[0].get("published") or {}).get("mIoU")) if weights.is_file() else None

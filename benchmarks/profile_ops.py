@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import REPO, WHOLE_VARIANTS, environment, parse_size, random_image, random_model  # noqa: E402
 
-from psp_zoo.optimization import optimize  # noqa: E402
+from psp_zoo.model.optimization import optimize  # noqa: E402
 from psp_zoo.files import atomic_write  # noqa: E402
 
 

@@ -41,17 +41,17 @@ sys.path.insert(0, str(REPO))  # benchmark the checkout this script lives in
 
 from psp_zoo import PSPNet, load_checkpoint  # noqa: E402
 from psp_zoo.deploy.verify import compare_outputs  # noqa: E402
-from psp_zoo.inference import slide_inference  # noqa: E402
+from psp_zoo.evaluation.inference import slide_inference  # noqa: E402
 from psp_zoo.model import FactorizedPSPHead  # noqa: E402
 from psp_zoo.model.winograd import use_winograd  # noqa: E402
-from psp_zoo.optimization import cpu_supports_bf16, fold_batchnorm, optimize  # noqa: E402
-from psp_zoo.options import cuda_supports_bf16  # noqa: E402
-from psp_zoo.measure import PeakMemory  # noqa: E402
+from psp_zoo.model.optimization import cpu_supports_bf16, fold_batchnorm, optimize  # noqa: E402
+from psp_zoo.hub.options import cuda_supports_bf16  # noqa: E402
+from psp_zoo.evaluation.measure import PeakMemory  # noqa: E402
 from psp_zoo.environment import cpu_flags, cpu_name, environment_info, exact_float32  # noqa: E402
-from psp_zoo.records import device_tag  # noqa: E402
+from psp_zoo.results.records import device_tag  # noqa: E402
 from psp_zoo.testing import calibrate_batchnorm  # noqa: E402
 from psp_zoo.files import atomic_write  # noqa: E402
-from psp_zoo.manifest import get_checkpoint  # noqa: E402
+from psp_zoo.manifest.loading import get_checkpoint  # noqa: E402
 
 MODEL_CONFIGS = {
     "r50": {"depth": 50, "num_classes": 19},

@@ -38,9 +38,9 @@ sys.path.insert(0, str(REPO))  # benchmark the checkout this script lives in
 
 from psp_zoo.environment import cpu_flags, cpu_name, environment_info  # noqa: E402
 from psp_zoo.files import atomic_write  # noqa: E402
-from psp_zoo.measure import PeakMemory  # noqa: E402
+from psp_zoo.evaluation.measure import PeakMemory  # noqa: E402
 from psp_zoo.model import PSPNet  # noqa: E402
-from psp_zoo.records import device_tag  # noqa: E402
+from psp_zoo.results.records import device_tag  # noqa: E402
 from psp_zoo.training.pretrained import init_weights  # noqa: E402
 from psp_zoo.training.recipe import recipe_for  # noqa: E402
 from psp_zoo.training.trainer import Trainer  # noqa: E402

@@ -23,17 +23,17 @@ import numpy as np
 import torch
 
 from ._version import __version__
-from .checkpoint import load_checkpoint
-from .datasets import list_items
-from .hub import HOME_ENV, cache_dir, cache_state, download
+from .model.checkpoint import load_checkpoint
+from .datasets.readers import list_items
+from .hub.cache import HOME_ENV, cache_dir, cache_state, download
 from .errors import DownloadError, PspZooError, one_line
-from .evaluation import evaluate
+from .evaluation.evaluator import evaluate
 from .files import check_writable_folder
-from .manifest import Manifest, get_checkpoint, get_manifest
+from .manifest.loading import Manifest, get_checkpoint, get_manifest
 from .model import PSPNet
-from .prediction import Predictor, predict_files
-from .records import read_results, result_path, write_result
-from .tables import build_tables, render
+from .prediction.predictor import Predictor, predict_files
+from .results.records import read_results, result_path, write_result
+from .results.tables import build_tables, render
 from .testing import (SELFTEST_NAME, SELFTEST_TEST_SETTINGS, TINY_ARCH, manifest_entry, no_proxy_for_localhost,
                       serve_folder, write_manifest, write_mini_cityscapes, write_tiny_checkpoint)
 
@@ -102,7 +102,7 @@ def _fast_path() -> str:
 
     from .deploy.verify import compare_outputs
     from .model import PSPNet
-    from .optimization import optimize
+    from .model.optimization import optimize
 
     torch.manual_seed(0)
     model = PSPNet(depth=18, num_classes=5, base_channels=32, stem_channels=16).eval()

@@ -10,7 +10,7 @@ import torch
 
 from psp_zoo.cli import main
 from psp_zoo.deploy.verify import compare_outputs
-from psp_zoo.records import ImageCount, MemoryUse, Metrics, ResultRecord, Speed
+from psp_zoo.results.records import ImageCount, MemoryUse, Metrics, ResultRecord, Speed
 from psp_zoo.model import PSPHead
 
 REPO = Path(__file__).resolve().parents[1]

@@ -79,7 +79,7 @@ def _cycle(graph: Dict[str, Set[str]]) -> List[str]:
 
 def test_no_import_cycle_inside_the_package():
     graph = _graph()
-    assert "psp_zoo.evaluation" in graph and "psp_zoo.records" in graph["psp_zoo.evaluation"]
+    assert "psp_zoo.evaluation.evaluator" in graph and "psp_zoo.results.records" in graph["psp_zoo.evaluation.evaluator"]
     # no module imports the package back (psp_zoo/__init__ is the public face, nothing else)
     back = sorted(name for name, imports in graph.items() if "psp_zoo" in imports and name != "psp_zoo")
     assert back == []
@@ -133,9 +133,9 @@ def test_the_tests_need_nothing_beside_the_clone():
 
 
 def _documented_layers() -> Dict[str, int]:
-    """docs/ARCHITECTURE.md's module table: module (or package, 'model/') -> its row, top first."""
+    """docs/ARCHITECTURE.md's package table: package ('model/') or plain module ('errors.py') -> its row, top first."""
     text = (REPO / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
-    table = text.split("## Modules in pipeline order", 1)[1].split("\n## ", 1)[0]
+    table = text.split("## Packages in pipeline order", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     layers = {}
     for index, row in enumerate(rows):
@@ -146,7 +146,7 @@ def _documented_layers() -> Dict[str, int]:
 
 
 def _layer_key(module: str) -> str:
-    """psp_zoo.cli.get -> 'cli/', psp_zoo.hub -> 'hub.py'."""
+    """psp_zoo.cli.get -> 'cli/', psp_zoo.errors -> 'errors.py'."""
     parts = module.split(".")[1:]
     return f"{parts[0]}/" if (PACKAGE / parts[0]).is_dir() else f"{parts[0]}.py"
 
@@ -169,15 +169,16 @@ def _downward(graph: Dict[str, Set[str]], layers: Dict[str, int]) -> List[str]:
 
 def test_the_order_check_catches_an_import_against_it():
     layers = _documented_layers()
-    assert layers["errors.py"] < layers["manifest.py"] < layers["hub.py"] < layers["cli/"]
-    wrong = {"psp_zoo.scoring": {"psp_zoo.tables", "psp_zoo.metrics"}, "psp_zoo.cli.get": {"psp_zoo.hub"}}
-    assert _downward(wrong, layers) == ["psp_zoo.scoring -> psp_zoo.tables"]
+    assert layers["errors.py"] < layers["manifest/"] < layers["hub/"] < layers["cli/"]
+    wrong = {"psp_zoo.evaluation.scoring": {"psp_zoo.training.loop", "psp_zoo.evaluation.metrics"},
+             "psp_zoo.cli.get": {"psp_zoo.hub.cache"}}
+    assert _downward(wrong, layers) == ["psp_zoo.evaluation.scoring -> psp_zoo.training.loop"]
 
 
 def test_the_code_cites_only_documents_in_the_repository():
     """Facts the code relies on are in docs/reference.md; a file name the code cites must exist."""
     cited = set()
-    for path in [*PACKAGE.rglob("*.py"), PACKAGE / "model_index.yml", *(REPO / "tests").glob("*.py"),
+    for path in [*PACKAGE.rglob("*.py"), PACKAGE / "manifest" / "model_index.yml", *(REPO / "tests").glob("*.py"),
                  *(REPO / "benchmarks").glob("*.py")]:
         cited.update((path.relative_to(REPO), name) for name in re.findall(r"[\w./-]*\b[A-Za-z_]+\.md\b",
                                                                              path.read_text(encoding="utf-8")))

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from psp_zoo import DatasetError, PSPNet, SegmentationDataset, classes, evaluate, make_loader, palette
-from psp_zoo.datasets import cityscapes_label_ids_to_train_ids, dataset_spec, find_dataset_root, list_items
-from psp_zoo.transforms import resize_image, to_tensor
+from psp_zoo.datasets.readers import cityscapes_label_ids_to_train_ids, dataset_spec, find_dataset_root, list_items
+from psp_zoo.datasets.transforms import resize_image, to_tensor
 
 import minidata
 

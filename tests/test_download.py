@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from psp_zoo import DownloadError, cache_state, cached_path, create_model, download, is_cached
-from psp_zoo.hub import cache_dir, forget_failed_hosts
-from psp_zoo.manifest import Checkpoint, get_checkpoint
+from psp_zoo.hub.cache import cache_dir, forget_failed_hosts
+from psp_zoo.manifest.loading import Checkpoint, get_checkpoint
 
 from helpers import tiny_checkpoint_path, tiny_info
 from hub_server import ALT_DIR, OPENMMLAB, write_manifest
 
 FAST = {"backoff": 0.001, "quiet": True}
-fetching = importlib.import_module("psp_zoo.fetching")  # where the backoff waits are made
+fetching = importlib.import_module("psp_zoo.hub.fetching")  # where the backoff waits are made
 
 
 @pytest.fixture(autouse=True)
@@ -387,7 +387,7 @@ def test_a_dead_first_host_moves_to_the_second(hub_server, hub_manifest, hub_cac
 
 
 def test_a_file_without_a_hash_fails_fast_too(hub_server, tmp_path, sleeps, lookups):
-    from psp_zoo.hub import fetch_file
+    from psp_zoo.hub.cache import fetch_file
 
     port = _closed_port()
     final = tmp_path / "logs" / "train.log.json"

@@ -13,8 +13,8 @@ from torch import nn
 
 from psp_zoo import ConfusionMatrix, DatasetError, PspZooError, classes, evaluate, predict_probs
 from psp_zoo.cli import main
-from psp_zoo.manifest import EvalSettings as Settings
-from psp_zoo.records import ResultRecord, read_result, write_result
+from psp_zoo.manifest.loading import EvalSettings as Settings
+from psp_zoo.results.records import ResultRecord, read_result, write_result
 
 import minidata
 from helpers import tiny_checkpoint_path, tiny_model, write_tiny_ade_manifest

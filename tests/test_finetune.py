@@ -21,10 +21,10 @@ from PIL import Image
 
 import finetune_data
 from helpers import REPO, tiny_checkpoint_path, tiny_info
-from psp_zoo.checkpoint import load_checkpoint, read_checkpoint
+from psp_zoo.model.checkpoint import load_checkpoint, read_checkpoint
 from psp_zoo.cli import main
 from psp_zoo.errors import CheckpointError
-from psp_zoo.manifest import load_manifest
+from psp_zoo.manifest.loading import load_manifest
 from psp_zoo.model import PSPNet
 from psp_zoo.testing import TINY_ARCH, write_tiny_checkpoint
 from psp_zoo.training.finetune import CLASSIFIERS, inferred_arch, starting_weights

@@ -12,9 +12,9 @@ from PIL import Image
 
 import finetune_data
 from psp_zoo.cli import main
-from psp_zoo.dataset_check import check_dataset, check_split
+from psp_zoo.datasets.check import check_dataset, check_split
 from psp_zoo.errors import DatasetError, ManifestError
-from psp_zoo.manifest import load_manifest
+from psp_zoo.manifest.loading import load_manifest
 
 
 @pytest.fixture

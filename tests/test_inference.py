@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from psp_zoo import ms_flip_inference, predict_probs, slide_inference, whole_inference
-from psp_zoo.inference import slide_windows
-from psp_zoo.manifest import EvalSettings as Settings
-from psp_zoo.transforms import normalize, to_tensor
+from psp_zoo.evaluation.inference import slide_windows
+from psp_zoo.manifest.loading import EvalSettings as Settings
+from psp_zoo.datasets.transforms import normalize, to_tensor
 
 from helpers import assert_close_to_scale, max_rel_diff, TINY, tiny_expected, tiny_model
 

@@ -1,4 +1,4 @@
-"""`psp-zoo logs` and psp_zoo.logs: published training logs, served from 127.0.0.1, beside the table."""
+"""`psp-zoo logs` and psp_zoo.results.published_logs: published training logs, served from 127.0.0.1, beside the table."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from psp_zoo.cli import main
-from psp_zoo.logs import LogError, compare_with_table, log_figure, parse_log, render_comparison
-from psp_zoo.manifest import get_checkpoint
+from psp_zoo.results.published_logs import LogError, compare_with_table, log_figure, parse_log, render_comparison
+from psp_zoo.manifest.loading import get_checkpoint
 from psp_zoo.testing import manifest_entry, write_manifest
 
 from helpers import tiny_checkpoint_path

@@ -678,7 +678,7 @@ def test_backbone_or_depth_one_of_them_is_required(tmp_path):
 
 def test_the_manifest_page_documents_every_entry_and_dataset_field(tmp_path):
     """docs/manifests.md names every field the loader reads, and its example entry loads."""
-    from psp_zoo import entries, schema
+    from psp_zoo.manifest import entries, schema
 
     page = (REPO / "docs" / "manifests.md").read_text()
     fields = (schema.ENTRY_REQUIRED + sum(schema.ENTRY_EITHER, ()) + schema.ENTRY_OPTIONAL

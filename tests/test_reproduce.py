@@ -24,14 +24,14 @@ import yaml
 
 from psp_zoo import FetchOptions, evaluate
 from psp_zoo.cli import main
-from psp_zoo.datasets import SegmentationDataset
-from psp_zoo.manifest import get_checkpoint
-from psp_zoo.metrics import ConfusionMatrix
-from psp_zoo.reproduction import reproduce
-from psp_zoo.scoring import score
+from psp_zoo.datasets.readers import SegmentationDataset
+from psp_zoo.manifest.loading import get_checkpoint
+from psp_zoo.evaluation.metrics import ConfusionMatrix
+from psp_zoo.evaluation.reproduction import reproduce
+from psp_zoo.evaluation.scoring import score
 from psp_zoo.environment import environment_info
 from psp_zoo.model import PSPNet
-from psp_zoo.records import device_tag, read_result
+from psp_zoo.results.records import device_tag, read_result
 
 import minidata
 from helpers import REPO, tiny_checkpoint_path, tiny_info, tiny_model
@@ -356,7 +356,7 @@ def _reproduce(setup, results: Path, models: str = "tiny_r50", manifest=None, **
 
 
 def test_an_error_while_measuring_keeps_the_scores(capsys, monkeypatch, setup, tmp_path):
-    import psp_zoo.reproduction as reproduction
+    import psp_zoo.evaluation.reproduction as reproduction
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
@@ -386,7 +386,7 @@ def test_an_error_while_measuring_keeps_the_scores(capsys, monkeypatch, setup, t
 
 
 def test_timing_runs_the_plain_model_one_window_per_call_whatever_the_device_default(monkeypatch, setup, tmp_path):
-    import psp_zoo.reproduction as reproduction
+    import psp_zoo.evaluation.reproduction as reproduction
 
     calls = []
 
@@ -394,7 +394,7 @@ def test_timing_runs_the_plain_model_one_window_per_call_whatever_the_device_def
         calls.append((type(model).__name__, windows_per_call))
         return protocol_call(model, settings, device, windows_per_call=windows_per_call)
 
-    from psp_zoo.measure import protocol_call
+    from psp_zoo.evaluation.measure import protocol_call
     monkeypatch.setattr(reproduction, "default_slide_batch", lambda device: 8)  # CUDA's batching default
     monkeypatch.setattr(reproduction, "protocol_call", recording)
     _reproduce(setup, tmp_path / "results", ms_flip=False, train_memory=False)

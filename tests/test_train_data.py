@@ -296,7 +296,7 @@ def test_a_user_dataset_declares_its_training_split(tmp_path):
 ])
 def test_a_bad_training_split_declaration_names_its_field(tmp_path, train, field):
     from psp_zoo.errors import ManifestError
-    from psp_zoo.manifest import load_manifest
+    from psp_zoo.manifest.loading import load_manifest
 
     manifest = tmp_path / "user.yml"
     manifest.write_text(USER_DATASET.replace(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from psp_zoo.errors import PspZooError
-from psp_zoo.manifest import get_manifest, load_manifest
+from psp_zoo.manifest.loading import get_manifest, load_manifest
 from psp_zoo.training.recipe import RECIPE_FIELDS, Recipe, recipe_for, recipe_from_entry
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from psp_zoo.checkpoint import load_checkpoint
+from psp_zoo.model.checkpoint import load_checkpoint
 from psp_zoo.errors import PspZooError
 from psp_zoo.model import PSPNet
 from psp_zoo.training.recipe import recipe_for

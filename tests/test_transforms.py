@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import assert_close_to_scale
 
-from psp_zoo.transforms import (ms_flip_scales, normalize, normalize_batch, rescale_size, resize_image,
+from psp_zoo.datasets.transforms import (ms_flip_scales, normalize, normalize_batch, rescale_size, resize_image,
                                 resized_inputs, target_scales, to_tensor)
 
 # (h, w, img_scale) -> (new_h, new_w), worked out by hand from docs/reference.md's rule

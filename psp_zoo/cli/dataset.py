@@ -35,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..dataset_check import check_dataset
+    from ..datasets.check import check_dataset
 
     splits = None if args.split is None else [args.split]
     checks = check_dataset(args.dataset, args.data_root, splits, manifest=args.manifest)

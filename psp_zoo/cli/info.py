@@ -22,8 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _fields(args: argparse.Namespace) -> dict:
-    from ..hub import cache_state, cached_path, resolve_url
-    from ..manifest import get_checkpoint
+    from ..hub.cache import cache_state, cached_path, resolve_url
+    from ..manifest.loading import get_checkpoint
     from ..training.recipe import recipe_from_entry
 
     entry = get_checkpoint(args.name, manifest=args.manifest)

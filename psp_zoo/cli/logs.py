@@ -26,8 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..logs import check_plotting, compare_with_table, plot_log, read_log, render_comparison
-    from ..manifest import get_checkpoint
+    from ..results.published_logs import check_plotting, compare_with_table, plot_log, read_log, render_comparison
+    from ..manifest.loading import get_checkpoint
 
     entry = get_checkpoint(args.name, manifest=args.manifest)
     if args.plot:  # refuse a plot that cannot be drawn or written before fetching anything
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fetched(args: argparse.Namespace, entry) -> Path:
-    from ..logs import fetch_log
+    from ..results.published_logs import fetch_log
 
     with _options.progress_messages(quiet=False):
         return fetch_log(entry, fetch=_options.fetch_options(args))
@@ -58,7 +58,7 @@ def _fetched(args: argparse.Namespace, entry) -> Path:
 def _published_log(args: argparse.Namespace, entry):
     """The published run's log to draw beneath a run's own, or None (said) where it cannot be had."""
     from ..errors import PspZooError
-    from ..logs import read_log
+    from ..results.published_logs import read_log
 
     if not args.plot or entry.log_url is None:
         return None

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import BACKBONE_FORMS, HEAD_CHANNELS, head_channels, parse_backbone
+from ..manifest.backbones import BACKBONE_FORMS, HEAD_CHANNELS, head_channels, parse_backbone
 from ..errors import ModelConfigError
 from .heads import FCNHead, PSPHead
 from .resnet import STAGE_STRIDES, ResNet, check_backbone

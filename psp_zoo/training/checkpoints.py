@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..checkpoint import read_checkpoint
+from ..model.checkpoint import read_checkpoint
 from ..errors import CheckpointError
 from ..files import atomic_save
 

@@ -23,10 +23,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..datasets import (SEE_README, Item, SegmentationDataset, _files_below, _label_for, dataset_spec,
+from ..datasets.readers import (SEE_README, Item, SegmentationDataset, _files_below, _label_for, dataset_spec,
                         default_num_workers, locate_split_folder, read_image)
 from ..errors import DatasetError, PspZooError
-from ..manifest import Layout
+from ..manifest.loading import Layout
 from .pipeline import TrainTransform, sample_rng
 
 __all__ = ["training_items", "BatchPlan", "TrainingSet", "TrainBatch", "batches", "IterationBatches", "train_loader"]

@@ -31,17 +31,17 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ..checkpoint import read_checkpoint
-from ..dataset_check import check_folders
-from ..datasets import dataset_spec, list_items
+from ..model.checkpoint import read_checkpoint
+from ..datasets.check import check_folders
+from ..datasets.readers import dataset_spec, list_items
 from ..distributed import Distributed
 from ..environment import usable_device
 from ..errors import CheckpointError, PspZooError
 from ..files import atomic_write, check_writable_folder
-from ..hub import download
-from ..manifest import DatasetSpec, get_manifest
+from ..hub.cache import download
+from ..manifest.loading import DatasetSpec, get_manifest
 from ..model import PSPNet
-from ..options import FetchOptions
+from ..hub.options import FetchOptions
 from .data import training_items
 from .loop import TrainResult, train
 from .recipe import Recipe, recipe_from_entry

@@ -37,16 +37,16 @@ import torch
 from tqdm import tqdm
 
 from .._version import __version__
-from ..checkpoint import load_checkpoint
-from ..datasets import SegmentationDataset, list_items
+from ..model.checkpoint import load_checkpoint
+from ..datasets.readers import SegmentationDataset, list_items
 from ..distributed import Distributed
 from ..environment import environment_info, usable_device
 from ..errors import PspZooError
 from ..files import check_writable_folder
-from ..manifest import Checkpoint, DatasetSpec, get_manifest
+from ..manifest.loading import Checkpoint, DatasetSpec, get_manifest
 from ..model import PSPNet
-from ..options import FetchOptions
-from ..scoring import score
+from ..hub.options import FetchOptions
+from ..evaluation.scoring import score
 from .checkpoints import BEST, LATEST, point, pointed, read_training_state, save_checkpoint
 from .data import TrainingSet, train_loader
 from .log import IntervalMeans, TrainLog, log_file_name

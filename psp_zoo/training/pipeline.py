@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from ..errors import PspZooError
-from ..transforms import IMG_MEAN, IMG_STD, rescale_size
+from ..datasets.transforms import IMG_MEAN, IMG_STD, rescale_size
 
 __all__ = [
     "TrainTransform", "Draws", "sample_rng", "random_scale", "resize", "crop_box", "crop_is_acceptable",

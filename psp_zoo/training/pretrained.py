@@ -18,11 +18,11 @@ from typing import List, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
-from ..checkpoint import read_checkpoint
+from ..model.checkpoint import read_checkpoint
 from ..errors import CheckpointError, ManifestError, PspZooError
-from ..hub import download
-from ..manifest import get_manifest
-from ..options import FetchOptions
+from ..hub.cache import download
+from ..manifest.loading import get_manifest
+from ..hub.options import FetchOptions
 
 __all__ = ["Backbone", "backbone_entry", "init_weights", "load_backbone", "load_pretrained_backbone"]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Optional, Tuple
 
 from ..errors import PspZooError
-from ..manifest import Checkpoint, get_manifest
+from ..manifest.loading import Checkpoint, get_manifest
 
 __all__ = ["Recipe", "recipe_for", "recipe_from_entry", "RECIPE_FIELDS", "DEFAULT_GPUS"]
 

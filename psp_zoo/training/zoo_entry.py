@@ -23,9 +23,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 import yaml
 
-from ..checkpoint import read_checkpoint
+from ..model.checkpoint import read_checkpoint
 from ..files import atomic_write
-from ..manifest import DatasetSpec, Layout, _user_manifest_paths
+from ..manifest.loading import DatasetSpec, Layout, _user_manifest_paths
 from .recipe import Recipe
 
 __all__ = ["dataset_declaration", "manifest_paths", "write_run_manifest", "write_zoo_manifest", "recipe_block"]

@@ -19,10 +19,10 @@ from typing import Callable, Iterable, Iterator, Optional, Tuple, TypeVar
 import torch
 from tqdm import tqdm
 
-from .datasets import Sample, SegmentationDataset, make_loader
-from .environment import exact_float32
+from ..datasets.readers import Sample, SegmentationDataset, make_loader
+from ..environment import exact_float32
 from .inference import infer_labels
-from .manifest import EvalSettings
+from ..manifest.loading import EvalSettings
 from .metrics import ConfusionMatrix
 from .resume import PartialState
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-from .errors import PspZooError
+from ..errors import PspZooError
 
 if TYPE_CHECKING:  # annotations only: the command line reads these options without torch
     import torch

@@ -17,9 +17,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
-from .constants import MANIFEST_ENV, env_paths
+from ..constants import MANIFEST_ENV, env_paths
 from .entries import IGNORE_INDEX, LABEL_MAPS, Checkpoint, DatasetSpec, EvalSettings, Layout, Published
-from .errors import ManifestError, PspZooError, UnknownModelError
+from ..errors import ManifestError, PspZooError, UnknownModelError
 from .schema import _overridden, _parse_dataset, _parse_entry, _read_yaml
 
 __all__ = [

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .manifest import IGNORE_INDEX  # declared once, with the datasets
+from ..manifest.loading import IGNORE_INDEX  # declared once, with the datasets
 
 __all__ = ["ConfusionMatrix", "IGNORE_INDEX", "count_cells"]
 

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .files import atomic_save
+from ..files import atomic_save
 
 
 __all__ = ["colorize", "overlay", "legend", "save_palette_png", "save_rgb_png", "save_labels_npy",

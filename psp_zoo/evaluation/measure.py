@@ -35,12 +35,12 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import torch
 import torch.nn.functional as F
 
-from .environment import exact_float32
-from .errors import PspZooError
+from ..environment import exact_float32
+from ..errors import PspZooError
 from .inference import single_scale_labels
-from .manifest import IGNORE_INDEX  # declared once, with the datasets
-from .model import PSPNet
-from .records import MemoryUse, Speed
+from ..manifest.loading import IGNORE_INDEX  # declared once, with the datasets
+from ..model import PSPNet
+from ..results.records import MemoryUse, Speed
 
 __all__ = ["measure_fps", "inference_peak_memory", "speed_and_memory", "training_memory", "PeakMemory",
            "PublishedRun", "protocol_call", "AUX_LOSS_WEIGHT", "IGNORE_INDEX", "FP16_LOSS_SCALE"]

@@ -31,10 +31,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import pandas as pd
 import tabulate as tabulate_module
 
-from .errors import PspZooError
-from .manifest import Checkpoint, Manifest, get_manifest
-from .files import atomic_write
-from .optional import require
+from ..errors import PspZooError
+from ..manifest.loading import Checkpoint, Manifest, get_manifest
+from ..files import atomic_write
+from ..optional import require
 from .records import ResultRecord
 
 __all__ = ["COLUMNS", "DatasetTable", "build_tables", "render", "summary", "update_readme", "plot",

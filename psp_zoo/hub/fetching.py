@@ -29,8 +29,8 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from .constants import MANIFEST_ENV, MIRROR_ENV, OFFLINE_ENV, env_text
-from .errors import DownloadError
+from ..constants import MANIFEST_ENV, MIRROR_ENV, OFFLINE_ENV, env_text
+from ..errors import DownloadError
 
 log = logging.getLogger("psp_zoo.hub")  # one logger for everything about fetching
 

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint
-from .hub import download
-from .environment import usable_device
-from .errors import PspZooError
-from .manifest import Checkpoint, DatasetSpec, EvalSettings, get_checkpoint, get_manifest
-from .model import PSPNet
-from .options import FetchOptions
+from ..hub.cache import download
+from ..environment import usable_device
+from ..errors import PspZooError
+from ..manifest.loading import Checkpoint, DatasetSpec, EvalSettings, get_checkpoint, get_manifest
+from . import PSPNet
+from ..hub.options import FetchOptions
 
 __all__ = ["create_model", "resolve", "Resolved", "refuse_checkpoint_for_model_object", "usable_device"]
 

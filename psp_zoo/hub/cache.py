@@ -28,12 +28,12 @@ from urllib.parse import unquote, urlparse
 
 import filelock
 
-from .constants import HOME_ENV, OFFLINE_ENV, env_flag, env_text
-from .errors import DownloadError, PspZooError
+from ..constants import HOME_ENV, OFFLINE_ENV, env_flag, env_text
+from ..errors import DownloadError, PspZooError
 from .fetching import (_fetch_first_that_serves, _fetch_with_retries, _from_live_host, _give_up,
                        _housekeeping, _is_verified, _marker_matches, _Policy, _Target, _Unavailable, forget_failed_hosts,
                        resolve_url)
-from .manifest import Checkpoint, get_checkpoint
+from ..manifest.loading import Checkpoint, get_checkpoint
 
 __all__ = ["download", "fetch_file", "cache_dir", "cached_path", "cache_state", "is_cached", "resolve_url",
            "forget_failed_hosts"]

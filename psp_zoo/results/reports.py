@@ -8,9 +8,9 @@ from typing import Dict, Optional, Sequence, Union
 import pandas as pd
 import tabulate as tabulate_module
 
-from .errors import PspZooError, UnknownModelError
-from .hub import cache_state
-from .manifest import Manifest, get_manifest
+from ..errors import PspZooError, UnknownModelError
+from ..hub.cache import cache_state
+from ..manifest.loading import Manifest, get_manifest
 from .records import ResultRecord
 
 __all__ = ["checkpoint_frame", "render_checkpoints", "describe_run", "images_text", "per_class_text", "show_text", "undefined"]

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .transforms import normalize_batch, resized_inputs, target_scales
+from ..datasets.transforms import normalize_batch, resized_inputs, target_scales
+from ..model.optimization import model_device
 
 __all__ = [
     "SLIDE_BATCH_SIZE", "default_slide_batch", "model_device", "slide_windows", "whole_inference", "slide_inference", "mode_logits", "single_scale_probs",
@@ -46,12 +47,6 @@ def default_slide_batch(device) -> int:
 
 def _align_corners(model: Model, align_corners: Optional[bool]) -> bool:
     return bool(getattr(model, "align_corners", False) if align_corners is None else align_corners)
-
-
-def model_device(model: Model) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return first.device if first is not None else torch.device("cpu")
 
 
 def _resize(logits: torch.Tensor, size: Optional[Sequence[int]], align_corners: bool) -> torch.Tensor:

@@ -19,9 +19,9 @@ import yaml
 from .backbones import BACKBONE_FORMS, parse_backbone
 from .entries import (IGNORE_INDEX, LABEL_MAPS, PUBLISHED_FIELDS, _WEIGHTS_RE, Checkpoint, DatasetSpec,
                       Layout, Published, _parse_test, _ReadOnlyMap, _Where)
-from .errors import ManifestError
+from ..errors import ManifestError
 
-CLASSES_FILE = Path(__file__).with_name("data") / "dataset_classes.json"
+CLASSES_FILE = Path(__file__).with_name("dataset_classes.json")
 
 ARCH_FIELDS = ("num_classes", "stem_channels", "base_channels", "channels", "aux_channels")
 ENTRY_REQUIRED = ("name", "dataset", "crop_size", "schedule", "weights", "published")

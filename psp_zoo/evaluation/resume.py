@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .files import atomic_write
+from ..files import atomic_write
 
 __all__ = ["PartialState"]
 

@@ -23,10 +23,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .datasets import (_LABEL_MAPS, SEE_README, _files_below, dataset_spec, decode_image, locate_split_folder,
+from .readers import (_LABEL_MAPS, SEE_README, _files_below, dataset_spec, decode_image, locate_split_folder,
                        read_label, reduce_zero_label)
-from .errors import DatasetError, PspZooError
-from .manifest import DatasetSpec, Layout
+from ..errors import DatasetError, PspZooError
+from ..manifest.loading import DatasetSpec, Layout
 
 __all__ = ["SPLITS", "SplitCheck", "check_split", "check_dataset", "check_folders", "split_layouts"]
 

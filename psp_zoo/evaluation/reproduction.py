@@ -30,24 +30,24 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import filelock
 import torch
 
-from .datasets import Item, SegmentationDataset, list_items, make_loader
-from .distributed import Distributed
-from .environment import environment_info, exact_float32_flags, on_device, usable_device
-from .errors import PspZooError, ResultsError
-from .evaluation import recorded_settings
-from .factory import Resolved, resolve
-from .files import check_writable_folder
+from ..datasets.readers import Item, SegmentationDataset, list_items, make_loader
+from ..distributed import Distributed
+from ..environment import environment_info, exact_float32_flags, on_device, usable_device
+from ..errors import PspZooError, ResultsError
+from .evaluator import recorded_settings
+from ..model.factory import Resolved, resolve
+from ..files import check_writable_folder
 from .inference import default_slide_batch
-from .manifest import Checkpoint, get_manifest
+from ..manifest.loading import Checkpoint, get_manifest
 from .measure import PROTOCOL_CALL, PublishedRun, protocol_call, speed_and_memory, training_memory
-from .optimization import optimize
-from .options import FetchOptions, SpeedOptions
-from .constants import MIN_SPEED_IMAGES
-from .records import (DEFAULT_RESULTS_DIR, ImageCount, Metrics, ResultRecord, read_result, result_path,
+from ..model.optimization import optimize
+from ..hub.options import FetchOptions, SpeedOptions
+from ..constants import MIN_SPEED_IMAGES
+from ..results.records import (DEFAULT_RESULTS_DIR, ImageCount, Metrics, ResultRecord, read_result, result_path,
                       write_result)
 from .resume import PartialState
 from .scoring import score
-from .transforms import normalize_batch, target_scales
+from ..datasets.transforms import normalize_batch, target_scales
 
 __all__ = ["reproduce", "ReproduceOptions", "ReproduceReport", "select_checkpoints", "run_options"]
 

@@ -19,14 +19,14 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .datasets import cityscapes_train_ids_to_label_ids, decode_image
-from .errors import PspZooError
-from .factory import resolve
-from .inference import predict_labels
-from .manifest import DatasetSpec, EvalSettings
-from .optimization import optimize
-from .options import FetchOptions, SpeedOptions, split_options
-from .visualize import (IMAGE_EXTENSIONS, OUTPUT_FORMATS, OUTPUT_SUFFIXES, legend, overlay, save_cityscapes_png,
+from ..datasets.readers import cityscapes_train_ids_to_label_ids, decode_image
+from ..errors import PspZooError
+from ..model.factory import resolve
+from ..evaluation.inference import predict_labels
+from ..manifest.loading import DatasetSpec, EvalSettings
+from ..model.optimization import optimize
+from ..hub.options import FetchOptions, SpeedOptions, split_options
+from .pictures import (IMAGE_EXTENSIONS, OUTPUT_FORMATS, OUTPUT_SUFFIXES, legend, overlay, save_cityscapes_png,
                         save_labels_npy, save_palette_png, save_rgb_png)
 
 __all__ = ["Predictor", "predict", "predict_files", "read_input_image", "expand_image_args", "output_stems",

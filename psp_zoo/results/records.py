@@ -25,11 +25,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .errors import ResultsError
-from .files import atomic_write
+from ..errors import ResultsError
+from ..files import atomic_write
 
 if TYPE_CHECKING:  # only for the annotation: records stay importable without torch
-    from .metrics import ConfusionMatrix
+    from ..evaluation.metrics import ConfusionMatrix
 
 __all__ = [
     "SCHEMA_VERSION", "DEFAULT_RESULTS_DIR", "Metrics", "Speed", "MemoryUse", "ImageCount",

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .environment import on_device
-from .errors import DatasetError, PspZooError
-from .manifest import DatasetSpec, Layout, get_manifest
+from ..environment import on_device
+from ..errors import DatasetError, PspZooError
+from ..manifest.loading import DatasetSpec, Layout, get_manifest
 from .transforms import resized_inputs
 
 __all__ = [

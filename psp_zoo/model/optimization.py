@@ -18,14 +18,19 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .inference import model_device
-from .model.fast_head import factorize_psp_head
-from .model.winograd import use_winograd
-from .options import SpeedOptions, cpu_supports_bf16
+from .fast_head import factorize_psp_head
+from .winograd import use_winograd
+from ..hub.options import SpeedOptions, cpu_supports_bf16
 
-__all__ = ["optimize", "OptimizedModel", "fold_batchnorm", "cpu_supports_bf16", "DTYPES"]
+__all__ = ["optimize", "OptimizedModel", "fold_batchnorm", "cpu_supports_bf16", "DTYPES", "model_device"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def model_device(model: Any) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return first.device if first is not None else torch.device("cpu")
 
 
 class OptimizedModel(nn.Module):

@@ -128,6 +128,38 @@ def test_the_tests_need_nothing_beside_the_clone():
     assert outside == []
 
 
+def _private_imports(source: str, module: str) -> List[str]:
+    """``from psp_zoo.x import _name`` in ``module``: another module's private name (a private module of
+    the importer's own package, ``cli/_options.py`` in ``cli/``, is the package's to share)."""
+    package = module.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ImportFrom) or not (node.level or (node.module or "").startswith("psp_zoo")):
+            continue
+        base = package.split(".")
+        base = base[: len(base) - node.level + 1] if node.level else []
+        target = ".".join(base + (node.module.split(".") if node.module else []))
+        for alias in node.names:
+            own_module = target == package and (PACKAGE.parent / Path(*package.split("."), alias.name)).with_suffix(".py").exists()
+            if alias.name.startswith("_") and not alias.name.endswith("__") and not own_module:
+                found.append(f"{module}: {target}.{alias.name}")
+    return found
+
+
+def test_no_module_imports_another_modules_private_name():
+    """What modules share is public in the module that owns it; a leading underscore stays in its module."""
+    found = [f for path in sorted(PACKAGE.rglob("*.py"))
+             for f in _private_imports(path.read_text(encoding="utf-8"), _module_name(path))]
+    assert found == []
+
+
+def test_the_private_import_check_catches_one():
+    source = "from ..datasets.readers import SEE_README, _files_below\nfrom . import _options\nfrom .._version import __version__\n"
+    assert _private_imports(source, "psp_zoo.cli.dataset") == ["psp_zoo.cli.dataset: psp_zoo.datasets.readers._files_below"]
+    assert _private_imports("from .readers import _label_for\n", "psp_zoo.datasets.check") == [
+        "psp_zoo.datasets.check: psp_zoo.datasets.readers._label_for"]
+
+
 # --------------------------------------------------------------------------------------------
 # the documented order
 

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from psp_zoo.errors import DatasetError, PspZooError
-from psp_zoo.training.data import BatchPlan, TrainingSet, batches, train_loader, training_items
+from psp_zoo.datasets.readers import training_items
+from psp_zoo.training.data import BatchPlan, TrainingSet, batches, train_loader
 from psp_zoo.training.pipeline import TrainTransform, sample_rng
 
 # dataset -> (folder below the data root, [(image path, label path)] in mmseg's reading order,

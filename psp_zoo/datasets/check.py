@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .readers import (_LABEL_MAPS, SEE_README, _files_below, dataset_spec, decode_image, locate_split_folder,
+from .readers import (LABEL_MAP_DECODERS, SEE_README, files_below, dataset_spec, decode_image, locate_split_folder,
                        read_label, reduce_zero_label)
 from ..errors import DatasetError, PspZooError
 from ..manifest.loading import DatasetSpec, Layout
@@ -156,7 +156,7 @@ def _pairs_of(check: SplitCheck, spec: DatasetSpec, folder: Path,
     """The (image, label, label map) pairs of one layout part; missing files recorded in ``check``."""
     image_dir, label_dir = folder / layout.images, folder / layout.labels
     suffixes = [s for s in (layout.label_suffix, layout.fallback_label_suffix) if s]
-    label_files = {name for suffix in suffixes for name in _files_below(label_dir, suffix)}
+    label_files = {name for suffix in suffixes for name in files_below(label_dir, suffix)}
     images = _listed_images(check, spec, folder, layout)
     check.images += len(images)
     pairs, expected = [], set()
@@ -182,7 +182,7 @@ def _listed_images(check: SplitCheck, spec: DatasetSpec, folder: Path, layout: L
     ending in the image suffix; a split line without its image is recorded in ``check``."""
     image_dir = folder / layout.images
     if layout.split is None:
-        return sorted(_files_below(image_dir, layout.image_suffix))
+        return sorted(files_below(image_dir, layout.image_suffix))
     split = folder / layout.split
     if not split.is_file():
         raise DatasetError(f"{spec.key} {check.split}: split file {split} (layout.split) is missing")
@@ -204,7 +204,7 @@ def _read_pair(spec: DatasetSpec, image: Path, label: Path, label_map: Optional[
         stored = read_label(label)
     except DatasetError as exc:
         return str(exc)
-    decoded = _LABEL_MAPS[label_map](stored) if label_map else stored
+    decoded = LABEL_MAP_DECODERS[label_map](stored) if label_map else stored
     decoded = reduce_zero_label(decoded) if spec.reduce_zero_label else decoded
     return size, stored, decoded
 

@@ -34,7 +34,7 @@ __all__ = [
     "Item", "Sample", "SegmentationDataset", "dataset_spec", "classes", "class_names", "palette",
     "find_dataset_root", "locate_split_folder", "list_items", "decode_image", "read_image", "read_label", "make_loader",
     "cityscapes_label_ids_to_train_ids", "cityscapes_train_ids_to_label_ids", "CITYSCAPES_LABEL_IDS",
-    "reduce_zero_label", "default_num_workers",
+    "reduce_zero_label", "default_num_workers", "training_items", "files_below", "LABEL_MAP_DECODERS",
 ]
 
 PathLike = Union[str, Path]
@@ -114,7 +114,7 @@ def locate_split_folder(dataset: str, data_root: PathLike, layout: Layout, split
                        f"({SEE_README})")
 
 
-def _files_below(folder: Path, suffix: str) -> List[str]:
+def files_below(folder: Path, suffix: str) -> List[str]:
     """Paths relative to ``folder`` of the files below it whose path ends in ``suffix``, as mmcv's
     disk listing finds them: recursive through every sub-folder (links followed), hidden files
     (``.*``, e.g. macOS ``._`` copies) left out.
@@ -136,9 +136,9 @@ def _files_below(folder: Path, suffix: str) -> List[str]:
 
 def _listed_images(dataset: str, image_dir: Path, layout: Layout) -> List[str]:
     """Image paths below ``image_dir``, sorted as mmseg sorts them: by the whole file name."""
-    found = sorted(_files_below(image_dir, layout.image_suffix))
+    found = sorted(files_below(image_dir, layout.image_suffix))
     if not found:
-        others = _files_below(image_dir, "")
+        others = files_below(image_dir, "")
         seen = f"; it holds {len(others)} other files, e.g. {sorted(others)[0]}" if others else ""
         raise DatasetError(f"no *{layout.image_suffix} images in {image_dir} ({dataset} validation set)"
                            f"{seen} ({SEE_README})")
@@ -196,6 +196,45 @@ def list_items(dataset: str, data_root: PathLike, limit: Optional[int] = None, *
             raise DatasetError(f"{dataset}: image {image_dir / image} listed in {folder / layout.split} is missing")
         label, label_map = _label_for(dataset, image, folder, layout)
         items.append(Item(image[: -len(layout.image_suffix)], image_dir / image, label, label_map))
+    return items
+
+
+def _part_images(dataset: str, folder: Path, layout: Layout) -> List[str]:
+    """Image paths below the part's image folder: its split file's lines in order, else every
+    ``*image_suffix`` file, sorted. A split file may repeat a name (mmseg would train on it twice)."""
+    image_dir = folder / layout.images
+    if layout.split is None:
+        images = sorted(files_below(image_dir, layout.image_suffix))
+        if not images:
+            raise DatasetError(f"no *{layout.image_suffix} images in {image_dir} ({dataset} training set) ({SEE_README})")
+        return images
+    split = folder / layout.split
+    if not split.is_file():
+        raise DatasetError(f"{dataset}: split file {split} is missing; it lists the training images ({SEE_README})")
+    names = [line.strip() for line in split.read_text().splitlines() if line.strip()]
+    if not names:
+        raise DatasetError(f"{dataset}: split file {split} lists no images")
+    images = [name + layout.image_suffix for name in names]
+    for image in images:
+        if not (image_dir / image).is_file():
+            raise DatasetError(f"{dataset}: image {image_dir / image} listed in {split} is missing")
+    return images
+
+
+def training_items(dataset: str, data_root: PathLike, *, manifest=None) -> List[Item]:
+    """Every training image with its label, part after part in the declared order."""
+    parts = dataset_spec(dataset, manifest).layout.train
+    if not parts:
+        raise DatasetError(f"{dataset} declares no training split (its layout has no 'train'); "
+                           f"train on the dataset its checkpoints were trained on")
+    folder = locate_split_folder(dataset, data_root, parts[0], "training")
+    items = []
+    for layout in parts:
+        if not (folder / layout.labels).is_dir():
+            raise DatasetError(f"{dataset}: label folder {folder / layout.labels} is missing ({SEE_README})")
+        for image in _part_images(dataset, folder, layout):
+            label, label_map = _label_for(dataset, image, folder, layout)
+            items.append(Item(image[: -len(layout.image_suffix)], folder / layout.images / image, label, label_map))
     return items
 
 
@@ -272,7 +311,7 @@ def cityscapes_train_ids_to_label_ids(label: np.ndarray) -> np.ndarray:
 
 
 #: The id mappings a layout's ``label_map`` names (manifest.LABEL_MAPS), for its fallback labels.
-_LABEL_MAPS = {"cityscapes_label_ids": cityscapes_label_ids_to_train_ids}
+LABEL_MAP_DECODERS = {"cityscapes_label_ids": cityscapes_label_ids_to_train_ids}
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
@@ -347,7 +386,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         item = self.items[index]
         label = read_label(item.label_path)
         if item.label_map is not None:
-            label = _LABEL_MAPS[item.label_map](label)
+            label = LABEL_MAP_DECODERS[item.label_map](label)
         return reduce_zero_label(label) if self.reduce_zero_label else label
 
     def __getitem__(self, index: int) -> Sample:

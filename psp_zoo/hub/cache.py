@@ -30,8 +30,8 @@ import filelock
 
 from ..constants import HOME_ENV, OFFLINE_ENV, env_flag, env_text
 from ..errors import DownloadError, PspZooError
-from .fetching import (_fetch_first_that_serves, _fetch_with_retries, _from_live_host, _give_up,
-                       _housekeeping, _is_verified, _marker_matches, _Policy, _Target, _Unavailable, forget_failed_hosts,
+from .fetching import (fetch_first_that_serves, fetch_with_retries, from_live_host, give_up,
+                       housekeeping, is_verified, marker_matches, Policy, Target, Unavailable, forget_failed_hosts,
                        resolve_url)
 from ..manifest.loading import Checkpoint, get_checkpoint
 
@@ -63,7 +63,7 @@ def cache_dir(path: CacheDir = None) -> Path:
 _cache_root = cache_dir
 
 
-def _target(name_or_url: NameOrUrl, manifest: ManifestPaths = None, sha256: Optional[str] = None) -> _Target:
+def _target(name_or_url: NameOrUrl, manifest: ManifestPaths = None, sha256: Optional[str] = None) -> Target:
     if isinstance(name_or_url, Checkpoint):
         entry = name_or_url
     elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", name_or_url):
@@ -73,10 +73,10 @@ def _target(name_or_url: NameOrUrl, manifest: ManifestPaths = None, sha256: Opti
             raise DownloadError(f"cannot verify {name_or_url}: its file name does not end in "
                                 f"-<8 hex digits of SHA-256>.pth; pass sha256=<full hash> to download it")
         prefix = match.group("prefix") if match else sha256[:8]
-        return _Target((name_or_url,), filename, prefix, sha256, label=name_or_url)
+        return Target((name_or_url,), filename, prefix, sha256, label=name_or_url)
     else:
         entry = get_checkpoint(name_or_url, manifest=manifest)
-    return _Target(tuple(entry.urls), entry.filename, entry.hash_prefix, sha256 or entry.sha256, label=entry.name)
+    return Target(tuple(entry.urls), entry.filename, entry.hash_prefix, sha256 or entry.sha256, label=entry.name)
 
 
 def cached_path(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, manifest: ManifestPaths = None) -> Path:
@@ -89,8 +89,8 @@ def cache_state(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, manifest:
     target = _target(name_or_url, manifest)
     final = _cache_root(cache_dir) / target.filename
     if final.is_file():
-        return "cached" if _is_verified(final, target) else "corrupt"
-    return "partial" if _housekeeping(final, ".part").is_file() else "missing"
+        return "cached" if is_verified(final, target) else "corrupt"
+    return "partial" if housekeeping(final, ".part").is_file() else "missing"
 
 
 def is_cached(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, manifest: ManifestPaths = None) -> bool:
@@ -115,17 +115,17 @@ def download(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, mirror: Opti
     """
     target = _target(name_or_url, manifest, sha256)
     final = _cache_root(cache_dir) / target.filename
-    if final.is_file() and _marker_matches(final, target):
+    if final.is_file() and marker_matches(final, target):
         return final  # the common case: no lock, no hashing
     offline = _offline_from_env() if offline is None else offline
     if offline:
         return _from_cache_only(final, target)
     _make_dirs(final)
     with _locked(final):
-        if _is_verified(final, target):
+        if is_verified(final, target):
             return final  # present already, or fetched by another process while we waited
         try:
-            _fetch_first_that_serves(target, final, mirror, _Policy.make(retries, backoff, timeout, quiet))
+            fetch_first_that_serves(target, final, mirror, Policy.make(retries, backoff, timeout, quiet))
         except OSError as exc:  # writing the cache failed: a full disk, a quota; the .part stays to resume
             raise DownloadError(f"cannot write {exc.filename or final}: {exc.strerror or exc}; free some space "
                                 f"and run again to resume, or set {HOME_ENV} to another folder") from None
@@ -150,8 +150,8 @@ def _offline_from_env() -> bool:
         raise DownloadError(str(exc)) from None
 
 
-def _from_cache_only(final: Path, target: _Target) -> Path:
-    if _is_verified(final, target):
+def _from_cache_only(final: Path, target: Target) -> Path:
+    if is_verified(final, target):
         return final
     if final.is_file():
         raise DownloadError(f"offline: the cached {final} has the wrong SHA-256 (expected {target.expected}); "
@@ -162,7 +162,7 @@ def _from_cache_only(final: Path, target: _Target) -> Path:
 
 def _make_dirs(final: Path) -> None:
     try:
-        _housekeeping(final, "").parent.mkdir(parents=True, exist_ok=True)
+        housekeeping(final, "").parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DownloadError(f"cannot write to the cache {final.parent} ({exc.strerror or exc}); "
                             f"set {HOME_ENV} to a writable folder") from None
@@ -172,7 +172,7 @@ class _locked:
     """A per-file inter-process lock; says so when another process holds it, then waits."""
 
     def __init__(self, final: Path):
-        self.final, self.lock = final, filelock.FileLock(str(_housekeeping(final, ".lock")))
+        self.final, self.lock = final, filelock.FileLock(str(housekeeping(final, ".lock")))
 
     def __enter__(self):
         try:
@@ -209,18 +209,18 @@ def fetch_file(url: str, final: Union[str, Path], *, mirror: Optional[str] = Non
     with _locked(final):
         if final.is_file():
             return final
-        part = _housekeeping(final, ".part")
+        part = housekeeping(final, ".part")
         part.unlink(missing_ok=True)  # no hash could tell whether an older attempt's bytes still fit
         url = resolve_url(url, mirror)
-        policy = _Policy.make(retries, backoff, timeout, quiet)
+        policy = Policy.make(retries, backoff, timeout, quiet)
         try:
-            _from_live_host(url, final, lambda: _fetch_with_retries(url, part, policy))
+            from_live_host(url, final, lambda: fetch_with_retries(url, part, policy))
             if check is not None:
                 check(part)
             os.replace(part, final)
-        except _Unavailable as exc:
+        except Unavailable as exc:
             part.unlink(missing_ok=True)
-            raise _give_up("", final, [(url, exc)], resumable=False) from None
+            raise give_up("", final, [(url, exc)], resumable=False) from None
         except BaseException:
             part.unlink(missing_ok=True)
             raise

@@ -62,7 +62,7 @@ _NOT_THERE_STATUS = {401, 403, 404, 410}
 
 
 @dataclass(frozen=True)
-class _Target:
+class Target:
     """One file to fetch: where from, under which name, and the hash it must have."""
 
     urls: Tuple[str, ...]  # where it is published, tried in order
@@ -83,7 +83,7 @@ class _Retryable(Exception):
     """A failure worth another attempt: connection lost, timeout, 5xx. Its message says which."""
 
 
-class _Unavailable(Exception):
+class Unavailable(Exception):
     """This URL did not deliver the file; another URL or a mirror may. ``cause`` is in plain words."""
 
     def __init__(self, cause: str, hint: Optional[str] = None):
@@ -91,11 +91,11 @@ class _Unavailable(Exception):
         self.cause, self.hint = cause, hint
 
 
-class _WrongFile(_Unavailable):
+class _WrongFile(Unavailable):
     """This URL served a file whose SHA-256 is not the entry's."""
 
 
-class _HostDown(_Unavailable):
+class _HostDown(Unavailable):
     """The host itself cannot be reached in a way another attempt will not fix (DNS, refused)."""
 
 
@@ -103,7 +103,7 @@ class _KnownDown(_HostDown):
     """The host was found down a moment ago, so it was not asked (nothing new to log)."""
 
 
-def _housekeeping(final: Path, suffix: str) -> Path:
+def housekeeping(final: Path, suffix: str) -> Path:
     return final.parent / HOUSEKEEPING / (final.name + suffix)
 
 
@@ -119,11 +119,11 @@ def _sha256_of(path: Path, digest=None):
     return digest
 
 
-def _marker_matches(final: Path, target: _Target) -> bool:
+def marker_matches(final: Path, target: Target) -> bool:
     """True if ``final`` was hashed before and has not changed since (same size and mtime)."""
     try:
         stat = final.stat()
-        mark = json.loads(_housekeeping(final, ".verified").read_text())
+        mark = json.loads(housekeeping(final, ".verified").read_text())
     except (OSError, ValueError):
         return False
     return (mark.get("size"), mark.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns) \
@@ -131,7 +131,7 @@ def _marker_matches(final: Path, target: _Target) -> bool:
 
 
 def _remember_verified(final: Path, digest: str) -> None:
-    marker = _housekeeping(final, ".verified")
+    marker = housekeeping(final, ".verified")
     try:
         stat = final.stat()
         marker.parent.mkdir(parents=True, exist_ok=True)
@@ -142,11 +142,11 @@ def _remember_verified(final: Path, digest: str) -> None:
         pass
 
 
-def _is_verified(final: Path, target: _Target) -> bool:
+def is_verified(final: Path, target: Target) -> bool:
     """True if the file is present with the right hash (hashing it only when not remembered)."""
     if not final.is_file():
         return False
-    if _marker_matches(final, target):
+    if marker_matches(final, target):
         return True
     digest = _sha256_of(final).hexdigest()
     if not target.accepts(digest):
@@ -156,14 +156,14 @@ def _is_verified(final: Path, target: _Target) -> bool:
 
 
 @dataclass(frozen=True)
-class _Policy:
+class Policy:
     retries: int
     backoff: float
     timeout: float
     quiet: bool
 
     @classmethod
-    def make(cls, retries, backoff, timeout, quiet) -> "_Policy":
+    def make(cls, retries, backoff, timeout, quiet) -> "Policy":
         return cls(DEFAULT_RETRIES if retries is None else retries,
                    DEFAULT_BACKOFF_S if backoff is None else backoff,
                    DEFAULT_TIMEOUT_S if timeout is None else timeout,
@@ -217,26 +217,26 @@ def _remember_down(url: str, cause: str) -> None:
 # trying each URL
 
 
-def _fetch_first_that_serves(target: _Target, final: Path, mirror: Optional[str], policy: _Policy) -> None:
+def fetch_first_that_serves(target: Target, final: Path, mirror: Optional[str], policy: Policy) -> None:
     """Fetch from the first URL (after the mirror rewrite) that serves the file with the right hash."""
     urls = list(dict.fromkeys(resolve_url(url, mirror) for url in target.urls))
-    failures: List[Tuple[str, _Unavailable]] = []
+    failures: List[Tuple[str, Unavailable]] = []
     for index, url in enumerate(urls):
         try:
             _fetch_from(url, final, target, policy)
             return
-        except _Unavailable as exc:
+        except Unavailable as exc:
             failures.append((url, exc))
             if index + 1 < len(urls) and not isinstance(exc, _KnownDown):
                 log.info("%s: %s; trying the next URL", url, exc.cause)
-    raise _give_up("" if target.label in target.urls else target.label, final, failures)
+    raise give_up("" if target.label in target.urls else target.label, final, failures)
 
 
-def _fetch_from(url: str, final: Path, target: _Target, policy: _Policy) -> None:
-    _from_live_host(url, final, lambda: _fetch_verified(url, final, target, policy))
+def _fetch_from(url: str, final: Path, target: Target, policy: Policy) -> None:
+    from_live_host(url, final, lambda: _fetch_verified(url, final, target, policy))
 
 
-def _from_live_host(url: str, final: Path, fetch: Callable[[], object]) -> None:
+def from_live_host(url: str, final: Path, fetch: Callable[[], object]) -> None:
     """``fetch()``, unless the host of ``url`` was found down a moment ago; a host found down is remembered."""
     known = _known_down(url)
     if known:  # the same answer as a moment ago, without waiting for it again
@@ -249,7 +249,7 @@ def _from_live_host(url: str, final: Path, fetch: Callable[[], object]) -> None:
         raise
 
 
-def _give_up(label: str, final: Path, failures: List[Tuple[str, _Unavailable]],
+def give_up(label: str, final: Path, failures: List[Tuple[str, Unavailable]],
              resumable: bool = True) -> DownloadError:
     """One line: what was asked for, every URL tried and why it failed, and what to do."""
     what = f" {label}" if label else ""
@@ -276,15 +276,15 @@ def _give_up(label: str, final: Path, failures: List[Tuple[str, _Unavailable]],
                          advice=f"{', '.join(common[:-1])}, or {common[-1]}")
 
 
-def _fetch_verified(url: str, final: Path, target: _Target, policy: _Policy) -> None:
+def _fetch_verified(url: str, final: Path, target: Target, policy: Policy) -> None:
     """Fill ``.part`` (resuming what is there), check its hash, move it into place."""
-    part = _housekeeping(final, ".part")
+    part = housekeeping(final, ".part")
     resumed = part.is_file() and part.stat().st_size > 0
-    digest = _fetch_with_retries(url, part, policy)
+    digest = fetch_with_retries(url, part, policy)
     if not target.accepts(digest) and resumed:
         log.info("resumed file failed its hash check; downloading %s again from the start", target.filename)
         part.unlink()
-        digest = _fetch_with_retries(url, part, policy)
+        digest = fetch_with_retries(url, part, policy)
     if not target.accepts(digest):
         part.unlink(missing_ok=True)
         raise _WrongFile(f"SHA-256 mismatch: expected {target.expected}, got {digest}; the download was deleted",
@@ -293,14 +293,14 @@ def _fetch_verified(url: str, final: Path, target: _Target, policy: _Policy) -> 
     _remember_verified(final, digest)
 
 
-def _fetch_with_retries(url: str, part: Path, policy: _Policy) -> str:
+def fetch_with_retries(url: str, part: Path, policy: Policy) -> str:
     for attempt in range(policy.retries + 1):
         try:
             return _fetch_once(url, part, policy)
         except _Retryable as exc:
             if attempt == policy.retries:
                 resumable = part.is_file() and part.stat().st_size > 0
-                raise _Unavailable(f"gave up after {attempt + 1} attempt{'s' if attempt else ''} (last: {exc})",
+                raise Unavailable(f"gave up after {attempt + 1} attempt{'s' if attempt else ''} (last: {exc})",
                                    hint="run again to resume" if resumable else "run again later") from None
             wait = policy.backoff * 2 ** attempt
             log.info("%s; retrying in %.1f s (%d/%d)", exc, wait, attempt + 1, policy.retries)
@@ -308,7 +308,7 @@ def _fetch_with_retries(url: str, part: Path, policy: _Policy) -> str:
     raise AssertionError("unreachable")
 
 
-def _fetch_once(url: str, part: Path, policy: _Policy) -> str:
+def _fetch_once(url: str, part: Path, policy: Policy) -> str:
     """Append the rest of ``url`` to ``part``; return the SHA-256 of the whole part file."""
     if url.startswith("file:"):
         return _copy_local(url, part)
@@ -323,7 +323,7 @@ def _fetch_once(url: str, part: Path, policy: _Policy) -> str:
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
         raise _connection_failure(url, exc, policy.timeout) from None
     except requests.RequestException as exc:
-        raise _Unavailable(f"cannot be requested: {exc}") from None
+        raise Unavailable(f"cannot be requested: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,7 +388,7 @@ def _innermost(links: List[BaseException]) -> str:
     return type(links[0]).__name__
 
 
-def _range_not_satisfiable(url: str, response: requests.Response, part: Path, policy: _Policy) -> str:
+def _range_not_satisfiable(url: str, response: requests.Response, part: Path, policy: Policy) -> str:
     """A 416 means ``part`` is as long as the file (done) or longer (stale: start over)."""
     total = response.headers.get("Content-Range", "").rpartition("/")[2]
     if total == str(part.stat().st_size):
@@ -404,9 +404,9 @@ def _body_offset(url: str, response: requests.Response, offset: int) -> int:
     if status in _RETRY_STATUS:
         raise _Retryable(f"{url} answered HTTP {status} ({response.reason})")
     if status in _NOT_THERE_STATUS:
-        raise _Unavailable(f"answered HTTP {status} ({response.reason}): the file has moved or the host refuses it")
+        raise Unavailable(f"answered HTTP {status} ({response.reason}): the file has moved or the host refuses it")
     if status >= 400:
-        raise _Unavailable(f"answered HTTP {status} ({response.reason})")
+        raise Unavailable(f"answered HTTP {status} ({response.reason})")
     if offset and status == 206 and response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
         return offset
     if offset:
@@ -414,7 +414,7 @@ def _body_offset(url: str, response: requests.Response, offset: int) -> int:
     return 0
 
 
-def _stream_into(response: requests.Response, part: Path, offset: int, policy: _Policy) -> str:
+def _stream_into(response: requests.Response, part: Path, offset: int, policy: Policy) -> str:
     digest = _sha256_of(part) if offset else hashlib.sha256()
     length = response.headers.get("Content-Length")
     total = offset + int(length) if length and length.isdigit() else None
@@ -435,7 +435,7 @@ def _stream_into(response: requests.Response, part: Path, offset: int, policy: _
 def _copy_local(url: str, part: Path) -> str:
     source = Path(url2pathname(urlparse(url).path))
     if not source.is_file():
-        raise _Unavailable(f"no such file ({source})")
+        raise Unavailable(f"no such file ({source})")
     digest = hashlib.sha256()
     with open(source, "rb") as stream, open(part, "wb") as out:
         for block in iter(lambda: stream.read(CHUNK_BYTES), b""):

@@ -27,10 +27,10 @@ PUBLISHED_FIELDS = {
     "Inf time (fps)": ("fps", 0.0, 100000.0),
 }
 # The hashed file name convention: <anything>-<8 hex>.pth at the end of the URL path.
-_WEIGHTS_RE = re.compile(r"^(?P<stem>[^/?#]+-(?P<hash>[0-9a-f]{8}))\.pth$")
+WEIGHTS_RE = re.compile(r"^(?P<stem>[^/?#]+-(?P<hash>[0-9a-f]{8}))\.pth$")
 
 
-class _ReadOnlyMap(Mapping):
+class ReadOnlyMap(Mapping):
     """A read-only mapping that pickles and deep-copies (records travel to worker processes)."""
 
     def __init__(self, items: Mapping):
@@ -80,7 +80,7 @@ class EvalSettings:
         if merged["mode"] == "slide" and (merged["crop_size"] is None or merged["stride"] is None):
             raise PspZooError("slide inference needs crop_size=(h, w) and stride=(h, w)")
         plain = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
-        return _parse_test(_Where("test settings", "overrides"), plain, self, "")
+        return parse_test(Where("test settings", "overrides"), plain, self, "")
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ class Checkpoint:
         """The hashed weight file name in the cache, e.g. ``<name>_<date>_<time>-<hash8>.pth``: the
         URL's file name, with ``-<hash8>`` added when the URL's name does not carry it."""
         name = self.url.rsplit("/", 1)[-1]
-        if _WEIGHTS_RE.match(name):
+        if WEIGHTS_RE.match(name):
             return name
         stem = name[: -len(".pth")] if name.endswith(".pth") else name
         return f"{stem}-{self.hash_prefix}.pth"
@@ -254,7 +254,7 @@ class Checkpoint:
 # reading test settings (the manifest's and a caller's overrides alike)
 
 
-class _Where:
+class Where:
     def __init__(self, source: str, entry: str):
         self.source, self.entry = source, entry
 
@@ -293,7 +293,7 @@ class _Where:
                       f"unknown field; allowed: {', '.join(allowed)}")
 
 
-def _parse_test(where: _Where, raw: Mapping, base: Optional[EvalSettings], fld: str) -> EvalSettings:
+def parse_test(where: Where, raw: Mapping, base: Optional[EvalSettings], fld: str) -> EvalSettings:
     where.mapping(raw, fld)
     where.known_keys(raw, TEST_FIELDS, fld)
     merged = dict(base.__dict__) if base else {}

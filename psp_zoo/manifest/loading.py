@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 from ..constants import MANIFEST_ENV, env_paths
 from .entries import IGNORE_INDEX, LABEL_MAPS, Checkpoint, DatasetSpec, EvalSettings, Layout, Published
 from ..errors import ManifestError, PspZooError, UnknownModelError
-from .schema import _overridden, _parse_dataset, _parse_entry, _read_yaml
+from .schema import overridden, parse_dataset, parse_entry, read_yaml
 
 __all__ = [
     "DATASETS",
@@ -121,7 +121,7 @@ def _all_names(ckpt: Checkpoint) -> Tuple[str, ...]:
 
 @lru_cache(maxsize=1)
 def _builtin_data() -> Mapping:
-    return _read_yaml(BUILTIN_MANIFEST)
+    return read_yaml(BUILTIN_MANIFEST)
 
 
 def load_manifest(*user_paths: Union[str, Path], builtin: bool = True) -> Manifest:
@@ -132,10 +132,10 @@ def load_manifest(*user_paths: Union[str, Path], builtin: bool = True) -> Manife
     raws: dict = {}
     sources = ([BUILTIN_MANIFEST] if builtin else []) + [Path(p) for p in user_paths]
     for path in sources:
-        data = _builtin_data() if path == BUILTIN_MANIFEST else _read_yaml(path)
+        data = _builtin_data() if path == BUILTIN_MANIFEST else read_yaml(path)
         source = "model_index.yml" if path == BUILTIN_MANIFEST else str(path)
         for key, raw in (data.get("datasets") or {}).items():
-            datasets[key] = _parse_dataset(source, key, raw)
+            datasets[key] = parse_dataset(source, key, raw)
         backbones.update((raw["name"], (source, raw)) for raw in data.get("backbones") or [])
         seen = set()
         for index, raw in enumerate(data.get("models") or []):
@@ -144,8 +144,8 @@ def load_manifest(*user_paths: Union[str, Path], builtin: bool = True) -> Manife
                 raise ManifestError(f"{source}: models[{index}] '{name}': field 'name': duplicate name")
             seen.add(name)
             if isinstance(name, str) and name in raws:
-                raw = _overridden(raws[name], raw)
-            ckpt = _parse_entry(source, index, raw, datasets)
+                raw = overridden(raws[name], raw)
+            ckpt = parse_entry(source, index, raw, datasets)
             raws[ckpt.name] = raw
             entries[ckpt.name] = ckpt  # an override keeps the entry's place in the list
     return Manifest(datasets, list(entries.values()), backbones)
@@ -154,7 +154,7 @@ def load_manifest(*user_paths: Union[str, Path], builtin: bool = True) -> Manife
 _CACHE: dict = {}
 
 
-def _user_manifest_paths(manifest: Union[None, str, Path, Sequence]) -> Tuple[str, ...]:
+def user_manifest_paths(manifest: Union[None, str, Path, Sequence]) -> Tuple[str, ...]:
     if manifest is None:
         manifest = env_paths(MANIFEST_ENV)
     if isinstance(manifest, (str, Path)):
@@ -167,7 +167,7 @@ def get_manifest(manifest: Union[None, str, Path, Sequence] = None) -> Manifest:
 
     Cached per set of files and their modification times, so an edited user manifest is reread.
     """
-    paths = _user_manifest_paths(manifest)
+    paths = user_manifest_paths(manifest)
     stamp = []
     for p in paths:
         try:

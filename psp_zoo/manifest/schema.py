@@ -17,8 +17,8 @@ import numpy as np
 import yaml
 
 from .backbones import BACKBONE_FORMS, parse_backbone
-from .entries import (IGNORE_INDEX, LABEL_MAPS, PUBLISHED_FIELDS, _WEIGHTS_RE, Checkpoint, DatasetSpec,
-                      Layout, Published, _parse_test, _ReadOnlyMap, _Where)
+from .entries import (IGNORE_INDEX, LABEL_MAPS, PUBLISHED_FIELDS, WEIGHTS_RE, Checkpoint, DatasetSpec,
+                      Layout, Published, parse_test, ReadOnlyMap, Where)
 from ..errors import ManifestError
 
 CLASSES_FILE = Path(__file__).with_name("dataset_classes.json")
@@ -51,7 +51,7 @@ _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 # validation helpers: each raises ManifestError naming the source, the entry and the field
 
 
-def _rel_path(where: _Where, value: Any, fld: str, *, empty: bool = False) -> str:
+def _rel_path(where: Where, value: Any, fld: str, *, empty: bool = False) -> str:
     """A folder or file below the dataset folder: relative, inside it, '/'-separated."""
     if not isinstance(value, str) or (not value and not empty):
         where.fail(fld, f"expected a relative path, got {value!r}")
@@ -61,13 +61,13 @@ def _rel_path(where: _Where, value: Any, fld: str, *, empty: bool = False) -> st
     return value.strip("/")
 
 
-def _suffix(where: _Where, value: Any, fld: str) -> str:
+def _suffix(where: Where, value: Any, fld: str) -> str:
     if not isinstance(value, str) or not value or "/" in value or "\\" in value:
         where.fail(fld, f"expected the end of a file name like '.png' or '_labelTrainIds.png', got {value!r}")
     return value
 
 
-def _parse_layout(where: _Where, raw: Any) -> Layout:
+def _parse_layout(where: Where, raw: Any) -> Layout:
     where.mapping(raw, "layout")
     where.known_keys(raw, LAYOUT_REQUIRED + LAYOUT_OPTIONAL, "layout")
     for fld in LAYOUT_REQUIRED:
@@ -98,7 +98,7 @@ def _parse_layout(where: _Where, raw: Any) -> Layout:
     return replace(layout, train=_parse_train_layouts(where, raw)) if "train" in raw else layout
 
 
-def _parse_train_layouts(where: _Where, raw: Mapping) -> Tuple[Layout, ...]:
+def _parse_train_layouts(where: Where, raw: Mapping) -> Tuple[Layout, ...]:
     """``layout.train``: one mapping or a list of them, each a training split whose fields override
     the test layout's; ``split`` is never inherited (the test split file lists validation images)."""
     parts = raw["train"]
@@ -110,7 +110,7 @@ def _parse_train_layouts(where: _Where, raw: Mapping) -> Tuple[Layout, ...]:
     for i, part in enumerate(parts):
         where.mapping(part, f"layout.train[{i}]")
         where.known_keys(part, TRAIN_LAYOUT_FIELDS, f"layout.train[{i}]")
-        layouts.append(_parse_layout(_Where(where.source, f"{where.entry}: layout.train[{i}]"), {**inherited, **part}))
+        layouts.append(_parse_layout(Where(where.source, f"{where.entry}: layout.train[{i}]"), {**inherited, **part}))
     return tuple(layouts)
 
 
@@ -124,7 +124,7 @@ def _default_palette(count: int) -> list:
     return np.random.RandomState(42).randint(0, 255, size=(count, 3)).tolist()
 
 
-def _parse_classes(where: _Where, key: str, raw: Mapping, num_classes: int) -> Tuple[tuple, tuple]:
+def _parse_classes(where: Where, key: str, raw: Mapping, num_classes: int) -> Tuple[tuple, tuple]:
     known = _class_table().get(key, {})
     origin = "field" if "classes" in raw else f"{CLASSES_FILE.name}"
     names = raw.get("classes", known.get("classes"))
@@ -144,8 +144,8 @@ def _parse_classes(where: _Where, key: str, raw: Mapping, num_classes: int) -> T
     return tuple(names), tuple(tuple(c) for c in colours)
 
 
-def _parse_dataset(source: str, key: str, raw: Any) -> DatasetSpec:
-    where = _Where(source, f"datasets.{key}")
+def parse_dataset(source: str, key: str, raw: Any) -> DatasetSpec:
+    where = Where(source, f"datasets.{key}")
     if not isinstance(key, str) or not _DATASET_KEY_RE.match(key):
         where.fail("", f"a dataset key is lowercase letters, digits and '_', got {key!r}")
     where.mapping(raw, "")
@@ -170,17 +170,17 @@ def _parse_dataset(source: str, key: str, raw: Any) -> DatasetSpec:
         img_scale=img_scale,
         reduce_zero_label=where.boolean(raw["reduce_zero_label"], "reduce_zero_label"),
         train_images_per_gpu=where.pos_int(raw["train_images_per_gpu"], "train_images_per_gpu"),
-        test=_parse_test(where, test_raw, None, "test"),
+        test=parse_test(where, test_raw, None, "test"),
         layout=_parse_layout(where, raw["layout"]),
         classes=classes,
         palette=palette,
         ignore_index=ignore_index,
         source=source,
-        train=_ReadOnlyMap(where.mapping(raw.get("train") or {}, "train")),
+        train=ReadOnlyMap(where.mapping(raw.get("train") or {}, "train")),
     )
 
 
-def _parse_published(where: _Where, raw: Any, fld: str = "published") -> Published:
+def _parse_published(where: Where, raw: Any, fld: str = "published") -> Published:
     where.mapping(raw, fld)
     where.known_keys(raw, PUBLISHED_FIELDS, fld)
     values = {}
@@ -196,14 +196,14 @@ def _parse_published(where: _Where, raw: Any, fld: str = "published") -> Publish
     return Published(**values)
 
 
-def _names(where: _Where, value: Any, fld: str) -> Tuple[str, ...]:
+def _names(where: Where, value: Any, fld: str) -> Tuple[str, ...]:
     value = value or []
     if not isinstance(value, list) or not all(isinstance(a, str) and _NAME_RE.match(a) for a in value):
         where.fail(fld, f"expected a list of names, got {value!r}")
     return tuple(value)
 
 
-def _parse_weights(where: _Where, raw: Mapping) -> Tuple[Tuple[str, ...], str]:
+def _parse_weights(where: Where, raw: Mapping) -> Tuple[Tuple[str, ...], str]:
     """The weights URLs (one, or a list of the same file's locations) and their hash prefix.
 
     The prefix is the ``-<8 hex>`` of the file name (the published files' convention) or, for a
@@ -220,13 +220,13 @@ def _parse_weights(where: _Where, raw: Mapping) -> Tuple[Tuple[str, ...], str]:
         fld = f"weights[{index}]" if isinstance(value, list) else "weights"
         if not isinstance(url, str) or not re.match(r"^(https?|file)://", url):
             where.fail(fld, f"expected an http(s):// or file:// URL, got {url!r}")
-        if sha256 is None and not _WEIGHTS_RE.match(url.rsplit("/", 1)[-1]):
+        if sha256 is None and not WEIGHTS_RE.match(url.rsplit("/", 1)[-1]):
             where.fail(fld, f"file name must end in -<8 hex digits>.pth (the SHA-256 prefix), got {url!r}; "
                             f"rename the file so, or give the file's full 'sha256' instead")
         if url.rsplit("/", 1)[-1] != urls[0].rsplit("/", 1)[-1]:
             where.fail(fld, f"every URL must name the same file as the first ({urls[0].rsplit('/', 1)[-1]}), "
                             f"got {url!r}")
-    named = _WEIGHTS_RE.match(urls[0].rsplit("/", 1)[-1])
+    named = WEIGHTS_RE.match(urls[0].rsplit("/", 1)[-1])
     derived = named.group("hash") if named else sha256[:8]
     hash_prefix = raw.get("hash", derived)
     if not isinstance(hash_prefix, str) or not _HEX8_RE.match(hash_prefix):
@@ -238,7 +238,7 @@ def _parse_weights(where: _Where, raw: Mapping) -> Tuple[Tuple[str, ...], str]:
     return tuple(urls), hash_prefix
 
 
-def _parse_backbone(where: _Where, raw: Mapping) -> Tuple[str, dict]:
+def _parse_backbone(where: Where, raw: Mapping) -> Tuple[str, dict]:
     """The table's backbone name and what it means: depth, stem (V1c/V1b) and output stride."""
     depth = raw.get("depth")
     if depth is not None and (depth not in (18, 50, 101) or isinstance(depth, bool)):
@@ -257,7 +257,7 @@ def _parse_backbone(where: _Where, raw: Mapping) -> Tuple[str, dict]:
     return backbone, net
 
 
-def _parse_arch(where: _Where, raw: Mapping) -> dict:
+def _parse_arch(where: Where, raw: Mapping) -> dict:
     arch = dict(where.mapping(raw.get("model") or {}, "model"))
     where.known_keys(arch, ARCH_FIELDS, "model")
     for key, value in arch.items():
@@ -265,7 +265,7 @@ def _parse_arch(where: _Where, raw: Mapping) -> dict:
     return arch
 
 
-def _parse_cross(where: _Where, raw: Mapping, datasets: Mapping[str, DatasetSpec], own: str,
+def _parse_cross(where: Where, raw: Mapping, datasets: Mapping[str, DatasetSpec], own: str,
                  num_classes: int) -> Tuple[dict, Tuple[Tuple[str, Tuple[str, ...]], ...]]:
     """``published_on``: the checkpoint's published numbers on datasets other than its own."""
     published, aliases = {}, []
@@ -287,21 +287,21 @@ def _parse_cross(where: _Where, raw: Mapping, datasets: Mapping[str, DatasetSpec
     return published, tuple(aliases)
 
 
-def _parse_finetuned_from(where: _Where, raw: Any) -> Mapping[str, str]:
+def _parse_finetuned_from(where: Where, raw: Any) -> Mapping[str, str]:
     """A fine-tuned entry's source checkpoint: its name, full SHA-256 and where it was read from."""
     raw = where.mapping(raw or {}, "finetuned_from")
     where.known_keys(raw, FINETUNED_FROM_FIELDS, "finetuned_from")
     for key, value in raw.items():
         if not isinstance(value, str) or not value:
             where.fail(f"finetuned_from.{key}", f"expected text, got {value!r}")
-    return _ReadOnlyMap(raw)
+    return ReadOnlyMap(raw)
 
 
-def _entry_where(source: str, index: int, raw: Any) -> _Where:
+def _entry_where(source: str, index: int, raw: Any) -> Where:
     label = f"models[{index}]"
     if isinstance(raw, Mapping) and isinstance(raw.get("name"), str):
         label += f" '{raw['name']}'"
-    where = _Where(source, label)
+    where = Where(source, label)
     where.mapping(raw, "")
     where.known_keys(raw, ENTRY_REQUIRED + sum(ENTRY_EITHER, ()) + ENTRY_OPTIONAL, "")
     for fld in ENTRY_REQUIRED:
@@ -314,7 +314,7 @@ def _entry_where(source: str, index: int, raw: Any) -> _Where:
     return where
 
 
-def _parse_entry(source: str, index: int, raw: Any, datasets: Mapping[str, DatasetSpec]) -> Checkpoint:
+def parse_entry(source: str, index: int, raw: Any, datasets: Mapping[str, DatasetSpec]) -> Checkpoint:
     where = _entry_where(source, index, raw)
     dataset = raw["dataset"]
     if dataset not in datasets:
@@ -324,7 +324,7 @@ def _parse_entry(source: str, index: int, raw: Any, datasets: Mapping[str, Datas
     urls, hash_prefix = _parse_weights(where, raw)
     arch = _parse_arch(where, raw)
     num_classes = arch.pop("num_classes", spec.num_classes)
-    test = spec.test if raw.get("test") is None else _parse_test(where, raw["test"], spec.test, "test")
+    test = spec.test if raw.get("test") is None else parse_test(where, raw["test"], spec.test, "test")
     published = _parse_published(where, raw["published"])
     cross, dataset_aliases = _parse_cross(where, raw, datasets, dataset, num_classes)
     # on another dataset: that dataset's test settings, the network's own align_corners
@@ -347,16 +347,16 @@ def _parse_entry(source: str, index: int, raw: Any, datasets: Mapping[str, Datas
         published=published,
         arch=tuple(sorted(arch.items())),
         source=source,
-        published_on=_ReadOnlyMap({dataset: published, **cross}),
+        published_on=ReadOnlyMap({dataset: published, **cross}),
         dataset_aliases=dataset_aliases,
-        _tests=_ReadOnlyMap(tests),
-        train=_ReadOnlyMap(where.mapping(raw.get("train") or {}, "train")),
+        _tests=ReadOnlyMap(tests),
+        train=ReadOnlyMap(where.mapping(raw.get("train") or {}, "train")),
         finetuned_from=_parse_finetuned_from(where, raw.get("finetuned_from")),
         **net,
     )
 
 
-def _read_yaml(path: Path) -> Mapping:
+def read_yaml(path: Path) -> Mapping:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -385,7 +385,7 @@ def _read_yaml(path: Path) -> Mapping:
     return data
 
 
-def _overridden(previous: Mapping, override: Mapping) -> dict:
+def overridden(previous: Mapping, override: Mapping) -> dict:
     """An entry overridden field by field: the override's fields, the previous entry's for the rest.
 
     Inherited fields that describe what the override replaced go with it: new ``weights`` are

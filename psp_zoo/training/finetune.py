@@ -33,7 +33,7 @@ import torch
 
 from ..model.checkpoint import read_checkpoint
 from ..datasets.check import check_folders
-from ..datasets.readers import dataset_spec, list_items
+from ..datasets.readers import dataset_spec, list_items, training_items
 from ..distributed import Distributed
 from ..environment import usable_device
 from ..errors import CheckpointError, PspZooError
@@ -42,7 +42,6 @@ from ..hub.cache import download
 from ..manifest.loading import DatasetSpec, get_manifest
 from ..model import PSPNet
 from ..hub.options import FetchOptions
-from .data import training_items
 from .loop import TrainResult, train
 from .recipe import Recipe, recipe_from_entry
 from .zoo_entry import manifest_paths, write_run_manifest, write_zoo_manifest

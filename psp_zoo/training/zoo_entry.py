@@ -25,7 +25,7 @@ import yaml
 
 from ..model.checkpoint import read_checkpoint
 from ..files import atomic_write
-from ..manifest.loading import DatasetSpec, Layout, _user_manifest_paths
+from ..manifest.loading import DatasetSpec, Layout, user_manifest_paths
 from .recipe import Recipe
 
 __all__ = ["dataset_declaration", "manifest_paths", "write_run_manifest", "write_zoo_manifest", "recipe_block"]
@@ -38,7 +38,7 @@ _HEADER = ("# psp-zoo manifest written by a fine-tuning run: its dataset's decla
 
 def manifest_paths(manifest) -> Tuple[str, ...]:
     """The user manifests in force (``manifest``, else ``$PSP_ZOO_MANIFEST``) as a tuple of paths."""
-    return _user_manifest_paths(manifest)
+    return user_manifest_paths(manifest)
 
 
 def _layout(layout: Layout) -> dict:

@@ -29,7 +29,7 @@ from .hub.cache import HOME_ENV, cache_dir, cache_state, download
 from .errors import DownloadError, PspZooError, one_line
 from .evaluation.evaluator import evaluate
 from .files import check_writable_folder
-from .manifest.loading import Manifest, get_checkpoint, get_manifest
+from .manifest.loading import IGNORE_INDEX, Manifest, get_checkpoint, get_manifest
 from .model import PSPNet
 from .prediction.predictor import Predictor, predict_files
 from .results.records import read_results, result_path, write_result
@@ -225,7 +225,7 @@ class _SelfTest:
             labels = _read_palette_png(outcome[0])
             if labels.shape != rgb.shape[:2]:
                 raise PspZooError(f"{outcome[0]} is {labels.shape}, the image {rgb.shape[:2]}")
-            valid = label != 255
+            valid = label != IGNORE_INDEX
             agree, counted = agree + int((labels[valid] == label[valid]).sum()), counted + int(valid.sum())
         return f"{outcome[1]}{self._agreement(100.0 * agree / counted)}"
 

@@ -160,6 +160,41 @@ def test_the_private_import_check_catches_one():
         "psp_zoo.datasets.check: psp_zoo.datasets.readers._label_for"]
 
 
+#: A fact the code relies on -> a pattern that only its one home in psp_zoo/ writes (tests pin the values
+#: on their own, as they should); the test material's patterns count tests/ too.
+ONE_HOME = {
+    "the ignore index": r"^IGNORE_INDEX\s*=|ignore_index: int = \d",
+    "the ResNet depth table": r"\b3, 4, 23, 3\b|\b18, 50,? (or )?101\b|\{2: 18\b",
+    "the checkpoint / validation interval (a tenth of the run)": r"// 10\)",
+    "the recipe's identity fields": r"\"name\", \"dataset\", \"num_classes\"",
+}
+ONE_HOME_WITH_TESTS = {
+    "a test HTTP server's thread": r"serve_forever",
+    "a generated shape": r"cv2\.circle\(",
+}
+
+
+def _homes(files: Dict[str, str], facts: Dict[str, str]) -> Dict[str, List[str]]:
+    """fact -> the lines of ``files`` (name -> text) that write it, where it is written more than once."""
+    found = {fact: [f"{name}:{number}" for name, text in files.items()
+                    for number, line in enumerate(text.splitlines(), 1) if re.search(pattern, line)]
+             for fact, pattern in facts.items()}
+    return {fact: lines for fact, lines in found.items() if len(lines) > 1}
+
+
+def test_each_fact_has_one_home():
+    code = {str(path.relative_to(REPO)): path.read_text(encoding="utf-8") for path in PACKAGE.rglob("*.py")}
+    tests = {str(path.relative_to(REPO)): path.read_text(encoding="utf-8") for path in (REPO / "tests").glob("*.py")
+             if path.name != Path(__file__).name}
+    assert _homes(code, ONE_HOME) == {}
+    assert _homes({**code, **tests}, ONE_HOME_WITH_TESTS) == {}
+
+
+def test_the_one_home_check_catches_a_second_copy():
+    files = {"a.py": "IGNORE_INDEX = 255\n", "b.py": "def loss(x, ignore_index: int = 255):\n    pass\n"}
+    assert _homes(files, ONE_HOME) == {"the ignore index": ["a.py:1", "b.py:1"]}
+
+
 # --------------------------------------------------------------------------------------------
 # the documented order
 

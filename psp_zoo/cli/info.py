@@ -28,8 +28,7 @@ def _fields(args: argparse.Namespace) -> dict:
 
     entry = get_checkpoint(args.name, manifest=args.manifest)
     fields = entry.as_dict()
-    recipe = recipe_from_entry(entry, args.manifest).as_dict()
-    fields["train"] = {k: v for k, v in recipe.items() if k not in ("name", "dataset", "num_classes")}
+    fields["train"] = recipe_from_entry(entry, args.manifest).settings()
     fields["test"] = {k: v for k, v in fields["test"].items() if v is not None}
     fields["arch"] = dict(entry.arch)
     fields.update(

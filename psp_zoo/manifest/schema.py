@@ -16,7 +16,7 @@ from typing import Any, Mapping, Tuple
 import numpy as np
 import yaml
 
-from .backbones import BACKBONE_FORMS, parse_backbone
+from .backbones import BACKBONE_FORMS, DEPTH_WORDS, DEPTHS, parse_backbone
 from .entries import (IGNORE_INDEX, LABEL_MAPS, PUBLISHED_FIELDS, WEIGHTS_RE, Checkpoint, DatasetSpec,
                       Layout, Published, parse_test, ReadOnlyMap, Where)
 from ..errors import ManifestError
@@ -241,8 +241,8 @@ def _parse_weights(where: Where, raw: Mapping) -> Tuple[Tuple[str, ...], str]:
 def _parse_backbone(where: Where, raw: Mapping) -> Tuple[str, dict]:
     """The table's backbone name and what it means: depth, stem (V1c/V1b) and output stride."""
     depth = raw.get("depth")
-    if depth is not None and (depth not in (18, 50, 101) or isinstance(depth, bool)):
-        where.fail("depth", f"expected 18, 50 or 101, got {depth!r}")
+    if depth is not None and (depth not in DEPTHS or isinstance(depth, bool)):
+        where.fail("depth", f"expected {DEPTH_WORDS}, got {depth!r}")
     backbone = raw.get("backbone")
     if backbone is None:
         if depth is None:

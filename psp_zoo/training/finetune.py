@@ -43,7 +43,7 @@ from ..manifest.loading import DatasetSpec, get_manifest
 from ..model import PSPNet
 from ..hub.options import FetchOptions
 from .loop import TrainResult, train
-from .recipe import Recipe, recipe_from_entry
+from .recipe import Recipe, base_recipe, recipe_from_entry
 from .zoo_entry import manifest_paths, write_run_manifest, write_zoo_manifest
 
 __all__ = ["CLASSIFIERS", "Source", "read_source", "starting_weights", "finetune", "FinetuneResult"]
@@ -118,10 +118,7 @@ def fetched(source: Source, fetch: FetchOptions) -> Source:
 def run_recipe(name: str, spec: DatasetSpec, source: Source, overrides: Dict[str, Any]) -> Recipe:
     """The recipe the run will follow, checked field by field: the source's optimizer and schedule, the
     dataset's training facts, then ``overrides`` (the run's entry gives the loop the same)."""
-    base = Recipe(name=name, dataset=spec.key, num_classes=spec.num_classes, img_scale=spec.img_scale,
-                  crop_size=source.crop_size, batch_size=spec.train_images_per_gpu, pretrained=None,
-                  max_iters=source.schedule, eval_interval=max(1, source.schedule // 10),
-                  checkpoint_interval=max(1, source.schedule // 10))
+    base = base_recipe(name, spec, crop_size=source.crop_size, max_iters=source.schedule, pretrained=None)
     recipe = base.with_overrides(source.optimization, where=f"the recipe of {source.label}")
     recipe = recipe.with_overrides(dict(spec.train), where=f"{spec.source}: datasets.{spec.key}: field 'train'")
     return recipe.with_overrides(overrides)

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from ..errors import PspZooError
+from ..manifest.entries import IGNORE_INDEX
 from ..datasets.transforms import IMG_MEAN, IMG_STD, rescale_size
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
 
 Rng = Union[np.random.Generator, np.random.RandomState]
 Box = Tuple[int, int, int, int]  # y1, y2, x1, x2
-IGNORE_INDEX = 255
 #: mmseg's RandomCrop: 10 boxes are checked; after 10 rejections the 11th is used unchecked.
 CROP_TRIES = 10
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..distributed import Distributed
 from ..errors import PspZooError
+from ..manifest.entries import IGNORE_INDEX
 from .recipe import Recipe
 from .schedule import learning_rate
 from .freeze import freeze_backbone
@@ -53,7 +54,7 @@ class StepResult:
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, *, align_corners: bool,
-                      ignore_index: int = 255) -> Tuple[torch.Tensor, torch.Tensor]:
+                      ignore_index: int = IGNORE_INDEX) -> Tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy averaged over all label pixels, accuracy in percent over non-ignored pixels).
 
     The logits are resized to the labels' size in float32 first, as mmseg's ``losses`` does.

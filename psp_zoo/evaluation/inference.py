@@ -39,8 +39,8 @@ BAND_BYTES = 256 * 2 ** 20
 def default_slide_batch(device) -> int:
     """Crops per model call when the caller does not say: batched on CUDA, one at a time on CPU.
 
-    On the CPU, stacking windows made the eager model slower, not faster (R-50-D8, 8 windows of
-    385 x 385: 6.8 s batched vs 5.1 s one at a time; benchmarks/speed.py) and used 7x the memory.
+    On the CPU, stacking windows makes the model slower, not faster, and multiplies the memory
+    (docs/performance.md, "Why the code does what it does").
     """
     return SLIDE_BATCH_SIZE if torch.device(device).type == "cuda" else 1
 

@@ -83,8 +83,8 @@ def versions() -> Dict[str, str]:
 def runtimes(model: torch.nn.Module, files: Dict[str, Path], threads: int) -> Dict[str, Callable]:
     """name -> callable(x) -> logits, for every runtime available here."""
     fast = optimize(model)
-    calls = {"eager": model, "fast_path": fast,
-             "ort_plain": ort_runner(files["plain"], threads), "ort_factorized": ort_runner(files["factorized"], threads)}
+    calls = {"eager": model, "fast_path": fast, "ort_plain": ort_runner(files["plain"], threads),
+             "ort_factorized": ort_runner(files["factorized"], threads)}
     for kind in ("plain", "factorized"):
         runner = openvino_runner(files[kind], threads)
         if runner is not None:

@@ -23,19 +23,28 @@ import numpy as np
 import torch
 
 from ._version import __version__
-from .model.checkpoint import load_checkpoint
 from .datasets.readers import list_items
-from .hub.cache import HOME_ENV, cache_dir, cache_state, download
 from .errors import DownloadError, PspZooError, one_line
 from .evaluation.evaluator import evaluate
 from .files import check_writable_folder
+from .hub.cache import HOME_ENV, cache_dir, cache_state, download
 from .manifest.loading import IGNORE_INDEX, Manifest, get_checkpoint, get_manifest
 from .model import PSPNet
+from .model.checkpoint import load_checkpoint
 from .prediction.predictor import Predictor, predict_files
 from .results.records import read_results, result_path, write_result
 from .results.tables import build_tables, render
-from .testing import (SELFTEST_NAME, SELFTEST_TEST_SETTINGS, TINY_ARCH, manifest_entry, no_proxy_for_localhost,
-                      serve_folder, write_manifest, write_mini_cityscapes, write_tiny_checkpoint)
+from .testing import (
+    SELFTEST_NAME,
+    SELFTEST_TEST_SETTINGS,
+    TINY_ARCH,
+    manifest_entry,
+    no_proxy_for_localhost,
+    serve_folder,
+    write_manifest,
+    write_mini_cityscapes,
+    write_tiny_checkpoint,
+)
 
 __all__ = ["run_selftest"]
 

@@ -28,9 +28,11 @@ from .errors import PspZooError
 from .files import atomic_write
 from .model import PSPNet
 
-__all__ = ["TINY_ARCH", "SHAPE_CLASSES", "SHAPE_PALETTE", "SHAPE_SIZE", "SHAPES_WALK_THROUGH_TRAIN", "shapes_declaration",
-           "write_shapes_manifest", "shape_sample", "write_shapes_split", "write_shapes", "write_shapes_ade20k", "SELFTEST_NAME", "SELFTEST_TEST_SETTINGS", "calibrate_batchnorm", "write_tiny_checkpoint",
-           "write_mini_cityscapes", "manifest_entry", "write_manifest", "serve_folder", "LocalHTTPServer", "no_proxy_for_localhost"]
+__all__ = ["TINY_ARCH", "SHAPE_CLASSES", "SHAPE_PALETTE", "SHAPE_SIZE", "SHAPES_WALK_THROUGH_TRAIN",
+           "shapes_declaration", "write_shapes_manifest", "shape_sample", "write_shapes_split", "write_shapes",
+           "write_shapes_ade20k", "SELFTEST_NAME", "SELFTEST_TEST_SETTINGS", "calibrate_batchnorm",
+           "write_tiny_checkpoint", "write_mini_cityscapes", "manifest_entry", "write_manifest", "serve_folder",
+           "LocalHTTPServer", "no_proxy_for_localhost"]
 
 PathLike = Union[str, Path]
 #: Widths of the tiny PSPNet: the real R-50-D8 depth and layout, narrow enough to run in a second.
@@ -272,8 +274,8 @@ def write_shapes_ade20k(root: PathLike, *, train: int = 32, val: int = 8, size: 
             rgb, label = shape_sample(rng, size)
             label = np.where(label == 255, label, label + 1).astype(np.uint8)
             stem = f"ADE_{split[:5]}_{index:08d}"
-            _write_pair(Path(root) / "images" / split / f"{stem}.jpg", Path(root) / "annotations" / split / f"{stem}.png",
-                        rgb, label)
+            image_path = Path(root) / "images" / split / f"{stem}.jpg"
+            _write_pair(image_path, Path(root) / "annotations" / split / f"{stem}.png", rgb, label)
     return Path(root)
 
 

@@ -14,12 +14,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from helpers import assert_close_to_scale
 
-from psp_zoo.evaluation.inference import (BAND_BYTES, _row_weights, infer_labels, infer_probs, predict_labels,
-                               predict_probs, resized_rows)
-from psp_zoo.manifest.loading import EvalSettings as Settings
 from psp_zoo.datasets.transforms import resized_inputs, target_scales
+from psp_zoo.evaluation.inference import (
+    BAND_BYTES,
+    _row_weights,
+    infer_labels,
+    infer_probs,
+    predict_labels,
+    predict_probs,
+    resized_rows,
+)
+from psp_zoo.manifest.loading import EvalSettings as Settings
+
+from helpers import assert_close_to_scale
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -25,8 +25,8 @@ from helpers import make_record, one_line, run_cli, tiny_checkpoint_path, tiny_i
 SHARED = ("name", "--checkpoint", "--data-root", "--num-workers", "--device", "--manifest", "--cache-dir",
           "--mirror", "--offline", "--dataset")
 FETCHING = ("get", "evaluate", "predict", "reproduce", "logs", "export", "info")
-EVERY_COMMAND = {"list", "info", "get", "dataset", "evaluate", "predict", "reproduce", "tables", "show", "train", "logs",
-                 "export", "selftest"}
+EVERY_COMMAND = {"list", "info", "get", "dataset", "evaluate", "predict", "reproduce", "tables", "show", "train",
+                 "logs", "export", "selftest"}
 
 
 
@@ -184,8 +184,8 @@ def test_a_truncated_checkpoint_is_one_clean_sentence(capsys, tmp_path, manifest
 def test_a_refused_pickle_has_no_terminal_codes(tmp_path):
     import torch
 
-    from psp_zoo.model.checkpoint import read_checkpoint
     from psp_zoo.errors import CheckpointError
+    from psp_zoo.model.checkpoint import read_checkpoint
 
     path = tmp_path / "code.pth"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "meta": {"x": argparse.Namespace(a=1)}}, path)

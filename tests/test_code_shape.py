@@ -79,7 +79,7 @@ def _cycle(graph: Dict[str, Set[str]]) -> List[str]:
 
 def test_no_import_cycle_inside_the_package():
     graph = _graph()
-    assert "psp_zoo.evaluation.evaluator" in graph and "psp_zoo.results.records" in graph["psp_zoo.evaluation.evaluator"]
+    assert "psp_zoo.results.records" in graph["psp_zoo.evaluation.evaluator"]
     # no module imports the package back (psp_zoo/__init__ is the public face, nothing else)
     back = sorted(name for name, imports in graph.items() if "psp_zoo" in imports and name != "psp_zoo")
     assert back == []
@@ -140,7 +140,8 @@ def _private_imports(source: str, module: str) -> List[str]:
         base = base[: len(base) - node.level + 1] if node.level else []
         target = ".".join(base + (node.module.split(".") if node.module else []))
         for alias in node.names:
-            own_module = target == package and (PACKAGE.parent / Path(*package.split("."), alias.name)).with_suffix(".py").exists()
+            sibling = (PACKAGE.parent / Path(*package.split("."), alias.name)).with_suffix(".py")
+            own_module = target == package and sibling.exists()
             if alias.name.startswith("_") and not alias.name.endswith("__") and not own_module:
                 found.append(f"{module}: {target}.{alias.name}")
     return found
@@ -154,8 +155,10 @@ def test_no_module_imports_another_modules_private_name():
 
 
 def test_the_private_import_check_catches_one():
-    source = "from ..datasets.readers import SEE_README, _files_below\nfrom . import _options\nfrom .._version import __version__\n"
-    assert _private_imports(source, "psp_zoo.cli.dataset") == ["psp_zoo.cli.dataset: psp_zoo.datasets.readers._files_below"]
+    source = ("from ..datasets.readers import SEE_README, _files_below\nfrom . import _options\n"
+              "from .._version import __version__\n")
+    assert _private_imports(source, "psp_zoo.cli.dataset") == [
+        "psp_zoo.cli.dataset: psp_zoo.datasets.readers._files_below"]
     assert _private_imports("from .readers import _label_for\n", "psp_zoo.datasets.check") == [
         "psp_zoo.datasets.check: psp_zoo.datasets.readers._label_for"]
 

@@ -298,7 +298,8 @@ def test_family_wrong_layouts_are_explained(tmp_path):
     minidata.write_coco_stuff164k(tmp_path / "coco")
     for path in (tmp_path / "coco" / "annotations" / "val2017").glob("*_labelTrainIds.png"):
         path.unlink()
-    _one_line_error(r"000000000139\.jpg has no label: expected .*000000000139_labelTrainIds\.png \(see docs/datasets\.md",
+    _one_line_error(r"000000000139\.jpg has no label: expected .*000000000139_labelTrainIds\.png "
+                    r"\(see docs/datasets\.md",
                     lambda: list_items("coco_stuff164k", tmp_path / "coco"))
     # Dark Zurich without its gt folder
     minidata.write_dark_zurich(tmp_path / "dz")

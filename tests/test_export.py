@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from psp_zoo import ConfusionMatrix, PSPNet, PspZooError, SegmentationDataset, load_checkpoint, optimize
 from psp_zoo.cli import main
 from psp_zoo.errors import CheckpointError
-from psp_zoo.evaluation.scoring import score
 from psp_zoo.evaluation.inference import slide_inference
+from psp_zoo.evaluation.scoring import score
 from psp_zoo.manifest.loading import EvalSettings as Settings
 
 import minidata

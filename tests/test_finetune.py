@@ -19,16 +19,17 @@ import torch
 import yaml
 from PIL import Image
 
-from helpers import REPO, tiny_checkpoint_path, tiny_info
-from psp_zoo.model.checkpoint import load_checkpoint, read_checkpoint
+from psp_zoo import testing
 from psp_zoo.cli import main
 from psp_zoo.errors import CheckpointError
 from psp_zoo.manifest.loading import load_manifest
 from psp_zoo.model import PSPNet
-from psp_zoo import testing
+from psp_zoo.model.checkpoint import load_checkpoint, read_checkpoint
 from psp_zoo.testing import TINY_ARCH, write_tiny_checkpoint
 from psp_zoo.training.finetune import CLASSIFIERS, inferred_arch, starting_weights
 from psp_zoo.training.freeze import freeze_backbone
+
+from helpers import REPO, tiny_checkpoint_path, tiny_info
 
 SOURCE = "tiny_pspnet_r18-d8_cityscapes"
 NAME = "shapes_pspnet"
@@ -163,8 +164,8 @@ def test_freeze_backbone_leaves_every_backbone_tensor_bit_identical(setup):
     work = setup["folder"] / "frozen"
     code, _, err = _cli("train", "--from", tiny_checkpoint_path("r50"), "--dataset", "shapes", "--name", "frozen",
                         "--freeze-backbone", "--data-root", setup["data"], "--work-dir", work, "--max-iters", "6",
-                        "--eval-interval", "6", "--lr", "0.05", "--batch-size", "2", "--gpus", "1", "--num-workers", "0",
-                        *setup["common"])
+                        "--eval-interval", "6", "--lr", "0.05", "--batch-size", "2", "--gpus", "1",
+                        "--num-workers", "0", *setup["common"])
     assert code == 0, err[-3000:]
     source, _ = read_checkpoint(tiny_checkpoint_path("r50"))
     trained, _ = read_checkpoint(work / "latest.pth")

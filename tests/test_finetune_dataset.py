@@ -6,8 +6,8 @@ and ``masks/{train,val}/*_mask.png``, 3 classes, 255 ignored.
 from __future__ import annotations
 
 import numpy as np
-import yaml
 import pytest
+import yaml
 from PIL import Image
 
 from psp_zoo import testing

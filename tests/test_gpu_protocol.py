@@ -14,10 +14,17 @@ from torch import nn
 from psp_zoo import PSPNet
 from psp_zoo.environment import exact_float32, float32_flags
 from psp_zoo.errors import PspZooError
-from psp_zoo.manifest.loading import EvalSettings, get_checkpoint
-from psp_zoo.evaluation.measure import PublishedRun, _train_steps, _training_peak, measure_fps, protocol_call, training_memory
+from psp_zoo.evaluation.measure import (
+    PublishedRun,
+    _train_steps,
+    _training_peak,
+    measure_fps,
+    protocol_call,
+    training_memory,
+)
 from psp_zoo.evaluation.metrics import ConfusionMatrix, count_cells
 from psp_zoo.hub.options import SpeedOptions
+from psp_zoo.manifest.loading import EvalSettings, get_checkpoint
 
 from helpers import load_speed_script, tiny_info, tiny_model
 
@@ -59,8 +66,9 @@ def test_exact_float32_turns_tf32_off_and_restores_it(tf32_on):
 
 
 def test_scoring_and_timing_run_without_tf32(tf32_on, tmp_path):
-    import minidata
     from psp_zoo import evaluate
+
+    import minidata
 
     minidata.write_cityscapes(tmp_path / "cityscapes")
     model, seen = tiny_model("r50"), []
@@ -158,7 +166,8 @@ def test_bf16_on_a_gpu_without_native_bf16_is_refused(monkeypatch, native):
     if native:
         assert options.check("cuda:1") is options
     else:
-        with pytest.raises(PspZooError, match=r"precision 'bf16' needs a GPU with native bf16 .*cuda:1.*'fp16' or 'fp32'"):
+        with pytest.raises(PspZooError,
+                           match=r"precision 'bf16' needs a GPU with native bf16 .*cuda:1.*'fp16' or 'fp32'"):
             options.check("cuda:1")
     assert asked == [torch.device("cuda:1")]  # the device asked about is the one given
     SpeedOptions(precision="fp16").check("cuda:1")  # fp16 runs on every GPU
@@ -241,8 +250,8 @@ def test_the_timed_steps_never_read_the_device_back(mode):
     """On the meta device any read back to the host (``.item()``, ``int()``, a boolean selection)
     raises: normalization, the model, the banded resize + softmax + argmax and the confusion-matrix
     update run there end to end, so on a GPU nothing inside a timed call waits for it to finish."""
-    from psp_zoo.evaluation.inference import single_scale_labels
     from psp_zoo.datasets.transforms import normalize_batch
+    from psp_zoo.evaluation.inference import single_scale_labels
 
     model = PSPNet(**tiny_info("r50")["config"]).eval().to("meta")
     settings = EvalSettings(mode=mode, img_scale=(96, 64), crop_size=(48, 48), stride=(32, 32), align_corners=False)
@@ -276,8 +285,9 @@ def test_factorized_head_keeps_its_matrices_to_itself():
 
 
 def test_loader_pins_for_the_device_it_feeds(monkeypatch, tmp_path):
-    import minidata
     import psp_zoo.datasets.readers as datasets
+
+    import minidata
 
     minidata.write_cityscapes(tmp_path / "cityscapes")
     data = datasets.SegmentationDataset("cityscapes", tmp_path / "cityscapes", img_scales=[(32, 16)])

@@ -1,4 +1,5 @@
-"""`psp-zoo logs` and psp_zoo.results.published_logs: published training logs, served from 127.0.0.1, beside the table."""
+"""`psp-zoo logs` and psp_zoo.results.published_logs: published training logs, served from 127.0.0.1, beside
+the table."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ import pytest
 from PIL import Image
 
 from psp_zoo.cli import main
-from psp_zoo.results.published_logs import LogError, compare_with_table, log_figure, parse_log, render_comparison
 from psp_zoo.manifest.loading import get_checkpoint
+from psp_zoo.results.published_logs import LogError, compare_with_table, log_figure, parse_log, render_comparison
 from psp_zoo.testing import manifest_entry, write_manifest
 
 from helpers import tiny_checkpoint_path
@@ -85,7 +86,8 @@ def test_0x_log_last_and_best_mIoU_and_peak_memory_beside_the_table(capsys, serv
     assert lines[1] == "  mmseg 0.x .log.json, 12 training and 3 validation lines"
     assert lines[2] == "  last val mIoU  73.00 (table 74.50, -1.50) at iteration 12000"
     assert lines[3] == "  best val mIoU  74.00 (table 74.50, -0.50) at iteration 8000"
-    assert lines[4] == "  peak memory    6.10 GB (table 6.10, +0.00) at iteration 3000: 6246 MiB / 1024"  # MiB, as mmseg logs them
+    # MiB, as mmseg logs them
+    assert lines[4] == "  peak memory    6.10 GB (table 6.10, +0.00) at iteration 3000: 6246 MiB / 1024"
     assert lines[5] == f"wrote {plot}"
     assert plot.read_bytes().startswith(PNG_SIGNATURE)
     with Image.open(plot) as png:

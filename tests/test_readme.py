@@ -106,7 +106,8 @@ def test_quick_start_commands_run_as_written(user_folder):
         outputs[command.split()[1]] = done.stdout
     assert QUICK_START_NAME in outputs["list"]
     cached = Path(outputs["get"].strip())
-    assert cached.name == tiny_checkpoint_path("r50").name and cached.read_bytes() == tiny_checkpoint_path("r50").read_bytes()
+    fixture = tiny_checkpoint_path("r50")
+    assert cached.name == fixture.name and cached.read_bytes() == fixture.read_bytes()
     for suffix in ("labels", "overlay", "legend"):
         assert (folder / "predictions" / f"demo_{suffix}.png").is_file()
     assert len(list((folder / "results" / QUICK_START_NAME).glob("cpu-*.json"))) == 1  # named by the CPU model

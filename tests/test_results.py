@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from psp_zoo.errors import ResultsError
 from psp_zoo.environment import environment_info
-from psp_zoo.results.records import MemoryUse, Speed, device_tag, read_result, read_results, result_path, write_result
+from psp_zoo.errors import ResultsError
 from psp_zoo.evaluation.resume import PartialState
+from psp_zoo.results.records import MemoryUse, Speed, device_tag, read_result, read_results, result_path, write_result
 
 from helpers import make_record
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from psp_zoo.results.published_logs import read_log
 from psp_zoo.manifest.loading import get_manifest
 from psp_zoo.model import PSPNet
+from psp_zoo.results.published_logs import read_log
 from psp_zoo.results.records import read_result
 from psp_zoo.testing import write_shapes_ade20k
 from psp_zoo.training.checkpoints import LATEST, pointed, save_checkpoint
@@ -92,7 +92,8 @@ def test_a_killed_run_resumes_to_the_same_weights(shapes, tmp_path):
 
 
 def test_the_files_of_a_run(shapes, tmp_path):
-    """Published checkpoint format, pointers, a log psp_zoo.results.published_logs reads, a checkpoint evaluate loads."""
+    """Published checkpoint format, pointers, a log psp_zoo.results.published_logs reads, a checkpoint evaluate
+    loads."""
     work = tmp_path / "run"
     _run(_command(shapes, work, "--max-iters", "4", "--eval-interval", "2", "--checkpoint-interval", "2"))
     saved = torch.load(work / "iter_4.pth", weights_only=True)

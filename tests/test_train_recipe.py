@@ -1,8 +1,8 @@
 """Every manifest entry's training recipe: the published facts, and overrides checked early."""
 from __future__ import annotations
 
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest

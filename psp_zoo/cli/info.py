@@ -11,7 +11,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "info", help="every field of one checkpoint, its cache path and state",
         description="Print every manifest field of one checkpoint (URLs, hashes, test settings, published "
-                    "numbers, architecture, the training recipe), the download URL (on --mirror if given), the cache path and "
+                    "numbers, architecture, the training recipe), the download URL (on --mirror if given), "
+                    "the cache path and "
                     "the cache state: cached, missing, corrupt (wrong hash) or partial (an interrupted "
                     "download). Nothing is downloaded.")
     _options.add_name_argument(parser)

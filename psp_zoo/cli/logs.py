@@ -26,8 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..results.published_logs import check_plotting, compare_with_table, plot_log, read_log, render_comparison
     from ..manifest.loading import get_checkpoint
+    from ..results.published_logs import check_plotting, compare_with_table, plot_log, read_log, render_comparison
 
     entry = get_checkpoint(args.name, manifest=args.manifest)
     if args.plot:  # refuse a plot that cannot be drawn or written before fetching anything

@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         result = train(args.name, data_root=args.data_root, work_dir=args.work_dir, device=args.device,
                        seed=args.seed, resume=args.resume, init_from=args.init_from, pretrained=args.pretrained,
                        num_workers=args.num_workers, amp=args.amp, channels_last=args.channels_last,
-                       compile=args.compile, float64=args.float64, fetch=_options.fetch_options(args), **overrides(args))
+                       compile=args.compile, float64=args.float64, fetch=_options.fetch_options(args),
+                       **overrides(args))
     if result.log is not None:  # process 0 of a torchrun job, or a run alone
         best = f", best mIoU {result.best_miou:.2f} ({Path(result.best).name})" if result.best_miou is not None else ""
         print(f"trained {result.iterations} iterations: {result.checkpoint}{best}; log {result.log}")

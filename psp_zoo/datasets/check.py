@@ -23,10 +23,18 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .readers import (LABEL_MAP_DECODERS, SEE_README, files_below, dataset_spec, decode_image, locate_split_folder,
-                       read_label, reduce_zero_label)
 from ..errors import DatasetError, PspZooError
 from ..manifest.loading import DatasetSpec, Layout
+from .readers import (
+    LABEL_MAP_DECODERS,
+    SEE_README,
+    dataset_spec,
+    decode_image,
+    files_below,
+    locate_split_folder,
+    read_label,
+    reduce_zero_label,
+)
 
 __all__ = ["SPLITS", "SplitCheck", "check_split", "check_dataset", "check_folders", "split_layouts"]
 

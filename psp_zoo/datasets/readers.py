@@ -156,7 +156,8 @@ def _split_images(dataset: str, folder: Path, layout: Layout) -> List[str]:
         raise DatasetError(f"{dataset}: split file {split} lists no images")
     repeated = [name for name, count in Counter(names).items() if count > 1]
     if repeated:  # mmseg would score such an image twice
-        raise DatasetError(f"{dataset}: split file {split} lists {repeated[0]!r} more than once; each image is scored once")
+        raise DatasetError(f"{dataset}: split file {split} lists {repeated[0]!r} more than once; "
+                           f"each image is scored once")
     return [name + layout.image_suffix for name in names]
 
 
@@ -206,7 +207,8 @@ def _part_images(dataset: str, folder: Path, layout: Layout) -> List[str]:
     if layout.split is None:
         images = sorted(files_below(image_dir, layout.image_suffix))
         if not images:
-            raise DatasetError(f"no *{layout.image_suffix} images in {image_dir} ({dataset} training set) ({SEE_README})")
+            raise DatasetError(f"no *{layout.image_suffix} images in {image_dir} ({dataset} training set) "
+                               f"({SEE_README})")
         return images
     split = folder / layout.split
     if not split.is_file():
@@ -255,7 +257,8 @@ def decode_image(path: PathLike) -> np.ndarray:
         raise DatasetError(f"cannot read image {path}: {exc.strerror or exc}") from None
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
-        raise DatasetError(f"cannot read image {path}: {'empty file' if not data.size else 'truncated or not an image file'}")
+        what = "empty file" if not data.size else "truncated or not an image file"
+        raise DatasetError(f"cannot read image {path}: {what}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

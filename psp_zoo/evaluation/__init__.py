@@ -4,7 +4,8 @@
 ``psp_zoo.evaluation`` keeps the names it had as one module.
 """
 from .evaluator import (  # the public names of the module this package replaced
-    evaluate, recorded_settings,
+    evaluate,
+    recorded_settings,
 )
 
 __all__ = ["evaluate", "recorded_settings"]

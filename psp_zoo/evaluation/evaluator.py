@@ -15,15 +15,15 @@ from typing import Any, Optional, Union
 import torch
 
 from ..datasets.readers import SegmentationDataset, list_items
+from ..datasets.transforms import MS_FLIP_RATIOS, target_scales
+from ..deploy.runtime import OnnxModel, onnx_backend_info
 from ..environment import environment_info, exact_float32_flags
 from ..errors import PspZooError
-from ..deploy.runtime import OnnxModel, onnx_backend_info
+from ..hub.options import FetchOptions, SpeedOptions, split_options
 from ..model.factory import Resolved, resolve
 from ..model.optimization import optimize
-from ..hub.options import FetchOptions, SpeedOptions, split_options
 from ..results.records import ImageCount, Metrics, ResultRecord
 from .scoring import score
-from ..datasets.transforms import MS_FLIP_RATIOS, target_scales
 
 __all__ = ["evaluate", "recorded_settings"]
 

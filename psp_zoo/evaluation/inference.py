@@ -21,11 +21,9 @@ import torch.nn.functional as F
 from ..datasets.transforms import normalize_batch, resized_inputs, target_scales
 from ..model.optimization import model_device
 
-__all__ = [
-    "SLIDE_BATCH_SIZE", "default_slide_batch", "model_device", "slide_windows", "whole_inference", "slide_inference", "mode_logits", "single_scale_probs",
-    "ms_flip_inference", "infer_probs", "predict_probs", "single_scale_labels", "infer_labels", "predict_labels", "resized_rows",
-    "BAND_BYTES",
-]
+__all__ = ["SLIDE_BATCH_SIZE", "default_slide_batch", "model_device", "slide_windows", "whole_inference",
+           "slide_inference", "mode_logits", "single_scale_probs", "ms_flip_inference", "infer_probs",
+           "predict_probs", "single_scale_labels", "infer_labels", "predict_labels", "resized_rows", "BAND_BYTES"]
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 #: Crops per model call in sliding-window inference on CUDA when the caller does not say: bounds

@@ -24,12 +24,12 @@ import contextlib
 import itertools
 import json
 import os
-import subprocess
 import resource
+import subprocess
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -37,10 +37,10 @@ import torch.nn.functional as F
 
 from ..environment import exact_float32
 from ..errors import PspZooError
-from .inference import single_scale_labels
 from ..manifest.loading import IGNORE_INDEX  # declared once, with the datasets
 from ..model import PSPNet
 from ..results.records import MemoryUse, Speed
+from .inference import single_scale_labels
 
 __all__ = ["measure_fps", "inference_peak_memory", "speed_and_memory", "training_memory", "PeakMemory",
            "PublishedRun", "protocol_call", "AUX_LOSS_WEIGHT", "IGNORE_INDEX", "FP16_LOSS_SCALE"]

@@ -30,24 +30,31 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import filelock
 import torch
 
+from ..constants import MIN_SPEED_IMAGES
 from ..datasets.readers import Item, SegmentationDataset, list_items, make_loader
+from ..datasets.transforms import normalize_batch, target_scales
 from ..distributed import Distributed
 from ..environment import environment_info, exact_float32_flags, on_device, usable_device
 from ..errors import PspZooError, ResultsError
-from .evaluator import recorded_settings
-from ..model.factory import Resolved, resolve
 from ..files import check_writable_folder
-from .inference import default_slide_batch
-from ..manifest.loading import Checkpoint, get_manifest
-from .measure import PROTOCOL_CALL, PublishedRun, protocol_call, speed_and_memory, training_memory
-from ..model.optimization import optimize
 from ..hub.options import FetchOptions, SpeedOptions
-from ..constants import MIN_SPEED_IMAGES
-from ..results.records import (DEFAULT_RESULTS_DIR, ImageCount, Metrics, ResultRecord, read_result, result_path,
-                      write_result)
+from ..manifest.loading import Checkpoint, get_manifest
+from ..model.factory import Resolved, resolve
+from ..model.optimization import optimize
+from ..results.records import (
+    DEFAULT_RESULTS_DIR,
+    ImageCount,
+    Metrics,
+    ResultRecord,
+    read_result,
+    result_path,
+    write_result,
+)
+from .evaluator import recorded_settings
+from .inference import default_slide_batch
+from .measure import PROTOCOL_CALL, PublishedRun, protocol_call, speed_and_memory, training_memory
 from .resume import PartialState
 from .scoring import score
-from ..datasets.transforms import normalize_batch, target_scales
 
 __all__ = ["reproduce", "ReproduceOptions", "ReproduceReport", "select_checkpoints", "run_options"]
 

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from ..datasets.readers import Sample, SegmentationDataset, make_loader
 from ..environment import exact_float32
-from .inference import infer_labels
 from ..manifest.loading import EvalSettings
+from .inference import infer_labels
 from .metrics import ConfusionMatrix
 from .resume import PartialState
 

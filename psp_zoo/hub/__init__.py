@@ -3,7 +3,15 @@ checkpoint cache and the public functions, ``options.py`` the options records pa
 ``psp_zoo.hub`` keeps the names it had as one module.
 """
 from .cache import (  # the public names of the module this package replaced
-    download, fetch_file, cache_dir, cached_path, cache_state, is_cached, resolve_url, forget_failed_hosts,
+    cache_dir,
+    cache_state,
+    cached_path,
+    download,
+    fetch_file,
+    forget_failed_hosts,
+    is_cached,
+    resolve_url,
 )
 
-__all__ = ["download", "fetch_file", "cache_dir", "cached_path", "cache_state", "is_cached", "resolve_url", "forget_failed_hosts"]
+__all__ = ["download", "fetch_file", "cache_dir", "cached_path", "cache_state", "is_cached", "resolve_url",
+           "forget_failed_hosts"]

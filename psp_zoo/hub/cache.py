@@ -30,10 +30,21 @@ import filelock
 
 from ..constants import HOME_ENV, OFFLINE_ENV, env_flag, env_text
 from ..errors import DownloadError, PspZooError
-from .fetching import (fetch_first_that_serves, fetch_with_retries, from_live_host, give_up,
-                       housekeeping, is_verified, marker_matches, Policy, Target, Unavailable, forget_failed_hosts,
-                       resolve_url)
 from ..manifest.loading import Checkpoint, get_checkpoint
+from .fetching import (
+    Policy,
+    Target,
+    Unavailable,
+    fetch_first_that_serves,
+    fetch_with_retries,
+    forget_failed_hosts,
+    from_live_host,
+    give_up,
+    housekeeping,
+    is_verified,
+    marker_matches,
+    resolve_url,
+)
 
 __all__ = ["download", "fetch_file", "cache_dir", "cached_path", "cache_state", "is_cached", "resolve_url",
            "forget_failed_hosts"]

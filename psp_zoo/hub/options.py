@@ -106,7 +106,8 @@ class SpeedOptions:
     def _check_cpu_precision(self) -> None:
         native_bf16 = cpu_supports_bf16()
         if self.precision == "fp16":
-            other = "'bf16' (this CPU has native bf16) or 'fp32'" if native_bf16 else "'fp32' (this CPU has no native bf16)"
+            other = ("'bf16' (this CPU has native bf16) or 'fp32'" if native_bf16
+                     else "'fp32' (this CPU has no native bf16)")
             raise PspZooError(f"precision 'fp16' needs a CUDA device; on this CPU use {other}")
         if not native_bf16:
             raise PspZooError("precision 'bf16' needs a CPU with native bf16 (AVX512-BF16 or AMX) or a "

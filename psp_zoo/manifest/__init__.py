@@ -5,8 +5,20 @@ results tables' backbone names), ``loading.py`` (the built-in ``model_index.yml`
 lookup by name). ``psp_zoo.manifest`` keeps the names it had as one module.
 """
 from .loading import (  # the public names of the module this package replaced
-    DATASETS, IGNORE_INDEX, LABEL_MAPS, Published, EvalSettings, Layout, DatasetSpec, Checkpoint, Manifest,
-    load_manifest, get_manifest, get_checkpoint, list_models,
+    DATASETS,
+    IGNORE_INDEX,
+    LABEL_MAPS,
+    Checkpoint,
+    DatasetSpec,
+    EvalSettings,
+    Layout,
+    Manifest,
+    Published,
+    get_checkpoint,
+    get_manifest,
+    list_models,
+    load_manifest,
 )
 
-__all__ = ["DATASETS", "IGNORE_INDEX", "LABEL_MAPS", "Published", "EvalSettings", "Layout", "DatasetSpec", "Checkpoint", "Manifest", "load_manifest", "get_manifest", "get_checkpoint", "list_models"]
+__all__ = ["DATASETS", "IGNORE_INDEX", "LABEL_MAPS", "Published", "EvalSettings", "Layout", "DatasetSpec",
+           "Checkpoint", "Manifest", "load_manifest", "get_manifest", "get_checkpoint", "list_models"]

@@ -7,8 +7,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Tuple
 
-from .backbones import head_channels
 from ..errors import ManifestError, PspZooError
+from .backbones import head_channels
 
 __all__ = ["IGNORE_INDEX", "LABEL_MAPS", "PUBLISHED_FIELDS", "Published", "EvalSettings", "Layout", "DatasetSpec",
            "Checkpoint"]

@@ -1,7 +1,8 @@
 """The checkpoint manifest: typed, frozen records loaded and validated from ``model_index.yml``.
 
-The records are :mod:`psp_zoo.entries`, the schema and its validation :mod:`psp_zoo.schema`; this
-module loads, merges and looks them up. The built-in manifest declares every dataset psp-zoo reads (one ``DatasetSpec`` each: title, class
+The records are :mod:`psp_zoo.manifest.entries`, the schema and its validation
+:mod:`psp_zoo.manifest.schema`; this module loads, merges and looks them up. The built-in manifest
+declares every dataset psp-zoo reads (one ``DatasetSpec`` each: title, class
 names, palette, test settings and folder ``Layout``) and lists every published PSPNet checkpoint
 of the mmsegmentation v0.5 model zoo. A user manifest (``PSP_ZOO_MANIFEST`` or an explicit path,
 several joined with ``os.pathsep``) has the same schema: it adds datasets and entries or overrides
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 from ..constants import MANIFEST_ENV, env_paths
-from .entries import IGNORE_INDEX, LABEL_MAPS, Checkpoint, DatasetSpec, EvalSettings, Layout, Published
 from ..errors import ManifestError, PspZooError, UnknownModelError
+from .entries import IGNORE_INDEX, LABEL_MAPS, Checkpoint, DatasetSpec, EvalSettings, Layout, Published
 from .schema import overridden, parse_dataset, parse_entry, read_yaml
 
 __all__ = [

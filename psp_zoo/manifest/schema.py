@@ -16,10 +16,21 @@ from typing import Any, Mapping, Tuple
 import numpy as np
 import yaml
 
-from .backbones import BACKBONE_FORMS, DEPTH_WORDS, DEPTHS, parse_backbone
-from .entries import (IGNORE_INDEX, LABEL_MAPS, PUBLISHED_FIELDS, WEIGHTS_RE, Checkpoint, DatasetSpec,
-                      Layout, Published, parse_test, ReadOnlyMap, Where)
 from ..errors import ManifestError
+from .backbones import BACKBONE_FORMS, DEPTH_WORDS, DEPTHS, parse_backbone
+from .entries import (
+    IGNORE_INDEX,
+    LABEL_MAPS,
+    PUBLISHED_FIELDS,
+    WEIGHTS_RE,
+    Checkpoint,
+    DatasetSpec,
+    Layout,
+    Published,
+    ReadOnlyMap,
+    Where,
+    parse_test,
+)
 
 CLASSES_FILE = Path(__file__).with_name("dataset_classes.json")
 
@@ -40,7 +51,8 @@ DATASET_OPTIONAL = ("ignore_index", "classes", "palette", "train")
 LAYOUT_REQUIRED = ("folders", "images", "labels", "image_suffix", "label_suffix")
 LAYOUT_OPTIONAL = ("split", "fallback_label_suffix", "label_map", "train")
 # What a training split may set; the rest (folders, and whatever it leaves out but ``split``) is the test layout's.
-TRAIN_LAYOUT_FIELDS = ("images", "labels", "image_suffix", "label_suffix", "split", "fallback_label_suffix", "label_map")
+TRAIN_LAYOUT_FIELDS = ("images", "labels", "image_suffix", "label_suffix", "split", "fallback_label_suffix",
+                       "label_map")
 _DATASET_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _HEX8_RE = re.compile(r"^[0-9a-f]{8}$")

@@ -15,13 +15,13 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
-from ..hub.cache import download
 from ..environment import usable_device
 from ..errors import PspZooError
+from ..hub.cache import download
+from ..hub.options import FetchOptions
 from ..manifest.loading import Checkpoint, DatasetSpec, EvalSettings, get_checkpoint, get_manifest
 from . import PSPNet
-from ..hub.options import FetchOptions
+from .checkpoint import load_checkpoint
 
 __all__ = ["create_model", "resolve", "Resolved", "refuse_checkpoint_for_model_object", "usable_device"]
 

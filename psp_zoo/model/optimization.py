@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from ..hub.options import SpeedOptions, cpu_supports_bf16
 from .fast_head import factorize_psp_head
 from .winograd import use_winograd
-from ..hub.options import SpeedOptions, cpu_supports_bf16
 
 __all__ = ["optimize", "OptimizedModel", "fold_batchnorm", "cpu_supports_bf16", "DTYPES", "model_device"]
 

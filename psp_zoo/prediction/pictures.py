@@ -10,7 +10,6 @@ from PIL import Image
 
 from ..files import atomic_save
 
-
 __all__ = ["colorize", "overlay", "legend", "save_palette_png", "save_rgb_png", "save_labels_npy",
            "save_cityscapes_png"]
 

@@ -1,16 +1,17 @@
 """Segment your own images with a checkpoint: label maps, palette PNGs, overlays and legends.
 
 Every image goes through the checkpoint's own test pipeline (its resize, whole or sliding-window
-mode and ``align_corners``) via :func:`psp_zoo.inference.predict_labels`, so a prediction here is
-exactly what the evaluation scores, in memory that does not grow with classes x pixels. ``Predictor`` loads the model once for many images;
-``predict`` is the one-call form for a single image.
+mode and ``align_corners``) via :func:`psp_zoo.evaluation.inference.predict_labels`, so a
+prediction here is exactly what the evaluation scores, in memory that does not grow with classes x
+pixels. ``Predictor`` loads the model once for many images; ``predict`` is the one-call form for a
+single image.
 """
 from __future__ import annotations
 
 import collections
-import logging
 import dataclasses
 import glob
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -21,13 +22,22 @@ import torch
 
 from ..datasets.readers import cityscapes_train_ids_to_label_ids, decode_image
 from ..errors import PspZooError
-from ..model.factory import resolve
 from ..evaluation.inference import predict_labels
-from ..manifest.loading import DatasetSpec, EvalSettings
-from ..model.optimization import optimize
 from ..hub.options import FetchOptions, SpeedOptions, split_options
-from .pictures import (IMAGE_EXTENSIONS, OUTPUT_FORMATS, OUTPUT_SUFFIXES, legend, overlay, save_cityscapes_png,
-                        save_labels_npy, save_palette_png, save_rgb_png)
+from ..manifest.loading import DatasetSpec, EvalSettings
+from ..model.factory import resolve
+from ..model.optimization import optimize
+from .pictures import (
+    IMAGE_EXTENSIONS,
+    OUTPUT_FORMATS,
+    OUTPUT_SUFFIXES,
+    legend,
+    overlay,
+    save_cityscapes_png,
+    save_labels_npy,
+    save_palette_png,
+    save_rgb_png,
+)
 
 __all__ = ["Predictor", "predict", "predict_files", "read_input_image", "expand_image_args", "output_stems",
            "check_output_format", "IMAGE_EXTENSIONS", "OUTPUT_FORMATS"]

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import unquote, urlparse
 
+from ..errors import PspZooError
+from ..files import atomic_write
 from ..hub.cache import cache_dir as checkpoint_cache_dir
 from ..hub.cache import fetch_file
-from ..errors import PspZooError
-from ..manifest.loading import Checkpoint, get_checkpoint
-from ..files import atomic_write
-from ..optional import require
 from ..hub.options import FetchOptions
+from ..manifest.loading import Checkpoint, get_checkpoint
+from ..optional import require
 
 __all__ = ["TrainStep", "Validation", "TrainingLog", "LogError", "parse_log", "read_log", "log_path",
            "fetch_log", "compare_with_table", "render_comparison", "check_plotting", "log_figure", "plot_log"]

@@ -9,7 +9,8 @@ tables; memory is in GB of 2**30 bytes like the published "Mem (GB)" column; ``n
 
 Layout: ``<results_dir>/<checkpoint>/<device_tag>[_<precision>].json``, e.g.
 ``results/pspnet_r50-d8_512x1024_40k_cityscapes/cuda-nvidia-h100-80gb-hbm3.json`` or
-``.../cpu-amd-epyc-7763-64-core-processor.json``; fp32 has no suffix. A results file is evidence, so reading is strict: :func:`read_results` raises
+``.../cpu-amd-epyc-7763-64-core-processor.json``; fp32 has no suffix. A results file is evidence,
+so reading is strict: :func:`read_results` raises
 ``ResultsError`` naming the first malformed file and field instead of silently leaving a
 checkpoint out of a table (``strict=False`` skips such files with a warning instead).
 """

@@ -13,7 +13,8 @@ from ..hub.cache import cache_state
 from ..manifest.loading import Manifest, get_manifest
 from .records import ResultRecord
 
-__all__ = ["checkpoint_frame", "render_checkpoints", "describe_run", "images_text", "per_class_text", "show_text", "undefined"]
+__all__ = ["checkpoint_frame", "render_checkpoints", "describe_run", "images_text", "per_class_text", "show_text",
+           "undefined"]
 
 ManifestArg = Union[None, str, Path, Sequence, Manifest]
 

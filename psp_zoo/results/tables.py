@@ -32,8 +32,8 @@ import pandas as pd
 import tabulate as tabulate_module
 
 from ..errors import PspZooError
-from ..manifest.loading import Checkpoint, Manifest, get_manifest
 from ..files import atomic_write
+from ..manifest.loading import Checkpoint, Manifest, get_manifest
 from ..optional import require
 from .records import ResultRecord
 
@@ -172,7 +172,8 @@ def _row(ckpt: Checkpoint, dataset: str, record: Optional[ResultRecord], label: 
     row["Inference mem (GB) reproduced"] = (record.inference_memory.gb
                                             if record is not None and record.inference_memory else None)
     row[f"{FAST_COLUMN} reproduced"] = record.fast_speed.fps if record is not None and record.fast_speed else None
-    row["Failed steps"] = "; ".join(f"{k}: {v}" for k, v in record.failed_steps.items()) if record and record.failed_steps else None
+    failed = record.failed_steps if record else None
+    row["Failed steps"] = "; ".join(f"{k}: {v}" for k, v in failed.items()) if failed else None
     row.update({"model": ckpt.url, "log": ckpt.log_url, "Label": label,
                 "Reproduced on": None, "Images": None if record is None else record.images.count})
     return row

@@ -18,9 +18,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..model.checkpoint import read_checkpoint
 from ..errors import CheckpointError
 from ..files import atomic_save
+from ..model.checkpoint import read_checkpoint
 
 __all__ = ["checkpoint_name", "save_checkpoint", "point", "pointed", "read_training_state", "LATEST", "BEST"]
 

@@ -31,7 +31,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ..model.checkpoint import read_checkpoint
 from ..datasets.check import check_folders
 from ..datasets.readers import dataset_spec, list_items, training_items
 from ..distributed import Distributed
@@ -39,9 +38,10 @@ from ..environment import usable_device
 from ..errors import CheckpointError, PspZooError
 from ..files import atomic_write, check_writable_folder
 from ..hub.cache import download
+from ..hub.options import FetchOptions
 from ..manifest.loading import DatasetSpec, get_manifest
 from ..model import PSPNet
-from ..hub.options import FetchOptions
+from ..model.checkpoint import read_checkpoint
 from .loop import TrainResult, train
 from .recipe import Recipe, base_recipe, recipe_from_entry
 from .zoo_entry import manifest_paths, write_run_manifest, write_zoo_manifest

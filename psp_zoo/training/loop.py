@@ -37,16 +37,16 @@ import torch
 from tqdm import tqdm
 
 from .._version import __version__
-from ..model.checkpoint import load_checkpoint
 from ..datasets.readers import SegmentationDataset, list_items
 from ..distributed import Distributed
 from ..environment import environment_info, usable_device
 from ..errors import PspZooError
+from ..evaluation.scoring import score
 from ..files import check_writable_folder
+from ..hub.options import FetchOptions
 from ..manifest.loading import Checkpoint, DatasetSpec, get_manifest
 from ..model import PSPNet
-from ..hub.options import FetchOptions
-from ..evaluation.scoring import score
+from ..model.checkpoint import load_checkpoint
 from .checkpoints import BEST, LATEST, point, pointed, read_training_state, save_checkpoint
 from .data import TrainingSet, train_loader
 from .log import IntervalMeans, TrainLog, log_file_name
@@ -266,7 +266,8 @@ def _validate(run: _Run, epoch: int, lr: float) -> None:
     settings = run.entry.test
     model.eval()
     try:
-        matrix = score(model if run.trainer.dtype == torch.float32 else _InDtype(model, run.trainer.dtype), run.val.shard(run.dist.rank, run.dist.world_size), settings, run.recipe.num_classes,
+        scored = model if run.trainer.dtype == torch.float32 else _InDtype(model, run.trainer.dtype)
+        matrix = score(scored, run.val.shard(run.dist.rank, run.dist.world_size), settings, run.recipe.num_classes,
                        ms_flip=False, device=device, num_workers=run.num_workers, show=False,
                        desc=f"validation at iteration {run.trainer.iteration}")
     finally:

@@ -26,9 +26,9 @@ from typing import Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 
+from ..datasets.transforms import IMG_MEAN, IMG_STD, rescale_size
 from ..errors import PspZooError
 from ..manifest.entries import IGNORE_INDEX
-from ..datasets.transforms import IMG_MEAN, IMG_STD, rescale_size
 
 __all__ = [
     "TrainTransform", "Draws", "sample_rng", "random_scale", "resize", "crop_box", "crop_is_acceptable",

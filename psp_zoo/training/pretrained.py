@@ -18,12 +18,12 @@ from typing import List, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
-from ..manifest.backbones import DEPTH_WORDS, DEPTHS, STAGE_BLOCKS
-from ..model.checkpoint import read_checkpoint
 from ..errors import CheckpointError, ManifestError, PspZooError
 from ..hub.cache import download
-from ..manifest.loading import get_manifest
 from ..hub.options import FetchOptions
+from ..manifest.backbones import DEPTH_WORDS, DEPTHS, STAGE_BLOCKS
+from ..manifest.loading import get_manifest
+from ..model.checkpoint import read_checkpoint
 
 __all__ = ["Backbone", "backbone_entry", "init_weights", "load_backbone", "load_pretrained_backbone"]
 
@@ -105,7 +105,8 @@ def load_backbone(backbone: nn.Module, path: Union[str, Path], prefix: str = "")
     return unused
 
 
-def load_pretrained_backbone(model: nn.Module, name: str, fetch: Optional[FetchOptions] = None) -> Tuple[Path, List[str]]:
+def load_pretrained_backbone(model: nn.Module, name: str,
+                             fetch: Optional[FetchOptions] = None) -> Tuple[Path, List[str]]:
     """Fetch (or find in the cache) the backbone file ``name`` and load it into ``model.backbone``.
 
     Returns the file and its unused keys (also logged). The file's depth and stem must be the model's.

@@ -28,9 +28,9 @@ from torch import nn
 from ..distributed import Distributed
 from ..errors import PspZooError
 from ..manifest.entries import IGNORE_INDEX
+from .freeze import freeze_backbone
 from .recipe import Recipe
 from .schedule import learning_rate
-from .freeze import freeze_backbone
 from .syncbn import convert_sync_batchnorm
 
 __all__ = ["Trainer", "StepResult", "segmentation_loss"]
@@ -90,7 +90,8 @@ class Trainer:
     step. ``amp``: mixed precision on CUDA (default: when the recipe has a loss scale, the fp16
     row). ``channels_last`` and ``compile`` change speed, not the arithmetic's meaning. ``seed``
     keys the dropout draws. ``dtype=torch.float64`` trains in double precision: slow, but free of
-    float32 rounding, which a few steps of a small PSPNet amplify (for exact comparisons). ``iteration`` counts the steps taken (0-based index of the next one).
+    float32 rounding, which a few steps of a small PSPNet amplify (for exact comparisons).
+    ``iteration`` counts the steps taken (0-based index of the next one).
     """
 
     def __init__(self, model: nn.Module, recipe: Recipe, *, device: Union[None, str, torch.device] = None,

@@ -23,9 +23,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 import yaml
 
-from ..model.checkpoint import read_checkpoint
 from ..files import atomic_write
 from ..manifest.loading import DatasetSpec, Layout, user_manifest_paths
+from ..model.checkpoint import read_checkpoint
 
 __all__ = ["dataset_declaration", "manifest_paths", "write_run_manifest", "write_zoo_manifest"]
 

@@ -34,7 +34,8 @@ def code_blocks(section: str, language: str) -> list:
 
 def test_the_readme_test_commands_are_what_ci_runs():
     (block,) = code_blocks(readme_section("Tests"), "bash")
-    assert block.strip().splitlines() == ["python -m pip install -e '.[test]'", "python -m pytest -q"]
+    assert block.strip().splitlines() == ["python -m pip install -e '.[test]'", "python -m ruff check .",
+                                          "python -m pytest -q"]
     ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
           if line and not line.startswith(("#", "set ", "cd "))]
     assert ci == block.strip().splitlines()

@@ -6,7 +6,7 @@ import sys
 
 from . import _options
 
-SPLIT_NAMES = ("train", "val")  # psp_zoo.dataset_check.SPLITS, read without importing numpy
+SPLIT_NAMES = ("train", "val")  # psp_zoo.datasets.check.SPLITS, read without importing numpy
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

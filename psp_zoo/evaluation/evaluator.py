@@ -1,4 +1,4 @@
-"""One model on one validation set -> a :class:`~psp_zoo.records.ResultRecord`, as the reference scores it.
+"""One model on one validation set -> a :class:`~psp_zoo.results.records.ResultRecord`, as the reference scores it.
 
 ``evaluate`` is a short composition of the pipeline: resolve the model and its test settings
 (``factory.resolve``), list the images (before anything is downloaded), load and prepare the

@@ -309,7 +309,7 @@ def _in_fresh_process(model_kwargs: dict, crop_size: list, images_per_gpu: int, 
                       "steps": steps, "seed": seed, "threads": torch.get_num_threads(), "ddp_buckets": ddp_buckets})
     package_root = str(Path(__file__).resolve().parents[1])  # this psp_zoo, whatever sys.path the child gets
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", "from psp_zoo.measure import _training_peak_main; "
+    done = subprocess.run([sys.executable, "-c", "from psp_zoo.evaluation.measure import _training_peak_main; "
                            "_training_peak_main()"], input=job, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]

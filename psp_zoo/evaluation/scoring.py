@@ -3,7 +3,7 @@
 ``evaluate``, ``reproduce`` and the selftest all score through :func:`score`: each image goes
 through the test pipeline (``inference.infer_labels``: whole / slide / ms+flip, logits resized to
 the original size), its label map is compared with the ground truth, and the counts are summed in
-a :class:`~psp_zoo.metrics.ConfusionMatrix`. With a :class:`~psp_zoo.resume.PartialState` the
+a :class:`~psp_zoo.evaluation.metrics.ConfusionMatrix`. With a :class:`~psp_zoo.evaluation.resume.PartialState` the
 counts are saved every N images, so a killed run resumes at its last save with equal counts.
 
 Progress is a tqdm bar on a terminal; elsewhere (nohup, CI, a log file) one plain line every

@@ -14,7 +14,7 @@ a file with the right hash wins. Connection failures that another attempt cannot
 does not resolve, the connection is refused) are not retried, and the host is remembered as down
 for a few minutes, so the further files of one command fail at once with the same cause instead of
 each waiting again. Timeouts, dropped connections and HTTP 5xx are retried with backoff. The
-transfer itself is :mod:`psp_zoo.fetching`; this module is the cache and the public functions.
+transfer itself is :mod:`psp_zoo.hub.fetching`; this module is the cache and the public functions.
 """
 from __future__ import annotations
 

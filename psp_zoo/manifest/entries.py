@@ -1,5 +1,5 @@
 """The manifest's records: one frozen, typed record per checkpoint, dataset, test setting and
-folder layout. :mod:`psp_zoo.schema` builds them from YAML; :mod:`psp_zoo.manifest` holds them."""
+folder layout. :mod:`psp_zoo.manifest.schema` builds them from YAML; :mod:`psp_zoo.manifest` holds them."""
 from __future__ import annotations
 
 import dataclasses

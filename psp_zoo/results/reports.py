@@ -1,5 +1,5 @@
 """Text views for people: the checkpoint list (``psp-zoo list``) and one result record
-(``psp-zoo evaluate``, ``psp-zoo show``). The results tables are :mod:`psp_zoo.tables`."""
+(``psp-zoo evaluate``, ``psp-zoo show``). The results tables are :mod:`psp_zoo.results.tables`."""
 from __future__ import annotations
 
 from pathlib import Path

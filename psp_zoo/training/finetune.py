@@ -118,7 +118,8 @@ def fetched(source: Source, fetch: FetchOptions) -> Source:
 def run_recipe(name: str, spec: DatasetSpec, source: Source, overrides: Dict[str, Any]) -> Recipe:
     """The recipe the run will follow, checked field by field: the source's optimizer and schedule, the
     dataset's training facts, then ``overrides`` (the run's entry gives the loop the same)."""
-    base = base_recipe(name, spec, crop_size=source.crop_size, max_iters=source.schedule, pretrained=None)
+    base = base_recipe(name, spec, num_classes=spec.num_classes, crop_size=source.crop_size,
+                       max_iters=source.schedule, pretrained=None)
     recipe = base.with_overrides(source.optimization, where=f"the recipe of {source.label}")
     recipe = recipe.with_overrides(dict(spec.train), where=f"{spec.source}: datasets.{spec.key}: field 'train'")
     return recipe.with_overrides(overrides)

@@ -1,11 +1,11 @@
-"""The run's log in mmseg 0.x's ``<timestamp>.log.json`` format, which ``psp_zoo.logs`` reads back.
+"""The run's log in mmseg 0.x's ``<timestamp>.log.json`` format, which ``psp_zoo.results.published_logs`` reads back.
 
 One JSON object a line: first the run's metadata (``env_info``, ``config``, ``seed``, ``exp_name``),
 then every ``log_interval`` iterations a train line (``mode``, ``epoch``, ``iter``, ``lr``, ``memory``
 on CUDA, ``data_time``, the loss parts, ``loss``, ``time``: means over the interval, floats rounded
 to 5 decimals; no train line at an evaluation iteration, as mmcv's runner), and a val line at each
 validation (``aAcc``, ``mIoU``, ``mAcc``, ``IoU.<class>``, ``Acc.<class>`` as fractions rounded to 4
-decimals; ``iter`` is the number of validation steps, mmcv's quirk that ``psp_zoo.logs`` knows).
+decimals; ``iter`` is the number of validation steps, mmcv's quirk that ``psp_zoo.results.published_logs`` knows).
 Only one process of a torchrun job writes. Lines are appended and flushed one at a time, so a
 killed run's log ends with its last complete line.
 """

@@ -240,17 +240,17 @@ def _default_pretrained(entry: Checkpoint) -> str:
 def recipe_from_entry(entry: Checkpoint, manifest=None) -> Recipe:
     """The published recipe of ``entry``: defaults, then its dataset's and its own ``train:`` blocks."""
     spec = get_manifest(manifest).datasets[entry.dataset]
-    base = base_recipe(entry.name, spec, crop_size=entry.crop_size, max_iters=entry.schedule,
-                       pretrained=_default_pretrained(entry))
+    base = base_recipe(entry.name, spec, num_classes=entry.num_classes, crop_size=entry.crop_size,
+                       max_iters=entry.schedule, pretrained=_default_pretrained(entry))
     recipe = base.with_overrides(dict(spec.train), where=f"{spec.source}: datasets.{spec.key}: field 'train'")
     return recipe.with_overrides(dict(entry.train), where=f"{entry.source}: models '{entry.name}': field 'train'")
 
 
-def base_recipe(name: str, spec: DatasetSpec, *, crop_size: Tuple[int, int], max_iters: int,
+def base_recipe(name: str, spec: DatasetSpec, *, num_classes: int, crop_size: Tuple[int, int], max_iters: int,
                 pretrained: Optional[str]) -> Recipe:
     """The defaults for a run of ``name`` on dataset ``spec``: its identity, the dataset's img_scale and
     images per GPU, the crop and schedule given, intervals by ``default_interval``; before any ``train:``."""
-    return Recipe(name=name, dataset=spec.key, num_classes=spec.num_classes, img_scale=spec.img_scale,
+    return Recipe(name=name, dataset=spec.key, num_classes=num_classes, img_scale=spec.img_scale,
                   crop_size=crop_size, batch_size=spec.train_images_per_gpu, pretrained=pretrained,
                   max_iters=max_iters, eval_interval=default_interval(max_iters),
                   checkpoint_interval=default_interval(max_iters))

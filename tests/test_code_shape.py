@@ -237,6 +237,12 @@ def _downward(graph: Dict[str, Set[str]], layers: Dict[str, int]) -> List[str]:
                   if i != "psp_zoo" and layers[_layer_key(i)] > layers[_layer_key(m)])
 
 
+def test_the_top_level_holds_at_most_twelve_plain_modules():
+    """The rest of psp_zoo lives in packages by role (docs/ARCHITECTURE.md)."""
+    plain = sorted(path.name for path in PACKAGE.glob("*.py"))
+    assert len(plain) <= 12, plain
+
+
 def test_the_order_check_catches_an_import_against_it():
     layers = _documented_layers()
     assert layers["errors.py"] < layers["manifest/"] < layers["hub/"] < layers["cli/"]

@@ -2,7 +2,7 @@
 
     flock /tmp/psp-bench.lock python benchmarks/finetune_example.py [--iterations 300] [--rounds 1]
 
-Generates the shapes dataset (psp_zoo.testing.write_shapes: 64 training and 8 validation images of 96x96),
+Generates the shapes dataset (psp_zoo.testing.write_example_dataset: 64 training and 8 validation images of 96x96),
 a 5-class tiny-width R-18-D8 checkpoint in the published format (psp_zoo.testing; the offline
 stand-in for a published file), then times each command of the walk-through as a user runs it
 (a fresh ``psp-zoo`` process each): ``dataset check``, ``train --from`` (a few hundred iterations,
@@ -60,9 +60,9 @@ def _steps(folder: Path, iterations: int) -> dict:
 def one_round(iterations: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        testing.write_shapes(folder / "shapes", train=64, val=8)
-        spec = testing.shapes_declaration(train=testing.SHAPES_WALK_THROUGH_TRAIN)
-        testing.write_shapes_manifest(folder / "shapes.yml", spec=spec, models=[_source(folder)])
+        testing.write_example_dataset(folder / "shapes", train=64, val=8)
+        spec = testing.example_declaration(train=testing.EXAMPLE_TRAIN)
+        testing.write_example_manifest(folder / "shapes.yml", spec=spec, models=[_source(folder)])
         times, miou = {}, None
         for step, argv in _steps(folder, iterations).items():
             start = time.perf_counter()

@@ -3,7 +3,9 @@
 Used by ``psp-zoo selftest`` to prove an installation works offline, and by psp-zoo's own tests
 (and users' tests of code built on psp-zoo) to make the same material: a tiny-width PSPNet saved
 in the published file format under its hashed name, a user-manifest entry for it, a small
-validation set in the real Cityscapes folder layout, and an HTTP server on 127.0.0.1.
+validation set in the real Cityscapes folder layout, and an HTTP server on 127.0.0.1. Also the
+fine-tuning walk-through's example (``psp-zoo dataset example DIR``, :func:`write_example`): a
+dataset of coloured shapes in a layout of its own, its declaration, and a starting checkpoint.
 """
 from __future__ import annotations
 
@@ -28,11 +30,11 @@ from .errors import PspZooError
 from .files import atomic_write
 from .model import PSPNet
 
-__all__ = ["TINY_ARCH", "SHAPE_CLASSES", "SHAPE_PALETTE", "SHAPE_SIZE", "SHAPES_WALK_THROUGH_TRAIN",
-           "shapes_declaration", "write_shapes_manifest", "shape_sample", "write_shapes_split", "write_shapes",
-           "write_shapes_ade20k", "SELFTEST_NAME", "SELFTEST_TEST_SETTINGS", "calibrate_batchnorm",
-           "write_tiny_checkpoint", "write_mini_cityscapes", "manifest_entry", "write_manifest", "serve_folder",
-           "LocalHTTPServer", "no_proxy_for_localhost"]
+__all__ = ["TINY_ARCH", "SHAPE_CLASSES", "write_shapes_ade20k", "EXAMPLE_CLASSES", "EXAMPLE_PALETTE",
+           "example_declaration", "example_sample", "write_example_split", "write_example_dataset",
+           "write_example_manifest", "write_example", "SELFTEST_NAME", "SELFTEST_TEST_SETTINGS",
+           "calibrate_batchnorm", "write_tiny_checkpoint", "write_mini_cityscapes", "manifest_entry", "write_manifest",
+           "serve_folder", "LocalHTTPServer", "no_proxy_for_localhost"]
 
 PathLike = Union[str, Path]
 #: Widths of the tiny PSPNet: the real R-50-D8 depth and layout, narrow enough to run in a second.
@@ -77,7 +79,12 @@ def calibrate_batchnorm(model: torch.nn.Module, inputs: Optional[Sequence[torch.
 def write_tiny_checkpoint(folder: PathLike, name: str = SELFTEST_NAME, *, num_classes: int = 19,
                           depth: int = 50, seed: int = 0, stamp: Optional[str] = None) -> Path:
     """A tiny-width PSPNet (``TINY_ARCH``) with seeded weights and non-trivial BN statistics, saved
-    as mmseg publishes checkpoints: ``{'meta', 'state_dict'}`` in ``<name>_<date>_<time>-<sha256[:8]>.pth``."""
+    as mmseg publishes checkpoints: ``{'meta', 'state_dict'}`` in ``<name>_<date>_<time>-<sha256[:8]>.pth``.
+
+    ``folder``: where the file goes (made if missing); ``name``: the file name's stem; ``num_classes``
+    and ``depth`` (a depth of ``manifest.backbones.STAGE_BLOCKS``, mmseg's V1c stem): the network;
+    ``seed``: the weights drawn; ``stamp``: the ``<date>_<time>`` of the name (default now, UTC). Returns the
+    file's path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
@@ -155,130 +162,6 @@ def write_mini_cityscapes(root: PathLike, *, num_images: int = 4, size: Tuple[in
     return written
 
 
-#: The classes and palette of the generated shapes datasets (:func:`write_shapes`, :func:`write_shapes_ade20k`):
-#: discs bright yellow-orange, squares dark blue, on smooth mid-grey blotches, so a narrow PSPNet learns them
-#: in a few hundred iterations on a CPU; a 2-pixel ring of 255 (ignored) around each shape, as VOC marks borders.
-SHAPE_CLASSES = ("background", "disc", "square")
-SHAPE_PALETTE = ((0, 0, 0), (220, 20, 60), (0, 0, 142))
-SHAPE_SIZE = (96, 96)  # (h, w) of :func:`write_shapes`' images
-#: the shapes dataset's training facts in docs/finetune.md: milder scale jitter than mmseg's 0.5-2.0 for 96x96 images
-SHAPES_WALK_THROUGH_TRAIN = {"ratio_range": [0.75, 1.5]}
-
-
-def shapes_declaration(**changes) -> dict:
-    """The manifest declaration of :func:`write_shapes`' layout (``changes`` replace or add top-level fields):
-    ``images/{train,val}/shape_NNN.jpg`` with ``masks/{train,val}/shape_NNN_mask.png``."""
-    spec = {
-        "title": "Shapes",
-        "num_classes": len(SHAPE_CLASSES),
-        "classes": list(SHAPE_CLASSES),
-        "palette": [list(c) for c in SHAPE_PALETTE],
-        "img_scale": [SHAPE_SIZE[1], SHAPE_SIZE[0]],
-        "reduce_zero_label": False,
-        "ignore_index": 255,
-        "train_images_per_gpu": 4,
-        "test": {"mode": "whole"},
-        "layout": {"folders": [""], "images": "images/val", "labels": "masks/val", "image_suffix": ".jpg",
-                   "label_suffix": "_mask.png", "train": {"images": "images/train", "labels": "masks/train"}},
-    }
-    spec.update(changes)
-    return spec
-
-
-def write_shapes_manifest(path: PathLike, key: str = "shapes", spec: Optional[dict] = None, models=()) -> Path:
-    """A user manifest declaring the shapes dataset under ``key`` (and any model entries)."""
-    data = {"version": 1, "datasets": {key: shapes_declaration() if spec is None else spec}}
-    if models:
-        data["models"] = list(models)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def _shapes_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Smooth mid-grey blotches with a slight green tint: neither as bright as a disc nor as blue as a square."""
-    grey = rng.integers(90, 150, (h // 12 + 2, w // 12 + 2, 1)).astype(np.float32)
-    coarse = grey + rng.integers(-10, 11, grey.shape[:2] + (3,)) + np.array([0, 15, 0], np.float32)
-    return cv2.resize(coarse, (w, h), interpolation=cv2.INTER_LINEAR)
-
-
-def shape_sample(rng: np.random.Generator, size: Tuple[int, int] = SHAPE_SIZE) -> Tuple[np.ndarray, np.ndarray]:
-    """One RGB image and its label (class indices of :data:`SHAPE_CLASSES`, 255 the rings): discs and squares."""
-    h, w = size
-    image = _shapes_background(rng, h, w)
-    label = np.zeros((h, w), np.uint8)
-    for _ in range(rng.integers(2, 4)):
-        cls = int(rng.integers(1, 3))
-        r = int(rng.integers(h // 10, h // 4))
-        cy, cx = (int(v) for v in rng.integers(r, (h - r, w - r)))
-        mask = np.zeros((h, w), np.uint8)
-        if cls == 1:
-            cv2.circle(mask, (cx, cy), r, 1, -1)
-            colour = (rng.integers(210, 251), rng.integers(160, 221), rng.integers(30, 81))  # bright yellow-orange
-        else:
-            cv2.rectangle(mask, (cx - r, cy - r), (cx + r, cy + r), 1, -1)
-            colour = (rng.integers(20, 51), rng.integers(30, 71), rng.integers(120, 181))  # dark blue
-        ring = cv2.dilate(mask, np.ones((5, 5), np.uint8)) - cv2.erode(mask, np.ones((3, 3), np.uint8))
-        image[mask > 0] = colour
-        label[mask > 0] = cls
-        label[ring > 0] = 255
-    noise = rng.normal(0, 6, image.shape)
-    return np.clip(image + noise, 0, 255).astype(np.uint8), label
-
-
-def _write_pair(image_path: Path, label_path: Path, rgb: np.ndarray, label: np.ndarray) -> None:
-    from PIL import Image
-
-    image_path.parent.mkdir(parents=True, exist_ok=True)
-    label_path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(image_path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]):
-        raise OSError(f"could not write {image_path}")
-    Image.fromarray(label, mode="L").save(label_path)
-
-
-def write_shapes_split(root: PathLike, split: str, count: int, *, seed: int, size: Tuple[int, int] = SHAPE_SIZE
-                       ) -> Dict[str, Tuple[Path, Path]]:
-    """``count`` images and masks of ``split`` under ``root``: ``{name: (image path, mask path)}``."""
-    rng = np.random.default_rng(seed)
-    written = {}
-    for index in range(count):
-        image, label = shape_sample(rng, size)
-        name = f"shape_{index:03d}"
-        image_path = Path(root) / "images" / split / f"{name}.jpg"
-        label_path = Path(root) / "masks" / split / f"{name}_mask.png"
-        _write_pair(image_path, label_path, image, label)
-        written[name] = (image_path, label_path)
-    return written
-
-
-def write_shapes(root: PathLike, *, train: int = 32, val: int = 8, seed: int = 0) -> Path:
-    """The shapes dataset in its own layout (:func:`shapes_declaration`): ``train`` training and ``val``
-    held-out images (different seeds)."""
-    write_shapes_split(root, "train", train, seed=seed)
-    write_shapes_split(root, "val", val, seed=seed + 1000)
-    return Path(root)
-
-
-def write_shapes_ade20k(root: PathLike, *, train: int = 32, val: int = 8, size: Tuple[int, int] = (64, 64),
-                        seed: int = 0) -> Path:
-    """The same shapes in ADE20K's layout under ``root`` (returned).
-
-    ``images/{training,validation}/*.jpg`` and ``annotations/{training,validation}/*.png`` with
-    label 0 unlabelled and 1..3 the :data:`SHAPE_CLASSES` (ADE20K's ``reduce_zero_label`` makes
-    them 0..2; the rings stay 255). Different seeds draw different images.
-    """
-    rng = np.random.default_rng(seed)
-    for split, count in (("training", train), ("validation", val)):
-        for index in range(count):
-            rgb, label = shape_sample(rng, size)
-            label = np.where(label == 255, label, label + 1).astype(np.uint8)
-            stem = f"ADE_{split[:5]}_{index:08d}"
-            image_path = Path(root) / "images" / split / f"{stem}.jpg"
-            _write_pair(image_path, Path(root) / "annotations" / split / f"{stem}.png", rgb, label)
-    return Path(root)
-
-
 def _label_map(rng: np.random.Generator, height: int, width: int, num_classes: int,
                values: Optional[Sequence[int]]) -> np.ndarray:
     if values is not None:
@@ -351,8 +234,150 @@ def no_proxy_for_localhost() -> Iterator[None]:
                 os.environ[key] = value
 
 
-if __name__ == "__main__":  # the fine-tuning walk-through's example: python -m psp_zoo.testing DIR [TRAIN_IMAGES]
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "shapes")
-    write_shapes(target, train=int(sys.argv[2]) if len(sys.argv) > 2 else 64)
-    write_shapes_manifest(target / "shapes.yml", spec=shapes_declaration(train=SHAPES_WALK_THROUGH_TRAIN))
-    print(f"wrote {target}/images, {target}/masks and the manifest {target}/shapes.yml")
+# --------------------------------------------------------------------------------------------
+# the fine-tuning walk-through's example (docs/finetune.md)
+
+#: The example's classes and their colours (RGB).
+EXAMPLE_CLASSES = ("background", "disc", "square")
+EXAMPLE_PALETTE = ((0, 0, 0), (220, 20, 60), (0, 0, 142))
+EXAMPLE_SIZE = (96, 96)  # (h, w)
+#: the dataset's training facts in docs/finetune.md: milder scale jitter than mmseg's 0.5-2.0 for 96x96 images
+EXAMPLE_TRAIN = {"ratio_range": [0.75, 1.5]}
+#: The example's starting checkpoint: a 5-class tiny-width R-18-D8, as a published 5-class file would be.
+EXAMPLE_START = "tiny_pspnet_r18-d8.pth"
+
+
+def example_declaration(**changes) -> dict:
+    """The example dataset's manifest declaration (``changes`` replace or add top-level fields)."""
+    spec = {
+        "title": "Shapes",
+        "num_classes": 3,
+        "classes": list(EXAMPLE_CLASSES),
+        "palette": [list(c) for c in EXAMPLE_PALETTE],
+        "img_scale": [EXAMPLE_SIZE[1], EXAMPLE_SIZE[0]],
+        "reduce_zero_label": False,
+        "ignore_index": 255,
+        "train_images_per_gpu": 4,
+        "test": {"mode": "whole"},
+        "layout": {"folders": [""], "images": "images/val", "labels": "masks/val", "image_suffix": ".jpg",
+                   "label_suffix": "_mask.png", "train": {"images": "images/train", "labels": "masks/train"}},
+    }
+    spec.update(changes)
+    return spec
+
+
+def write_example_manifest(path: PathLike, key: str = "shapes", spec: Optional[dict] = None,
+                           models: Sequence[Mapping] = ()) -> Path:
+    """A user manifest declaring the example dataset under ``key`` (and any model entries)."""
+    data = {"version": 1, "datasets": {key: example_declaration() if spec is None else spec}}
+    if models:
+        data["models"] = [dict(m) for m in models]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _example_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Smooth mid-grey blotches with a slight green tint: neither as bright as a disc nor as blue as a square."""
+    grey = rng.integers(90, 150, (h // 12 + 2, w // 12 + 2, 1)).astype(np.float32)
+    coarse = grey + rng.integers(-10, 11, grey.shape[:2] + (3,)) + np.array([0, 15, 0], np.float32)
+    return cv2.resize(coarse, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def example_sample(rng: np.random.Generator, size: Tuple[int, int] = EXAMPLE_SIZE) -> Tuple[np.ndarray, np.ndarray]:
+    """One RGB image and its label: discs (bright yellow-orange) and squares (dark blue) on a smooth
+    background, each shape ringed by 2 pixels of 255 (ignored), as VOC marks its object borders."""
+    h, w = size
+    image = _example_background(rng, h, w)
+    label = np.zeros((h, w), np.uint8)
+    for _ in range(rng.integers(2, 4)):
+        cls = int(rng.integers(1, 3))
+        r = int(rng.integers(h // 10, h // 4))
+        cy, cx = (int(v) for v in rng.integers(r, (h - r, w - r)))
+        mask = np.zeros((h, w), np.uint8)
+        if cls == 1:
+            cv2.circle(mask, (cx, cy), r, 1, -1)
+            colour = (rng.integers(210, 251), rng.integers(160, 221), rng.integers(30, 81))  # bright yellow-orange
+        else:
+            cv2.rectangle(mask, (cx - r, cy - r), (cx + r, cy + r), 1, -1)
+            colour = (rng.integers(20, 51), rng.integers(30, 71), rng.integers(120, 181))  # dark blue
+        ring = cv2.dilate(mask, np.ones((5, 5), np.uint8)) - cv2.erode(mask, np.ones((3, 3), np.uint8))
+        image[mask > 0] = colour
+        label[mask > 0] = cls
+        label[ring > 0] = 255
+    noise = rng.normal(0, 6, image.shape)
+    return np.clip(image + noise, 0, 255).astype(np.uint8), label
+
+
+def write_example_split(root: PathLike, split: str, count: int, *, seed: int,
+                        size: Tuple[int, int] = EXAMPLE_SIZE) -> Dict[str, Tuple[Path, Path]]:
+    """``count`` images and masks of ``split`` under ``root``: ``images/<split>/shape_NNN.jpg`` and
+    ``masks/<split>/shape_NNN_mask.png``; returns ``{name: (image path, mask path)}``."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for index in range(count):
+        image, label = example_sample(rng, size)
+        name = f"shape_{index:03d}"
+        image_path = Path(root) / "images" / split / f"{name}.jpg"
+        label_path = Path(root) / "masks" / split / f"{name}_mask.png"
+        _write_pair(image_path, label_path, image, label)
+        written[name] = (image_path, label_path)
+    return written
+
+
+def write_example_dataset(root: PathLike, *, train: int = 32, val: int = 8, seed: int = 0) -> Path:
+    """The example's images and masks: ``train`` training and ``val`` held-out images (different seeds)."""
+    write_example_split(root, "train", train, seed=seed)
+    write_example_split(root, "val", val, seed=seed + 1000)
+    return Path(root)
+
+
+def write_example(root: PathLike, *, train: int = 64, val: int = 8) -> Dict[str, Path]:
+    """Everything the fine-tuning walk-through needs offline, under ``root`` (a new or empty folder):
+    the dataset (``images/``, ``masks/``), its declaration ``shapes.yml`` and the starting checkpoint
+    ``tiny_pspnet_r18-d8.pth`` (:func:`write_tiny_checkpoint`: a 5-class tiny-width R-18-D8 in the
+    published format, standing in for a published checkpoint). Returns the paths by role."""
+    root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise PspZooError(f"{root} is not a new or empty folder; choose another for the example")
+    write_example_dataset(root, train=train, val=val)
+    manifest = write_example_manifest(root / "shapes.yml", spec=example_declaration(train=EXAMPLE_TRAIN))
+    written = write_tiny_checkpoint(root, EXAMPLE_START[:-len(".pth")], num_classes=5, depth=18,
+                                    stamp="20260101_000000")
+    start = written.with_name(EXAMPLE_START)
+    os.replace(written, start)
+    return {"dataset": root, "manifest": manifest, "checkpoint": start}
+
+
+def _write_pair(image_path: Path, label_path: Path, rgb: np.ndarray, label: np.ndarray) -> None:
+    from PIL import Image
+
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    label_path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(image_path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]):
+        raise OSError(f"could not write {image_path}")
+    Image.fromarray(label, mode="L").save(label_path)
+
+
+#: The classes of :func:`write_shapes_ade20k`: the example's (label value - 1, ADE20K's reduce_zero_label).
+SHAPE_CLASSES = EXAMPLE_CLASSES
+
+
+def write_shapes_ade20k(root: PathLike, *, train: int = 32, val: int = 8, size: Tuple[int, int] = (64, 64),
+                        seed: int = 0) -> Path:
+    """The example's shapes in ADE20K's layout under ``root`` (returned).
+
+    ``images/{training,validation}/*.jpg`` and ``annotations/{training,validation}/*.png`` with
+    label 0 unlabelled and 1..3 the :data:`SHAPE_CLASSES` (ADE20K's ``reduce_zero_label`` makes
+    them 0..2; the rings stay 255). Different seeds draw different images.
+    """
+    rng = np.random.default_rng(seed)
+    for split, count in (("training", train), ("validation", val)):
+        for index in range(count):
+            rgb, label = example_sample(rng, size)
+            label = np.where(label == 255, label, label + 1).astype(np.uint8)
+            stem = f"ADE_{split[:5]}_{index:08d}"
+            image_path = Path(root) / "images" / split / f"{stem}.jpg"
+            _write_pair(image_path, Path(root) / "annotations" / split / f"{stem}.png", rgb, label)
+    return Path(root)

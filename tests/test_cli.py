@@ -219,10 +219,14 @@ def test_an_unwritable_plot_names_the_requested_file(capsys, tmp_path):
     assert ".tmp" not in line and "tmp" not in line.replace(str(tmp_path), "")
 
 
-def test_list_shows_the_same_cache_state_as_info(capsys, tmp_path, manifest):
+def test_list_shows_the_same_cache_state_as_info(capsys, tmp_path):
+    # a file:// URL's own file would be used where it is: the entry here is hosted, so the cache counts
+    checkpoint = tiny_checkpoint_path("r50")
+    hosted = manifest_entry(checkpoint, f"http://127.0.0.1:1/{checkpoint.name}", num_classes=5)
+    manifest = write_manifest(tmp_path / "hosted.yml", [hosted])
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / tiny_checkpoint_path("r50").name).write_bytes(b"not the checkpoint")
+    (cache / checkpoint.name).write_bytes(b"not the checkpoint")
     code, out, _ = run_cli(capsys, "info", NAME, "--manifest", manifest, "--cache-dir", cache, "--format", "json")
     assert code == 0 and json.loads(out)["cache_state"] == "corrupt"
     code, out, _ = run_cli(capsys, "list", "--pattern", NAME, "--manifest", manifest, "--cache-dir", cache)

@@ -438,3 +438,63 @@ def test_a_hash_mismatch_advises_what_works_and_following_it_works(hub_server, h
     hub_server.files[hub_server.path_of("r50").replace(tiny_checkpoint_path("r50").name, "my_copy.pth")] = served
     path = download("tiny_r50", manifest=mine, cache_dir=hub_cache, **FAST)
     assert path.read_bytes() == served and path.name == f"my_copy-{digest[:8]}.pth"
+
+
+# --------------------------------------------------------------------------------------------
+# a local file (a file:// URL, as a fine-tuned run's entry names its checkpoint) is used where it is
+
+
+@pytest.fixture
+def local_entry(tmp_path):
+    """A user manifest whose entry's weights are a file:// URL into a run's work dir, as zoo_entry writes it."""
+    from psp_zoo.testing import manifest_entry
+    from psp_zoo.testing import write_manifest as write_user_manifest
+
+    weights = tmp_path / "work" / tiny_checkpoint_path("r50").name
+    weights.parent.mkdir()
+    shutil.copyfile(tiny_checkpoint_path("r50"), weights)
+    arch = {k: v for k, v in tiny_info("r50")["config"].items() if k not in ("depth", "num_classes")}
+    entry = manifest_entry(weights, weights.resolve().as_uri(), num_classes=5, arch=arch,
+                           test={"mode": "whole", "img_scale": [64, 32]})
+    return weights, write_user_manifest(tmp_path / "manifest.yml", [entry]), entry["name"]
+
+
+def test_a_local_file_is_used_where_it_is_never_copied(local_entry, tmp_path, caplog):
+    weights, manifest, name = local_entry
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.INFO, logger="psp_zoo"):
+        assert download(name, manifest=manifest, cache_dir=cache) == weights
+        assert download(name, manifest=manifest, cache_dir=cache, offline=True) == weights
+        assert download(weights.as_uri(), cache_dir=cache) == weights
+    assert not any("downloading" in record.getMessage() for record in caplog.records)
+    assert not cache.exists()  # nothing copied, no housekeeping either
+    assert not (weights.parent / ".psp-zoo").exists()  # and nothing written beside the user's file
+    assert cached_path(name, manifest=manifest, cache_dir=cache) == weights
+    assert cache_state(name, manifest=manifest, cache_dir=cache) == "cached"
+
+
+def test_a_local_file_whose_hash_changed_is_refused_and_not_copied(local_entry, tmp_path):
+    weights, manifest, name = local_entry
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    cache = tmp_path / "cache"
+    assert cache_state(name, manifest=manifest, cache_dir=cache) == "corrupt"
+    with pytest.raises(DownloadError, match="SHA-256 mismatch"):
+        download(name, manifest=manifest, cache_dir=cache, **FAST)
+    assert list(cache.glob("*.pth")) == [] and _leftovers(cache) == []
+
+
+def test_evaluate_by_name_uses_the_local_file_in_place(local_entry, tmp_path, capsys):
+    from psp_zoo.cli import main
+    from psp_zoo.testing import write_mini_cityscapes
+
+    weights, manifest, name = local_entry
+    write_mini_cityscapes(tmp_path / "data", num_images=1, size=(32, 64), num_classes=5)
+    cache = tmp_path / "cache"
+    code = main(["evaluate", name, "--data-root", str(tmp_path / "data"), "--manifest", str(manifest),
+                 "--cache-dir", str(cache), "--device", "cpu", "--num-workers", "0"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "downloading" not in err and "mIoU" in out
+    assert not cache.exists()

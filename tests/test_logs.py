@@ -3,6 +3,9 @@ the table."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,10 +14,17 @@ from PIL import Image
 
 from psp_zoo.cli import main
 from psp_zoo.manifest.loading import get_checkpoint
-from psp_zoo.results.published_logs import LogError, compare_with_table, log_figure, parse_log, render_comparison
+from psp_zoo.results.published_logs import (
+    LogError,
+    compare_with_table,
+    log_figure,
+    parse_log,
+    read_logs,
+    render_comparison,
+)
 from psp_zoo.testing import manifest_entry, write_manifest
 
-from helpers import tiny_checkpoint_path
+from helpers import REPO, tiny_checkpoint_path
 
 NAME = "tiny_pspnet_r50-d8"  # manifest_entry's name for the r50 fixture file
 LOG_PATH = "/mmsegmentation/v0.5/pspnet/tiny/tiny_pspnet_r50-d8_20200605_003338.log.json"
@@ -106,8 +116,9 @@ def test_json_output_of_a_1x_scalars_log(capsys, served, tmp_path):
     assert report["layout"] == "mmseg 1.x scalars.json"
     assert (report["train_lines"], report["val_lines"]) == (12, 4)
     # the step-0 test line after training scores the last iteration's weights
-    assert report["last_val"] == {"iter": 12000, "mIoU": pytest.approx(72.5)}
-    assert report["best_val"] == {"iter": 8000, "mIoU": pytest.approx(74.0)}
+    assert report["last_val"] == {"iter": 12000, "mIoU": pytest.approx(72.5), "exact": True}
+    assert report["best_val"] == {"iter": 8000, "mIoU": pytest.approx(74.0), "exact": True}
+    assert report["approximate_val_lines"] == 0
     assert report["peak_memory"] == {"iter": 3000, "MiB": 6246.0, "GB": pytest.approx(6246 / 1024)}
     assert report["published"] == {"mIoU": 74.5, "Mem (GB)": 6.1}
 
@@ -203,3 +214,162 @@ def test_a_log_without_validation_or_memory_says_so(tmp_path, served):
     text = render_comparison(compare_with_table(get_checkpoint(NAME, manifest=served("")), log))
     assert text.splitlines()[2:] == ["  no validation in the log (table mIoU 74.5)",
                                      "  no training memory in the log (table Mem (GB) 6.1)"]
+
+
+# --------------------------------------------------------------------------------------------
+# psp-zoo's own logs: validations placed exactly, a resumed run's files read as one run
+
+EVAL_EVERY, LOG_EVERY, LAST = 60, 50, 480  # validations every 60 iterations, train lines every 50
+VALIDATED = list(range(EVAL_EVERY, LAST + 1, EVAL_EVERY))
+LOGGED = [i for i in range(LOG_EVERY, LAST + 1, LOG_EVERY) if i % EVAL_EVERY]  # none at a validation
+
+
+def _miou(iteration: int) -> float:
+    """The run's validation mIoU as a fraction: best (0.92) at 420, lower at 480."""
+    return 0.5 + iteration / 1000 if iteration <= 420 else 0.81
+
+
+def write_run_log(path: Path, start: int, stop: int, config: dict = None) -> Path:
+    """The lines psp-zoo's loop writes for iterations start+1..stop of a run (TrainLog, as loop.py calls it)."""
+    from psp_zoo.training.log import TrainLog
+
+    log = TrainLog(path)
+    log.meta(env_info="{}", config=json.dumps(config or {}), seed=0, exp_name=NAME)
+    for done in range(start + 1, stop + 1):
+        validating = done % EVAL_EVERY == 0 or done == LAST
+        if done % LOG_EVERY == 0 and not validating:
+            log.train(epoch=1, iteration=done, lr=0.01, means={"loss": 2.0 - done / 1000, "time": 0.1})
+        if validating:
+            log.val(epoch=1, steps=6, iteration=done, lr=0.01, aacc=0.95, miou=_miou(done), macc=0.9,
+                    class_names=["a", "b"], iou=[0.9, 0.8], acc=[0.95, 0.9])
+    return path
+
+
+def without_train_iter(text: str, meta: dict = None) -> str:
+    """The same log as mmseg 0.x writes it: no ``train_iter``; ``meta`` replaces the first line."""
+    lines = [json.loads(line) for line in text.splitlines()]
+    for line in lines:
+        line.pop("train_iter", None)
+    if meta is not None:
+        lines[0] = meta
+    return "\n".join(json.dumps(line) for line in lines) + "\n"
+
+
+def test_a_validation_is_reported_and_plotted_at_its_own_iteration(capsys, served, tmp_path):
+    # the log's config says nothing: the val lines' train_iter alone places them
+    path = write_run_log(tmp_path / "work" / "20260101_000000.log.json", 0, LAST)
+    val_lines = [json.loads(line) for line in path.read_text().splitlines() if '"val"' in line]
+    # mmseg's iter kept
+    assert [(line["iter"], line["train_iter"]) for line in val_lines] == [(6, i) for i in VALIDATED]
+    code, out, err = _logs(capsys, served(log_0x()), tmp_path / "cache", "--log", path)
+    assert code == 0, err
+    assert "  last val mIoU  81.00 (table 74.50, +6.50) at iteration 480" in out.splitlines()
+    assert "  best val mIoU  92.00 (table 74.50, +17.50) at iteration 420" in out.splitlines()
+    assert "approximately" not in out
+    log = read_logs([path])
+    assert [v.iteration for v in log.val] == VALIDATED and all(v.exact for v in log.val)
+    assert [s.iteration for s in log.train] == LOGGED
+    pytest.importorskip("matplotlib")
+    miou_axes = log_figure(log).axes[1]
+    assert list(miou_axes.lines[0].get_xdata()) == VALIDATED
+
+
+MMSEG_CONFIG = ("norm_cfg = dict(type='SyncBN', requires_grad=True)\n"
+                f"runner = dict(type='IterBasedRunner', max_iters={LAST})\n"
+                f"checkpoint_config = dict(by_epoch=False, interval={EVAL_EVERY})\n"
+                f"evaluation = dict(interval={EVAL_EVERY}, metric='mIoU', pre_eval=True)\n")
+
+
+@pytest.mark.parametrize("meta, given", [
+    ({"env_info": "x", "config": MMSEG_CONFIG, "seed": 0, "exp_name": "x.py"}, {}),  # mmseg 0.x's config text
+    ({"env_info": "x", "config": json.dumps({"eval_interval": EVAL_EVERY, "max_iters": LAST})}, {}),  # psp-zoo's
+    ({"env_info": "x", "seed": 0}, {"eval_interval": EVAL_EVERY, "max_iters": LAST}),  # the caller's schedule
+])
+def test_an_mmseg_log_s_validations_are_placed_by_the_evaluation_interval(tmp_path, meta, given):
+    text = without_train_iter(write_run_log(tmp_path / "run.log.json", 0, LAST).read_text(), meta)
+    log = parse_log(text, "mmseg.log.json", **given)
+    assert [v.iteration for v in log.val] == VALIDATED and all(v.exact for v in log.val)
+    assert log.best_val.iteration == 420
+
+
+def test_without_the_evaluation_interval_the_output_says_the_iterations_are_approximate(tmp_path, served):
+    text = without_train_iter(write_run_log(tmp_path / "run.log.json", 0, LAST).read_text(), {"env_info": "x"})
+    log = parse_log(text, "mmseg.log.json")
+    assert [v.iteration for v in log.val] == [50, 100, 150, 200, 250, 350, 400, 450]  # the train line before each
+    assert not any(v.exact for v in log.val)
+    text = render_comparison(compare_with_table(get_checkpoint(NAME, manifest=served("")), log))
+    assert "  best val mIoU  92.00 (table 74.50, +17.50) at about iteration 400" in text.splitlines()
+    assert ("  8 validation(s) placed approximately, at the training line before each: the log records neither "
+            "their iteration nor the evaluation interval") in text.splitlines()
+
+
+def _resumed_run(work: Path) -> tuple:
+    """A run killed after iteration 270 and resumed from its checkpoint at 200: two logs, the second
+    opening with a validation (240) and logging 240 and 250 again."""
+    first = write_run_log(work / "20260101_000000.log.json", 0, 270)
+    second = write_run_log(work / "20260101_010000.log.json", 200, LAST)
+    assert json.loads(second.read_text().splitlines()[1])["mode"] == "val"
+    return first, second
+
+
+def _read_as_one_run(log) -> None:
+    assert [v.iteration for v in log.val] == VALIDATED and all(v.exact for v in log.val)
+    assert [s.iteration for s in log.train] == LOGGED
+    assert log.best_val.iteration == 420
+
+
+@pytest.mark.parametrize("form", ["work dir", "A B", "B A", "--log A --log B", "one file"])
+def test_logs_log_takes_a_work_dir_several_files_or_one(capsys, served, tmp_path, form):
+    first, second = _resumed_run(tmp_path / "work")
+    argv = {"work dir": ["--log", tmp_path / "work"], "A B": ["--log", first, second],
+            "B A": ["--log", second, first], "--log A --log B": ["--log", first, "--log", second],
+            "one file": ["--log", second]}[form]
+    code, out, err = _logs(capsys, served(log_0x()), tmp_path / "cache", "--json", *argv)
+    assert code == 0, err
+    report = json.loads(out)
+    if form == "one file":  # the resumed launch alone: its first validation at 240, not at its 6 steps
+        assert (report["train_lines"], report["val_lines"]) == (4, 5)
+        assert report["log"] == str(second)
+    else:
+        assert (report["train_lines"], report["val_lines"]) == (len(LOGGED), len(VALIDATED))
+        assert report["log"] == f"{first}, {second}"  # in time order, whatever the order given
+    assert report["best_val"] == {"iter": 420, "mIoU": pytest.approx(92.0), "exact": True}
+    assert report["last_val"] == {"iter": LAST, "mIoU": pytest.approx(81.0), "exact": True}
+
+
+def test_a_resumed_run_s_logs_are_one_run_and_plotted_so(tmp_path):
+    first, second = _resumed_run(tmp_path / "work")
+    log = read_logs([second, first])
+    _read_as_one_run(log)
+    assert read_logs([second]).val[0].iteration == 240
+    pytest.importorskip("matplotlib")
+    assert list(log_figure(log).axes[1].lines[0].get_xdata()) == VALIDATED
+
+
+def test_the_glob_of_docs_training_md_reads_the_whole_run(tmp_path):
+    (command,) = [line for line in (REPO / "docs" / "training.md").read_text().splitlines()
+                  if line.startswith("psp-zoo logs ")]
+    command = command.split("#")[0].strip()
+    work = tmp_path / re.search(r"--log (\S+)/\*\.log\.json", command).group(1)
+    _resumed_run(work)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PSP_ZOO_OFFLINE": "1", "PSP_ZOO_HOME": str(tmp_path / "cache")}
+    done = subprocess.run(command.replace("psp-zoo ", f"{sys.executable} -m psp_zoo ", 1), shell=True,
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "at iteration 420" in done.stdout and f"{len(VALIDATED)} validation lines" in done.stdout
+    # offline, the published log beneath cannot be fetched: said, and the run's own curves drawn
+    assert "the published log is not drawn" in done.stderr
+    assert (tmp_path / re.search(r"--plot (\S+)", command).group(1)).read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp / "nowhere.log.json", "no such training log: {tmp}/nowhere.log.json; give a .log.json file or "
+                                           "the run's work dir"),
+    (lambda tmp: tmp, "{tmp} holds no *.log.json file; give the work dir of a psp-zoo train run, or the log files "
+                      "themselves"),
+])
+def test_a_log_path_that_holds_no_log_is_one_clear_error(capsys, served, tmp_path, make, message):
+    (tmp_path / "empty").mkdir()
+    code, out, err = _logs(capsys, served(log_0x()), tmp_path / "cache", "--log", make(tmp_path / "empty"))
+    assert code == 2 and out == ""
+    assert err.strip() == "psp-zoo logs: error: " + message.format(tmp=tmp_path / "empty")

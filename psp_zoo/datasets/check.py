@@ -15,6 +15,7 @@ checked.
 """
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import DatasetError, PspZooError
+from ..files import atomic_write
 from ..manifest.loading import DatasetSpec, Layout
 from .readers import (
     LABEL_MAP_DECODERS,
@@ -36,9 +38,11 @@ from .readers import (
     reduce_zero_label,
 )
 
-__all__ = ["SPLITS", "SplitCheck", "check_split", "check_dataset", "check_folders", "split_layouts"]
+__all__ = ["SPLITS", "SCAN_RECORD", "SplitCheck", "check_split", "check_dataset", "check_folders", "split_layouts",
+           "scan_for_training"]
 
 PathLike = Union[str, Path]
+Pair = Tuple[Path, Path, Optional[str]]  # (image, label, the label map of a fallback label)
 #: The splits a dataset declares: ``val`` (its ``layout``) and ``train`` (``layout.train``).
 SPLITS = ("train", "val")
 
@@ -238,20 +242,30 @@ def _count(check: SplitCheck, spec: DatasetSpec, image: Path, label: Path, read)
     check.ignored += int(counts[spec.ignore_index])
 
 
-def check_split(dataset: str, data_root: PathLike, split: str = "val", *, manifest=None,
-                workers: Optional[int] = None) -> SplitCheck:
-    """Every image and label of ``split`` of ``dataset`` under ``data_root``, read and checked."""
-    spec = dataset_spec(dataset, manifest)
+def _listed(spec: DatasetSpec, data_root: PathLike, split: str) -> Tuple[SplitCheck, List[Pair]]:
+    """The split's check with its missing files recorded, and the (image, label, label map) pairs to read."""
     layouts = split_layouts(spec, split)
     folder = _split_folder(spec, data_root, layouts[0], split)
     for part, layout in enumerate(layouts):
         _check_part(spec, folder, layout, split, part)
-    check = SplitCheck(dataset, split, folder, tuple(spec.classes), spec.ignore_index)
-    pairs = [pair for layout in layouts for pair in _pairs_of(check, spec, folder, layout)]
+    check = SplitCheck(spec.key, split, folder, tuple(spec.classes), spec.ignore_index)
+    return check, [pair for layout in layouts for pair in _pairs_of(check, spec, folder, layout)]
+
+
+def _read_all(check: SplitCheck, spec: DatasetSpec, pairs: Sequence[Pair], workers: Optional[int]) -> None:
+    """Read and count every pair into ``check``."""
     # decoding releases the GIL (OpenCV, Pillow, numpy): threads read several files at once
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         for (image, label, _), read in zip(pairs, pool.map(lambda p: _read_pair(spec, *p), pairs)):
             _count(check, spec, image, label, read)
+
+
+def check_split(dataset: str, data_root: PathLike, split: str = "val", *, manifest=None,
+                workers: Optional[int] = None) -> SplitCheck:
+    """Every image and label of ``split`` of ``dataset`` under ``data_root``, read and checked."""
+    spec = dataset_spec(dataset, manifest)
+    check, pairs = _listed(spec, data_root, split)
+    _read_all(check, spec, pairs, workers)
     return check
 
 
@@ -262,3 +276,82 @@ def check_dataset(dataset: str, data_root: PathLike, splits: Optional[Sequence[s
     if splits is None:
         splits = [s for s in SPLITS if s != "train" or spec.layout.train]
     return [check_split(dataset, data_root, split, manifest=manifest) for split in splits]
+
+
+# ---------------------------------------------------------------------------------------------
+# the scan before a training run
+
+#: The scan's record in a work dir: every pair a passed scan read, by its files' size and mtime.
+SCAN_RECORD = "dataset_scan.json"
+_SCAN_FORMAT = 1
+
+
+def _stamp(pair: Pair) -> Optional[List[int]]:
+    """(size, mtime in ns) of the pair's image and label; None when one cannot be read (it is then read)."""
+    try:
+        image, label = os.stat(pair[0]), os.stat(pair[1])
+    except OSError:
+        return None
+    return [image.st_size, image.st_mtime_ns, label.st_size, label.st_mtime_ns]
+
+
+def _key(pair: Pair) -> str:
+    return "\n".join((os.path.abspath(pair[0]), os.path.abspath(pair[1]), pair[2] or ""))
+
+
+def _declared(spec: DatasetSpec) -> dict:
+    """What a verdict depends on besides the files: a change (a class added, another ignore index) rescans."""
+    return {"num_classes": len(spec.classes), "ignore_index": spec.ignore_index,
+            "reduce_zero_label": spec.reduce_zero_label}
+
+
+def _read_record(path: Path, declared: dict) -> dict:
+    """The verdicts of the last passed scan ({} if none, unreadable, or for another declaration)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict) or record.get("format") != _SCAN_FORMAT or record.get("declared") != declared:
+        return {}
+    files = record.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def _cli_command(spec: DatasetSpec, data_root: PathLike, split: str) -> str:
+    manifest = "" if spec.source == "model_index.yml" else f" --manifest {spec.source}"
+    return f"psp-zoo dataset check {data_root} --dataset {spec.key}{manifest} --split {split}"
+
+
+def scan_for_training(dataset: str, data_root: PathLike, work_dir: PathLike, *, manifest=None,
+                      workers: Optional[int] = None) -> int:
+    """Refuse, before a training run starts, data in which ``check_split`` finds a problem.
+
+    Both splits a run reads (``train``, and ``val`` for its validations) are listed and read exactly
+    as ``check_split`` reads them. The first problem raises ``DatasetError``: one line naming the file,
+    how many more there are, and where every problem is listed. When both splits pass, the size and
+    modification time of every file read are recorded in ``work_dir/dataset_scan.json`` (atomically),
+    so that the next start (a resume) reads only the pairs whose files changed; a change of the
+    declaration's classes, ignore index or ``reduce_zero_label`` reads everything again. Returns how
+    many pairs were read.
+    """
+    spec = dataset_spec(dataset, manifest)
+    record_path = Path(work_dir) / SCAN_RECORD
+    declared = _declared(spec)
+    known = _read_record(record_path, declared)
+    passed, read = {}, 0
+    for split in SPLITS:
+        check, pairs = _listed(spec, data_root, split)
+        stamps = {_key(pair): _stamp(pair) for pair in pairs}
+        fresh = [pair for pair in pairs if stamps[_key(pair)] is None or known.get(_key(pair)) != stamps[_key(pair)]]
+        _read_all(check, spec, fresh, workers)
+        read += len(fresh)
+        problems = check.problems()
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise DatasetError(f"{spec.key} {split}: {problems[0]}{more}; fix the dataset before training "
+                               f"(psp_zoo.dataset_check.check_split lists every problem)",
+                               cli_hint=f"run {_cli_command(spec, data_root, split)} to list every problem")
+        passed.update(stamps)
+    if passed != known:
+        atomic_write(record_path, json.dumps({"format": _SCAN_FORMAT, "declared": declared, "files": passed}))
+    return read

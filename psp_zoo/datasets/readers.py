@@ -338,7 +338,7 @@ class Sample:
     index: int
     name: str
     inputs: List[torch.Tensor]  # 3 x h x w uint8 RGB, one per target scale (normalize_batch)
-    label: torch.Tensor  # H x W, uint8 or int64; 255 = ignore
+    label: torch.Tensor  # H x W, uint8 or int64; the dataset's ignore index is not scored
     ori_size: Tuple[int, int]  # (H, W) of the original image
 
     def pin_memory(self) -> "Sample":  # called by DataLoader(pin_memory=True)
@@ -357,7 +357,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset: str, data_root: PathLike, *, img_scales: Optional[Sequence[Sequence[int]]] = None,
                  limit: Optional[int] = None, reduce_zero_label: Optional[bool] = None,
-                 items: Optional[Sequence[Item]] = None, manifest=None):
+                 items: Optional[Sequence[Item]] = None, manifest=None, ignore_index: Optional[int] = None):
         if img_scales is None or reduce_zero_label is None:
             spec = dataset_spec(dataset, manifest)
             img_scales = img_scales or [spec.img_scale]
@@ -367,7 +367,15 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.manifest = manifest
         self.img_scales = [tuple(scale) for scale in img_scales]
         self.reduce_zero_label = reduce_zero_label
+        self._ignore_index = ignore_index
         self.items = list(items) if items is not None else list_items(dataset, data_root, limit, manifest=manifest)
+
+    @property
+    def ignore_index(self) -> int:
+        """The label value that is never scored: the dataset's declared one unless given."""
+        if self._ignore_index is None:
+            self._ignore_index = dataset_spec(self.dataset, self.manifest).ignore_index
+        return self._ignore_index
 
     def __len__(self) -> int:
         return len(self.items)
@@ -376,7 +384,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """The same dataset restricted to ``indices`` (e.g. the images one process evaluates)."""
         return SegmentationDataset(self.dataset, self.data_root, img_scales=self.img_scales,
                                    reduce_zero_label=self.reduce_zero_label,
-                                   items=[self.items[i] for i in indices], manifest=self.manifest)
+                                   items=[self.items[i] for i in indices], manifest=self.manifest,
+                                   ignore_index=self._ignore_index)
 
     def shard(self, rank: int, world_size: int) -> "SegmentationDataset":
         """Every ``world_size``-th image starting at ``rank``: disjoint shards covering all images."""

@@ -52,7 +52,7 @@ def score(model, data: SegmentationDataset, settings: EvalSettings, num_classes:
     images and once at the end. ``show``: progress on (True), off (False) or automatic (None).
     ``on_image(images_done)`` is called after each image.
     """
-    metric = ConfusionMatrix(num_classes, device=device)
+    metric = ConfusionMatrix(num_classes, ignore_index=data.ignore_index, device=device)
     start = _resume(metric, partial, len(data), desc)
     if start < len(data):
         loader = make_loader(data.subset(range(start, len(data))), num_workers=num_workers, device=device)

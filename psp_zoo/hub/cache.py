@@ -9,6 +9,10 @@ Nothing half-written ever sits under the final name: bytes go to ``.part`` (resu
 Range request after a dropped connection), are hashed while they stream, and only a file whose
 SHA-256 matches is moved into place with ``os.replace``.
 
+A file a ``file://`` URL names (a user manifest's local checkpoint, a fine-tuned run's entry that
+``psp-zoo train --from`` writes) is used where it is once its hash checks out: never copied into
+the cache, hashed again at each use (it lives outside the cache, where anything may change it).
+
 A checkpoint may be published at several URLs; they are tried in order and the first that serves
 a file with the right hash wins. Connection failures that another attempt cannot fix (the host name
 does not resolve, the connection is refused) are not retried, and the host is remembered as down
@@ -25,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 from urllib.parse import unquote, urlparse
+from urllib.request import url2pathname
 
 import filelock
 
@@ -44,6 +49,7 @@ from .fetching import (
     is_verified,
     marker_matches,
     resolve_url,
+    sha256_of,
 )
 
 __all__ = ["download", "fetch_file", "cache_dir", "cached_path", "cache_state", "is_cached", "resolve_url",
@@ -90,17 +96,40 @@ def _target(name_or_url: NameOrUrl, manifest: ManifestPaths = None, sha256: Opti
     return Target(tuple(entry.urls), entry.filename, entry.hash_prefix, sha256 or entry.sha256, label=entry.name)
 
 
+def _local_file(target: Target) -> Optional[Path]:
+    """The existing file one of ``target``'s ``file://`` URLs names (the first), else None."""
+    for url in target.urls:
+        if url.startswith("file:"):
+            path = Path(url2pathname(urlparse(url).path))
+            if path.is_file():
+                return path
+    return None
+
+
+def _local_is_verified(path: Path, target: Target) -> bool:
+    """A local file's hash, checked at each use: no marker is written beside a file psp-zoo does not own."""
+    return target.accepts(sha256_of(path).hexdigest())
+
+
 def cached_path(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, manifest: ManifestPaths = None) -> Path:
-    """Where the verified file of a checkpoint name, manifest record or URL lives (or would live)."""
-    return _cache_root(cache_dir) / _target(name_or_url, manifest).filename
+    """Where the verified file of a checkpoint name, manifest record or URL lives (or would live):
+    the local file a ``file://`` URL names, where there is one, else its place in the cache."""
+    target = _target(name_or_url, manifest)
+    return _local_file(target) or _cache_root(cache_dir) / target.filename
 
 
 def cache_state(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, manifest: ManifestPaths = None) -> str:
-    """'cached' (verified), 'corrupt' (wrong hash), 'partial' (an interrupted download) or 'missing'."""
+    """'cached' (verified; a local file a ``file://`` URL names counts), 'corrupt' (wrong hash),
+    'partial' (an interrupted download) or 'missing'."""
     target = _target(name_or_url, manifest)
+    local = _local_file(target)
+    if local is not None and _local_is_verified(local, target):
+        return "cached"
     final = _cache_root(cache_dir) / target.filename
     if final.is_file():
         return "cached" if is_verified(final, target) else "corrupt"
+    if local is not None:
+        return "corrupt"
     return "partial" if housekeeping(final, ".part").is_file() else "missing"
 
 
@@ -123,8 +152,14 @@ def download(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, mirror: Opti
     ``offline`` (default ``$PSP_ZOO_OFFLINE``) never touches the network; ``quiet`` hides the
     progress bar, which is only shown on a terminal anyway. Each URL the checkpoint is published
     at is tried in order. Raises DownloadError naming every URL tried and why it failed.
+
+    A file a ``file://`` URL names is returned where it is once its SHA-256 checks out (also
+    offline), never copied into the cache.
     """
     target = _target(name_or_url, manifest, sha256)
+    local = _local_file(target)
+    if local is not None and _local_is_verified(local, target):
+        return local
     final = _cache_root(cache_dir) / target.filename
     if final.is_file() and marker_matches(final, target):
         return final  # the common case: no lock, no hashing

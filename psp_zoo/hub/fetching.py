@@ -111,7 +111,7 @@ def housekeeping(final: Path, suffix: str) -> Path:
 # verifying what is on disk, once
 
 
-def _sha256_of(path: Path, digest=None):
+def sha256_of(path: Path, digest=None):
     digest = digest or hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(CHUNK_BYTES), b""):
@@ -148,7 +148,7 @@ def is_verified(final: Path, target: Target) -> bool:
         return False
     if marker_matches(final, target):
         return True
-    digest = _sha256_of(final).hexdigest()
+    digest = sha256_of(final).hexdigest()
     if not target.accepts(digest):
         return False
     _remember_verified(final, digest)
@@ -392,7 +392,7 @@ def _range_not_satisfiable(url: str, response: requests.Response, part: Path, po
     """A 416 means ``part`` is as long as the file (done) or longer (stale: start over)."""
     total = response.headers.get("Content-Range", "").rpartition("/")[2]
     if total == str(part.stat().st_size):
-        return _sha256_of(part).hexdigest()
+        return sha256_of(part).hexdigest()
     log.info("server refused to resume %s; starting over", part.name)
     part.unlink()
     return _fetch_once(url, part, policy)
@@ -415,7 +415,7 @@ def _body_offset(url: str, response: requests.Response, offset: int) -> int:
 
 
 def _stream_into(response: requests.Response, part: Path, offset: int, policy: Policy) -> str:
-    digest = _sha256_of(part) if offset else hashlib.sha256()
+    digest = sha256_of(part) if offset else hashlib.sha256()
     length = response.headers.get("Content-Length")
     total = offset + int(length) if length and length.isdigit() else None
     received = offset

@@ -173,7 +173,12 @@ def parse_dataset(source: str, key: str, raw: Any) -> DatasetSpec:
     num_classes = where.pos_int(raw["num_classes"], "num_classes")
     ignore_index = raw.get("ignore_index", IGNORE_INDEX)
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool) or not num_classes <= ignore_index <= 255:
-        where.fail("ignore_index", f"expected a label value from num_classes to 255, got {ignore_index!r}")
+        where.fail("ignore_index", f"expected a label value from num_classes to 255 (a class cannot be ignored; "
+                                   f"labels that store 'unlabelled' as 0 declare reduce_zero_label: true), "
+                                   f"got {ignore_index!r}")
+    if raw["reduce_zero_label"] is True and ignore_index != IGNORE_INDEX:
+        where.fail("ignore_index", f"reduce_zero_label marks label 0 as {IGNORE_INDEX}, so the ignore index must be "
+                                   f"{IGNORE_INDEX}, got {ignore_index!r}")
     classes, palette = _parse_classes(where, key, raw, num_classes)
     return DatasetSpec(
         key=key,

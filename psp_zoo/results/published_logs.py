@@ -7,21 +7,28 @@ mIoU it recorded (last and best) and its peak training memory next to the table'
 
 - mmseg 0.x ``*.log.json``: an optional first line of run metadata, then ``{"mode": "train",
   "iter": ..., "loss": ..., "memory": MB, ...}`` and ``{"mode": "val", "mIoU": ..., ...}`` lines,
-  metrics as fractions of 1;
+  metrics as fractions of 1. A val line's ``iter`` is the number of validation steps (mmcv's
+  quirk), not the training iteration: psp-zoo's own logs add ``train_iter``, which places it
+  exactly; in mmseg's own logs the iteration is inferred from the training line logged before it
+  and the evaluation interval (from the log's config, or given by the caller), and a validation
+  that cannot be placed so is marked as approximate (``Validation.exact``);
 - mmseg 1.x ``scalars.json``: ``{"step": ..., "loss": ..., "memory": MB, ...}`` training lines and
   ``{"step": ..., "mIoU": ..., ...}`` validation lines, metrics in percent.
 
 Everything is placed on the training ITERATION: the "epoch" of an iteration-based run means
-nothing, and curves drawn against it come out wrong.
+nothing, and curves drawn against it come out wrong. A resumed run's log is split over several
+files (one per launch): :func:`read_logs` reads them as one run, in time order, the lines a
+resumed launch logged again replacing the killed launch's.
 """
 from __future__ import annotations
 
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import unquote, urlparse
 
 from ..errors import PspZooError
@@ -32,7 +39,8 @@ from ..hub.options import FetchOptions
 from ..manifest.loading import Checkpoint, get_checkpoint
 from ..optional import require
 
-__all__ = ["TrainStep", "Validation", "TrainingLog", "LogError", "parse_log", "read_log", "log_path",
+__all__ = ["TrainStep", "Validation", "TrainingLog", "LogError", "parse_log", "read_log", "read_logs",
+           "log_files", "log_path",
            "fetch_log", "compare_with_table", "render_comparison", "check_plotting", "log_figure", "plot_log"]
 
 PathLike = Union[str, Path]
@@ -56,12 +64,16 @@ class TrainStep:
 
 @dataclass(frozen=True)
 class Validation:
-    """One validation during training, at a training iteration; metrics in percent."""
+    """One validation during training, at a training iteration; metrics in percent.
+
+    ``exact`` is False where the log did not record the iteration and it could not be inferred
+    (an mmseg 0.x log without its evaluation interval): it is then the training line's before it."""
 
     iteration: int
     miou: float
     macc: Optional[float]
     aacc: Optional[float]
+    exact: bool = True
 
 
 @dataclass(frozen=True)
@@ -91,13 +103,51 @@ class TrainingLog:
 # reading
 
 
-class _Reader:
-    """Turns the lines of one log into train and val points, naming file and line on any fault."""
+_EVAL_INTERVAL_RE = re.compile(r"evaluation\s*=\s*dict\([^)]*?\binterval\s*=\s*(\d+)")
+_MAX_ITERS_RE = re.compile(r"\b(?:max_iters|total_iters)\s*=\s*(\d+)")
 
-    def __init__(self, source: str):
+
+def _schedule_of(meta: Mapping) -> Dict[str, int]:
+    """``eval_interval`` and ``max_iters`` from a 0.x log's first line, where its config gives them:
+    psp-zoo writes the recipe as JSON, mmseg the Python config's text."""
+    config = meta.get("config")
+    if not isinstance(config, str):
+        return {}
+    try:
+        recipe = json.loads(config)
+    except ValueError:
+        recipe = None
+    if isinstance(recipe, dict):
+        return {key: recipe[key] for key in ("eval_interval", "max_iters")
+                if isinstance(recipe.get(key), int) and not isinstance(recipe[key], bool) and recipe[key] > 0}
+    found = {}
+    for key, pattern in (("eval_interval", _EVAL_INTERVAL_RE), ("max_iters", _MAX_ITERS_RE)):
+        match = pattern.search(config)
+        if match and int(match.group(1)) > 0:
+            found[key] = int(match.group(1))
+    return found
+
+
+class _Reader:
+    """Turns the lines of one run's log files into train and val points, naming file and line on any fault.
+
+    ``eval_interval`` and ``max_iters`` (the run's, where the caller knows them) place the validations of
+    an mmseg 0.x log that records neither their iteration nor its config."""
+
+    def __init__(self, source: str, eval_interval: Optional[int] = None, max_iters: Optional[int] = None):
         self.source, self.layout, self.line = source, None, 0
+        self.given = {key: value for key, value in (("eval_interval", eval_interval), ("max_iters", max_iters))
+                      if value}
+        self.schedule = dict(self.given)
         self.train: List[TrainStep] = []
         self.val: List[Validation] = []
+        self.earlier = (0, 0)  # how many train and val points came from earlier files
+        self.file_started = True  # no point of the current file read yet
+
+    def start_file(self, source: str) -> None:
+        """The next file of the same run (a resumed launch writes a new log)."""
+        self.source, self.line = source, 0
+        self.earlier, self.file_started = (len(self.train), len(self.val)), False
 
     def fail(self, what: str) -> LogError:
         return LogError(f"{self.source}:{self.line}: {what}")
@@ -139,32 +189,62 @@ class _Reader:
         layout = LAYOUT_0X if "mode" in record else LAYOUT_1X if "step" in record else None
         if layout is None:
             if self.line == 1:
-                return  # mmseg 0.x opens its log with the run's environment and config
+                # mmseg 0.x opens its log with the run's environment and config
+                self.schedule = {**self.given, **_schedule_of(record)}
+                return
             raise self.fail("a line with neither 'mode' (mmseg 0.x) nor 'step' (mmseg 1.x)")
         if self.layout not in (None, layout):
             raise self.fail(f"a {layout} line in a {self.layout} file")
         self.layout = layout
         (self.feed_0x if layout == LAYOUT_0X else self.feed_1x)(record)
 
+    def resumed_at(self, iteration: int) -> None:
+        """The first point of a later file: what earlier files logged from there on was done again."""
+        if self.file_started:
+            return
+        self.file_started = True
+        trains, vals = self.earlier
+        self.train = [s for s in self.train[:trains] if s.iteration < iteration] + self.train[trains:]
+        self.val = [v for v in self.val[:vals] if v.iteration < iteration] + self.val[vals:]
+
     def add_train(self, iteration: int, record: Mapping) -> None:
+        self.resumed_at(iteration)
         if self.train and iteration < self.train[-1].iteration:
             raise self.fail(f"training iteration {iteration} comes after {self.train[-1].iteration}: an "
                             f"epoch-based log or two runs in one file; psp-zoo reads one iteration-based run")
         self.train.append(TrainStep(iteration, self.number(record, "loss"), self.number(record, "memory")))
 
-    def add_val(self, iteration: int, record: Mapping) -> None:
+    def add_val(self, iteration: int, record: Mapping, exact: bool = True) -> None:
+        self.resumed_at(iteration)
         self.val.append(Validation(iteration, self.metric(record, "mIoU", required=True),
-                                   self.metric(record, "mAcc"), self.metric(record, "aAcc")))
+                                   self.metric(record, "mAcc"), self.metric(record, "aAcc"), exact))
+
+    def placed_0x(self) -> Tuple[int, bool]:
+        """Where an mmseg 0.x validation without ``train_iter`` belongs, and whether that is exact.
+
+        mmcv validates every ``eval_interval`` iterations (psp-zoo also at the last) and logs no
+        train line at a validation: the validation is the first of the run's evaluation iterations
+        from the training line before it on, after the previous validation."""
+        before = self.train[-1].iteration if self.train else None
+        previous = self.val[-1].iteration if self.val else None
+        interval, last = self.schedule.get("eval_interval"), self.schedule.get("max_iters")
+        if interval is None or (before is None and previous is None):
+            return (before if before is not None else previous if previous is not None else 0), False
+        lowest = max(before or 0, previous + 1 if previous is not None else 1)
+        at = -(-lowest // interval) * interval
+        return (min(at, last) if last is not None and lowest <= last else at), True
 
     def feed_0x(self, record: Mapping) -> None:
         mode = record["mode"]
         if mode == "train":
             self.add_train(self.iteration(record, "iter"), record)
         elif mode == "val":
-            # mmcv >= 1.3 logs the number of evaluation steps as a val line's "iter"; the
-            # validation belongs to the training iteration logged just before it
-            own = self.iteration(record, "iter")
-            self.add_val(self.train[-1].iteration if self.train else own, record)
+            self.iteration(record, "iter")  # mmcv >= 1.3: the number of evaluation steps, not the iteration
+            if "train_iter" in record:  # psp-zoo's own logs say where the validation was
+                self.add_val(self.iteration(record, "train_iter"), record)
+            else:
+                iteration, exact = self.placed_0x()
+                self.add_val(iteration, record, exact)
         else:
             raise self.fail(f"unknown mode {mode!r}; expected 'train' or 'val'")
 
@@ -177,32 +257,99 @@ class _Reader:
             self.add_train(step, record)
         # other lines (learning rate alone, timings) carry nothing compared here
 
-    def result(self) -> TrainingLog:
+    def result(self, source: str) -> TrainingLog:
         if not self.train and not self.val:
-            raise LogError(f"{self.source}: no training or validation line; expected an mmseg 0.x "
+            raise LogError(f"{source}: no training or validation line; expected an mmseg 0.x "
                            f".log.json or 1.x scalars.json with one JSON object per line")
-        return TrainingLog(self.source, self.layout, tuple(self.train), tuple(self.val))
+        return TrainingLog(source, self.layout, tuple(self.train), tuple(self.val))
 
 
-def parse_log(text: str, source: str = "<log>") -> TrainingLog:
+def parse_log(text: str, source: str = "<log>", *, eval_interval: Optional[int] = None,
+              max_iters: Optional[int] = None) -> TrainingLog:
     """Read the text of an mmseg 0.x ``.log.json`` or 1.x ``scalars.json`` training log.
 
     Blank lines are skipped; anything else that is not a log line raises LogError naming
-    ``source`` and the line number.
+    ``source`` and the line number. ``eval_interval`` and ``max_iters`` (the run's) place the
+    validations of an mmseg 0.x log whose first line does not give its config.
     """
-    reader = _Reader(source)
-    for line in text.splitlines():
-        reader.feed(line)
-    return reader.result()
+    return _parse([(source, text)], source, eval_interval, max_iters)
 
 
-def read_log(path: PathLike) -> TrainingLog:
-    """Read a training log file (see :func:`parse_log`)."""
+def _parse(texts: Iterable[Tuple[str, str]], source: str, eval_interval: Optional[int],
+           max_iters: Optional[int]) -> TrainingLog:
+    reader = _Reader(source, eval_interval, max_iters)
+    for index, (name, text) in enumerate(texts):
+        if index:
+            reader.start_file(name)
+        for line in text.splitlines():
+            reader.feed(line)
+    return reader.result(source)
+
+
+def _read_text(path: Path) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise LogError(f"cannot read training log {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    return parse_log(text, str(path))
+
+
+def read_log(path: PathLike, *, eval_interval: Optional[int] = None, max_iters: Optional[int] = None) -> TrainingLog:
+    """Read a training log file (see :func:`parse_log`)."""
+    return parse_log(_read_text(Path(path)), str(path), eval_interval=eval_interval, max_iters=max_iters)
+
+
+def _first_iteration(text: str) -> float:
+    """The first training iteration a log file names (its place in a resumed run), inf if none."""
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        key = {"train": "iter", "val": "train_iter"}.get(record.get("mode"), "step")
+        value = record.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:  # step 0: 1.x's final test
+            return value
+    return math.inf
+
+
+def log_files(paths: Sequence[PathLike]) -> List[Path]:
+    """The log files one run's ``paths`` name: a file as it is, a folder (a work dir) for every
+    ``*.log.json`` in it; none twice. A missing path or a folder without logs raises LogError."""
+    found: List[Path] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            inside = sorted(p for p in path.glob("*.log.json") if p.is_file())
+            if not inside:
+                raise LogError(f"{path} holds no *.log.json file; give the work dir of a psp-zoo train run, or "
+                               f"the log files themselves")
+            found.extend(inside)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise LogError(f"no such training log: {path}; give a .log.json file or the run's work dir")
+    unique = {p.resolve(): p for p in found}
+    return list(unique.values())
+
+
+def read_logs(paths: Sequence[PathLike], *, eval_interval: Optional[int] = None,
+              max_iters: Optional[int] = None) -> TrainingLog:
+    """One run's log from several files (and work dirs, see :func:`log_files`), read as one run.
+
+    A run resumed after a stop writes a new log at each launch: the files are put in time order (by
+    the first training iteration each logs, then by name, which mmcv and psp-zoo stamp with the start
+    time) and read in turn; what a resumed launch logs again replaces what the stopped one had
+    logged from that iteration on. One file is read as :func:`read_log` reads it.
+    """
+    files = log_files(paths)
+    if not files:
+        raise LogError("no training log given")
+    texts = [(str(path), _read_text(path)) for path in files]
+    texts.sort(key=lambda item: (_first_iteration(item[1]), Path(item[0]).name))
+    source = texts[0][0] if len(texts) == 1 else ", ".join(name for name, _ in texts)
+    return _parse(texts, source, eval_interval, max_iters)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,8 +409,9 @@ def compare_with_table(entry: Checkpoint, log: TrainingLog) -> Dict[str, Any]:
         "layout": log.layout,
         "train_lines": len(log.train),
         "val_lines": len(log.val),
-        "last_val": None if last is None else {"iter": last.iteration, "mIoU": last.miou},
-        "best_val": None if best is None else {"iter": best.iteration, "mIoU": best.miou},
+        "last_val": None if last is None else {"iter": last.iteration, "mIoU": last.miou, "exact": last.exact},
+        "best_val": None if best is None else {"iter": best.iteration, "mIoU": best.miou, "exact": best.exact},
+        "approximate_val_lines": sum(not v.exact for v in log.val),
         "peak_memory": None if peak is None else {"iter": peak.iteration, "MiB": peak.memory_mb,
                                                   "GB": peak.memory_mb / MIB_PER_GIB},
         "published": {"mIoU": entry.published.miou, "Mem (GB)": entry.published.mem_gb},
@@ -286,8 +434,12 @@ def render_comparison(report: Mapping[str, Any]) -> str:
     if last is None:
         lines.append(f"  no validation in the log (table mIoU {published['mIoU'] or '-'})")
     else:
-        lines.append(f"  last val mIoU  {_versus(last['mIoU'], published['mIoU'], 2)} at iteration {last['iter']}")
-        lines.append(f"  best val mIoU  {_versus(best['mIoU'], published['mIoU'], 2)} at iteration {best['iter']}")
+        for label, val in (("last", last), ("best", best)):
+            where = f"iteration {val['iter']}" if val["exact"] else f"about iteration {val['iter']}"
+            lines.append(f"  {label} val mIoU  {_versus(val['mIoU'], published['mIoU'], 2)} at {where}")
+    if report.get("approximate_val_lines"):
+        lines.append(f"  {report['approximate_val_lines']} validation(s) placed approximately, at the training line "
+                     f"before each: the log records neither their iteration nor the evaluation interval")
     if peak is None:
         lines.append(f"  no training memory in the log (table Mem (GB) {published['Mem (GB)'] or '-'})")
     else:

@@ -164,7 +164,7 @@ class TrainBatch:
     epoch: int  # 0-based pass over the files
     samples: Tuple[int, ...]  # the global-batch slots these images fill
     images: torch.Tensor  # N x 3 x h x w float32, normalized RGB
-    labels: torch.Tensor  # N x h x w int64, 255 = ignore
+    labels: torch.Tensor  # N x h x w int64, the dataset's ignore index where unlabelled or padded
 
 
 @dataclass

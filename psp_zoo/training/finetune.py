@@ -4,11 +4,13 @@
 wrong declaration or a missing folder is said before any model is built or file fetched:
 
 1. the dataset's declaration (a user manifest's ``datasets:`` entry, checked when the manifest is
-   read) and its training and validation folders (listed as training and evaluation list them);
+   read) and its training and validation folders;
 2. the recipe: the source entry's optimizer and schedule (its ``train:`` block, crop and schedule
    length), the dataset's own training facts (img_scale, images per GPU, its ``train:`` block), then
    the caller's overrides, each checked;
-3. the source's weights (a manifest name, fetched and verified, or a local file), read safely.
+3. every image and label of both splits, read as ``psp-zoo dataset check`` reads them
+   (``datasets.check.scan_for_training``): a problem stops the run here, naming the file;
+4. the source's weights (a manifest name, fetched and verified, or a local file), read safely.
 
 The network is the source's (backbone, widths, ``align_corners``) with the dataset's class count.
 When that count differs from the source's, the two classifier convs (``decode_head.conv_seg``,
@@ -31,7 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ..datasets.check import check_folders
+from ..datasets.check import check_folders, scan_for_training
 from ..datasets.readers import dataset_spec, list_items, training_items
 from ..distributed import Distributed
 from ..environment import usable_device
@@ -43,7 +45,7 @@ from ..manifest.loading import DatasetSpec, get_manifest
 from ..model import PSPNet
 from ..model.checkpoint import read_checkpoint
 from .loop import TrainResult, train
-from .recipe import Recipe, base_recipe, recipe_from_entry
+from .recipe import Recipe, base_recipe, dataset_train_where, recipe_from_entry
 from .zoo_entry import manifest_paths, write_run_manifest, write_zoo_manifest
 
 __all__ = ["CLASSIFIERS", "Source", "read_source", "starting_weights", "finetune", "FinetuneResult"]
@@ -121,7 +123,7 @@ def run_recipe(name: str, spec: DatasetSpec, source: Source, overrides: Dict[str
     base = base_recipe(name, spec, num_classes=spec.num_classes, crop_size=source.crop_size,
                        max_iters=source.schedule, pretrained=None)
     recipe = base.with_overrides(source.optimization, where=f"the recipe of {source.label}")
-    recipe = recipe.with_overrides(dict(spec.train), where=f"{spec.source}: datasets.{spec.key}: field 'train'")
+    recipe = recipe.with_overrides(dict(spec.train), where=dataset_train_where(spec))
     return recipe.with_overrides(overrides)
 
 
@@ -195,10 +197,10 @@ def _default_name(source: Source, dataset: str) -> str:
     return f"{stem}_finetuned_{dataset}"
 
 
-def _check_data(spec: DatasetSpec, data_root: PathLike, manifest) -> None:
-    """Both splits listed (every image with its label) before anything is built: a missing folder stops here,
-    named by its field of the declaration."""
-    check_folders(spec.key, data_root, manifest=manifest)
+def _check_data(spec: DatasetSpec, data_root: PathLike, work_dir: Path, manifest) -> None:
+    """Both splits read as ``psp-zoo dataset check`` reads them and listed as the run lists them, before
+    anything is built (the scan's record in ``work_dir`` spares the run reading them again)."""
+    scan_for_training(spec.key, data_root, work_dir, manifest=manifest)
     training_items(spec.key, data_root, manifest=manifest)
     list_items(spec.key, data_root, manifest=manifest)
 
@@ -263,7 +265,7 @@ def finetune(source: PathLike, *, dataset: str, data_root: PathLike, work_dir: P
     """
     fetch = fetch or FetchOptions()
     spec = dataset_spec(dataset, fetch.manifest)
-    _check_data(spec, data_root, fetch.manifest)
+    check_folders(spec.key, data_root, manifest=fetch.manifest)
     src = read_source(source, fetch)
     name = name or _default_name(src, dataset)
     if not _NAME_RE.match(name):
@@ -271,6 +273,7 @@ def finetune(source: PathLike, *, dataset: str, data_root: PathLike, work_dir: P
     overrides = {key: value for key, value in options.items() if key not in _TRAIN_KEYWORDS}
     run_recipe(name, spec, src, dict(overrides, freeze_backbone=freeze_backbone))
     work_dir = check_writable_folder(work_dir, "work dir")
+    _check_data(spec, data_root, work_dir, fetch.manifest)
     src = fetched(src, fetch)
     dist, device = Distributed.from_env(usable_device(device))
     try:

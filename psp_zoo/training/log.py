@@ -5,7 +5,8 @@ then every ``log_interval`` iterations a train line (``mode``, ``epoch``, ``iter
 on CUDA, ``data_time``, the loss parts, ``loss``, ``time``: means over the interval, floats rounded
 to 5 decimals; no train line at an evaluation iteration, as mmcv's runner), and a val line at each
 validation (``aAcc``, ``mIoU``, ``mAcc``, ``IoU.<class>``, ``Acc.<class>`` as fractions rounded to 4
-decimals; ``iter`` is the number of validation steps, mmcv's quirk that ``psp_zoo.results.published_logs`` knows).
+decimals; ``iter`` is the number of validation steps, mmcv's quirk, and ``train_iter``, psp-zoo's
+addition, the training iteration validated, which ``psp_zoo.results.published_logs`` places it at).
 Only one process of a torchrun job writes. Lines are appended and flushed one at a time, so a
 killed run's log ends with its last complete line.
 """
@@ -81,10 +82,12 @@ class TrainLog:
         record["time"] = _round(means.get("time", 0.0), 5)
         self._write(record)
 
-    def val(self, *, epoch: int, steps: int, lr: float, aacc: float, miou: float, macc: float,
+    def val(self, *, epoch: int, steps: int, iteration: int, lr: float, aacc: float, miou: float, macc: float,
             class_names: Sequence[str], iou: Sequence[float], acc: Sequence[float]) -> None:
-        """A val line; metrics as fractions (NaN for a class with no pixels, as mmseg writes it)."""
-        record: Dict[str, object] = {"mode": "val", "epoch": epoch, "iter": steps, "lr": _round(lr, 9),
+        """A val line at training iteration ``iteration`` after ``steps`` validation steps; metrics as
+        fractions (NaN for a class with no pixels, as mmseg writes it)."""
+        record: Dict[str, object] = {"mode": "val", "epoch": epoch, "iter": steps, "train_iter": iteration,
+                                     "lr": _round(lr, 9),
                                      "aAcc": _round(aacc, 4), "mIoU": _round(miou, 4), "mAcc": _round(macc, 4)}
         for name, value in zip(class_names, iou):
             record[f"IoU.{name}"] = _round(value, 4)

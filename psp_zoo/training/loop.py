@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from .._version import __version__
+from ..datasets.check import scan_for_training
 from ..datasets.readers import SegmentationDataset, list_items
 from ..distributed import Distributed
 from ..environment import environment_info, usable_device
@@ -128,12 +129,14 @@ def train(name: str, *, data_root: PathLike, work_dir: PathLike, device: Union[N
     try:
         resumed = _resumable(work_dir, resume)
         seed = int(resumed[2]["seed"]) if resumed else int(seed)
+        scan_for_training(recipe.dataset, data_root, work_dir, manifest=fetch.manifest)  # before anything is written
         data, val = _datasets(recipe, data_root, seed, fetch)
         model = PSPNet(**entry.model_kwargs()) if resumed else _start_weights(
             entry, recipe, seed, init_from, pretrained, fetch)
         trainer = Trainer(model, recipe, device=device, distributed=dist, amp=amp, seed=seed,
                           accumulation=accumulation_for(recipe, dist.world_size), channels_last=channels_last,
-                          compile=compile, dtype=torch.float64 if float64 else None)
+                          compile=compile, dtype=torch.float64 if float64 else None,
+                          ignore_index=data.transform.ignore_index)
         spec = get_manifest(fetch.manifest).datasets[recipe.dataset]
         run = _Run(recipe, entry, spec, work_dir, dist, trainer, data, val, seed, num_workers,
                    TrainLog(work_dir / log_file_name() if dist.is_main else None))
@@ -172,11 +175,12 @@ def _restore(run: _Run, state_dict: Dict[str, torch.Tensor], optimizer: dict, ow
 def _datasets(recipe: Recipe, data_root: PathLike, seed: int,
               fetch: FetchOptions) -> Tuple[TrainingSet, SegmentationDataset]:
     """The training split (every global batch planned) and the validation set, listed up front."""
+    spec = get_manifest(fetch.manifest).datasets[recipe.dataset]
     transform = TrainTransform(crop_size=recipe.crop_size, img_scale=recipe.img_scale, ratio_range=recipe.ratio_range,
-                               cat_max_ratio=recipe.cat_max_ratio, flip_prob=recipe.flip_prob)
+                               cat_max_ratio=recipe.cat_max_ratio, flip_prob=recipe.flip_prob,
+                               ignore_index=spec.ignore_index)
     data = TrainingSet(recipe.dataset, data_root, transform, seed=seed, global_batch=recipe.total_batch,
                        manifest=fetch.manifest)
-    spec = get_manifest(fetch.manifest).datasets[recipe.dataset]
     entry = get_manifest(fetch.manifest).get(recipe.name)
     items = list_items(recipe.dataset, data_root, manifest=fetch.manifest)
     val = SegmentationDataset(recipe.dataset, data_root, img_scales=[entry.test.img_scale], items=items,
@@ -274,7 +278,8 @@ def _validate(run: _Run, epoch: int, lr: float) -> None:
         model.train()
     scores = matrix.all_reduce().compute()
     names = run.spec.class_names(run.recipe.num_classes)
-    run.log.val(epoch=epoch + 1, steps=math.ceil(len(run.val) / run.dist.world_size), lr=lr, aacc=scores["aAcc"],
+    run.log.val(epoch=epoch + 1, steps=math.ceil(len(run.val) / run.dist.world_size),
+                iteration=run.trainer.iteration, lr=lr, aacc=scores["aAcc"],
                 miou=scores["mIoU"], macc=scores["mAcc"], class_names=names, iou=scores["IoU"], acc=scores["Acc"])
     if run.dist.is_main:
         log.info("iteration %d: mIoU %.2f, mAcc %.2f, aAcc %.2f", run.trainer.iteration, 100 * scores["mIoU"],

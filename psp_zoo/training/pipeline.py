@@ -28,7 +28,7 @@ import numpy as np
 
 from ..datasets.transforms import IMG_MEAN, IMG_STD, rescale_size
 from ..errors import PspZooError
-from ..manifest.entries import IGNORE_INDEX
+from ..manifest.entries import IGNORE_INDEX  # the default; a dataset may declare its own
 
 __all__ = [
     "TrainTransform", "Draws", "sample_rng", "random_scale", "resize", "crop_box", "crop_is_acceptable",
@@ -244,9 +244,11 @@ class TrainTransform:
 
     ``crop_size`` is (h, w); ``img_scale`` is (long, short), the dataset's training scale, or None to
     scale the image's own size; ``ratio_range`` None resizes to ``img_scale`` exactly (no draw).
-    Called with a BGR uint8 H x W x 3 image, its uint8 H x W label (ignore 255, ``reduce_zero_label``
-    already applied by the reader) and a numpy generator; returns a float32 3 x h x w normalized RGB
-    image and an int64 h x w label, both padded to ``crop_size`` (image 0, label 255).
+    Called with a BGR uint8 H x W x 3 image, its uint8 H x W label (``reduce_zero_label`` already
+    applied by the reader) and a numpy generator; returns a float32 3 x h x w normalized RGB image and
+    an int64 h x w label, both padded to ``crop_size`` (image 0, label ``seg_pad_val``).
+    ``ignore_index`` is the dataset's (its declaration's ``ignore_index``, 255 by default): the 75%
+    rule does not count it, and the label is padded with it unless ``seg_pad_val`` says otherwise.
     """
 
     crop_size: Tuple[int, int]
@@ -258,11 +260,13 @@ class TrainTransform:
     mean: Tuple[float, float, float] = IMG_MEAN
     std: Tuple[float, float, float] = IMG_STD
     pad_val: float = 0
-    seg_pad_val: int = IGNORE_INDEX
+    seg_pad_val: Optional[int] = None  # None: the ignore index
     ignore_index: int = IGNORE_INDEX
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalize the fields once, here
+        if self.seg_pad_val is None:
+            set_(self, "seg_pad_val", self.ignore_index)
         set_(self, "crop_size", _check_pair(self.crop_size, "crop_size", int))
         if self.img_scale is not None:
             set_(self, "img_scale", _check_pair(self.img_scale, "img_scale", int))

@@ -20,8 +20,8 @@ from typing import Any, Mapping, Optional, Tuple
 from ..errors import PspZooError
 from ..manifest.loading import Checkpoint, DatasetSpec, get_manifest
 
-__all__ = ["Recipe", "recipe_for", "recipe_from_entry", "base_recipe", "default_interval", "RECIPE_FIELDS",
-           "IDENTITY_FIELDS", "DEFAULT_GPUS"]
+__all__ = ["Recipe", "recipe_for", "recipe_from_entry", "base_recipe", "default_interval", "checked_settings",
+           "check_dataset_train", "dataset_train_where", "RECIPE_FIELDS", "IDENTITY_FIELDS", "DEFAULT_GPUS"]
 
 #: GPUs of the published runs (the results page's "4x2" / "4x4"; not in the configs)
 DEFAULT_GPUS = 4
@@ -96,12 +96,7 @@ class Recipe:
         A new ``max_iters`` without new intervals moves both intervals to max_iters / 10, as the
         published schedules have them.
         """
-        unknown = sorted(set(overrides) - set(RECIPE_FIELDS) - set(IDENTITY_FIELDS))
-        if unknown:
-            raise PspZooError(f"{where}: unknown training setting {unknown[0]!r}; settable: "
-                              f"{', '.join(RECIPE_FIELDS)}")
-        values = {key: _checked(key, value, where) for key, value in overrides.items() if value is not None
-                  or key in _NULLABLE}
+        values = checked_settings(overrides, where)
         if "max_iters" in values:
             for key in ("eval_interval", "checkpoint_interval"):
                 values.setdefault(key, default_interval(values["max_iters"]))
@@ -221,6 +216,27 @@ _CHECKS = {
 }
 
 
+def checked_settings(settings: Mapping[str, Any], where: str) -> dict:
+    """``settings`` (recipe field -> value) checked field by field, as the fields hold them (None values
+    of non-nullable fields dropped); PspZooError naming ``where`` and the first wrong field."""
+    unknown = sorted(set(settings) - set(RECIPE_FIELDS) - set(IDENTITY_FIELDS))
+    if unknown:
+        raise PspZooError(f"{where}: unknown training setting {unknown[0]!r}; settable: {', '.join(RECIPE_FIELDS)}")
+    return {key: _checked(key, value, where) for key, value in settings.items()
+            if value is not None or key in _NULLABLE}
+
+
+def dataset_train_where(spec: DatasetSpec) -> str:
+    """How a message names a dataset's ``train:`` block."""
+    return f"{spec.source}: datasets.{spec.key}: field 'train'"
+
+
+def check_dataset_train(spec: DatasetSpec) -> None:
+    """A dataset's ``train:`` block checked as a run applies it (the same message for the same mistake),
+    for ``psp-zoo dataset check``, which builds no recipe."""
+    checked_settings(dict(spec.train), dataset_train_where(spec))
+
+
 def _checked(key: str, value: Any, where: str) -> Any:
     """``value`` as field ``key`` holds it, or PspZooError naming the field and what it takes."""
     if key in _NULLABLE and value is None:
@@ -242,7 +258,7 @@ def recipe_from_entry(entry: Checkpoint, manifest=None) -> Recipe:
     spec = get_manifest(manifest).datasets[entry.dataset]
     base = base_recipe(entry.name, spec, num_classes=entry.num_classes, crop_size=entry.crop_size,
                        max_iters=entry.schedule, pretrained=_default_pretrained(entry))
-    recipe = base.with_overrides(dict(spec.train), where=f"{spec.source}: datasets.{spec.key}: field 'train'")
+    recipe = base.with_overrides(dict(spec.train), where=dataset_train_where(spec))
     return recipe.with_overrides(dict(entry.train), where=f"{entry.source}: models '{entry.name}': field 'train'")
 
 

@@ -2,14 +2,15 @@
 
 Per step: the lr of the current iteration is set first (mmcv sets it before each iteration), the
 decode head's and the auxiliary head's logits are resized bilinearly to the label size (with the
-head's ``align_corners``), each gets a cross-entropy with ignore index 255 averaged over ALL label
-pixels (ignored and padded ones count 0, mmseg's ``avg_non_ignore=False``), the auxiliary loss is
-weighted 0.4, and the optimizer (SGD or AdamW over every parameter, weight decay on all of them)
-steps. Under torchrun the BatchNorm layers are synchronized (SyncBN: statistics over every
-process's images, as the published runs had) and the gradients averaged over the processes, so
-N processes x B images step exactly like one process with N x B images. Gradient accumulation
-splits a step's images into chunks (the loss of each scaled by 1 / chunks); BatchNorm then sees
-each chunk alone, which is the one way it differs from the larger batch.
+head's ``align_corners``), each gets a cross-entropy with the dataset's ignore index (255 unless
+declared) averaged over ALL label pixels (ignored and padded ones count 0, mmseg's
+``avg_non_ignore=False``), the auxiliary loss is weighted 0.4, and the optimizer (SGD or AdamW over
+every parameter, weight decay on all of them) steps. Under torchrun the BatchNorm layers are
+synchronized (SyncBN: statistics over every process's images, as the published runs had) and the
+gradients averaged over the processes, so N processes x B images step exactly like one process with
+N x B images. Gradient accumulation splits a step's images into chunks (the loss of each scaled by 1
+/ chunks); BatchNorm then sees each chunk alone, which is the one way it differs from the larger
+batch.
 
 Randomness inside the step (Dropout2d) is drawn from torch's generator seeded by (seed, iteration,
 rank) at the start of every step, so a resumed run draws what an uninterrupted one draws.
@@ -92,13 +93,14 @@ class Trainer:
     keys the dropout draws. ``dtype=torch.float64`` trains in double precision: slow, but free of
     float32 rounding, which a few steps of a small PSPNet amplify (for exact comparisons).
     ``iteration`` counts the steps taken (0-based index of the next one).
+    ``ignore_index``: the label value the losses skip, the dataset's (``DatasetSpec.ignore_index``).
     """
 
     def __init__(self, model: nn.Module, recipe: Recipe, *, device: Union[None, str, torch.device] = None,
                  distributed: Optional[Distributed] = None, accumulation: int = 1, amp: Optional[bool] = None,
                  channels_last: bool = False, compile: bool = False, seed: int = 0,
-                 dtype: Optional[torch.dtype] = None):
-        self.recipe = recipe
+                 dtype: Optional[torch.dtype] = None, ignore_index: int = IGNORE_INDEX):
+        self.recipe, self.ignore_index = recipe, ignore_index
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.distributed = distributed or Distributed()
         if accumulation < 1:
@@ -167,8 +169,10 @@ class Trainer:
         align_corners = bool(getattr(self.model, "align_corners", False))
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             decode_logits, aux_logits = self._forward(images)
-        decode_loss, decode_acc = segmentation_loss(decode_logits, labels, align_corners=align_corners)
-        aux_loss, aux_acc = segmentation_loss(aux_logits, labels, align_corners=align_corners)
+        decode_loss, decode_acc = segmentation_loss(decode_logits, labels, align_corners=align_corners,
+                                                    ignore_index=self.ignore_index)
+        aux_loss, aux_acc = segmentation_loss(aux_logits, labels, align_corners=align_corners,
+                                              ignore_index=self.ignore_index)
         aux_loss = aux_loss * self.recipe.aux_weight
         loss = decode_loss + aux_loss
         scaled = loss / self.accumulation

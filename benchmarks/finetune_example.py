@@ -2,7 +2,7 @@
 
     flock /tmp/psp-bench.lock python benchmarks/finetune_example.py [--iterations 300] [--rounds 1]
 
-Generates the shapes dataset (tests/finetune_data.py: 64 training and 8 validation images of 96x96),
+Generates the shapes dataset (psp_zoo.testing.write_example_dataset: 64 training and 8 validation images of 96x96),
 a 5-class tiny-width R-18-D8 checkpoint in the published format (psp_zoo.testing; the offline
 stand-in for a published file), then times each command of the walk-through as a user runs it
 (a fresh ``psp-zoo`` process each): ``dataset check``, ``train --from`` (a few hundred iterations,
@@ -26,9 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
-import finetune_data  # noqa: E402  (the tests' generator of the example)
+from psp_zoo import testing  # noqa: E402  (the generator of the example)
 from psp_zoo.environment import cpu_flags, cpu_name, environment_info  # noqa: E402
 from psp_zoo.testing import TINY_ARCH, write_tiny_checkpoint  # noqa: E402
 
@@ -61,9 +60,9 @@ def _steps(folder: Path, iterations: int) -> dict:
 def one_round(iterations: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        finetune_data.write_dataset(folder / "shapes", train=64, val=8)
-        spec = finetune_data.declaration(train=finetune_data.WALK_THROUGH_TRAIN)
-        finetune_data.write_manifest(folder / "shapes.yml", spec=spec, models=[_source(folder)])
+        testing.write_example_dataset(folder / "shapes", train=64, val=8)
+        spec = testing.example_declaration(train=testing.EXAMPLE_TRAIN)
+        testing.write_example_manifest(folder / "shapes.yml", spec=spec, models=[_source(folder)])
         times, miou = {}, None
         for step, argv in _steps(folder, iterations).items():
             start = time.perf_counter()

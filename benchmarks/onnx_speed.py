@@ -44,7 +44,7 @@ from speed import environment, parse_size, random_image, random_model, timed  # 
 from psp_zoo.deploy.export import export_onnx  # noqa: E402
 from psp_zoo.deploy.verify import compare_outputs  # noqa: E402
 from psp_zoo.files import atomic_write  # noqa: E402
-from psp_zoo.optimization import optimize  # noqa: E402
+from psp_zoo.model.optimization import optimize  # noqa: E402
 
 ODD_SIZE = (97, 131)  # checked besides the timed size: pooled at 13 x 17, no pool scale divides it
 MUST_SHOW = {"ort_factorized_over_eager": 1.4, "ort_factorized_over_ort_plain": 1.1}
@@ -83,8 +83,8 @@ def versions() -> Dict[str, str]:
 def runtimes(model: torch.nn.Module, files: Dict[str, Path], threads: int) -> Dict[str, Callable]:
     """name -> callable(x) -> logits, for every runtime available here."""
     fast = optimize(model)
-    calls = {"eager": model, "fast_path": fast,
-             "ort_plain": ort_runner(files["plain"], threads), "ort_factorized": ort_runner(files["factorized"], threads)}
+    calls = {"eager": model, "fast_path": fast, "ort_plain": ort_runner(files["plain"], threads),
+             "ort_factorized": ort_runner(files["factorized"], threads)}
     for kind in ("plain", "factorized"):
         runner = openvino_runner(files[kind], threads)
         if runner is not None:

@@ -22,8 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import REPO, WHOLE_VARIANTS, environment, parse_size, random_image, random_model  # noqa: E402
 
-from psp_zoo.optimization import optimize  # noqa: E402
 from psp_zoo.files import atomic_write  # noqa: E402
+from psp_zoo.model.optimization import optimize  # noqa: E402
 
 
 def top_ops(net, x: torch.Tensor, top: int, by_shape: bool = False) -> List[dict]:

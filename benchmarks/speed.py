@@ -41,17 +41,17 @@ sys.path.insert(0, str(REPO))  # benchmark the checkout this script lives in
 
 from psp_zoo import PSPNet, load_checkpoint  # noqa: E402
 from psp_zoo.deploy.verify import compare_outputs  # noqa: E402
-from psp_zoo.inference import slide_inference  # noqa: E402
-from psp_zoo.model import FactorizedPSPHead  # noqa: E402
-from psp_zoo.model.winograd import use_winograd  # noqa: E402
-from psp_zoo.optimization import cpu_supports_bf16, fold_batchnorm, optimize  # noqa: E402
-from psp_zoo.options import cuda_supports_bf16  # noqa: E402
-from psp_zoo.measure import PeakMemory  # noqa: E402
 from psp_zoo.environment import cpu_flags, cpu_name, environment_info, exact_float32  # noqa: E402
-from psp_zoo.records import device_tag  # noqa: E402
-from psp_zoo.testing import calibrate_batchnorm  # noqa: E402
+from psp_zoo.evaluation.inference import slide_inference  # noqa: E402
+from psp_zoo.evaluation.measure import PeakMemory  # noqa: E402
 from psp_zoo.files import atomic_write  # noqa: E402
-from psp_zoo.manifest import get_checkpoint  # noqa: E402
+from psp_zoo.hub.options import cuda_supports_bf16  # noqa: E402
+from psp_zoo.manifest.loading import get_checkpoint  # noqa: E402
+from psp_zoo.model import FactorizedPSPHead  # noqa: E402
+from psp_zoo.model.optimization import cpu_supports_bf16, fold_batchnorm, optimize  # noqa: E402
+from psp_zoo.model.winograd import use_winograd  # noqa: E402
+from psp_zoo.results.records import device_tag  # noqa: E402
+from psp_zoo.testing import calibrate_batchnorm  # noqa: E402
 
 MODEL_CONFIGS = {
     "r50": {"depth": 50, "num_classes": 19},
@@ -229,8 +229,8 @@ def load_model(key: str, device: torch.device, checkpoints: Dict[str, str]) -> P
 
 def _describe(options: dict) -> str:
     """'eager fp32' for the model as loaded, else what optimize() applied, e.g. 'fp32 fuse_bn channels_last'."""
-    flags = [key for key in ("fuse_bn", "channels_last", "factorize_head", "winograd", "compile", "freezing", "cuda_graph")
-             if options.get(key)]
+    flags = [key for key in ("fuse_bn", "channels_last", "factorize_head", "winograd", "compile", "freezing",
+                             "cuda_graph") if options.get(key)]
     described = " ".join([options.get("precision", "eager fp32"), *flags])
     return f"{described} slide={options['slide']}" if "slide" in options else described
 
@@ -285,7 +285,9 @@ def slide_calls(model: PSPNet, img: torch.Tensor, crop, stride,
     for name, (kwargs, batched) in variants.items():
         net, options = _prepared(model, kwargs)
         # batch_size=1 is the reference's one-window-at-a-time loop; None stacks every window
-        run = lambda t, net=net, bs=None if batched else 1: slide_inference(net, t, crop, stride, batch_size=bs)  # noqa: E731
+        def run(t, net=net, bs=None if batched else 1):
+            return slide_inference(net, t, crop, stride, batch_size=bs)
+
         calls[name] = (_no_grad_call(run, img), {**options, "slide": "batched" if batched else "loop"})
     return calls
 
@@ -386,8 +388,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--size", action="append", default=[], metavar="MODEL=HxW",
                         help="input size per model (repeatable), e.g. r101=512x1024")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=PATH",
-                        help="published weights for a model (repeatable), e.g. r50=pspnet_r50-d8_512x1024_40k_cityscapes_....pth; "
-                             "default: random weights")
+                        help="published weights for a model (repeatable), e.g. "
+                             "r50=pspnet_r50-d8_512x1024_40k_cityscapes_....pth; default: random weights")
     parser.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(WHOLE_VARIANTS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1, help="calls after the first (compiling) one")
@@ -464,7 +466,8 @@ def _run(args: argparse.Namespace, device: torch.device, float32: dict) -> int:
     print(ratio_table(rows))
     print(f"{env['device_name']} ({env['cpu_capability']}), torch {env['torch']}, {env['threads']} threads")
     if kind == "cuda":  # the published fps are whole-image 1024x2048 on a V100: comparable to this case only
-        print("published (V100, fp32): " + ", ".join(f"{key} {fig['fps']} fps" for key, fig in env["published"].items()))
+        published = env["published"].items()
+        print("published (V100, fp32): " + ", ".join(f"{key} {fig['fps']} fps" for key, fig in published))
     print(f"wrote {csv_path} and {json_path}")
     return 0
 

@@ -6,7 +6,7 @@ few distinct smooth pictures and block labels, each written under many names, so
 stays small on disk while every file is decoded as a real one is. Then, in interleaved rounds (the
 order rotated each round, so load from other processes hits every side):
 
-- ``check``: ``dataset_check.check_dataset`` (what ``psp-zoo dataset check`` reads and counts);
+- ``check``: ``datasets.check.check_dataset`` (what ``psp-zoo dataset check`` reads and counts);
 - ``scan_cold``: ``scan_for_training`` into a work dir without a record (a first start);
 - ``scan_warm``: ``scan_for_training`` with the record a passed scan left (a resume).
 
@@ -39,10 +39,10 @@ from tabulate import tabulate
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmark the checkout this script lives in
 
-from psp_zoo.dataset_check import SCAN_RECORD, check_dataset, scan_for_training  # noqa: E402
+from psp_zoo.datasets.check import SCAN_RECORD, check_dataset, scan_for_training  # noqa: E402
 from psp_zoo.environment import cpu_flags, environment_info  # noqa: E402
 from psp_zoo.files import atomic_write  # noqa: E402
-from psp_zoo.records import device_tag  # noqa: E402
+from psp_zoo.results.records import device_tag  # noqa: E402
 
 SIZE = (512, 1024)  # (h, w)
 DISTINCT = 16  # distinct pictures; every file is one of them under its own name

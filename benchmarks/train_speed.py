@@ -37,10 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmark the checkout this script lives in
 
 from psp_zoo.environment import cpu_flags, cpu_name, environment_info  # noqa: E402
+from psp_zoo.evaluation.measure import PeakMemory  # noqa: E402
 from psp_zoo.files import atomic_write  # noqa: E402
-from psp_zoo.measure import PeakMemory  # noqa: E402
 from psp_zoo.model import PSPNet  # noqa: E402
-from psp_zoo.records import device_tag  # noqa: E402
+from psp_zoo.results.records import device_tag  # noqa: E402
 from psp_zoo.training.pretrained import init_weights  # noqa: E402
 from psp_zoo.training.recipe import recipe_for  # noqa: E402
 from psp_zoo.training.trainer import Trainer  # noqa: E402
@@ -109,7 +109,8 @@ def measure(calls: Dict[str, Callable], images, labels, device: torch.device, ro
 
 def environment(device: torch.device, size, batch: int) -> dict:
     return {
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_flags": cpu_flags(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "load_average_1_5_15min": list(os.getloadavg()),

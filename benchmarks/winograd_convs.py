@@ -85,7 +85,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(tabulate(rows, headers="keys", floatfmt=".3g"))
     print(f"{env['device_name']} ({env['cpu_capability']}, flags {env['cpu_flags']}), torch {env['torch']}, "
           f"{env['threads']} threads")
-    path = args.out_dir / f"winograd_convs_cpu_torch{torch.__version__.split('+')[0]}{'_quick' if args.quick else ''}.json"
+    quick = "_quick" if args.quick else ""
+    path = args.out_dir / f"winograd_convs_cpu_torch{torch.__version__.split('+')[0]}{quick}.json"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps({"environment": env, "rounds": args.rounds, "results": rows}, indent=1))
     print(f"wrote {path}")

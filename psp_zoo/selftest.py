@@ -23,19 +23,28 @@ import numpy as np
 import torch
 
 from ._version import __version__
-from .checkpoint import load_checkpoint
-from .datasets import list_items
-from .hub import HOME_ENV, cache_dir, cache_state, download
+from .datasets.readers import list_items
 from .errors import DownloadError, PspZooError, one_line
-from .evaluation import evaluate
+from .evaluation.evaluator import evaluate
 from .files import check_writable_folder
-from .manifest import Manifest, get_checkpoint, get_manifest
+from .hub.cache import HOME_ENV, cache_dir, cache_state, download
+from .manifest.loading import IGNORE_INDEX, Manifest, get_checkpoint, get_manifest
 from .model import PSPNet
-from .prediction import Predictor, predict_files
-from .records import read_results, result_path, write_result
-from .tables import build_tables, render
-from .testing import (SELFTEST_NAME, SELFTEST_TEST_SETTINGS, TINY_ARCH, manifest_entry, no_proxy_for_localhost,
-                      serve_folder, write_manifest, write_mini_cityscapes, write_tiny_checkpoint)
+from .model.checkpoint import load_checkpoint
+from .prediction.predictor import Predictor, predict_files
+from .results.records import read_results, result_path, write_result
+from .results.tables import build_tables, render
+from .testing import (
+    SELFTEST_NAME,
+    SELFTEST_TEST_SETTINGS,
+    TINY_ARCH,
+    manifest_entry,
+    no_proxy_for_localhost,
+    serve_folder,
+    write_manifest,
+    write_mini_cityscapes,
+    write_tiny_checkpoint,
+)
 
 __all__ = ["run_selftest"]
 
@@ -102,7 +111,7 @@ def _fast_path() -> str:
 
     from .deploy.verify import compare_outputs
     from .model import PSPNet
-    from .optimization import optimize
+    from .model.optimization import optimize
 
     torch.manual_seed(0)
     model = PSPNet(depth=18, num_classes=5, base_channels=32, stem_channels=16).eval()
@@ -225,7 +234,7 @@ class _SelfTest:
             labels = _read_palette_png(outcome[0])
             if labels.shape != rgb.shape[:2]:
                 raise PspZooError(f"{outcome[0]} is {labels.shape}, the image {rgb.shape[:2]}")
-            valid = label != 255
+            valid = label != IGNORE_INDEX
             agree, counted = agree + int((labels[valid] == label[valid]).sum()), counted + int(valid.sum())
         return f"{outcome[1]}{self._agreement(100.0 * agree / counted)}"
 

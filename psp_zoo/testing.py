@@ -32,8 +32,9 @@ from .model import PSPNet
 
 __all__ = ["TINY_ARCH", "SHAPE_CLASSES", "write_shapes_ade20k", "EXAMPLE_CLASSES", "EXAMPLE_PALETTE",
            "example_declaration", "example_sample", "write_example_split", "write_example_dataset",
-           "write_example_manifest", "write_example", "SELFTEST_NAME", "SELFTEST_TEST_SETTINGS", "calibrate_batchnorm", "write_tiny_checkpoint",
-           "write_mini_cityscapes", "manifest_entry", "write_manifest", "serve_folder", "LocalHTTPServer", "no_proxy_for_localhost"]
+           "write_example_manifest", "write_example", "SELFTEST_NAME", "SELFTEST_TEST_SETTINGS",
+           "calibrate_batchnorm", "write_tiny_checkpoint", "write_mini_cityscapes", "manifest_entry", "write_manifest",
+           "serve_folder", "LocalHTTPServer", "no_proxy_for_localhost"]
 
 PathLike = Union[str, Path]
 #: Widths of the tiny PSPNet: the real R-50-D8 depth and layout, narrow enough to run in a second.
@@ -81,8 +82,9 @@ def write_tiny_checkpoint(folder: PathLike, name: str = SELFTEST_NAME, *, num_cl
     as mmseg publishes checkpoints: ``{'meta', 'state_dict'}`` in ``<name>_<date>_<time>-<sha256[:8]>.pth``.
 
     ``folder``: where the file goes (made if missing); ``name``: the file name's stem; ``num_classes``
-    and ``depth`` (18, 50, 101 with mmseg's V1c stem): the network; ``seed``: the weights drawn;
-    ``stamp``: the ``<date>_<time>`` of the name (default now, UTC). Returns the file's path."""
+    and ``depth`` (a depth of ``manifest.backbones.STAGE_BLOCKS``, mmseg's V1c stem): the network;
+    ``seed``: the weights drawn; ``stamp``: the ``<date>_<time>`` of the name (default now, UTC). Returns the
+    file's path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
@@ -160,57 +162,6 @@ def write_mini_cityscapes(root: PathLike, *, num_images: int = 4, size: Tuple[in
     return written
 
 
-#: The classes of :func:`write_shapes_ade20k`: label value - 1 (ADE20K's reduce_zero_label) = class index.
-SHAPE_CLASSES = ("background", "square", "disc", "triangle")
-_SHAPE_COLOURS = ((220, 40, 40), (40, 200, 50), (50, 60, 230))  # RGB of square, disc, triangle
-
-
-def _shapes_image(rng: np.random.Generator, height: int, width: int) -> Tuple[np.ndarray, np.ndarray]:
-    """A grey-ish textured background with 1-3 coloured shapes; the label holds class + 1 (0 = unlabelled)."""
-    rgb = np.clip(_smooth_image(rng, height, width) * 0.2 + 100, 0, 255).astype(np.uint8)
-    label = np.ones((height, width), np.uint8)
-    for _ in range(int(rng.integers(1, 3))):
-        kind = int(rng.integers(0, 3))
-        size = int(rng.integers(min(height, width) // 5, min(height, width) * 2 // 5))
-        cy, cx = int(rng.integers(size, height - size)), int(rng.integers(size, width - size))
-        mask = np.zeros((height, width), np.uint8)
-        if kind == 0:
-            cv2.rectangle(mask, (cx - size, cy - size), (cx + size, cy + size), 1, -1)
-        elif kind == 1:
-            cv2.circle(mask, (cx, cy), size, 1, -1)
-        else:
-            points = np.array([[cx, cy - size], [cx - size, cy + size], [cx + size, cy + size]], np.int32)
-            cv2.fillPoly(mask, [points], 1)
-        colour = np.clip(np.array(_SHAPE_COLOURS[kind]) + rng.integers(-25, 26, 3), 0, 255)
-        rgb[mask > 0] = colour.astype(np.uint8)
-        label[mask > 0] = kind + 2
-    return rgb, label
-
-
-def write_shapes_ade20k(root: PathLike, *, train: int = 32, val: int = 8, size: Tuple[int, int] = (64, 64),
-                        seed: int = 0) -> Path:
-    """A learnable dataset of coloured shapes in ADE20K's layout under ``root`` (returned).
-
-    ``images/{training,validation}/*.jpg`` and ``annotations/{training,validation}/*.png`` with
-    label 0 unlabelled and 1..4 the :data:`SHAPE_CLASSES` (ADE20K's ``reduce_zero_label`` makes
-    them 0..3). Different seeds draw different images.
-    """
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split, count in (("training", train), ("validation", val)):
-        for index in range(count):
-            rgb, label = _shapes_image(rng, *size)
-            stem = f"ADE_{split[:5]}_{index:08d}"
-            image_path = Path(root) / "images" / split / f"{stem}.jpg"
-            label_path = Path(root) / "annotations" / split / f"{stem}.png"
-            image_path.parent.mkdir(parents=True, exist_ok=True)
-            label_path.parent.mkdir(parents=True, exist_ok=True)
-            if not cv2.imwrite(str(image_path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]):
-                raise OSError(f"could not write {image_path}")
-            Image.fromarray(label, mode="L").save(label_path)
-    return Path(root)
-
 def _label_map(rng: np.random.Generator, height: int, width: int, num_classes: int,
                values: Optional[Sequence[int]]) -> np.ndarray:
     if values is not None:
@@ -232,6 +183,18 @@ class LocalHTTPServer(ThreadingHTTPServer):
             return
         super().handle_error(request, client_address)
 
+    def start(self, poll_interval: float = 0.05) -> str:
+        """Serve from a daemon thread; returns the base URL (``http://127.0.0.1:<port>``)."""
+        self._thread = threading.Thread(target=self.serve_forever, args=(poll_interval,), daemon=True)
+        self._thread.start()
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def stop(self) -> None:
+        """Stop serving, close the socket and wait for the thread."""
+        self.shutdown()
+        self.server_close()
+        self._thread.join(10)
+
 
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:  # the selftest prints its own report
@@ -249,14 +212,10 @@ def serve_folder(folder: PathLike, port: int = 0) -> Iterator[str]:
     except OSError as exc:
         raise PspZooError(f"cannot serve on 127.0.0.1:{port} ({exc.strerror or exc}); "
                           f"choose a free port, or 0 for any", cli_hint="--port") from None
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server.start()
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+        server.stop()
 
 
 @contextlib.contextmanager
@@ -355,8 +314,6 @@ def write_example_split(root: PathLike, split: str, count: int, *, seed: int,
                         size: Tuple[int, int] = EXAMPLE_SIZE) -> Dict[str, Tuple[Path, Path]]:
     """``count`` images and masks of ``split`` under ``root``: ``images/<split>/shape_NNN.jpg`` and
     ``masks/<split>/shape_NNN_mask.png``; returns ``{name: (image path, mask path)}``."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     written = {}
     for index in range(count):
@@ -364,11 +321,7 @@ def write_example_split(root: PathLike, split: str, count: int, *, seed: int,
         name = f"shape_{index:03d}"
         image_path = Path(root) / "images" / split / f"{name}.jpg"
         label_path = Path(root) / "masks" / split / f"{name}_mask.png"
-        image_path.parent.mkdir(parents=True, exist_ok=True)
-        label_path.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(image_path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]):
-            raise OSError(f"could not write {image_path}")
-        Image.fromarray(label, mode="L").save(label_path)
+        _write_pair(image_path, label_path, image, label)
         written[name] = (image_path, label_path)
     return written
 
@@ -395,3 +348,36 @@ def write_example(root: PathLike, *, train: int = 64, val: int = 8) -> Dict[str,
     start = written.with_name(EXAMPLE_START)
     os.replace(written, start)
     return {"dataset": root, "manifest": manifest, "checkpoint": start}
+
+
+def _write_pair(image_path: Path, label_path: Path, rgb: np.ndarray, label: np.ndarray) -> None:
+    from PIL import Image
+
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    label_path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(image_path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]):
+        raise OSError(f"could not write {image_path}")
+    Image.fromarray(label, mode="L").save(label_path)
+
+
+#: The classes of :func:`write_shapes_ade20k`: the example's (label value - 1, ADE20K's reduce_zero_label).
+SHAPE_CLASSES = EXAMPLE_CLASSES
+
+
+def write_shapes_ade20k(root: PathLike, *, train: int = 32, val: int = 8, size: Tuple[int, int] = (64, 64),
+                        seed: int = 0) -> Path:
+    """The example's shapes in ADE20K's layout under ``root`` (returned).
+
+    ``images/{training,validation}/*.jpg`` and ``annotations/{training,validation}/*.png`` with
+    label 0 unlabelled and 1..3 the :data:`SHAPE_CLASSES` (ADE20K's ``reduce_zero_label`` makes
+    them 0..2; the rings stay 255). Different seeds draw different images.
+    """
+    rng = np.random.default_rng(seed)
+    for split, count in (("training", train), ("validation", val)):
+        for index in range(count):
+            rgb, label = example_sample(rng, size)
+            label = np.where(label == 255, label, label + 1).astype(np.uint8)
+            stem = f"ADE_{split[:5]}_{index:08d}"
+            image_path = Path(root) / "images" / split / f"{stem}.jpg"
+            _write_pair(image_path, Path(root) / "annotations" / split / f"{stem}.png", rgb, label)
+    return Path(root)

@@ -5,7 +5,8 @@ Usage: python crash_reproduce.py N reproduce ARGS...  (test_reproduce's resume t
 import os
 import sys
 
-from psp_zoo import cli, reproduction
+from psp_zoo import cli
+from psp_zoo.evaluation import reproduction
 
 CRASH_EXIT_CODE = 75
 

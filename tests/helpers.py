@@ -10,8 +10,8 @@ import torch
 
 from psp_zoo.cli import main
 from psp_zoo.deploy.verify import compare_outputs
-from psp_zoo.records import ImageCount, MemoryUse, Metrics, ResultRecord, Speed
 from psp_zoo.model import PSPHead
+from psp_zoo.results.records import ImageCount, MemoryUse, Metrics, ResultRecord, Speed
 
 REPO = Path(__file__).resolve().parents[1]
 # copies of the reference implementation's outputs (see tests/fixtures/mmseg/README.md): a plain
@@ -109,7 +109,8 @@ def assert_close_to_scale(out, ref, rel: float) -> None:
     assert out.shape == ref.shape, (out.shape, ref.shape)
     scale = float(ref.abs().max()) if ref.numel() else 1.0
     diff = float((out - ref).abs().max()) if ref.numel() else 0.0
-    assert diff <= rel * (scale or 1.0), f"max |out - ref| = {diff:.3g}, {diff / (scale or 1.0):.3g} of the scale {scale:.3g} (allowed {rel:g})"
+    assert diff <= rel * (scale or 1.0), (f"max |out - ref| = {diff:.3g}, {diff / (scale or 1.0):.3g} of the scale "
+                                          f"{scale:.3g} (allowed {rel:g})")
 
 
 def random_head(in_ch: int, channels: int, scales=(1, 2, 3, 6), align_corners=False, seed=0) -> PSPHead:

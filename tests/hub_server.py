@@ -44,8 +44,7 @@ class CheckpointServer:
         self.released = threading.Event()
         self.stalled = threading.Event()
         self._httpd = LocalHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self.base = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True).start()
+        self.base = self._httpd.start(poll_interval=0.02)
         for tag in TINY:
             self.files[ZOO_DIR + tiny_checkpoint_path(tag).name] = tiny_checkpoint_path(tag).read_bytes()
 
@@ -68,8 +67,7 @@ class CheckpointServer:
 
     def close(self) -> None:
         self.released.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._httpd.stop()
 
 
 def _handler_for(server: CheckpointServer):

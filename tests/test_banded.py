@@ -14,12 +14,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from helpers import assert_close_to_scale
 
-from psp_zoo.inference import (BAND_BYTES, _row_weights, infer_labels, infer_probs, predict_labels,
-                               predict_probs, resized_rows)
-from psp_zoo.manifest import EvalSettings as Settings
-from psp_zoo.transforms import resized_inputs, target_scales
+from psp_zoo.datasets.transforms import resized_inputs, target_scales
+from psp_zoo.evaluation.inference import (
+    BAND_BYTES,
+    _row_weights,
+    infer_labels,
+    infer_probs,
+    predict_labels,
+    predict_probs,
+    resized_rows,
+)
+from psp_zoo.manifest.loading import EvalSettings as Settings
+
+from helpers import assert_close_to_scale
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -143,7 +151,7 @@ import json, resource, sys
 import numpy as np, torch, torch.nn.functional as F
 torch.set_num_threads(1)
 from psp_zoo import PSPNet, Predictor
-from psp_zoo.transforms import normalize_batch, resized_inputs
+from psp_zoo.datasets.transforms import normalize_batch, resized_inputs
 
 height, width, classes = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)

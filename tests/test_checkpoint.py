@@ -58,7 +58,8 @@ def test_mismatched_keys_name_the_first_few(tmp_path):
 
 
 def test_wrong_architecture_reports_shapes():
-    with pytest.raises(CheckpointError, match=r"shape mismatch: .*conv_seg.weight \(5, 16, 1, 1\) vs model \(7, 16, 1, 1\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"shape mismatch: .*conv_seg.weight \(5, 16, 1, 1\) vs model \(7, 16, 1, 1\)"):
         load_checkpoint(_tiny(num_classes=7), tiny_checkpoint_path("r50"))
     with pytest.raises(CheckpointError, match="missing"):
         load_checkpoint(_tiny(depth=101), tiny_checkpoint_path("r50"))

@@ -16,7 +16,7 @@ from PIL import Image
 import psp_zoo.cli as cli
 from psp_zoo.cli import build_parser, main
 from psp_zoo.errors import PspZooError
-from psp_zoo.records import write_result
+from psp_zoo.results.records import write_result
 from psp_zoo.testing import manifest_entry, write_manifest
 
 import minidata
@@ -25,8 +25,8 @@ from helpers import make_record, one_line, run_cli, tiny_checkpoint_path, tiny_i
 SHARED = ("name", "--checkpoint", "--data-root", "--num-workers", "--device", "--manifest", "--cache-dir",
           "--mirror", "--offline", "--dataset")
 FETCHING = ("get", "evaluate", "predict", "reproduce", "logs", "export", "info")
-EVERY_COMMAND = {"list", "info", "get", "dataset", "evaluate", "predict", "reproduce", "tables", "show", "train", "logs",
-                 "export", "selftest"}
+EVERY_COMMAND = {"list", "info", "get", "dataset", "evaluate", "predict", "reproduce", "tables", "show", "train",
+                 "logs", "export", "selftest"}
 
 
 
@@ -145,7 +145,7 @@ def test_ctrl_c_during_a_lazy_import_is_interrupted(capsys, monkeypatch):
             raise KeyboardInterrupt
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", slow_import)
-    for name in ("tabulate", "psp_zoo.reports"):  # imported afresh, whatever earlier tests imported
+    for name in ("tabulate", "psp_zoo.results.reports"):  # imported afresh, whatever earlier tests imported
         monkeypatch.delitem(sys.modules, name, raising=False)
     code, _, err = run_cli(capsys, "list")
     assert code == 130 and one_line(err) == "psp-zoo list: interrupted"
@@ -184,8 +184,8 @@ def test_a_truncated_checkpoint_is_one_clean_sentence(capsys, tmp_path, manifest
 def test_a_refused_pickle_has_no_terminal_codes(tmp_path):
     import torch
 
-    from psp_zoo.checkpoint import read_checkpoint
     from psp_zoo.errors import CheckpointError
+    from psp_zoo.model.checkpoint import read_checkpoint
 
     path = tmp_path / "code.pth"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "meta": {"x": argparse.Namespace(a=1)}}, path)
@@ -374,7 +374,7 @@ def test_export_refuses_an_opset_before_downloading_anything(capsys, hub_server,
 
 def test_speed_images_below_what_the_library_takes_is_a_usage_error(capsys, tmp_path):
     from psp_zoo.constants import MIN_SPEED_IMAGES
-    from psp_zoo.reproduction import ReproduceOptions
+    from psp_zoo.evaluation.reproduction import ReproduceOptions
 
     with pytest.raises(SystemExit) as stop:
         main(["reproduce", "--dataset", "cityscapes", "--data-root", str(tmp_path), "--speed-images", "1"])

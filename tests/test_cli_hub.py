@@ -16,8 +16,6 @@ from helpers import REPO, one_line, run_cli, tiny_checkpoint_path, tiny_info
 from hub_server import OPENMMLAB, write_manifest
 
 
-
-
 def test_list_shows_published_numbers_and_cache_state(capsys, hub_server, hub_manifest, hub_cache):
     args = ("--manifest", hub_manifest, "--cache-dir", hub_cache)
     code, out, _ = run_cli(capsys, "list", "--format", "json", "--pattern", "tiny*", *args)

@@ -82,7 +82,7 @@ def _cycle(graph: Dict[str, Set[str]]) -> List[str]:
 
 def test_no_import_cycle_inside_the_package():
     graph = _graph()
-    assert "psp_zoo.evaluation" in graph and "psp_zoo.records" in graph["psp_zoo.evaluation"]
+    assert "psp_zoo.results.records" in graph["psp_zoo.evaluation.evaluator"]
     # no module imports the package back (psp_zoo/__init__ is the public face, nothing else)
     back = sorted(name for name, imports in graph.items() if "psp_zoo" in imports and name != "psp_zoo")
     assert back == []
@@ -132,14 +132,84 @@ def test_the_tests_need_nothing_beside_the_clone():
     assert outside == []
 
 
+def _private_imports(source: str, module: str) -> List[str]:
+    """``from psp_zoo.x import _name`` in ``module``: another module's private name (a private module of
+    the importer's own package, ``cli/_options.py`` in ``cli/``, is the package's to share)."""
+    package = module.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ImportFrom) or not (node.level or (node.module or "").startswith("psp_zoo")):
+            continue
+        base = package.split(".")
+        base = base[: len(base) - node.level + 1] if node.level else []
+        target = ".".join(base + (node.module.split(".") if node.module else []))
+        for alias in node.names:
+            sibling = (PACKAGE.parent / Path(*package.split("."), alias.name)).with_suffix(".py")
+            own_module = target == package and sibling.exists()
+            if alias.name.startswith("_") and not alias.name.endswith("__") and not own_module:
+                found.append(f"{module}: {target}.{alias.name}")
+    return found
+
+
+def test_no_module_imports_another_modules_private_name():
+    """What modules share is public in the module that owns it; a leading underscore stays in its module."""
+    found = [f for path in sorted(PACKAGE.rglob("*.py"))
+             for f in _private_imports(path.read_text(encoding="utf-8"), _module_name(path))]
+    assert found == []
+
+
+def test_the_private_import_check_catches_one():
+    source = ("from ..datasets.readers import SEE_README, _files_below\nfrom . import _options\n"
+              "from .._version import __version__\n")
+    assert _private_imports(source, "psp_zoo.cli.dataset") == [
+        "psp_zoo.cli.dataset: psp_zoo.datasets.readers._files_below"]
+    assert _private_imports("from .readers import _label_for\n", "psp_zoo.datasets.check") == [
+        "psp_zoo.datasets.check: psp_zoo.datasets.readers._label_for"]
+
+
+#: A fact the code relies on -> a pattern that only its one home in psp_zoo/ writes (tests pin the values
+#: on their own, as they should); the test material's patterns count tests/ too.
+ONE_HOME = {
+    "the ignore index": r"^IGNORE_INDEX\s*=|ignore_index: int = \d",
+    "the ResNet depth table": r"\b3, 4, 23, 3\b|\b18, 50,? (or )?101\b|\{2: 18\b",
+    "the checkpoint / validation interval (a tenth of the run)": r"// 10\)",
+    "the recipe's identity fields": r"\"name\", \"dataset\", \"num_classes\"",
+}
+ONE_HOME_WITH_TESTS = {
+    "a test HTTP server's thread": r"serve_forever",
+    "a generated shape": r"cv2\.circle\(",
+}
+
+
+def _homes(files: Dict[str, str], facts: Dict[str, str]) -> Dict[str, List[str]]:
+    """fact -> the lines of ``files`` (name -> text) that write it, where it is written more than once."""
+    found = {fact: [f"{name}:{number}" for name, text in files.items()
+                    for number, line in enumerate(text.splitlines(), 1) if re.search(pattern, line)]
+             for fact, pattern in facts.items()}
+    return {fact: lines for fact, lines in found.items() if len(lines) > 1}
+
+
+def test_each_fact_has_one_home():
+    code = {str(path.relative_to(REPO)): path.read_text(encoding="utf-8") for path in PACKAGE.rglob("*.py")}
+    tests = {str(path.relative_to(REPO)): path.read_text(encoding="utf-8") for path in (REPO / "tests").glob("*.py")
+             if path.name != Path(__file__).name}
+    assert _homes(code, ONE_HOME) == {}
+    assert _homes({**code, **tests}, ONE_HOME_WITH_TESTS) == {}
+
+
+def test_the_one_home_check_catches_a_second_copy():
+    files = {"a.py": "IGNORE_INDEX = 255\n", "b.py": "def loss(x, ignore_index: int = 255):\n    pass\n"}
+    assert _homes(files, ONE_HOME) == {"the ignore index": ["a.py:1", "b.py:1"]}
+
+
 # --------------------------------------------------------------------------------------------
 # the documented order
 
 
 def _documented_layers() -> Dict[str, int]:
-    """docs/ARCHITECTURE.md's module table: module (or package, 'model/') -> its row, top first."""
+    """docs/ARCHITECTURE.md's package table: package ('model/') or plain module ('errors.py') -> its row, top first."""
     text = (REPO / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
-    table = text.split("## Modules in pipeline order", 1)[1].split("\n## ", 1)[0]
+    table = text.split("## Packages in pipeline order", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     layers = {}
     for index, row in enumerate(rows):
@@ -150,7 +220,7 @@ def _documented_layers() -> Dict[str, int]:
 
 
 def _layer_key(module: str) -> str:
-    """psp_zoo.cli.get -> 'cli/', psp_zoo.hub -> 'hub.py'."""
+    """psp_zoo.cli.get -> 'cli/', psp_zoo.errors -> 'errors.py'."""
     parts = module.split(".")[1:]
     return f"{parts[0]}/" if (PACKAGE / parts[0]).is_dir() else f"{parts[0]}.py"
 
@@ -171,17 +241,24 @@ def _downward(graph: Dict[str, Set[str]], layers: Dict[str, int]) -> List[str]:
                   if i != "psp_zoo" and layers[_layer_key(i)] > layers[_layer_key(m)])
 
 
+def test_the_top_level_holds_at_most_twelve_plain_modules():
+    """The rest of psp_zoo lives in packages by role (docs/ARCHITECTURE.md)."""
+    plain = sorted(path.name for path in PACKAGE.glob("*.py"))
+    assert len(plain) <= 12, plain
+
+
 def test_the_order_check_catches_an_import_against_it():
     layers = _documented_layers()
-    assert layers["errors.py"] < layers["manifest.py"] < layers["hub.py"] < layers["cli/"]
-    wrong = {"psp_zoo.scoring": {"psp_zoo.tables", "psp_zoo.metrics"}, "psp_zoo.cli.get": {"psp_zoo.hub"}}
-    assert _downward(wrong, layers) == ["psp_zoo.scoring -> psp_zoo.tables"]
+    assert layers["errors.py"] < layers["manifest/"] < layers["hub/"] < layers["cli/"]
+    wrong = {"psp_zoo.evaluation.scoring": {"psp_zoo.training.loop", "psp_zoo.evaluation.metrics"},
+             "psp_zoo.cli.get": {"psp_zoo.hub.cache"}}
+    assert _downward(wrong, layers) == ["psp_zoo.evaluation.scoring -> psp_zoo.training.loop"]
 
 
 def test_the_code_cites_only_documents_in_the_repository():
     """Facts the code relies on are in docs/reference.md; a file name the code cites must exist."""
     cited = set()
-    for path in [*PACKAGE.rglob("*.py"), PACKAGE / "model_index.yml", *(REPO / "tests").glob("*.py"),
+    for path in [*PACKAGE.rglob("*.py"), PACKAGE / "manifest" / "model_index.yml", *(REPO / "tests").glob("*.py"),
                  *(REPO / "benchmarks").glob("*.py")]:
         cited.update((path.relative_to(REPO), name) for name in re.findall(r"[\w./-]*\b[A-Za-z_]+\.md\b",
                                                                              path.read_text(encoding="utf-8")))

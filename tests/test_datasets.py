@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from psp_zoo import DatasetError, PSPNet, SegmentationDataset, classes, evaluate, make_loader, palette
-from psp_zoo.datasets import cityscapes_label_ids_to_train_ids, dataset_spec, find_dataset_root, list_items
-from psp_zoo.transforms import resize_image, to_tensor
+from psp_zoo.datasets.readers import cityscapes_label_ids_to_train_ids, dataset_spec, find_dataset_root, list_items
+from psp_zoo.datasets.transforms import resize_image, to_tensor
 
 import minidata
 
@@ -298,7 +298,8 @@ def test_family_wrong_layouts_are_explained(tmp_path):
     minidata.write_coco_stuff164k(tmp_path / "coco")
     for path in (tmp_path / "coco" / "annotations" / "val2017").glob("*_labelTrainIds.png"):
         path.unlink()
-    _one_line_error(r"000000000139\.jpg has no label: expected .*000000000139_labelTrainIds\.png \(see docs/datasets\.md",
+    _one_line_error(r"000000000139\.jpg has no label: expected .*000000000139_labelTrainIds\.png "
+                    r"\(see docs/datasets\.md",
                     lambda: list_items("coco_stuff164k", tmp_path / "coco"))
     # Dark Zurich without its gt folder
     minidata.write_dark_zurich(tmp_path / "dz")

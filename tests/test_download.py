@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from psp_zoo import DownloadError, cache_state, cached_path, create_model, download, is_cached
-from psp_zoo.hub import cache_dir, forget_failed_hosts
-from psp_zoo.manifest import Checkpoint, get_checkpoint
+from psp_zoo.hub.cache import cache_dir, forget_failed_hosts
+from psp_zoo.manifest.loading import Checkpoint, get_checkpoint
 
 from helpers import tiny_checkpoint_path, tiny_info
 from hub_server import ALT_DIR, OPENMMLAB, write_manifest
 
 FAST = {"backoff": 0.001, "quiet": True}
-fetching = importlib.import_module("psp_zoo.fetching")  # where the backoff waits are made
+fetching = importlib.import_module("psp_zoo.hub.fetching")  # where the backoff waits are made
 
 
 @pytest.fixture(autouse=True)
@@ -387,7 +387,7 @@ def test_a_dead_first_host_moves_to_the_second(hub_server, hub_manifest, hub_cac
 
 
 def test_a_file_without_a_hash_fails_fast_too(hub_server, tmp_path, sleeps, lookups):
-    from psp_zoo.hub import fetch_file
+    from psp_zoo.hub.cache import fetch_file
 
     port = _closed_port()
     final = tmp_path / "logs" / "train.log.json"
@@ -447,7 +447,8 @@ def test_a_hash_mismatch_advises_what_works_and_following_it_works(hub_server, h
 @pytest.fixture
 def local_entry(tmp_path):
     """A user manifest whose entry's weights are a file:// URL into a run's work dir, as zoo_entry writes it."""
-    from psp_zoo.testing import manifest_entry, write_manifest as write_user_manifest
+    from psp_zoo.testing import manifest_entry
+    from psp_zoo.testing import write_manifest as write_user_manifest
 
     weights = tmp_path / "work" / tiny_checkpoint_path("r50").name
     weights.parent.mkdir()

@@ -13,8 +13,8 @@ from torch import nn
 
 from psp_zoo import ConfusionMatrix, DatasetError, PspZooError, classes, evaluate, predict_probs
 from psp_zoo.cli import main
-from psp_zoo.manifest import EvalSettings as Settings
-from psp_zoo.records import ResultRecord, read_result, write_result
+from psp_zoo.manifest.loading import EvalSettings as Settings
+from psp_zoo.results.records import ResultRecord, read_result, write_result
 
 import minidata
 from helpers import tiny_checkpoint_path, tiny_model, write_tiny_ade_manifest
@@ -90,7 +90,8 @@ def test_ms_flip_equals_direct_metrics(ade):
 @pytest.fixture
 def tiny_manifest(tmp_path):
     """A user manifest serving the tiny r50 fixture as an ADE20K entry with small slide settings."""
-    return write_tiny_ade_manifest(tmp_path / "tiny.yml", "{img_scale: [64, 32], mode: slide, crop_size: [24, 24], stride: [16, 16]}")
+    return write_tiny_ade_manifest(tmp_path / "tiny.yml",
+                                   "{img_scale: [64, 32], mode: slide, crop_size: [24, 24], stride: [16, 16]}")
 
 
 def test_manifest_name_with_local_checkpoint(ade, tiny_manifest):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 import yaml
 
-from psp_zoo.checkpoint import load_checkpoint
 from psp_zoo.cli import main
 from psp_zoo.model import PSPNet
+from psp_zoo.model.checkpoint import load_checkpoint
 from psp_zoo.testing import TINY_ARCH, example_declaration
 
 

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from psp_zoo import ConfusionMatrix, PSPNet, PspZooError, SegmentationDataset, load_checkpoint, optimize
 from psp_zoo.cli import main
 from psp_zoo.errors import CheckpointError
-from psp_zoo.scoring import score
-from psp_zoo.inference import slide_inference
-from psp_zoo.manifest import EvalSettings as Settings
+from psp_zoo.evaluation.inference import slide_inference
+from psp_zoo.evaluation.scoring import score
+from psp_zoo.manifest.loading import EvalSettings as Settings
 
 import minidata
 from helpers import assert_close_to_scale, tiny_checkpoint_path, tiny_expected, tiny_info, tiny_model

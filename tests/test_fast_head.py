@@ -4,12 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import max_rel_diff, random_head, tiny_model
 
 from psp_zoo import PspZooError
 from psp_zoo.model import PSPHead
 from psp_zoo.model.fast_head import FactorizedPSPHead, factorize_psp_head, interpolation_matrix
-from psp_zoo.optimization import fold_batchnorm, optimize
+from psp_zoo.model.optimization import fold_batchnorm, optimize
+
+from helpers import max_rel_diff, random_head, tiny_model
 
 SIZES = [(8, 8), (9, 13), (13, 6), (5, 4), (2, 3), (1, 1)]  # even, odd, smaller than a pool scale
 

@@ -1,7 +1,7 @@
 """Fine-tuning end to end on a CPU: a narrow published-format checkpoint with 5 classes (a tiny R-18-D8
 from psp_zoo.testing, served as a manifest entry; the mmseg-written tiny R-50 fixture as a local file
 for --freeze-backbone) fine-tuned on a generated 3-class dataset of one's own layout
-(tests/finetune_data.py), then used by name from the work dir's manifest: evaluate, predict, export,
+(psp_zoo.testing.write_example_dataset), then used by name from the work dir's manifest: evaluate, predict, export,
 info, reproduce and tables."""
 from __future__ import annotations
 
@@ -20,16 +20,17 @@ import torch
 import yaml
 from PIL import Image
 
-import finetune_data
-from helpers import REPO, tiny_checkpoint_path, tiny_info
-from psp_zoo.checkpoint import load_checkpoint, read_checkpoint
+from psp_zoo import testing
 from psp_zoo.cli import main
 from psp_zoo.errors import CheckpointError
-from psp_zoo.manifest import load_manifest
+from psp_zoo.manifest.loading import load_manifest
 from psp_zoo.model import PSPNet
+from psp_zoo.model.checkpoint import load_checkpoint, read_checkpoint
 from psp_zoo.testing import TINY_ARCH, write_tiny_checkpoint
 from psp_zoo.training.finetune import CLASSIFIERS, inferred_arch, starting_weights
 from psp_zoo.training.freeze import freeze_backbone
+
+from helpers import REPO, tiny_checkpoint_path, tiny_info
 
 SOURCE = "tiny_pspnet_r18-d8_cityscapes"
 NAME = "shapes_pspnet"
@@ -56,11 +57,11 @@ def _cli(*argv):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("finetune")
-    data = finetune_data.write_dataset(folder / "data", train=32, val=8)
+    data = testing.write_example_dataset(folder / "data", train=32, val=8)
     source = write_tiny_checkpoint(folder / "published", "tiny_pspnet_r18-d8", num_classes=5, depth=18,
                                    stamp="20260101_000000")
-    spec = finetune_data.declaration(train=finetune_data.WALK_THROUGH_TRAIN)
-    manifest = finetune_data.write_manifest(folder / "user.yml", spec=spec,
+    spec = testing.example_declaration(train=testing.EXAMPLE_TRAIN)
+    manifest = testing.write_example_manifest(folder / "user.yml", spec=spec,
                                             models=[source_entry(source, source.as_uri())])
     common = ("--manifest", manifest, "--cache-dir", folder / "cache")
     return {"folder": folder, "data": data, "manifest": manifest, "common": common, "source": source}
@@ -113,7 +114,7 @@ def test_it_joins_the_zoo_with_a_self_contained_manifest_entry(finetuned, setup)
                                     "url": setup["source"].as_uri()}
     assert entry.published.miou is not None and entry.published.miou >= 85.0
     spec = manifest.datasets["shapes"]
-    assert spec.classes == finetune_data.CLASSES and spec.palette == finetune_data.PALETTE
+    assert spec.classes == testing.EXAMPLE_CLASSES and spec.palette == testing.EXAMPLE_PALETTE
     assert spec.layout.train[0].images == "images/train"
     code, out, _ = _cli("info", NAME, *finetuned["by_name"])
     assert code == 0 and "finetuned_from" in out and SOURCE in out and "shapes" in out
@@ -137,7 +138,7 @@ def test_predict_by_name_draws_the_declared_palette(finetuned, setup, tmp_path):
     with Image.open(tmp_path / "shape_000_labels.png") as png:
         labels, shown = np.array(png), np.array(png.convert("RGB"))
     colours = {tuple(c) for c in shown.reshape(-1, 3)}
-    assert colours <= set(finetune_data.PALETTE) and len(colours) >= 2
+    assert colours <= set(testing.EXAMPLE_PALETTE) and len(colours) >= 2
     truth = np.array(Image.open(setup["data"] / "masks" / "val" / "shape_000_mask.png"))
     scored = truth != 255
     assert (labels[scored] == truth[scored]).mean() > 0.9
@@ -164,8 +165,8 @@ def test_freeze_backbone_leaves_every_backbone_tensor_bit_identical(setup):
     work = setup["folder"] / "frozen"
     code, _, err = _cli("train", "--from", tiny_checkpoint_path("r50"), "--dataset", "shapes", "--name", "frozen",
                         "--freeze-backbone", "--data-root", setup["data"], "--work-dir", work, "--max-iters", "6",
-                        "--eval-interval", "6", "--lr", "0.05", "--batch-size", "2", "--gpus", "1", "--num-workers", "0",
-                        *setup["common"])
+                        "--eval-interval", "6", "--lr", "0.05", "--batch-size", "2", "--gpus", "1",
+                        "--num-workers", "0", *setup["common"])
     assert code == 0, err[-3000:]
     source, _ = read_checkpoint(tiny_checkpoint_path("r50"))
     trained, _ = read_checkpoint(work / "latest.pth")
@@ -184,14 +185,14 @@ def test_freeze_backbone_leaves_every_backbone_tensor_bit_identical(setup):
     ({"colours": [[0, 0, 0]]}, "field 'colours': unknown field"),
     ({"palette": [[0, 0, 0]]}, "field 'palette': expected 3 colours"),
     ({"train": {"ratio_range": "wide"}}, "datasets.shapes: field 'train': training setting 'ratio_range'"),
-    ({"layout": dict(finetune_data.declaration()["layout"], train={"images": "pictures/train"})},
+    ({"layout": dict(testing.example_declaration()["layout"], train={"images": "pictures/train"})},
      "layout.train[0].images 'pictures/train'"),
 ])
 def test_a_wrong_declaration_is_refused_before_any_model_is_built(tmp_path, change, expected):
-    data = finetune_data.write_dataset(tmp_path / "data", train=2, val=1)
+    data = testing.write_example_dataset(tmp_path / "data", train=2, val=1)
     # the source is not fetchable: had anything been built or fetched first, that would be the error
     source = tiny_checkpoint_path("r50")
-    manifest = finetune_data.write_manifest(tmp_path / "m.yml", spec=finetune_data.declaration(**change),
+    manifest = testing.write_example_manifest(tmp_path / "m.yml", spec=testing.example_declaration(**change),
                                             models=[source_entry(source, f"http://127.0.0.1:9/{source.name}")])
     code, out, err = _cli("train", "--from", SOURCE, "--dataset", "shapes", "--data-root", data, "--work-dir",
                           tmp_path / "work", "--manifest", manifest, "--cache-dir", tmp_path / "cache")
@@ -252,8 +253,8 @@ def test_a_frozen_batchnorm_keeps_the_keys_and_never_moves():
 
 def test_under_torchrun_the_frozen_backbone_stays_frozen_and_process_0_writes_the_entry(tmp_path):
     """Two CPU processes: synchronized BatchNorm in the heads, the frozen backbone's left alone."""
-    data = finetune_data.write_dataset(tmp_path / "data", train=4, val=2)
-    manifest = finetune_data.write_manifest(tmp_path / "m.yml")
+    data = testing.write_example_dataset(tmp_path / "data", train=4, val=2)
+    manifest = testing.write_example_manifest(tmp_path / "m.yml")
     source = tiny_checkpoint_path("r50")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "psp_zoo",
                "train", "--from", str(source), "--dataset", "shapes", "--name", "shapes_torchrun", "--freeze-backbone",
@@ -297,7 +298,7 @@ def test_float64_reaches_the_fine_tuning_run_from_the_command_line_and_python(se
     assert code == 0, err[-3000:]
     trained, _ = read_checkpoint(tmp_path / "cli" / "latest.pth")
     assert trained["decode_head.conv_seg.weight"].dtype == torch.float64
-    from psp_zoo.options import FetchOptions
+    from psp_zoo.hub.options import FetchOptions
     from psp_zoo.training.finetune import finetune
     result = finetune(SOURCE, dataset="shapes", data_root=setup["data"], work_dir=tmp_path / "api", name=NAME,
                       float64=True, max_iters=1, batch_size=2, gpus=1, crop_size=64, num_workers=0, progress=False,

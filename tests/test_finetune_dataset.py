@@ -1,26 +1,26 @@
 """A dataset of one's own: declared in a user manifest, checked by ``psp-zoo dataset check``.
 
-The dataset is generated (tests/finetune_data.py) in a layout of its own: ``images/{train,val}/*.jpg``
+The dataset is generated (psp_zoo.testing.write_example_dataset) in a layout of its own: ``images/{train,val}/*.jpg``
 and ``masks/{train,val}/*_mask.png``, 3 classes, 255 ignored.
 """
 from __future__ import annotations
 
 import numpy as np
-import yaml
 import pytest
+import yaml
 from PIL import Image
 
-import finetune_data
+from psp_zoo import testing
 from psp_zoo.cli import main
-from psp_zoo.dataset_check import check_dataset, check_split
+from psp_zoo.datasets.check import check_dataset, check_split
 from psp_zoo.errors import DatasetError, ManifestError
-from psp_zoo.manifest import load_manifest
+from psp_zoo.manifest.loading import load_manifest
 
 
 @pytest.fixture
 def shapes(tmp_path):
-    root = finetune_data.write_dataset(tmp_path / "data", train=6, val=4)
-    return root, finetune_data.write_manifest(tmp_path / "shapes.yml")
+    root = testing.write_example_dataset(tmp_path / "data", train=6, val=4)
+    return root, testing.write_example_manifest(tmp_path / "shapes.yml")
 
 
 def _cli(capsys, *argv):
@@ -32,7 +32,7 @@ def _cli(capsys, *argv):
 def test_the_declaration_reads_like_a_builtin_dataset(shapes):
     _, manifest = shapes
     spec = load_manifest(manifest).datasets["shapes"]
-    assert spec.classes == finetune_data.CLASSES and spec.palette == finetune_data.PALETTE
+    assert spec.classes == testing.EXAMPLE_CLASSES and spec.palette == testing.EXAMPLE_PALETTE
     assert (spec.num_classes, spec.ignore_index, spec.reduce_zero_label) == (3, 255, False)
     layout = spec.layout
     assert (layout.images, layout.labels, layout.label_suffix) == ("images/val", "masks/val", "_mask.png")
@@ -42,9 +42,9 @@ def test_the_declaration_reads_like_a_builtin_dataset(shapes):
 
 
 def test_an_omitted_palette_is_generated_the_same_way_every_time(tmp_path):
-    spec = finetune_data.declaration()
+    spec = testing.example_declaration()
     del spec["palette"]
-    path = finetune_data.write_manifest(tmp_path / "m.yml", spec=spec)
+    path = testing.write_example_manifest(tmp_path / "m.yml", spec=spec)
     first, second = (load_manifest(path).datasets["shapes"].palette for _ in range(2))
     # mmseg's colours for a dataset without a palette: RandomState(42), 3 values per class
     assert first == second == tuple(map(tuple, np.random.RandomState(42).randint(0, 255, size=(3, 3)).tolist()))
@@ -104,10 +104,10 @@ def test_one_split_only(shapes, capsys):
 
 
 def test_a_split_file_line_without_its_image_is_a_problem(tmp_path):
-    root = finetune_data.write_dataset(tmp_path / "data", train=2, val=3)
+    root = testing.write_example_dataset(tmp_path / "data", train=2, val=3)
     (root / "val.txt").write_text("shape_000\nshape_002\nshape_404\n")
-    layout = dict(finetune_data.declaration()["layout"], split="val.txt")
-    manifest = finetune_data.write_manifest(tmp_path / "m.yml", spec=finetune_data.declaration(layout=layout))
+    layout = dict(testing.example_declaration()["layout"], split="val.txt")
+    manifest = testing.write_example_manifest(tmp_path / "m.yml", spec=testing.example_declaration(layout=layout))
     check = check_split("shapes", root, "val", manifest=str(manifest))
     assert (check.images, check.labels, check.pairs) == (2, 2, 2)  # the other label is not this split's
     assert check.problems() == [f"split file {root / 'val.txt'}: line 'shape_404' has no image: "
@@ -117,14 +117,14 @@ def test_a_split_file_line_without_its_image_is_a_problem(tmp_path):
 @pytest.mark.parametrize("change, field", [
     ({"colours": [[0, 0, 0]]}, "field 'colours': unknown field"),
     ({"palette": [[0, 0, 0], [255, 0, 0]]}, "field 'palette': expected 3 colours"),
-    ({"layout": dict(finetune_data.declaration()["layout"], train={"images": "images/train", "masks": "m"})},
+    ({"layout": dict(testing.example_declaration()["layout"], train={"images": "images/train", "masks": "m"})},
      "field 'layout.train[0].masks': unknown field"),
     ({"ignore_index": 2}, "field 'ignore_index'"),
     ({"classes": ["background", "disc"]}, "field 'classes'"),
 ])
 def test_a_wrong_declaration_is_one_line_naming_the_field(shapes, tmp_path, capsys, change, field):
     root, _ = shapes
-    manifest = finetune_data.write_manifest(tmp_path / "bad.yml", spec=finetune_data.declaration(**change))
+    manifest = testing.write_example_manifest(tmp_path / "bad.yml", spec=testing.example_declaration(**change))
     with pytest.raises(ManifestError, match=field.replace("[", r"\[").replace("]", r"\]")):
         load_manifest(manifest)
     code, out, err = _cli(capsys, "dataset", "check", str(root), "--dataset", "shapes", "--manifest", str(manifest))
@@ -134,8 +134,8 @@ def test_a_wrong_declaration_is_one_line_naming_the_field(shapes, tmp_path, caps
 @pytest.mark.parametrize("folder, field", [("images", "layout.images"), ("labels", "layout.labels")])
 def test_a_missing_folder_is_one_line_naming_the_field(shapes, tmp_path, capsys, folder, field):
     root, _ = shapes
-    layout = dict(finetune_data.declaration()["layout"], **{folder: f"nowhere/{folder}"})
-    manifest = finetune_data.write_manifest(tmp_path / "m.yml", spec=finetune_data.declaration(layout=layout))
+    layout = dict(testing.example_declaration()["layout"], **{folder: f"nowhere/{folder}"})
+    manifest = testing.write_example_manifest(tmp_path / "m.yml", spec=testing.example_declaration(layout=layout))
     with pytest.raises(DatasetError, match=f"{field} 'nowhere/{folder}'"):
         check_split("shapes", root, "val", manifest=str(manifest))
     code, _, err = _cli(capsys, "dataset", "check", str(root), "--dataset", "shapes", "--manifest", str(manifest))
@@ -143,9 +143,9 @@ def test_a_missing_folder_is_one_line_naming_the_field(shapes, tmp_path, capsys,
 
 
 def test_a_dataset_without_a_training_split_says_how_to_declare_one(tmp_path):
-    root = finetune_data.write_dataset(tmp_path / "data", train=1, val=1)
-    layout = {k: v for k, v in finetune_data.declaration()["layout"].items() if k != "train"}
-    manifest = finetune_data.write_manifest(tmp_path / "m.yml", spec=finetune_data.declaration(layout=layout))
+    root = testing.write_example_dataset(tmp_path / "data", train=1, val=1)
+    layout = {k: v for k, v in testing.example_declaration()["layout"].items() if k != "train"}
+    manifest = testing.write_example_manifest(tmp_path / "m.yml", spec=testing.example_declaration(layout=layout))
     assert [c.split for c in check_dataset("shapes", root, manifest=str(manifest))] == ["val"]
     with pytest.raises(DatasetError, match="declares no training split: add 'train' to its layout"):
         check_split("shapes", root, "train", manifest=str(manifest))
@@ -153,8 +153,8 @@ def test_a_dataset_without_a_training_split_says_how_to_declare_one(tmp_path):
 
 def test_a_missing_training_folder_names_its_part_of_the_layout(shapes, tmp_path, capsys):
     root, _ = shapes
-    layout = dict(finetune_data.declaration()["layout"], train={"images": "images/train", "labels": "labels/train"})
-    manifest = finetune_data.write_manifest(tmp_path / "m.yml", spec=finetune_data.declaration(layout=layout))
+    layout = dict(testing.example_declaration()["layout"], train={"images": "images/train", "labels": "labels/train"})
+    manifest = testing.write_example_manifest(tmp_path / "m.yml", spec=testing.example_declaration(layout=layout))
     code, out, err = _cli(capsys, "dataset", "check", str(root), "--dataset", "shapes", "--split", "train",
                           "--manifest", str(manifest))
     assert code == 2 and out == ""
@@ -167,15 +167,15 @@ def test_the_walk_through_declares_the_dataset_the_tests_generate():
     page = (REPO / "docs" / "finetune.md").read_text()
     declared = yaml.safe_load(page.split("```yaml\n", 1)[1].split("```", 1)[0])
     assert declared == {"version": 1, "datasets": {
-        "shapes": finetune_data.declaration(train=finetune_data.WALK_THROUGH_TRAIN)}}
+        "shapes": testing.example_declaration(train=testing.EXAMPLE_TRAIN)}}
 
 
 def test_reduce_zero_label_is_applied_before_the_values_are_checked(tmp_path):
-    root = finetune_data.write_dataset(tmp_path / "data", train=1, val=1)
+    root = testing.write_example_dataset(tmp_path / "data", train=1, val=1)
     label = np.array([[0, 1, 2, 3, 4, 255]] * 96, np.uint8).repeat(16, axis=1)  # 96 x 96
     Image.fromarray(label).save(root / "masks" / "val" / "shape_000_mask.png")
-    spec = finetune_data.declaration(reduce_zero_label=True)
-    manifest = finetune_data.write_manifest(tmp_path / "m.yml", spec=spec)
+    spec = testing.example_declaration(reduce_zero_label=True)
+    manifest = testing.write_example_manifest(tmp_path / "m.yml", spec=spec)
     check = check_split("shapes", root, "val", manifest=str(manifest))
     # stored 1..3 are classes 0..2, stored 0 and 255 are ignored, stored 4 would be class 3: outside
     assert check.pixels.tolist() == [96 * 16] * 3 and check.ignored == 2 * 96 * 16

@@ -14,10 +14,17 @@ from torch import nn
 from psp_zoo import PSPNet
 from psp_zoo.environment import exact_float32, float32_flags
 from psp_zoo.errors import PspZooError
-from psp_zoo.manifest import EvalSettings, get_checkpoint
-from psp_zoo.measure import PublishedRun, _train_steps, _training_peak, measure_fps, protocol_call, training_memory
-from psp_zoo.metrics import ConfusionMatrix, count_cells
-from psp_zoo.options import SpeedOptions
+from psp_zoo.evaluation.measure import (
+    PublishedRun,
+    _train_steps,
+    _training_peak,
+    measure_fps,
+    protocol_call,
+    training_memory,
+)
+from psp_zoo.evaluation.metrics import ConfusionMatrix, count_cells
+from psp_zoo.hub.options import SpeedOptions
+from psp_zoo.manifest.loading import EvalSettings, get_checkpoint
 
 from helpers import load_speed_script, tiny_info, tiny_model
 
@@ -59,8 +66,9 @@ def test_exact_float32_turns_tf32_off_and_restores_it(tf32_on):
 
 
 def test_scoring_and_timing_run_without_tf32(tf32_on, tmp_path):
-    import minidata
     from psp_zoo import evaluate
+
+    import minidata
 
     minidata.write_cityscapes(tmp_path / "cityscapes")
     model, seen = tiny_model("r50"), []
@@ -84,7 +92,7 @@ SLIDE = EvalSettings(mode="slide", img_scale=(96, 64), crop_size=(48, 48), strid
 
 
 def test_protocol_call_runs_one_window_at_a_time_and_returns_host_labels(monkeypatch):
-    import psp_zoo.inference as inference
+    import psp_zoo.evaluation.inference as inference
 
     monkeypatch.setattr(inference, "default_slide_batch", lambda device: 8)  # what CUDA's default would batch
     model = Counting(tiny_model("r50"))
@@ -112,7 +120,7 @@ def test_published_run_comes_from_the_entry():
 
 
 def test_training_memory_runs_with_cudnn_benchmark_and_without_tf32(monkeypatch, tf32_on):
-    import psp_zoo.measure as measure
+    import psp_zoo.evaluation.measure as measure
 
     seen = []
     monkeypatch.setattr(measure, "_train_steps", lambda *args: seen.append(
@@ -158,7 +166,8 @@ def test_bf16_on_a_gpu_without_native_bf16_is_refused(monkeypatch, native):
     if native:
         assert options.check("cuda:1") is options
     else:
-        with pytest.raises(PspZooError, match=r"precision 'bf16' needs a GPU with native bf16 .*cuda:1.*'fp16' or 'fp32'"):
+        with pytest.raises(PspZooError,
+                           match=r"precision 'bf16' needs a GPU with native bf16 .*cuda:1.*'fp16' or 'fp32'"):
             options.check("cuda:1")
     assert asked == [torch.device("cuda:1")]  # the device asked about is the one given
     SpeedOptions(precision="fp16").check("cuda:1")  # fp16 runs on every GPU
@@ -213,7 +222,7 @@ def test_cuda_graph_peak_counts_the_capture(monkeypatch):
 
 
 def test_normalization_copies_no_constants_to_the_device(monkeypatch):
-    from psp_zoo.transforms import normalize, normalize_batch
+    from psp_zoo.datasets.transforms import normalize, normalize_batch
 
     image = np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8)
     batch = torch.from_numpy(image.transpose(2, 0, 1).copy()).unsqueeze(0)
@@ -226,7 +235,7 @@ def test_normalization_copies_no_constants_to_the_device(monkeypatch):
 
 
 def test_resize_weights_create_no_tensors_on_the_device(monkeypatch):
-    import psp_zoo.inference as inference
+    import psp_zoo.evaluation.inference as inference
 
     made = []
     original = torch.tensor
@@ -241,8 +250,8 @@ def test_the_timed_steps_never_read_the_device_back(mode):
     """On the meta device any read back to the host (``.item()``, ``int()``, a boolean selection)
     raises: normalization, the model, the banded resize + softmax + argmax and the confusion-matrix
     update run there end to end, so on a GPU nothing inside a timed call waits for it to finish."""
-    from psp_zoo.inference import single_scale_labels
-    from psp_zoo.transforms import normalize_batch
+    from psp_zoo.datasets.transforms import normalize_batch
+    from psp_zoo.evaluation.inference import single_scale_labels
 
     model = PSPNet(**tiny_info("r50")["config"]).eval().to("meta")
     settings = EvalSettings(mode=mode, img_scale=(96, 64), crop_size=(48, 48), stride=(32, 32), align_corners=False)
@@ -265,7 +274,7 @@ def test_confusion_matrix_update_reads_nothing_back(monkeypatch):
 
 def test_factorized_head_keeps_its_matrices_to_itself():
     import psp_zoo.model.fast_head as fast_head
-    from psp_zoo.optimization import optimize
+    from psp_zoo.model.optimization import optimize
 
     model = optimize(tiny_model("r50"), fuse_bn=False, channels_last=False, winograd=False)
     model(torch.randn(1, 3, 48, 64))
@@ -276,8 +285,9 @@ def test_factorized_head_keeps_its_matrices_to_itself():
 
 
 def test_loader_pins_for_the_device_it_feeds(monkeypatch, tmp_path):
+    import psp_zoo.datasets.readers as datasets
+
     import minidata
-    import psp_zoo.datasets as datasets
 
     minidata.write_cityscapes(tmp_path / "cityscapes")
     data = datasets.SegmentationDataset("cityscapes", tmp_path / "cityscapes", img_scales=[(32, 16)])

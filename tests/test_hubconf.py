@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from helpers import assert_close_to_scale, REPO, tiny_checkpoint_path, tiny_expected
+from helpers import REPO, assert_close_to_scale, tiny_checkpoint_path, tiny_expected
 
 
 def test_hub_lists_the_entry_points_and_names(hub_manifest):

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from psp_zoo import ms_flip_inference, predict_probs, slide_inference, whole_inference
-from psp_zoo.inference import slide_windows
-from psp_zoo.manifest import EvalSettings as Settings
-from psp_zoo.transforms import normalize, to_tensor
+from psp_zoo.datasets.transforms import normalize, to_tensor
+from psp_zoo.evaluation.inference import slide_windows
+from psp_zoo.manifest.loading import EvalSettings as Settings
 
-from helpers import assert_close_to_scale, max_rel_diff, TINY, tiny_expected, tiny_model
+from helpers import TINY, assert_close_to_scale, max_rel_diff, tiny_expected, tiny_model
 
 TOL = 2e-5  # of the reference logits' largest magnitude (~4 here)
 
@@ -114,7 +114,8 @@ def test_ms_flip_inputs_flips_and_probability_average():
     assert len(model.calls) == 12
     unmatched = list(expected_inputs)
     for seen in model.calls:  # every recorded input is exactly one of the reference's 12
-        match = next(i for i, ref in enumerate(unmatched) if ref.shape == seen.shape and max_rel_diff(seen, ref) <= 1e-6)
+        match = next(i for i, ref in enumerate(unmatched)
+                     if ref.shape == seen.shape and max_rel_diff(seen, ref) <= 1e-6)
         unmatched.pop(match)
     assert not unmatched
     assert probs.shape == (3, 30, 50)

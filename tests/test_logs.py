@@ -1,4 +1,5 @@
-"""`psp-zoo logs` and psp_zoo.logs: published training logs, served from 127.0.0.1, beside the table."""
+"""`psp-zoo logs` and psp_zoo.results.published_logs: published training logs, served from 127.0.0.1, beside
+the table."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,15 @@ import pytest
 from PIL import Image
 
 from psp_zoo.cli import main
-from psp_zoo.logs import LogError, compare_with_table, log_figure, parse_log, read_logs, render_comparison
-from psp_zoo.manifest import get_checkpoint
+from psp_zoo.manifest.loading import get_checkpoint
+from psp_zoo.results.published_logs import (
+    LogError,
+    compare_with_table,
+    log_figure,
+    parse_log,
+    read_logs,
+    render_comparison,
+)
 from psp_zoo.testing import manifest_entry, write_manifest
 
 from helpers import REPO, tiny_checkpoint_path
@@ -88,7 +96,8 @@ def test_0x_log_last_and_best_mIoU_and_peak_memory_beside_the_table(capsys, serv
     assert lines[1] == "  mmseg 0.x .log.json, 12 training and 3 validation lines"
     assert lines[2] == "  last val mIoU  73.00 (table 74.50, -1.50) at iteration 12000"
     assert lines[3] == "  best val mIoU  74.00 (table 74.50, -0.50) at iteration 8000"
-    assert lines[4] == "  peak memory    6.10 GB (table 6.10, +0.00) at iteration 3000: 6246 MiB / 1024"  # MiB, as mmseg logs them
+    # MiB, as mmseg logs them
+    assert lines[4] == "  peak memory    6.10 GB (table 6.10, +0.00) at iteration 3000: 6246 MiB / 1024"
     assert lines[5] == f"wrote {plot}"
     assert plot.read_bytes().startswith(PNG_SIGNATURE)
     with Image.open(plot) as png:
@@ -250,7 +259,8 @@ def test_a_validation_is_reported_and_plotted_at_its_own_iteration(capsys, serve
     # the log's config says nothing: the val lines' train_iter alone places them
     path = write_run_log(tmp_path / "work" / "20260101_000000.log.json", 0, LAST)
     val_lines = [json.loads(line) for line in path.read_text().splitlines() if '"val"' in line]
-    assert [(line["iter"], line["train_iter"]) for line in val_lines] == [(6, i) for i in VALIDATED]  # mmseg's iter kept
+    # mmseg's iter kept
+    assert [(line["iter"], line["train_iter"]) for line in val_lines] == [(6, i) for i in VALIDATED]
     code, out, err = _logs(capsys, served(log_0x()), tmp_path / "cache", "--log", path)
     assert code == 0, err
     assert "  last val mIoU  81.00 (table 74.50, +6.50) at iteration 480" in out.splitlines()

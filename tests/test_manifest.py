@@ -167,7 +167,8 @@ def test_url_trap_hosts_and_log_names():
         assert ckpt.log_url.startswith(HOST)
     # mmseg 1.x's metafile has download.oz1z1penmmlab.com for this one
     assert manifest.get("pspnet_r101-d8_769x769_80k_cityscapes").url == (
-        HOST + "pspnet_r101-d8_769x769_80k_cityscapes/pspnet_r101-d8_769x769_80k_cityscapes_20200606_225055-dba412fa.pth")
+        HOST + "pspnet_r101-d8_769x769_80k_cityscapes/"
+               "pspnet_r101-d8_769x769_80k_cityscapes_20200606_225055-dba412fa.pth")
     # Pascal Context logs are named <config>-<date>_<time>.log.json, the weights <config>_<date>_<time>-<hash>
     for name in manifest.list(dataset="pascal_context") + manifest.list(dataset="pascal_context_59"):
         ckpt = manifest.get(name)
@@ -177,7 +178,8 @@ def test_url_trap_hosts_and_log_names():
 
 def test_r50_d32_keeps_its_own_1x_name():
     manifest = load_manifest()
-    v1c, v1b = manifest.get("pspnet_r50-d32_512x1024_80k_cityscapes"), manifest.get("pspnet_r50b-d32_512x1024_80k_cityscapes")
+    v1c = manifest.get("pspnet_r50-d32_512x1024_80k_cityscapes")
+    v1b = manifest.get("pspnet_r50b-d32_512x1024_80k_cityscapes")
     assert manifest.get("pspnet_r50-d32_4xb2-80k_cityscapes-512x1024") is v1c
     assert manifest.get("pspnet_r50b-d32_4xb2-80k_cityscapes-512x1024") is v1b
     assert (v1c.deep_stem, v1b.deep_stem, v1c.output_stride, v1b.output_stride) == (True, False, 32, 32)
@@ -354,7 +356,8 @@ def test_user_manifest_adds_and_overrides(tmp_path, monkeypatch):
     (("published: {mIoU: 40.0}", "published: {mIoU: 40.0}\n    published_on: {dark_zurich: {published: {}}}"),
      "published_on.dark_zurich"),  # 150 classes cannot be scored on a 19-class dataset
     (("published: {mIoU: 40.0}", "published: {mIoU: 40.0}\n    model: {num_classes: 19}\n"
-                                 "    published_on: {dark_zurich: {aliases: [x]}}"), "published_on.dark_zurich.published"),
+                                 "    published_on: {dark_zurich: {aliases: [x]}}"),
+     "published_on.dark_zurich.published"),
     (("published: {mIoU: 40.0}", "published: {mIoU: 40.0}\n    model: {num_classes: 19}\n"
                                  "    published_on: {dark_zurich: {published: {mIoU: 400}}}"),
      "published_on.dark_zurich.published.mIoU"),
@@ -412,7 +415,8 @@ def test_cross_dataset_names_must_be_unique(tmp_path):
 def test_duplicate_names_and_aliases_are_rejected(tmp_path):
     with pytest.raises(ManifestError, match="duplicate name"):
         load_manifest(_write(tmp_path, GOOD_ENTRY + GOOD_ENTRY.replace("models:\n", "")))
-    clash = GOOD_ENTRY.replace("    depth: 50", "    aliases: [pspnet_r50-d8_4xb2-40k_cityscapes-512x1024]\n    depth: 50")
+    clash = GOOD_ENTRY.replace("    depth: 50",
+                               "    aliases: [pspnet_r50-d8_4xb2-40k_cityscapes-512x1024]\n    depth: 50")
     with pytest.raises(ManifestError, match="already names"):
         load_manifest(_write(tmp_path, clash))
 
@@ -678,7 +682,7 @@ def test_backbone_or_depth_one_of_them_is_required(tmp_path):
 
 def test_the_manifest_page_documents_every_entry_and_dataset_field(tmp_path):
     """docs/manifests.md names every field the loader reads, and its example entry loads."""
-    from psp_zoo import entries, schema
+    from psp_zoo.manifest import entries, schema
 
     page = (REPO / "docs" / "manifests.md").read_text()
     fields = (schema.ENTRY_REQUIRED + sum(schema.ENTRY_EITHER, ()) + schema.ENTRY_OPTIONAL

@@ -8,8 +8,8 @@ import torch
 
 from psp_zoo import PSPNet
 from psp_zoo.errors import PspZooError
-from psp_zoo.measure import inference_peak_memory, measure_fps, training_loss, training_memory
-from psp_zoo.records import ImageCount, ResultRecord
+from psp_zoo.evaluation.measure import inference_peak_memory, measure_fps, training_loss, training_memory
+from psp_zoo.results.records import ImageCount, ResultRecord
 
 from helpers import tiny_info
 
@@ -67,7 +67,7 @@ def test_cpu_training_memory_never_reads_zero_after_earlier_work():
     """After this process has trained (so its allocator holds the memory a step needs), the CPU
     figure is still what a step needs: a fresh process measures it. The weights, gradients and SGD
     momentum buffers alone (3 copies of the parameters) are a lower bound."""
-    from psp_zoo.measure import _training_peak
+    from psp_zoo.evaluation.measure import _training_peak
 
     config = dict(tiny_info("r50")["config"], align_corners=False)
     _training_peak(config, (32, 48), 2, "cpu", 2, 0)  # warm this process's allocator, as earlier tests do

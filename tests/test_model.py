@@ -8,7 +8,7 @@ import torch
 
 from psp_zoo import PSPNet
 
-from helpers import assert_close_to_scale, FIXTURES, TINY, tiny_expected, tiny_model
+from helpers import FIXTURES, TINY, assert_close_to_scale, tiny_expected, tiny_model
 
 TOL = 2e-5  # of the reference logits' largest magnitude (~4 here)
 

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from psp_zoo import PspZooError, SegmentationDataset
 from psp_zoo.cli import main
 from psp_zoo.deploy.onnx_head import OnnxPSPHead, bilinear_operator, use_onnx_head
-from psp_zoo.inference import slide_inference
-from psp_zoo.manifest import EvalSettings as Settings
-from psp_zoo.optimization import fold_batchnorm
-from psp_zoo.scoring import score
+from psp_zoo.evaluation.inference import slide_inference
+from psp_zoo.evaluation.scoring import score
+from psp_zoo.manifest.loading import EvalSettings as Settings
+from psp_zoo.model.optimization import fold_batchnorm
 
 import minidata
 from helpers import max_rel_diff, random_head, tiny_checkpoint_path, tiny_expected, tiny_model

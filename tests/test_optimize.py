@@ -8,10 +8,11 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, TINY, max_rel_diff, tiny_expected, tiny_model
 
 from psp_zoo import PspZooError
-from psp_zoo.optimization import cpu_supports_bf16, fold_batchnorm, optimize
+from psp_zoo.model.optimization import cpu_supports_bf16, fold_batchnorm, optimize
+
+from helpers import REPO, TINY, max_rel_diff, tiny_expected, tiny_model
 
 
 @pytest.fixture(scope="module", params=TINY)

@@ -11,10 +11,10 @@ from PIL import Image
 
 import psp_zoo
 from psp_zoo.cli import build_parser, main
-from psp_zoo.datasets import palette, read_image
-from psp_zoo.inference import predict_probs
-from psp_zoo.manifest import get_checkpoint, get_manifest
-from psp_zoo.prediction import output_stems
+from psp_zoo.datasets.readers import palette, read_image
+from psp_zoo.evaluation.inference import predict_probs
+from psp_zoo.manifest.loading import get_checkpoint, get_manifest
+from psp_zoo.prediction.predictor import output_stems
 from psp_zoo.testing import manifest_entry, write_manifest
 
 from helpers import tiny_checkpoint_path, tiny_info, tiny_model
@@ -170,7 +170,7 @@ def test_the_commands_the_issue_names_exist():
 
 
 def test_an_image_that_cannot_be_opened_says_why_in_one_line(capfd, manifest, tmp_path):
-    from psp_zoo.prediction import Predictor, predict_files
+    from psp_zoo.prediction.predictor import Predictor, predict_files
 
     predictor = Predictor.create(NAME, manifest=manifest, device="cpu")
     gone = tmp_path / "gone.png"  # listed, then deleted (or not readable) before it is read
@@ -204,7 +204,7 @@ def test_outputs_get_the_usual_file_permissions(capsys, manifest, tmp_path):
 ])
 def test_an_image_that_fails_in_the_model_is_one_line_and_the_rest_are_done(capsys, manifest, tmp_path,
                                                                              monkeypatch, failure, expected):
-    import psp_zoo.prediction as prediction
+    import psp_zoo.prediction.predictor as prediction
 
     folder = tmp_path / "in"
     for stem, seed in (("a", 6), ("big", 7), ("c", 8)):
@@ -229,7 +229,7 @@ def test_an_image_that_fails_in_the_model_is_one_line_and_the_rest_are_done(caps
 
 def test_a_folder_or_glob_yields_no_hidden_files(tmp_path):
     """As the datasets skip them: '.hidden.png' and macOS's '._x.jpg' (resource forks, not images)."""
-    from psp_zoo.prediction import expand_image_args
+    from psp_zoo.prediction.predictor import expand_image_args
 
     folder = tmp_path / "pics"
     folder.mkdir()

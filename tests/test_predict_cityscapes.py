@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from psp_zoo.cli import main
-from psp_zoo.datasets import CITYSCAPES_LABEL_IDS, cityscapes_train_ids_to_label_ids
+from psp_zoo.datasets.readers import CITYSCAPES_LABEL_IDS, cityscapes_train_ids_to_label_ids
 from psp_zoo.errors import PspZooError
-from psp_zoo.prediction import Predictor
+from psp_zoo.prediction.predictor import Predictor
 from psp_zoo.testing import manifest_entry, write_manifest, write_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")

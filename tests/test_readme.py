@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from psp_zoo.records import read_result
+from psp_zoo.results.records import read_result
 from psp_zoo.testing import write_mini_cityscapes
 
 from helpers import REPO, tiny_checkpoint_path, tiny_info
@@ -44,7 +44,8 @@ def code_blocks(section: str, language: str) -> list:
 
 def test_the_readme_test_commands_are_what_ci_runs():
     (block,) = code_blocks(readme_section("Tests"), "bash")
-    assert block.strip().splitlines() == ["python -m pip install -e '.[test]'", "python -m pytest -q"]
+    assert block.strip().splitlines() == ["python -m pip install -e '.[test]'", "python -m ruff check .",
+                                          "python -m pytest -q"]
     ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
           if line and not line.startswith(("#", "set ", "cd "))]
     assert ci == block.strip().splitlines()
@@ -116,7 +117,8 @@ def test_quick_start_commands_run_as_written(user_folder):
         outputs[command.split()[1]] = done.stdout
     assert QUICK_START_NAME in outputs["list"]
     cached = Path(outputs["get"].strip())
-    assert cached.name == tiny_checkpoint_path("r50").name and cached.read_bytes() == tiny_checkpoint_path("r50").read_bytes()
+    fixture = tiny_checkpoint_path("r50")
+    assert cached.name == fixture.name and cached.read_bytes() == fixture.read_bytes()
     for suffix in ("labels", "overlay", "legend"):
         assert (folder / "predictions" / f"demo_{suffix}.png").is_file()
     assert len(list((folder / "results" / QUICK_START_NAME).glob("cpu-*.json"))) == 1  # named by the CPU model

@@ -24,14 +24,14 @@ import yaml
 
 from psp_zoo import FetchOptions, evaluate
 from psp_zoo.cli import main
-from psp_zoo.datasets import SegmentationDataset
-from psp_zoo.manifest import get_checkpoint
-from psp_zoo.metrics import ConfusionMatrix
-from psp_zoo.reproduction import reproduce
-from psp_zoo.scoring import score
+from psp_zoo.datasets.readers import SegmentationDataset
 from psp_zoo.environment import environment_info
+from psp_zoo.evaluation.metrics import ConfusionMatrix
+from psp_zoo.evaluation.reproduction import reproduce
+from psp_zoo.evaluation.scoring import score
+from psp_zoo.manifest.loading import get_checkpoint
 from psp_zoo.model import PSPNet
-from psp_zoo.records import device_tag, read_result
+from psp_zoo.results.records import device_tag, read_result
 
 import minidata
 from helpers import REPO, tiny_checkpoint_path, tiny_info, tiny_model
@@ -115,7 +115,8 @@ def test_reproduce_records_everything_and_tables_show_both_columns(capsys, setup
     assert code == 1 and "failed: tiny_r101" in err  # and tiny_r50 was still reproduced
     record = read_result(results / "tiny_r50" / CPU_FILE)
     assert record.status == "complete" and record.precision == "fp32"
-    assert record.optimizations == ("fuse_bn", "channels_last", "factorize_head", "winograd")  # the default exact fast path
+    # the default exact fast path
+    assert record.optimizations == ("fuse_bn", "channels_last", "factorize_head", "winograd")
     assert (record.images.count, record.images.available, record.images.limit) == (3, 3, None)
     for ms_flip, metrics in ((False, record.single_scale), (True, record.ms_flip)):
         expected = evaluate("tiny_r50", setup["data"], manifest=setup["manifest"], device="cpu",
@@ -149,7 +150,8 @@ def test_reproduce_records_everything_and_tables_show_both_columns(capsys, setup
     assert f"- / {record.ms_flip.miou:.2f}" in row
     header = next(line for line in tables.splitlines() if line.startswith("| Method"))
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
-    assert cells["Inf time (fps)"] == f"- / {record.speed.fps:.2f}" and cells["psp-zoo fps"] == f"{record.fast_speed.fps:.2f}"
+    assert cells["Inf time (fps)"] == f"- / {record.speed.fps:.2f}"
+    assert cells["psp-zoo fps"] == f"{record.fast_speed.fps:.2f}"
     assert "not reproduced: tiny_r101 failed" in tables
 
 
@@ -356,7 +358,7 @@ def _reproduce(setup, results: Path, models: str = "tiny_r50", manifest=None, **
 
 
 def test_an_error_while_measuring_keeps_the_scores(capsys, monkeypatch, setup, tmp_path):
-    import psp_zoo.reproduction as reproduction
+    import psp_zoo.evaluation.reproduction as reproduction
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
@@ -386,7 +388,7 @@ def test_an_error_while_measuring_keeps_the_scores(capsys, monkeypatch, setup, t
 
 
 def test_timing_runs_the_plain_model_one_window_per_call_whatever_the_device_default(monkeypatch, setup, tmp_path):
-    import psp_zoo.reproduction as reproduction
+    import psp_zoo.evaluation.reproduction as reproduction
 
     calls = []
 
@@ -394,7 +396,7 @@ def test_timing_runs_the_plain_model_one_window_per_call_whatever_the_device_def
         calls.append((type(model).__name__, windows_per_call))
         return protocol_call(model, settings, device, windows_per_call=windows_per_call)
 
-    from psp_zoo.measure import protocol_call
+    from psp_zoo.evaluation.measure import protocol_call
     monkeypatch.setattr(reproduction, "default_slide_batch", lambda device: 8)  # CUDA's batching default
     monkeypatch.setattr(reproduction, "protocol_call", recording)
     _reproduce(setup, tmp_path / "results", ms_flip=False, train_memory=False)
@@ -412,7 +414,8 @@ def test_the_fp16_row_is_measured_as_its_entry_says(setup, tmp_path):
     _reproduce(setup, tmp_path / "results", models="tiny_r50_fp16_cityscapes", manifest=manifest, ms_flip=False)
     record = read_result(tmp_path / "results" / "tiny_r50_fp16_cityscapes" / CPU_FILE)
     measured = record.settings["measure"]
-    assert (measured["published_precision"], measured["loss_scale"], measured["plain_precision"]) == ("fp16", 512.0, "fp32")
+    assert (measured["published_precision"], measured["loss_scale"], measured["plain_precision"]) == (
+        "fp16", 512.0, "fp32")
     said = "published in fp16 (training: static loss scale 512); measured in fp32 on the CPU (fp16 needs CUDA)"
     assert said in record.training_memory.detail and said in record.speed.detail
     assert record.speed.precision == "fp32" and record.precision == "fp32"

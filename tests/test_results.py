@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from psp_zoo.errors import ResultsError
 from psp_zoo.environment import environment_info
-from psp_zoo.records import MemoryUse, Speed, device_tag, read_result, read_results, result_path, write_result
-from psp_zoo.resume import PartialState
+from psp_zoo.errors import ResultsError
+from psp_zoo.evaluation.resume import PartialState
+from psp_zoo.results.records import MemoryUse, Speed, device_tag, read_result, read_results, result_path, write_result
 
 from helpers import make_record
 
@@ -35,8 +35,8 @@ def test_result_path_names_device_and_precision(tmp_path):
 
 
 def test_two_cpu_models_write_two_results_files_and_tables_tell_them_apart(tmp_path):
-    from psp_zoo.reports import show_text
-    from psp_zoo.tables import build_tables, render
+    from psp_zoo.results.reports import show_text
+    from psp_zoo.results.tables import build_tables, render
 
     records = [make_record(device_kind="cpu", device_name=name, miou=miou)
                for name, miou in (("AMD EPYC 7763 64-Core Processor", 0.70), ("Intel(R) Xeon(R) Gold 6338", 0.71))]

@@ -22,8 +22,8 @@ from helpers import REPO
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-STEPS = ("versions", "devices", "user cache", "fast path", "tiny checkpoint", "local server", "download", "mini dataset",
-         "evaluate", "results table", "predict")
+STEPS = ("versions", "devices", "user cache", "fast path", "tiny checkpoint", "local server", "download",
+         "mini dataset", "evaluate", "results table", "predict")
 
 
 def _outcomes(report: str) -> dict:

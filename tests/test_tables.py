@@ -12,8 +12,8 @@ import pytest
 
 from psp_zoo import cli
 from psp_zoo.errors import PspZooError
-from psp_zoo.records import write_result
-from psp_zoo.tables import MARKER_END, MARKER_START, build_tables, plot, render, update_readme
+from psp_zoo.results.records import write_result
+from psp_zoo.results.tables import MARKER_END, MARKER_START, build_tables, plot, render, update_readme
 
 from helpers import REFERENCE, REPO, make_record
 
@@ -227,7 +227,7 @@ def test_readme_tables_are_the_generated_ones():
 
 def test_cli_warnings_are_one_plain_line_each(tmp_path, capsys):
     from psp_zoo.cli import main
-    from psp_zoo.records import write_result
+    from psp_zoo.results.records import write_result
 
     record = make_record(name="not_in_manifest")
     write_result(record, tmp_path / "results" / "not_in_manifest" / "cpu.json")
@@ -252,7 +252,7 @@ def test_an_onnx_result_is_its_own_labelled_row():
 def test_protocol_fps_beside_the_published_one_and_the_fast_one_apart():
     import dataclasses
 
-    from psp_zoo.records import Speed
+    from psp_zoo.results.records import Speed
 
     fast = Speed(fps=21.25, images_timed=195, warmup=5, device_kind="cuda", model="optimized")
     records = [dataclasses.replace(make_record(R50, fps=4.5), fast_speed=fast),

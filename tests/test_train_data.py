@@ -12,13 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
+from psp_zoo.datasets.readers import training_items
 from psp_zoo.errors import DatasetError, PspZooError
-from psp_zoo.training.data import BatchPlan, TrainingSet, batches, train_loader, training_items
+from psp_zoo.training.data import BatchPlan, TrainingSet, batches, train_loader
 from psp_zoo.training.pipeline import TrainTransform, sample_rng
 
 # dataset -> (folder below the data root, [(image path, label path)] in mmseg's reading order,
 #             decoys: files that are not training images, reduce_zero_label, palette labels)
-CITY = "leftImg8bit/train/{0}/{0}_000000_0000{1}_leftImg8bit.png", "gtFine/train/{0}/{0}_000000_0000{1}_gtFine_labelTrainIds.png"
+CITY = ("leftImg8bit/train/{0}/{0}_000000_0000{1}_leftImg8bit.png",
+        "gtFine/train/{0}/{0}_000000_0000{1}_gtFine_labelTrainIds.png")
 LAYOUTS = {
     "cityscapes": ("data/cityscapes", [(CITY[0].format(c, n), CITY[1].format(c, n))
                                        for c, n in (("aachen", 19), ("aachen", 20), ("bochum", 13))],
@@ -37,8 +39,8 @@ LAYOUTS = {
                ["img_dir/val/2522.png"], True),
     "potsdam": ("potsdam", [(f"img_dir/train/2_10_{i}_0_512_512.png", f"ann_dir/train/2_10_{i}_0_512_512.png")
                             for i in (0, 256)], ["img_dir/val/2_13_0_0_512_512.png"], True),
-    "vaihingen": ("data/vaihingen", [(f"img_dir/train/area1_{i}_0_512_512.png", f"ann_dir/train/area1_{i}_0_512_512.png")
-                                     for i in (0, 256)], [], True),
+    "vaihingen": ("data/vaihingen", [(f"img_dir/train/area1_{i}_0_512_512.png",
+                                      f"ann_dir/train/area1_{i}_0_512_512.png") for i in (0, 256)], [], True),
     "isaid": ("iSAID", [(f"img_dir/train/P000{i}_0_896_0_896.png",
                          f"ann_dir/train/P000{i}_0_896_0_896_instance_color_RGB.png") for i in (0, 1)],
               ["img_dir/val/P0003_0_896_0_896.png"], False),
@@ -236,7 +238,8 @@ def test_missing_or_unusable_training_data_is_named(tmp_path):
     (tmp_path / "leftImg8bit/train/city/city_000009_leftImg8bit.png").write_bytes(b"not a png")
     with pytest.raises(DatasetError, match="has no label: expected .*city_000009_gtFine_labelTrainIds.png"):
         training_items("cityscapes", tmp_path)
-    Image.fromarray(np.zeros((40, 56), np.uint8)).save(tmp_path / "gtFine/train/city/city_000009_gtFine_labelTrainIds.png")
+    label = tmp_path / "gtFine/train/city/city_000009_gtFine_labelTrainIds.png"
+    Image.fromarray(np.zeros((40, 56), np.uint8)).save(label)
     with pytest.raises(DatasetError, match="fewer than one batch of 5"):
         _training_set(tmp_path, global_batch=5)
     data = _training_set(tmp_path, global_batch=4)
@@ -296,7 +299,7 @@ def test_a_user_dataset_declares_its_training_split(tmp_path):
 ])
 def test_a_bad_training_split_declaration_names_its_field(tmp_path, train, field):
     from psp_zoo.errors import ManifestError
-    from psp_zoo.manifest import load_manifest
+    from psp_zoo.manifest.loading import load_manifest
 
     manifest = tmp_path / "user.yml"
     manifest.write_text(USER_DATASET.replace(

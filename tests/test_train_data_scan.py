@@ -1,6 +1,6 @@
 """Training refuses bad data before it starts, and honours the dataset's declared ignore index.
 
-A user-declared dataset (tests/finetune_data.py: 3 classes, 255 ignored, or 254 where declared so) is trained
+A user-declared dataset (psp_zoo.testing's example: 3 classes, 255 ignored, or 254 where declared so) is trained
 with a narrow PSPNet declared next to it in the user manifest (no weights needed: ``--no-pretrained``).
 """
 from __future__ import annotations
@@ -14,20 +14,21 @@ import pytest
 import torch
 from PIL import Image
 
-import finetune_data
-from helpers import tiny_checkpoint_path
-from psp_zoo import dataset_check
+from psp_zoo import testing
 from psp_zoo.cli import main
-from psp_zoo.dataset_check import SCAN_RECORD, check_split, scan_for_training
-from psp_zoo.datasets import SegmentationDataset
+from psp_zoo.datasets import check as dataset_check
+from psp_zoo.datasets.check import SCAN_RECORD, check_split, scan_for_training
+from psp_zoo.datasets.readers import SegmentationDataset
 from psp_zoo.errors import DatasetError, ManifestError
-from psp_zoo.manifest import get_manifest, load_manifest
+from psp_zoo.evaluation.scoring import score
+from psp_zoo.hub.options import FetchOptions
+from psp_zoo.manifest.loading import get_manifest, load_manifest
 from psp_zoo.model import PSPNet
-from psp_zoo.options import FetchOptions
-from psp_zoo.scoring import score
 from psp_zoo.testing import TINY_ARCH
 from psp_zoo.training.loop import train
 from psp_zoo.training.pipeline import TrainTransform, crop_is_acceptable
+
+from helpers import tiny_checkpoint_path
 
 NAME = "shapes_tiny"
 RUN = ("--no-pretrained", "--max-iters", "2", "--batch-size", "2", "--gpus", "1", "--eval-interval", "2",
@@ -55,8 +56,8 @@ def _set_label(path, change):
 
 @pytest.fixture
 def shapes(tmp_path):
-    root = finetune_data.write_dataset(tmp_path / "data", train=4, val=2)
-    manifest = finetune_data.write_manifest(tmp_path / "shapes.yml", models=[_entry()])
+    root = testing.write_example_dataset(tmp_path / "data", train=4, val=2)
+    manifest = testing.write_example_manifest(tmp_path / "shapes.yml", models=[_entry()])
     return root, manifest, tmp_path / "work"
 
 
@@ -154,8 +155,9 @@ def test_another_declaration_reads_everything_again(shapes, tmp_path, reads):
     root, manifest, work = shapes
     scan_for_training("shapes", root, work, manifest=str(manifest))
     reads.clear()
-    other = finetune_data.write_manifest(tmp_path / "other.yml", spec=finetune_data.declaration(
-        num_classes=4, classes=[*finetune_data.CLASSES, "star"], palette=[*map(list, finetune_data.PALETTE), [1, 2, 3]]))
+    other = testing.write_example_manifest(tmp_path / "other.yml", spec=testing.example_declaration(
+        num_classes=4, classes=[*testing.EXAMPLE_CLASSES, "star"],
+        palette=[*map(list, testing.EXAMPLE_PALETTE), [1, 2, 3]]))
     assert scan_for_training("shapes", root, work, manifest=str(other)) == 6 and len(reads) == 6
 
 
@@ -176,11 +178,11 @@ def test_a_resumed_run_does_not_rescan(shapes, reads):
 @pytest.fixture
 def shapes254(tmp_path):
     """The shapes with their ignored rings stored as 254, declared ``ignore_index: 254``."""
-    root = finetune_data.write_dataset(tmp_path / "data", train=4, val=2)
+    root = testing.write_example_dataset(tmp_path / "data", train=4, val=2)
     for path in root.glob("masks/*/*.png"):
         _set_label(path, lambda label: np.where(label == 255, 254, label).astype(np.uint8))
-    manifest = finetune_data.write_manifest(tmp_path / "shapes.yml", spec=finetune_data.declaration(ignore_index=254),
-                                            models=[_entry()])
+    manifest = testing.write_example_manifest(tmp_path / "shapes.yml",
+                                              spec=testing.example_declaration(ignore_index=254), models=[_entry()])
     return root, manifest, tmp_path / "work"
 
 
@@ -189,7 +191,8 @@ def test_the_check_ignores_the_declared_index_and_reports_255(shapes254):
     check = check_split("shapes", root, "train", manifest=str(manifest))
     stored = np.concatenate([np.array(Image.open(p)).ravel() for p in sorted(root.glob("masks/train/*.png"))])
     assert check.ok and check.ignored == int((stored == 254).sum()) > 0
-    _set_label(root / "masks/train/shape_001_mask.png", lambda label: np.where(label == 254, 255, label).astype(np.uint8))
+    _set_label(root / "masks/train/shape_001_mask.png",
+               lambda label: np.where(label == 254, 255, label).astype(np.uint8))
     check = check_split("shapes", root, "train", manifest=str(manifest))
     assert [values for _, values, _ in check.out_of_range] == [(255,)]
 
@@ -232,7 +235,7 @@ def test_scoring_leaves_out_the_declared_ignore_index(shapes254):
     ({"reduce_zero_label": True, "ignore_index": 254}, "reduce_zero_label marks label 0 as 255"),
 ])
 def test_an_ignore_index_that_cannot_work_is_refused_in_the_declaration(tmp_path, change, words):
-    manifest = finetune_data.write_manifest(tmp_path / "m.yml", spec=finetune_data.declaration(**change))
+    manifest = testing.write_example_manifest(tmp_path / "m.yml", spec=testing.example_declaration(**change))
     with pytest.raises(ManifestError, match=words):
         load_manifest(manifest)
 
@@ -243,7 +246,8 @@ def test_an_ignore_index_that_cannot_work_is_refused_in_the_declaration(tmp_path
 
 def test_dataset_check_refuses_a_train_block_typo_with_trains_message(shapes, tmp_path):
     root, _, work = shapes
-    manifest = finetune_data.write_manifest(tmp_path / "typo.yml", spec=finetune_data.declaration(train={"lrr": 0.1}))
+    manifest = testing.write_example_manifest(tmp_path / "typo.yml",
+                                              spec=testing.example_declaration(train={"lrr": 0.1}))
     code, out, check_err = _cli("dataset", "check", root, "--dataset", "shapes", "--manifest", manifest)
     assert code == 2 and out == "" and len(check_err.strip().splitlines()) == 1, check_err
     assert "datasets.shapes: field 'train': unknown training setting 'lrr'" in check_err

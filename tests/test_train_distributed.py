@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import finetune_data
+from psp_zoo import testing
 from psp_zoo.testing import write_shapes_ade20k, write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,10 +78,10 @@ def test_two_processes_of_one_image_equal_one_process_of_two(tmp_path):
 def finetuning(tmp_path_factory):
     """A 5-class tiny R-18-D8 file to fine-tune from, and the generated 3-class shapes dataset (8 images)."""
     folder = tmp_path_factory.mktemp("finetune")
-    data = finetune_data.write_dataset(folder / "data", train=8, val=2)
+    data = testing.write_example_dataset(folder / "data", train=8, val=2)
     source = write_tiny_checkpoint(folder / "published", "tiny_pspnet_r18-d8", num_classes=5, depth=18,
                                    stamp="20260101_000000")
-    manifest = finetune_data.write_manifest(folder / "user.yml")
+    manifest = testing.write_example_manifest(folder / "user.yml")
     return ("train", "--from", source, "--dataset", "shapes", "--name", "res_pspnet", "--data-root", data,
             "--manifest", manifest, "--num-workers", "0", "--device", "cpu", "--crop-size", "64")
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from psp_zoo.records import read_result
+from psp_zoo.results.records import read_result
 from psp_zoo.testing import SHAPE_CLASSES, write_shapes_ade20k
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from psp_zoo.logs import read_log
-from psp_zoo.manifest import get_manifest
+from psp_zoo.hub.options import FetchOptions
+from psp_zoo.manifest.loading import get_manifest
 from psp_zoo.model import PSPNet
-from psp_zoo.records import read_result
+from psp_zoo.results.published_logs import read_log
+from psp_zoo.results.records import read_result
 from psp_zoo.testing import write_shapes_ade20k
-from psp_zoo.options import FetchOptions
 from psp_zoo.training.checkpoints import LATEST, pointed, save_checkpoint
 from psp_zoo.training.loop import RUN_OPTIONS, train
 from psp_zoo.training.recipe import RECIPE_FIELDS, recipe_for
@@ -94,7 +94,8 @@ def test_a_killed_run_resumes_to_the_same_weights(shapes, tmp_path):
 
 
 def test_the_files_of_a_run(shapes, tmp_path):
-    """Published checkpoint format, pointers, a log psp_zoo.logs reads, a checkpoint evaluate loads."""
+    """Published checkpoint format, pointers, a log psp_zoo.results.published_logs reads, a checkpoint evaluate
+    loads."""
     work = tmp_path / "run"
     _run(_command(shapes, work, "--max-iters", "4", "--eval-interval", "2", "--checkpoint-interval", "2"))
     saved = torch.load(work / "iter_4.pth", weights_only=True)
@@ -204,3 +205,19 @@ def test_set_takes_recipe_fields_not_run_options(shapes, tmp_path, capsys):
     assert main([str(a) for a in _command(shapes, tmp_path / "work", "--set", "seed=3")[3:]]) == 2
     assert "--set seed=3: seed is not a recipe field but a run option; give --seed instead" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_best_pth_follows_a_validation_between_checkpoints(shapes, tmp_path, monkeypatch):
+    """A validation that improves the best mIoU off the checkpoint interval still gets its checkpoint, as mmseg's
+    save_best does: best.pth points at the iteration of the best score (it was left unset, and the summary line
+    crashed on it)."""
+    from psp_zoo.training import loop
+
+    scores = iter([0.30, 0.50, 0.40])  # validations at 1, 2, 3: the best at 2, between checkpoints
+    monkeypatch.setattr(loop, "_validate", lambda *args: next(scores))
+    result = train(NAME, data_root=shapes, work_dir=tmp_path / "run", max_iters=3, eval_interval=1,
+                   checkpoint_interval=100, no_pretrained=True, device="cpu", num_workers=0, progress=False,
+                   fetch=FetchOptions(manifest=str(shapes / "manifest.yml")))
+    assert result.best.resolve().name == "iter_2.pth" and result.best_miou == pytest.approx(50.0)
+    assert torch.load(result.best, weights_only=True)["meta"]["psp_zoo"]["best"] == {"miou": 0.5, "iteration": 2}
+    assert result.checkpoint.name == "iter_3.pth"

@@ -10,9 +10,19 @@ import numpy as np
 import pytest
 
 from psp_zoo.errors import PspZooError
-from psp_zoo.training.pipeline import (Draws, TrainTransform, crop_is_acceptable, normalize, pad,
-                                       photometric_distortion, random_crop, random_flip, random_scale, resize,
-                                       sample_rng)
+from psp_zoo.training.pipeline import (
+    Draws,
+    TrainTransform,
+    crop_is_acceptable,
+    normalize,
+    pad,
+    photometric_distortion,
+    random_crop,
+    random_flip,
+    random_scale,
+    resize,
+    sample_rng,
+)
 
 MEAN_BGR = np.array([103.53, 116.28, 123.675])
 STD_BGR = np.array([57.375, 57.12, 58.395])
@@ -295,7 +305,7 @@ def test_the_transform_draws_in_mmseg_order():
         boxes = [(values[i], values[i + 1]) for i in range(1, flip, 2)]
         margins = (max(resized.shape[0] - 32, 0) + 1, max(resized.shape[1] - 48, 0) + 1)
         assert calls[1:flip] == [("randint", (0, margins[0])), ("randint", (0, margins[1]))] * len(boxes)
-        checks = [crop_is_acceptable(resized[t:t + 32, l:l + 48], 0.75) for t, l in boxes]
+        checks = [crop_is_acceptable(resized[t:t + 32, left:left + 48], 0.75) for t, left in boxes]
         assert 1 <= len(boxes) <= 11 and not any(checks[:-1])
         assert checks[-1] or len(boxes) == 11
         retried += len(boxes) > 1

@@ -10,9 +10,9 @@ import torch
 import torchvision
 
 from psp_zoo.errors import CheckpointError, PspZooError
-from psp_zoo.manifest import get_manifest
+from psp_zoo.hub.options import FetchOptions
+from psp_zoo.manifest.loading import get_manifest
 from psp_zoo.model import PSPNet
-from psp_zoo.options import FetchOptions
 from psp_zoo.training.pretrained import backbone_entry, init_weights, load_backbone, load_pretrained_backbone
 from psp_zoo.training.recipe import recipe_from_entry
 

@@ -1,14 +1,14 @@
 """Every manifest entry's training recipe: the published facts, and overrides checked early."""
 from __future__ import annotations
 
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from psp_zoo.errors import PspZooError
-from psp_zoo.manifest import get_manifest, load_manifest
+from psp_zoo.manifest.loading import get_manifest, load_manifest
 from psp_zoo.training.recipe import RECIPE_FIELDS, Recipe, recipe_for, recipe_from_entry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +70,20 @@ def test_a_bad_train_block_names_the_manifest_entry(tmp_path):
     entry = load_manifest(path).get("my_pspnet")
     with pytest.raises(PspZooError, match=r"models 'my_pspnet': field 'train': training setting 'lr'"):
         recipe_from_entry(entry, str(path))
+
+
+def test_a_user_entry_trains_its_own_class_count_and_a_tenth_of_its_schedule(tmp_path):
+    """An entry whose model has fewer classes than its dataset (a test model) trains that many, with
+    checkpoints and validations every tenth of its own schedule."""
+    path = tmp_path / "user.yml"
+    path.write_text("models:\n"
+                    "  - name: my_pspnet\n    dataset: ade20k\n    backbone: R-18-D8\n    crop_size: [64, 64]\n"
+                    "    schedule: 25\n    weights: http://127.0.0.1:1/my_pspnet-0123abcd.pth\n"
+                    "    hash: \"0123abcd\"\n    published: {}\n    model: {num_classes: 4}\n")
+    recipe = recipe_from_entry(load_manifest(path).get("my_pspnet"), str(path))
+    assert (recipe.name, recipe.dataset, recipe.num_classes) == ("my_pspnet", "ade20k", 4)
+    assert recipe.eval_interval == recipe.checkpoint_interval == 2 and recipe.settings()["max_iters"] == 25
+    assert not {"name", "dataset", "num_classes"} & set(recipe.settings())
 
 
 def test_recipes_need_no_torch():

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from psp_zoo.checkpoint import load_checkpoint
 from psp_zoo.errors import PspZooError
 from psp_zoo.model import PSPNet
+from psp_zoo.model.checkpoint import load_checkpoint
 from psp_zoo.training.recipe import recipe_for
 from psp_zoo.training.schedule import learning_rate, poly_lr, step_lr
 from psp_zoo.training.trainer import Trainer, segmentation_loss

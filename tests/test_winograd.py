@@ -9,12 +9,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, assert_close_to_scale, max_rel_diff, tiny_expected, tiny_model
 
 from psp_zoo import PSPNet, PspZooError, SpeedOptions
 from psp_zoo.environment import cpu_flags
+from psp_zoo.model.optimization import optimize
 from psp_zoo.model.winograd import WinogradConv2d, use_winograd, winograd_conv2d, winograd_weight
-from psp_zoo.optimization import optimize
+
+from helpers import REPO, assert_close_to_scale, max_rel_diff, tiny_expected, tiny_model
 
 # even, odd, not a multiple of the 4x4 tile or of the dilation, smaller than a tile, one pixel
 SIZES = [(8, 8), (13, 11), (9, 14), (17, 23), (2, 3), (1, 1)]

@@ -99,7 +99,7 @@ def add_fetch_options(parser: argparse.ArgumentParser) -> None:
 
 def fetch_options(args: argparse.Namespace, quiet: Optional[bool] = None):
     """The command's --manifest, --cache-dir, --mirror and --offline as one FetchOptions."""
-    from ..options import FetchOptions
+    from ..hub.options import FetchOptions
 
     return FetchOptions(manifest=args.manifest, cache_dir=args.cache_dir, mirror=getattr(args, "mirror", None),
                         offline=True if getattr(args, "offline", False) else None, quiet=quiet)
@@ -107,7 +107,7 @@ def fetch_options(args: argparse.Namespace, quiet: Optional[bool] = None):
 
 def add_speed_options(parser: argparse.ArgumentParser) -> None:
     """How the loaded model is prepared (psp_zoo.optimize); the default is the exact fp32 fast path."""
-    from ..options import PRECISIONS
+    from ..hub.options import PRECISIONS
 
     group = parser.add_argument_group("inference speed (default: fp32 with BN folded into convs, "
                                       "factorized PSP head, Winograd 3x3 convs on the CPU, channels-last; "
@@ -127,7 +127,7 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
 
 def speed_options(args: argparse.Namespace):
     """The command's speed options as one SpeedOptions."""
-    from ..options import SpeedOptions
+    from ..hub.options import SpeedOptions
 
     return SpeedOptions(precision=args.precision, compile=args.compile, fuse_bn=args.fuse_bn,
                         channels_last=args.channels_last, factorize_head=args.factorize_head,

@@ -6,7 +6,7 @@ import sys
 
 from . import _options
 
-SPLIT_NAMES = ("train", "val")  # psp_zoo.dataset_check.SPLITS, read without importing numpy
+SPLIT_NAMES = ("train", "val")  # psp_zoo.datasets.check.SPLITS, read without importing numpy
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -51,8 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.action == "example":
         return _example(args)
-    from ..dataset_check import check_dataset
-    from ..datasets import dataset_spec
+    from ..datasets.check import check_dataset
+    from ..datasets.readers import dataset_spec
     from ..training.recipe import check_dataset_train
 
     check_dataset_train(dataset_spec(args.dataset, args.manifest))  # the whole declaration, as train reads it

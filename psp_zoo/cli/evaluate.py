@@ -37,9 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate
-    from ..records import write_result
-    from ..reports import describe_run, per_class_text, undefined
+    from ..evaluation.evaluator import evaluate
+    from ..results.records import write_result
+    from ..results.reports import describe_run, per_class_text, undefined
 
     if args.json:  # an hour of evaluation must not end in a path typo
         _options.check_writable_folder(Path(args.json).parent, "--json", args.json)

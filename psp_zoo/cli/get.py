@@ -26,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _selected_checkpoints(args: argparse.Namespace) -> list:
     """The entries to fetch; every name is checked before anything is downloaded."""
-    from ..manifest import get_manifest
+    from ..manifest.loading import get_manifest
 
     if sum((bool(args.names), args.dataset is not None, args.all)) != 1:
         raise PspZooError("give checkpoint names, --dataset D or --all (exactly one of them)")
@@ -50,7 +50,7 @@ def _selected_checkpoints(args: argparse.Namespace) -> list:
 def run(args: argparse.Namespace) -> int:
     """Each path, or one short line per file that failed; what to do about failures is said once."""
     from ..errors import DownloadError
-    from ..hub import download
+    from ..hub.cache import download
 
     entries = _selected_checkpoints(args)
     failed, advice = 0, {}

@@ -11,7 +11,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "info", help="every field of one checkpoint, its cache path and state",
         description="Print every manifest field of one checkpoint (URLs, hashes, test settings, published "
-                    "numbers, architecture, the training recipe), the download URL (on --mirror if given), the cache path and "
+                    "numbers, architecture, the training recipe), the download URL (on --mirror if given), "
+                    "the cache path and "
                     "the cache state: cached, missing, corrupt (wrong hash) or partial (an interrupted "
                     "download). Nothing is downloaded.")
     _options.add_name_argument(parser)
@@ -22,14 +23,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _fields(args: argparse.Namespace) -> dict:
-    from ..hub import cache_state, cached_path, resolve_url
-    from ..manifest import get_checkpoint
+    from ..hub.cache import cache_state, cached_path, resolve_url
+    from ..manifest.loading import get_checkpoint
     from ..training.recipe import recipe_from_entry
 
     entry = get_checkpoint(args.name, manifest=args.manifest)
     fields = entry.as_dict()
-    recipe = recipe_from_entry(entry, args.manifest).as_dict()
-    fields["train"] = {k: v for k, v in recipe.items() if k not in ("name", "dataset", "num_classes")}
+    fields["train"] = recipe_from_entry(entry, args.manifest).settings()
     fields["test"] = {k: v for k, v in fields["test"].items() if v is not None}
     fields["arch"] = dict(entry.arch)
     fields.update(

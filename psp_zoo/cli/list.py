@@ -24,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..reports import checkpoint_frame, render_checkpoints
+    from ..results.reports import checkpoint_frame, render_checkpoints
 
     frame = checkpoint_frame(args.manifest, dataset=args.dataset, pattern=args.pattern, cache_dir=args.cache_dir)
     print(render_checkpoints(frame, args.format), end="")

@@ -29,8 +29,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..logs import check_plotting, compare_with_table, plot_log, read_log, read_logs, render_comparison
-    from ..manifest import get_checkpoint
+    from ..manifest.loading import get_checkpoint
+    from ..results.published_logs import (
+        check_plotting,
+        compare_with_table,
+        plot_log,
+        read_log,
+        read_logs,
+        render_comparison,
+    )
 
     entry = get_checkpoint(args.name, manifest=args.manifest)
     if args.plot:  # refuse a plot that cannot be drawn or written before fetching anything
@@ -53,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fetched(args: argparse.Namespace, entry) -> Path:
-    from ..logs import fetch_log
+    from ..results.published_logs import fetch_log
 
     with _options.progress_messages(quiet=False):
         return fetch_log(entry, fetch=_options.fetch_options(args))
@@ -62,7 +69,7 @@ def _fetched(args: argparse.Namespace, entry) -> Path:
 def _published_log(args: argparse.Namespace, entry):
     """The published run's log to draw beneath a run's own, or None (said) where it cannot be had."""
     from ..errors import PspZooError
-    from ..logs import read_log
+    from ..results.published_logs import read_log
 
     if not args.plot or entry.log_url is None:
         return None
@@ -76,4 +83,6 @@ def _published_log(args: argparse.Namespace, entry):
 def _published_schedule(entry) -> dict:
     """The published run's schedule, which places the validations of an mmseg 0.x log that does not
     carry its config: mmseg's configs validate every max_iters / 10 iterations."""
-    return {"eval_interval": max(1, entry.schedule // 10), "max_iters": entry.schedule} if entry.schedule else {}
+    from ..training.recipe import default_interval
+
+    return {"eval_interval": default_interval(entry.schedule), "max_iters": entry.schedule} if entry.schedule else {}

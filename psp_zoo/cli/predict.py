@@ -10,7 +10,7 @@ from . import _options
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..visualize import IMAGE_EXTENSIONS, OUTPUT_FORMATS
+    from ..prediction.pictures import IMAGE_EXTENSIONS, OUTPUT_FORMATS
 
     parser = subparsers.add_parser(
         "predict", help="segment images: palette PNG, overlay and legend per image",
@@ -39,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..prediction import Predictor, expand_image_args, predict_files
+    from ..prediction.predictor import Predictor, expand_image_args, predict_files
 
     paths = expand_image_args(args.images, args.out)  # every argument is checked before work starts
     _options.check_writable_folder(Path(args.out), "--out", args.out)
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _say_renamed(paths: list) -> None:
     """Name the output stem of every input whose own name collides with another input's."""
-    from ..prediction import output_stems
+    from ..prediction.predictor import output_stems
 
     for path, stem in zip(paths, output_stems(paths)):
         if stem != path.stem:
@@ -72,8 +72,8 @@ def _say_renamed(paths: list) -> None:
 
 
 def _check_cityscapes_format(args: argparse.Namespace) -> None:
-    from ..manifest import get_checkpoint
-    from ..prediction import check_output_format
+    from ..manifest.loading import get_checkpoint
+    from ..prediction.predictor import check_output_format
 
     entry = get_checkpoint(args.name, manifest=args.manifest)
     try:

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..constants import MIN_SPEED_IMAGES
-from ..records import DEFAULT_RESULTS_DIR
+from ..results.records import DEFAULT_RESULTS_DIR
 from . import _options
 
 
@@ -47,8 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..reproduction import reproduce
-    from ..tables import summary
+    from ..evaluation.reproduction import reproduce
+    from ..results.tables import summary
 
     with _options.progress_messages(quiet=False):
         report = reproduce(

@@ -21,8 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..records import read_result
-    from ..reports import show_text
+    from ..results.records import read_result
+    from ..results.reports import show_text
 
     sys.stdout.write(show_text(read_result(args.results_file), args.manifest))
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import PspZooError
-from ..records import DEFAULT_RESULTS_DIR
+from ..results.records import DEFAULT_RESULTS_DIR
 from . import _options
 
 
@@ -31,8 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..records import read_results
-    from ..tables import build_tables, plot, render, update_readme
+    from ..results.records import read_results
+    from ..results.tables import build_tables, plot, render, update_readme
 
     if args.update and args.format != "md":
         raise PspZooError("--update writes Markdown; drop --format or use --format md")

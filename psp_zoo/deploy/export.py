@@ -21,12 +21,12 @@ from torch import nn
 
 from .._version import __version__
 from ..errors import PspZooError
-from ..factory import create_model, refuse_checkpoint_for_model_object
 from ..files import atomic_write
-from ..manifest import get_checkpoint
-from ..optimization import fold_batchnorm
+from ..hub.options import FetchOptions
+from ..manifest.loading import get_checkpoint
+from ..model.factory import create_model, refuse_checkpoint_for_model_object
+from ..model.optimization import fold_batchnorm
 from ..optional import require
-from ..options import FetchOptions
 from .onnx_head import OnnxPSPHead, use_onnx_head
 from .pooling import exact_pooling as _exact_pooling
 from .verify import DEFAULT_SIZE, VerifyReport, verify_onnx, verify_safetensors, verify_torchscript

@@ -137,7 +137,7 @@ def verify_torchscript(path: Union[str, Path], model: nn.Module,
 
 def verify_safetensors(path: Union[str, Path], model: nn.Module, seed: int = 0) -> VerifyReport:
     """Load the file into a copy of ``model`` with :func:`psp_zoo.load_checkpoint`; compare logits."""
-    from ..checkpoint import load_checkpoint
+    from ..model.checkpoint import load_checkpoint
 
     loaded = copy.deepcopy(model).cpu()
     load_checkpoint(loaded, path)

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import BACKBONE_FORMS, HEAD_CHANNELS, head_channels, parse_backbone
 from ..errors import ModelConfigError
+from ..manifest.backbones import BACKBONE_FORMS, HEAD_CHANNELS, head_channels, parse_backbone
 from .heads import FCNHead, PSPHead
 from .resnet import STAGE_STRIDES, ResNet, check_backbone
+
 
 def backbone_kwargs(backbone: str) -> dict:
     """PSPNet keyword arguments for a results-table backbone name such as ``"R-50b-D32"``.

@@ -20,6 +20,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 from ..errors import ModelConfigError
+from ..manifest.backbones import STAGE_BLOCKS, STAGE_STRIDES
 
 
 class BasicBlock(nn.Module):
@@ -49,11 +50,7 @@ class BasicBlock(nn.Module):
 
 
 ARCH: Dict[int, Tuple[Type[nn.Module], Tuple[int, ...]]] = {
-    18: (BasicBlock, (2, 2, 2, 2)),
-    50: (Bottleneck, (3, 4, 6, 3)),
-    101: (Bottleneck, (3, 4, 23, 3)),
-}
-STAGE_STRIDES: Dict[int, Tuple[int, ...]] = {8: (1, 2, 1, 1), 32: (1, 2, 2, 2)}
+    depth: (BasicBlock if depth < 50 else Bottleneck, blocks) for depth, blocks in STAGE_BLOCKS.items()}
 STAGE_DILATIONS: Tuple[int, ...] = (1, 1, 2, 4)
 
 

@@ -133,9 +133,9 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, d
 
 @torch.library.custom_op("psp_zoo::winograd_conv2d", mutates_args=())
 def _winograd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilation: int) -> torch.Tensor:
-    # One opaque operator for torch.compile: traced, inductor fuses the tile transforms into
-    # kernels no faster than these eager ops after a ten-minute build for R-50-D8; as a graph
-    # break per conv it splits the compiled model into pieces (benchmarks/speed.py, fast_fp32_compile).
+    # One opaque operator for torch.compile: traced, inductor's fused tile transforms are no faster
+    # than these eager ops after a long build; as a graph break per conv it would split the compiled
+    # model into pieces (docs/performance.md, "Why the code does what it does").
     return winograd_conv2d(x, weight, bias, dilation).contiguous(memory_format=torch.channels_last)
 
 
@@ -177,8 +177,7 @@ class WinogradConv2d(nn.Module):
 def use_winograd(model: nn.Module, min_channels: int = 256) -> int:
     """Swap every eligible 3x3 conv with at least ``min_channels`` input and output channels for a
     WinogradConv2d, in place; returns how many. Narrower convs gain too little over the direct
-    kernels to pay for the tile transforms (benchmarks/winograd_convs.py: 128 channels 0.8x,
-    256 and more 1.8-2x on a 2-core AVX2 EPYC)."""
+    kernels to pay for the tile transforms (docs/performance.md, per conv)."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

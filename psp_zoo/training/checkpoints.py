@@ -18,9 +18,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..checkpoint import checkpoint_parts, load_checkpoint_file
 from ..errors import CheckpointError
 from ..files import atomic_save
+from ..model.checkpoint import checkpoint_parts, load_checkpoint_file
 
 __all__ = ["checkpoint_name", "save_checkpoint", "point", "pointed", "read_training_state", "LATEST", "BEST"]
 

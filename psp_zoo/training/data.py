@@ -1,9 +1,4 @@
-"""The training split of every dataset layout, and the batches a run reads from it.
-
-Each dataset's training split is declared in the manifest next to its validation layout
-(``layout.train``: one part or several, e.g. VOC's ``train.txt`` over ``SegmentationClass`` then
-``aug.txt`` over ``SegmentationClassAug``), and listed as the validation images are: by suffix,
-recursively, sorted, or in a split file's order; every image needs its label.
+"""The batches a run reads from a dataset's training split (listed by ``datasets.readers.training_items``).
 
 Batches are planned by iteration, not by process: ``BatchPlan`` says which file slot ``s`` of the
 global batch of iteration ``t`` reads (a permutation of the files per epoch, seeded by the run's
@@ -23,58 +18,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..datasets import (SEE_README, Item, SegmentationDataset, _files_below, _label_for, dataset_spec,
-                        default_num_workers, locate_split_folder, read_image)
+from ..datasets.readers import Item, SegmentationDataset, dataset_spec, default_num_workers, read_image, training_items
 from ..errors import DatasetError, PspZooError
-from ..manifest import Layout
 from .pipeline import TrainTransform, sample_rng
 
-__all__ = ["training_items", "BatchPlan", "TrainingSet", "TrainBatch", "batches", "IterationBatches", "train_loader"]
+__all__ = ["BatchPlan", "TrainingSet", "TrainBatch", "batches", "IterationBatches", "train_loader"]
 
 PathLike = Union[str, Path]
-
-
-# ---------------------------------------------------------------------------------------------
-# listing the training split
-
-
-def _part_images(dataset: str, folder: Path, layout: Layout) -> List[str]:
-    """Image paths below the part's image folder: its split file's lines in order, else every
-    ``*image_suffix`` file, sorted. A split file may repeat a name (mmseg would train on it twice)."""
-    image_dir = folder / layout.images
-    if layout.split is None:
-        images = sorted(_files_below(image_dir, layout.image_suffix))
-        if not images:
-            raise DatasetError(f"no *{layout.image_suffix} images in {image_dir} ({dataset} training set) ({SEE_README})")
-        return images
-    split = folder / layout.split
-    if not split.is_file():
-        raise DatasetError(f"{dataset}: split file {split} is missing; it lists the training images ({SEE_README})")
-    names = [line.strip() for line in split.read_text().splitlines() if line.strip()]
-    if not names:
-        raise DatasetError(f"{dataset}: split file {split} lists no images")
-    images = [name + layout.image_suffix for name in names]
-    for image in images:
-        if not (image_dir / image).is_file():
-            raise DatasetError(f"{dataset}: image {image_dir / image} listed in {split} is missing")
-    return images
-
-
-def training_items(dataset: str, data_root: PathLike, *, manifest=None) -> List[Item]:
-    """Every training image with its label, part after part in the declared order."""
-    parts = dataset_spec(dataset, manifest).layout.train
-    if not parts:
-        raise DatasetError(f"{dataset} declares no training split (its layout has no 'train'); "
-                           f"train on the dataset its checkpoints were trained on")
-    folder = locate_split_folder(dataset, data_root, parts[0], "training")
-    items = []
-    for layout in parts:
-        if not (folder / layout.labels).is_dir():
-            raise DatasetError(f"{dataset}: label folder {folder / layout.labels} is missing ({SEE_README})")
-        for image in _part_images(dataset, folder, layout):
-            label, label_map = _label_for(dataset, image, folder, layout)
-            items.append(Item(image[: -len(layout.image_suffix)], folder / layout.images / image, label, label_map))
-    return items
 
 
 # ---------------------------------------------------------------------------------------------

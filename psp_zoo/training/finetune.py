@@ -9,7 +9,7 @@ wrong declaration or a missing folder is said before any model is built or file 
    length), the dataset's own training facts (img_scale, images per GPU, its ``train:`` block), then
    the caller's overrides, each checked;
 3. the total batch against the processes and the training images, then every image and label of
-   both splits, read as ``psp-zoo dataset check`` reads them (``dataset_check.scan_for_training``):
+   both splits, read as ``psp-zoo dataset check`` reads them (``datasets.check.scan_for_training``):
    a problem stops the run here, naming the file;
 4. the source's weights (a manifest name, fetched and verified, or a local file), read safely.
 
@@ -36,19 +36,19 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ..checkpoint import read_checkpoint
-from ..dataset_check import check_folders, scan_for_training
-from ..datasets import dataset_spec, list_items
+from ..datasets.check import check_folders, scan_for_training
+from ..datasets.readers import dataset_spec, list_items
 from ..distributed import Distributed
 from ..environment import usable_device
 from ..errors import CheckpointError, PspZooError
 from ..files import atomic_write, check_writable_folder
-from ..hub import download
-from ..manifest import DatasetSpec, get_manifest
+from ..hub.cache import download
+from ..hub.options import FetchOptions
+from ..manifest.loading import DatasetSpec, get_manifest
 from ..model import PSPNet
-from ..options import FetchOptions
+from ..model.checkpoint import read_checkpoint
 from .loop import RunOptions, TrainResult, check_batch, listed_training_items, run_options, train
-from .recipe import Recipe, dataset_train_where, recipe_from_entry
+from .recipe import Recipe, base_recipe, dataset_train_where, recipe_from_entry
 from .zoo_entry import manifest_paths, published_entry, write_run_manifest, write_zoo_manifest
 
 __all__ = ["CLASSIFIERS", "Source", "read_source", "starting_weights", "finetune", "FinetuneResult"]
@@ -123,10 +123,8 @@ def fetched(source: Source, fetch: FetchOptions) -> Source:
 def run_recipe(name: str, spec: DatasetSpec, source: Source, overrides: Dict[str, Any]) -> Recipe:
     """The recipe the run will follow, checked field by field: the source's optimizer and schedule, the
     dataset's training facts, then ``overrides`` (the run's entry gives the loop the same)."""
-    base = Recipe(name=name, dataset=spec.key, num_classes=spec.num_classes, img_scale=spec.img_scale,
-                  crop_size=source.crop_size, batch_size=spec.train_images_per_gpu, pretrained=None,
-                  max_iters=source.schedule, eval_interval=max(1, source.schedule // 10),
-                  checkpoint_interval=max(1, source.schedule // 10))
+    base = base_recipe(name, spec, num_classes=spec.num_classes, crop_size=source.crop_size,
+                       max_iters=source.schedule, pretrained=None)
     recipe = base.with_overrides(source.optimization, where=f"the recipe of {source.label}")
     recipe = recipe.with_overrides(dict(spec.train), where=dataset_train_where(spec))
     return recipe.with_overrides(overrides)

@@ -1,4 +1,4 @@
-"""The run's log in mmseg 0.x's ``<timestamp>.log.json`` format, which ``psp_zoo.logs`` reads back.
+"""The run's log in mmseg 0.x's ``<timestamp>.log.json`` format, which ``psp_zoo.results.published_logs`` reads back.
 
 One JSON object a line: first the run's metadata (``env_info``, ``config``, ``seed``, ``exp_name``),
 then every ``log_interval`` iterations a train line (``mode``, ``epoch``, ``iter``, ``lr``, ``memory``
@@ -6,7 +6,7 @@ on CUDA, ``data_time``, the loss parts, ``loss``, ``time``: means over the inter
 to 5 decimals; no train line at an evaluation iteration, as mmcv's runner), and a val line at each
 validation (``aAcc``, ``mIoU``, ``mAcc``, ``IoU.<class>``, ``Acc.<class>`` as fractions rounded to 4
 decimals; ``iter`` is the number of validation steps, mmcv's quirk, and ``train_iter``, psp-zoo's
-addition, the training iteration validated, which ``psp_zoo.logs`` places it at).
+addition, the training iteration validated, which ``psp_zoo.results.published_logs`` places it at).
 Only one process of a torchrun job writes. Lines are appended and flushed one at a time, so a
 killed run's log ends with its last complete line.
 """

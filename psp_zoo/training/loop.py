@@ -8,8 +8,8 @@ checkpoint against the recipe); then the network is built (mmcv's initialization
 ImageNet backbone, ``init_from``'s weights, or the resumed state) and each iteration takes, in
 order: the batch, the step (the lr set first), the train line every ``log_interval``, the
 validation every ``eval_interval`` (through the one scoring loop, ``scoring.score``, with the
-dataset's test settings), the checkpoint every ``checkpoint_interval`` (carrying the best score,
-with ``best.pth`` following the best mIoU).
+dataset's test settings), the checkpoint every ``checkpoint_interval`` and at every validation
+that improves the best mIoU (as mmseg's save_best does), ``best.pth`` pointing at the latter.
 
 Under ``torchrun`` every process runs this function: each reads its slice of every global batch,
 BatchNorm is synchronized and gradients averaged (``Trainer``), validation images are sharded and
@@ -43,17 +43,17 @@ import torch
 from tqdm import tqdm
 
 from .._version import __version__
-from ..checkpoint import load_checkpoint
-from ..dataset_check import scan_for_training
-from ..datasets import SegmentationDataset, list_items
+from ..datasets.check import scan_for_training
+from ..datasets.readers import SegmentationDataset, list_items
 from ..distributed import Distributed
 from ..environment import environment_info, usable_device
 from ..errors import DatasetError, PspZooError
+from ..evaluation.scoring import score
 from ..files import check_writable_folder
-from ..manifest import Checkpoint, DatasetSpec, get_manifest
+from ..hub.options import FetchOptions
+from ..manifest.loading import Checkpoint, DatasetSpec, get_manifest
 from ..model import PSPNet
-from ..options import FetchOptions
-from ..scoring import score
+from ..model.checkpoint import load_checkpoint
 from .checkpoints import BEST, LATEST, point, pointed, read_training_state, save_checkpoint
 from .data import TrainingSet, train_loader, training_items
 from .log import IntervalMeans, TrainLog, log_file_name
@@ -215,7 +215,7 @@ def _run(recipe: Recipe, entry: Checkpoint, data_root: PathLike, work_dir: Path,
                 improved = not math.isnan(miou) and (not best or miou > best["miou"])
                 best = {"miou": float(miou), "iteration": done} if improved else best
             stopping = stop.requested()
-            if done % recipe.checkpoint_interval == 0 or done == recipe.max_iters or stopping:
+            if improved or stopping or done % recipe.checkpoint_interval == 0 or done == recipe.max_iters:
                 saved = _save(work_dir, trainer, dist, _meta(trainer, recipe, spec, epoch, best, dist), improved)
             if stopping:
                 raise KeyboardInterrupt(f"stopped at iteration {done}; rerun to resume")

@@ -26,9 +26,9 @@ from typing import Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 
+from ..datasets.transforms import IMG_MEAN, IMG_STD, rescale_size
 from ..errors import PspZooError
-from ..manifest import IGNORE_INDEX  # the default; a dataset may declare its own
-from ..transforms import IMG_MEAN, IMG_STD, rescale_size
+from ..manifest.entries import IGNORE_INDEX  # the default; a dataset may declare its own
 
 __all__ = [
     "TrainTransform", "Draws", "sample_rng", "random_scale", "resize", "crop_box", "crop_is_acceptable",
@@ -112,7 +112,7 @@ def crop_box(draws: Draws, size_hw: Tuple[int, int], crop_size: Sequence[int]) -
 def crop_is_acceptable(label: np.ndarray, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX) -> bool:
     """The 75% rule: at least two classes besides ``ignore_index``, the most frequent under
     ``cat_max_ratio`` of the labelled pixels."""
-    if label.dtype == np.uint8:  # the same counts as mmseg's np.unique, without its sort (~8x faster)
+    if label.dtype == np.uint8:  # the same counts as mmseg's np.unique, without its sort (docs/performance.md)
         counts = np.bincount(label.ravel(), minlength=256)
         if 0 <= ignore_index < 256:
             counts[ignore_index] = 0

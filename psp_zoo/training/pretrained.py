@@ -18,11 +18,12 @@ from typing import List, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
-from ..checkpoint import read_checkpoint
 from ..errors import CheckpointError, ManifestError, PspZooError
-from ..hub import download
-from ..manifest import get_manifest
-from ..options import FetchOptions
+from ..hub.cache import download
+from ..hub.options import FetchOptions
+from ..manifest.backbones import DEPTH_WORDS, DEPTHS, STAGE_BLOCKS
+from ..manifest.loading import get_manifest
+from ..model.checkpoint import read_checkpoint
 
 __all__ = ["Backbone", "backbone_entry", "init_weights", "load_backbone", "load_pretrained_backbone"]
 
@@ -49,8 +50,8 @@ def _parse(source: str, raw: Mapping) -> Backbone:
         raise ManifestError(f"{where}: field {unknown[0]!r}: unknown field; allowed: {', '.join(_FIELDS)}")
     if not isinstance(raw.get("url"), str) or "://" not in raw["url"]:
         raise ManifestError(f"{where}: field 'url': expected the file's URL, got {raw.get('url')!r}")
-    if raw.get("depth") not in (18, 50, 101):
-        raise ManifestError(f"{where}: field 'depth': expected 18, 50 or 101, got {raw.get('depth')!r}")
+    if raw.get("depth") not in DEPTHS:
+        raise ManifestError(f"{where}: field 'depth': expected {DEPTH_WORDS}, got {raw.get('depth')!r}")
     if raw.get("stem") not in ("v1c", "v1b"):
         raise ManifestError(f"{where}: field 'stem': expected 'v1c' or 'v1b', got {raw.get('stem')!r}")
     return Backbone(raw["name"], raw["url"], raw["depth"], raw["stem"] == "v1c", str(raw.get("prefix") or ""),
@@ -104,7 +105,8 @@ def load_backbone(backbone: nn.Module, path: Union[str, Path], prefix: str = "")
     return unused
 
 
-def load_pretrained_backbone(model: nn.Module, name: str, fetch: Optional[FetchOptions] = None) -> Tuple[Path, List[str]]:
+def load_pretrained_backbone(model: nn.Module, name: str,
+                             fetch: Optional[FetchOptions] = None) -> Tuple[Path, List[str]]:
     """Fetch (or find in the cache) the backbone file ``name`` and load it into ``model.backbone``.
 
     Returns the file and its unused keys (also logged). The file's depth and stem must be the model's.
@@ -124,6 +126,7 @@ def load_pretrained_backbone(model: nn.Module, name: str, fetch: Optional[FetchO
 
 
 def _depth(model: nn.Module) -> int:
-    """18, 50 or 101 from the stage lengths (3rd stage: 2, 6 or 23 blocks)."""
-    return {2: 18, 6: 50, 23: 101}[len(model.backbone.layer3)]
+    """The depth whose stage lengths the backbone has (``STAGE_BLOCKS``)."""
+    lengths = tuple(len(getattr(model.backbone, f"layer{i}")) for i in range(1, 5))
+    return next(depth for depth, blocks in STAGE_BLOCKS.items() if blocks == lengths)
 

@@ -18,15 +18,24 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Optional, Tuple
 
 from ..errors import PspZooError
-from ..manifest import Checkpoint, DatasetSpec, get_manifest
+from ..manifest.loading import Checkpoint, DatasetSpec, get_manifest
 
-__all__ = ["Recipe", "recipe_for", "recipe_from_entry", "checked_settings", "check_dataset_train",
-           "dataset_train_where", "RECIPE_FIELDS", "DEFAULT_GPUS"]
+__all__ = ["Recipe", "recipe_for", "recipe_from_entry", "base_recipe", "default_interval", "checked_settings",
+           "check_dataset_train", "dataset_train_where", "RECIPE_FIELDS", "IDENTITY_FIELDS", "DEFAULT_GPUS"]
 
 #: GPUs of the published runs (the results page's "4x2" / "4x4"; not in the configs)
 DEFAULT_GPUS = 4
 OPTIMIZERS = ("sgd", "adamw")
 POLICIES = ("poly", "step")
+#: What a recipe is of (the run's name, its dataset and class count), not how it trains: never overridden,
+#: not part of an entry's ``train:`` block.
+IDENTITY_FIELDS = ("name", "dataset", "num_classes")
+
+
+def default_interval(max_iters: int) -> int:
+    """Iterations between checkpoints and between validations: a tenth of the run, as the published
+    schedules have them (at least 1)."""
+    return max(1, max_iters // 10)
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,7 @@ class Recipe:
         values = checked_settings(overrides, where)
         if "max_iters" in values:
             for key in ("eval_interval", "checkpoint_interval"):
-                values.setdefault(key, max(1, values["max_iters"] // 10))
+                values.setdefault(key, default_interval(values["max_iters"]))
         recipe = replace(self, **values)
         recipe._check_consistent(where)
         return recipe
@@ -109,6 +118,10 @@ class Recipe:
         """Every field as plain JSON-ready data (tuples as lists)."""
         return {key: list(value) if isinstance(value, tuple) else value
                 for key, value in dataclasses.asdict(self).items()}
+
+    def settings(self) -> dict:
+        """How it trains: ``as_dict()`` without the identity fields, as an entry's ``train:`` block."""
+        return {key: value for key, value in self.as_dict().items() if key not in IDENTITY_FIELDS}
 
     def describe(self) -> str:
         """A few lines for people: what the recipe does, in the configs' terms."""
@@ -135,8 +148,7 @@ class Recipe:
         ])
 
 
-_IDENTITY = ("name", "dataset", "num_classes")
-RECIPE_FIELDS: Tuple[str, ...] = tuple(f.name for f in fields(Recipe) if f.name not in _IDENTITY)
+RECIPE_FIELDS: Tuple[str, ...] = tuple(f.name for f in fields(Recipe) if f.name not in IDENTITY_FIELDS)
 _NULLABLE = ("pretrained", "grad_clip", "loss_scale", "warmup")
 
 
@@ -207,7 +219,7 @@ _CHECKS = {
 def checked_settings(settings: Mapping[str, Any], where: str) -> dict:
     """``settings`` (recipe field -> value) checked field by field, as the fields hold them (None values
     of non-nullable fields dropped); PspZooError naming ``where`` and the first wrong field."""
-    unknown = sorted(set(settings) - set(RECIPE_FIELDS) - set(_IDENTITY))
+    unknown = sorted(set(settings) - set(RECIPE_FIELDS) - set(IDENTITY_FIELDS))
     if unknown:
         raise PspZooError(f"{where}: unknown training setting {unknown[0]!r}; settable: {', '.join(RECIPE_FIELDS)}")
     return {key: _checked(key, value, where) for key, value in settings.items()
@@ -244,14 +256,20 @@ def _default_pretrained(entry: Checkpoint) -> str:
 def recipe_from_entry(entry: Checkpoint, manifest=None) -> Recipe:
     """The published recipe of ``entry``: defaults, then its dataset's and its own ``train:`` blocks."""
     spec = get_manifest(manifest).datasets[entry.dataset]
-    base = Recipe(
-        name=entry.name, dataset=entry.dataset, num_classes=entry.num_classes,
-        img_scale=spec.img_scale, crop_size=entry.crop_size, batch_size=spec.train_images_per_gpu,
-        pretrained=_default_pretrained(entry), max_iters=entry.schedule,
-        eval_interval=max(1, entry.schedule // 10), checkpoint_interval=max(1, entry.schedule // 10),
-    )
+    base = base_recipe(entry.name, spec, num_classes=entry.num_classes, crop_size=entry.crop_size,
+                       max_iters=entry.schedule, pretrained=_default_pretrained(entry))
     recipe = base.with_overrides(dict(spec.train), where=dataset_train_where(spec))
     return recipe.with_overrides(dict(entry.train), where=f"{entry.source}: models '{entry.name}': field 'train'")
+
+
+def base_recipe(name: str, spec: DatasetSpec, *, num_classes: int, crop_size: Tuple[int, int], max_iters: int,
+                pretrained: Optional[str]) -> Recipe:
+    """The defaults for a run of ``name`` on dataset ``spec``: its identity, the dataset's img_scale and
+    images per GPU, the crop and schedule given, intervals by ``default_interval``; before any ``train:``."""
+    return Recipe(name=name, dataset=spec.key, num_classes=num_classes, img_scale=spec.img_scale,
+                  crop_size=crop_size, batch_size=spec.train_images_per_gpu, pretrained=pretrained,
+                  max_iters=max_iters, eval_interval=default_interval(max_iters),
+                  checkpoint_interval=default_interval(max_iters))
 
 
 def recipe_for(name: str, *, manifest=None, **overrides: Any) -> Recipe:

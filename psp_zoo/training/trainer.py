@@ -2,14 +2,15 @@
 
 Per step: the lr of the current iteration is set first (mmcv sets it before each iteration), the
 decode head's and the auxiliary head's logits are resized bilinearly to the label size (with the
-head's ``align_corners``), each gets a cross-entropy with the dataset's ignore index (255 unless declared) averaged over ALL label
-pixels (ignored and padded ones count 0, mmseg's ``avg_non_ignore=False``), the auxiliary loss is
-weighted 0.4, and the optimizer (SGD or AdamW over every parameter, weight decay on all of them)
-steps. Under torchrun the BatchNorm layers are synchronized (SyncBN: statistics over every
-process's images, as the published runs had) and the gradients averaged over the processes, so
-N processes x B images step exactly like one process with N x B images. Gradient accumulation
-splits a step's images into chunks (the loss of each scaled by 1 / chunks); BatchNorm then sees
-each chunk alone, which is the one way it differs from the larger batch.
+head's ``align_corners``), each gets a cross-entropy with the dataset's ignore index (255 unless
+declared) averaged over ALL label pixels (ignored and padded ones count 0, mmseg's
+``avg_non_ignore=False``), the auxiliary loss is weighted 0.4, and the optimizer (SGD or AdamW over
+every parameter, weight decay on all of them) steps. Under torchrun the BatchNorm layers are
+synchronized (SyncBN: statistics over every process's images, as the published runs had) and the
+gradients averaged over the processes, so N processes x B images step exactly like one process with
+N x B images. Gradient accumulation splits a step's images into chunks (the loss of each scaled by 1
+/ chunks); BatchNorm then sees each chunk alone, which is the one way it differs from the larger
+batch.
 
 The one randomness inside a step, the heads' Dropout2d, is drawn per sample, as the crops are:
 each sample's channel mask is keyed by (seed, iteration, the sample's slot in the global batch,
@@ -29,10 +30,10 @@ from torch import nn
 
 from ..distributed import Distributed
 from ..errors import PspZooError
-from ..manifest import IGNORE_INDEX
+from ..manifest.entries import IGNORE_INDEX
+from .freeze import freeze_backbone
 from .recipe import Recipe
 from .schedule import learning_rate
-from .freeze import freeze_backbone
 from .syncbn import convert_sync_batchnorm
 
 __all__ = ["Trainer", "StepResult", "segmentation_loss", "KeyedDropout2d"]
@@ -122,7 +123,8 @@ class Trainer:
     step. ``amp``: mixed precision on CUDA (default: when the recipe has a loss scale, the fp16
     row). ``channels_last`` and ``compile`` change speed, not the arithmetic's meaning. ``seed``
     keys the dropout draws. ``dtype=torch.float64`` trains in double precision: slow, but free of
-    float32 rounding, which a few steps of a small PSPNet amplify (for exact comparisons). ``iteration`` counts the steps taken (0-based index of the next one).
+    float32 rounding, which a few steps of a small PSPNet amplify (for exact comparisons).
+    ``iteration`` counts the steps taken (0-based index of the next one).
     ``ignore_index``: the label value the losses skip, the dataset's (``DatasetSpec.ignore_index``).
     """
 

@@ -24,12 +24,11 @@ from typing import Optional, Sequence, Tuple
 import torch
 import yaml
 
-from ..checkpoint import read_checkpoint
 from ..files import atomic_write
-from ..manifest import DatasetSpec, Layout, _user_manifest_paths
-from .recipe import Recipe
+from ..manifest.loading import DatasetSpec, Layout, user_manifest_paths
+from ..model.checkpoint import read_checkpoint
 
-__all__ = ["dataset_declaration", "manifest_paths", "write_run_manifest", "write_zoo_manifest", "recipe_block",
+__all__ = ["dataset_declaration", "manifest_paths", "write_run_manifest", "write_zoo_manifest",
            "published_entry"]
 
 _LAYOUT_FIELDS = ("images", "labels", "image_suffix", "label_suffix", "split", "fallback_label_suffix", "label_map")
@@ -40,7 +39,7 @@ _HEADER = ("# psp-zoo manifest written by a fine-tuning run: its dataset's decla
 
 def manifest_paths(manifest) -> Tuple[str, ...]:
     """The user manifests in force (``manifest``, else ``$PSP_ZOO_MANIFEST``) as a tuple of paths."""
-    return _user_manifest_paths(manifest)
+    return user_manifest_paths(manifest)
 
 
 def _layout(layout: Layout) -> dict:
@@ -75,11 +74,6 @@ def write_run_manifest(path: Path, spec: DatasetSpec, entry: dict) -> Path:
     return _dump(path, "# the entry a fine-tuning run trains (its weights: the starting weights)\n", datasets, [entry])
 
 
-def recipe_block(recipe: Recipe) -> dict:
-    """The recipe as an entry's ``train:`` block (every field, so the entry says how it was trained)."""
-    return {key: value for key, value in recipe.as_dict().items() if key not in ("name", "dataset", "num_classes")}
-
-
 def _publish(work_dir: Path, name: str, checkpoint: Path, finetuned: dict) -> Tuple[Path, str]:
     """``checkpoint`` without its optimizer, as ``<name>_<stamp>-<sha8>.pth``; (path, full SHA-256).
     Its meta also says where the fine-tune started and what it re-initialized (``psp_zoo_finetune``)."""
@@ -111,7 +105,7 @@ def write_zoo_manifest(work_dir: Path, name: str, result, spec: DatasetSpec, man
     recipe = result.recipe
     entry = dict(run_entry, weights=weights.resolve().as_uri(), hash=digest[:8], sha256=digest,
                  crop_size=list(recipe.crop_size), schedule=recipe.max_iters,
-                 published={"mIoU": miou} if miou is not None else {}, train=recipe_block(recipe),
+                 published={"mIoU": miou} if miou is not None else {}, train=recipe.settings(),
                  finetuned_from=dict(source))
     datasets = {} if spec.source == "model_index.yml" else {spec.key: dataset_declaration(spec)}
     path = work_dir / "model_index.yml"

@@ -15,7 +15,10 @@ __all__ = ["IGNORE_INDEX", "LABEL_MAPS", "PUBLISHED_FIELDS", "Published", "EvalS
 
 #: Label value that is never scored (mmseg's ignore_index), unless a dataset declares another.
 IGNORE_INDEX = 255
-TEST_FIELDS = ("mode", "img_scale", "crop_size", "stride", "align_corners")
+TEST_FIELDS = ("mode", "img_scale", "crop_size", "stride", "align_corners", "base_size")
+#: The test modes: mmseg's whole-image and sliding-window inference, and the PSPNet authors' protocol
+#: (semseg's tool/test.py: long side scaled to ``base_size``, ``crop_size`` windows, flip always).
+TEST_MODES = ("whole", "slide", "semseg")
 #: Named id mappings a layout's ``label_map`` may ask for (applied to its fallback label files).
 LABEL_MAPS = ("cityscapes_label_ids",)
 
@@ -61,13 +64,16 @@ class Published:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How a checkpoint is evaluated: the resize target, whole or sliding-window inference."""
+    """How a checkpoint is evaluated: the resize target, whole or sliding-window inference, or the
+    PSPNet authors' protocol (``mode='semseg'``: ``base_size`` and ``crop_size``, no ``stride``,
+    which that protocol derives from the crop)."""
 
     mode: str
     img_scale: Tuple[int, int]
     align_corners: bool
     crop_size: Optional[Tuple[int, int]] = None
     stride: Optional[Tuple[int, int]] = None
+    base_size: Optional[int] = None
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "EvalSettings":
         """These settings with ``overrides`` applied and checked (slide needs crop_size and stride)."""
@@ -79,6 +85,8 @@ class EvalSettings:
         merged = {**self.__dict__, **overrides}
         if merged["mode"] == "slide" and (merged["crop_size"] is None or merged["stride"] is None):
             raise PspZooError("slide inference needs crop_size=(h, w) and stride=(h, w)")
+        if merged["mode"] == "semseg" and (merged["crop_size"] is None or merged["base_size"] is None):
+            raise PspZooError("semseg inference needs base_size=N (the long side at scale 1) and crop_size=(h, w)")
         plain = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
         return _parse_test(_Where("test settings", "overrides"), plain, self, "")
 
@@ -299,8 +307,8 @@ def _parse_test(where: _Where, raw: Mapping, base: Optional[EvalSettings], fld: 
     merged = dict(base.__dict__) if base else {}
     merged.update(raw)
     mode = merged.get("mode")
-    if mode not in ("whole", "slide"):
-        where.fail(f"{fld}.mode", f"expected 'whole' or 'slide', got {mode!r}")
+    if mode not in TEST_MODES:
+        where.fail(f"{fld}.mode", f"expected one of {', '.join(map(repr, TEST_MODES))}, got {mode!r}")
     if "img_scale" not in merged:
         where.fail(f"{fld}.img_scale", "missing")
     settings = {
@@ -309,10 +317,19 @@ def _parse_test(where: _Where, raw: Mapping, base: Optional[EvalSettings], fld: 
         "align_corners": where.boolean(merged.get("align_corners", False), f"{fld}.align_corners"),
         "crop_size": None,
         "stride": None,
+        "base_size": None,
     }
     if mode == "slide":
         for key in ("crop_size", "stride"):
             if merged.get(key) is None:
                 where.fail(f"{fld}.{key}", "required when mode is 'slide'")
             settings[key] = where.pair(merged[key], f"{fld}.{key}")
+    if mode == "semseg":
+        if raw.get("stride") is not None:
+            where.fail(f"{fld}.stride", "not used when mode is 'semseg': its windows step by ceil(2/3 crop_size)")
+        for key in ("base_size", "crop_size"):
+            if merged.get(key) is None:
+                where.fail(f"{fld}.{key}", "required when mode is 'semseg'")
+        settings["base_size"] = where.pos_int(merged["base_size"], f"{fld}.base_size")
+        settings["crop_size"] = where.pair(merged["crop_size"], f"{fld}.crop_size")
     return EvalSettings(**settings)

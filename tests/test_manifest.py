@@ -692,3 +692,31 @@ def test_the_manifest_page_documents_every_entry_and_dataset_field(tmp_path):
     entry = load_manifest(path).get("my_pspnet")  # the example is a complete, loadable entry and dataset
     assert entry.dataset == "roads" and entry.filename == f"my_pspnet-{entry.sha256[:8]}.pth"
     assert load_manifest(path).datasets["roads"].classes == ("background", "road", "marking")
+
+
+SEMSEG_TEST = "    test: {mode: semseg, base_size: 512, crop_size: [473, 473], align_corners: true}\n"
+
+
+def test_semseg_test_mode_carries_base_size_and_crop(tmp_path):
+    """The PSPNet authors' protocol: mode 'semseg' with base_size and crop_size, no stride."""
+    entry = load_manifest(_write(tmp_path, GOOD_ENTRY + SEMSEG_TEST)).get("my_pspnet")
+    assert (entry.test.mode, entry.test.base_size, entry.test.crop_size) == ("semseg", 512, (473, 473))
+    assert entry.test.stride is None and entry.test.align_corners is True
+    assert entry.as_dict()["test"]["base_size"] == 512
+    # overrides are checked the same way, and other modes carry no base_size
+    assert entry.test.with_overrides({"base_size": 2048}).base_size == 2048
+    assert entry.test.with_overrides({"mode": "whole"}).base_size is None
+    with pytest.raises(psp_zoo.PspZooError, match="semseg inference needs base_size"):
+        get_checkpoint("pspnet_r50-d8_512x512_80k_ade20k").test.with_overrides({"mode": "semseg", "crop_size": (9, 9)})
+
+
+@pytest.mark.parametrize("test_line,field", [
+    (SEMSEG_TEST.replace("base_size: 512, ", ""), "test.base_size"),
+    (SEMSEG_TEST.replace("crop_size: [473, 473], ", ""), "test.crop_size"),
+    (SEMSEG_TEST.replace("base_size: 512", "base_size: 0"), "test.base_size"),
+    (SEMSEG_TEST.replace("base_size: 512", "base_size: 512, stride: [316, 316]"), "test.stride"),
+    (SEMSEG_TEST.replace("mode: semseg", "mode: sliding"), "test.mode"),
+])
+def test_semseg_test_mode_refuses_missing_or_wrong_fields(tmp_path, test_line, field):
+    with pytest.raises(ManifestError, match=re.escape(f"field '{field}'")):
+        load_manifest(_write(tmp_path, GOOD_ENTRY + test_line))

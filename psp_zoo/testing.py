@@ -95,8 +95,9 @@ def write_tiny_checkpoint(folder: PathLike, name: str = SELFTEST_NAME, *, num_cl
     return final
 
 
-#: The tiny widths of the PSPNet authors' network (family 'semseg': 2 x 8 then 16 stem channels).
-TINY_SEMSEG_ARCH = {"stem_channels": 16, "base_channels": 8, "channels": 16, "aux_channels": 8}
+#: The tiny widths of the PSPNet authors' network (family 'semseg': 8, 8, 16 stem channels), in their
+#: proportions: the pyramid and ``cls`` a quarter of stage 4's width, ``aux`` a quarter of stage 3's.
+TINY_SEMSEG_ARCH = {"stem_channels": 16, "base_channels": 8, "channels": 64, "aux_channels": 32}
 
 
 def tiny_semseg_model(*, num_classes: int = 19, depth: int = 50, seed: int = 0) -> PSPNet:

@@ -247,6 +247,13 @@ def test_what_psp_zoo_saves_for_their_network_loads_back(their_file, tmp_path):
     again = semseg_variant()
     load_checkpoint(again, saved)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    pytest.importorskip("safetensors")
+    from psp_zoo.deploy import export
+
+    exported = export.export_safetensors(model, tmp_path / "semseg.safetensors")
+    from_safetensors = semseg_variant()
+    load_checkpoint(from_safetensors, exported)
+    assert all(torch.equal(v, from_safetensors.state_dict()[k]) for k, v in model.state_dict().items())
     # and testing.write_semseg_checkpoint writes their format from psp-zoo's model, which loads back
     tiny = tiny_semseg_model(num_classes=NUM_CLASSES)
     restated = TheirPSPNet()

@@ -202,12 +202,15 @@ def _placed_by_hand(final: Path, target: _Target) -> Path:
     """The file the user put at ``final``; checked against the entry's sha256 if it has one, else
     its SHA-256 is recorded the first time and a later change is warned about."""
     if not final.is_file():
+        where = f"download it by hand from {target.download_page} and save it as {final}"
+        others = (f"pass checkpoint=FILE, or declare it in a user manifest entry with the file's URL (e.g. on your "
+                  f"mirror) and its sha256 (the manifest argument or {MANIFEST_ENV}; see docs/authors_models.md)")
         raise DownloadError(
             f"{target.label} has no download URL (its authors share it on a page with no stable link and "
-            f"no published hash): download it by hand from {target.download_page} and save it as {final}; "
-            f"or pass checkpoint=FILE, or declare it in a user manifest entry with the file's URL (e.g. on "
-            f"your mirror) and its sha256 (the manifest argument or {MANIFEST_ENV}; see docs/authors_models.md)",
-            cli_hint="on the command line: --checkpoint FILE or --manifest FILE")
+            f"no published hash): {where}; or {others}",
+            cli_hint="on the command line: --checkpoint FILE or --manifest FILE",
+            summary=f"no download URL: {where}",
+            advice=f"a file with no download URL is saved by hand where said; or {others}")
     if target.sha256:
         if not _is_verified(final, target):
             raise DownloadError(f"{final} is not the file of {target.label}: its SHA-256 is not the entry's "

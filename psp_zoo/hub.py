@@ -9,6 +9,9 @@ Nothing half-written ever sits under the final name: bytes go to ``.part`` (resu
 Range request after a dropped connection), are hashed while they stream, and only a file whose
 SHA-256 matches is moved into place with ``os.replace``.
 
+A file with no URL (the PSPNet authors' models) is saved in the cache by hand; without a published
+hash, the SHA-256 of the first one loaded is recorded beside it and a later change is warned about.
+
 A checkpoint may be published at several URLs; they are tried in order and the first that serves
 a file with the right hash wins. Connection failures that another attempt cannot fix (the host name
 does not resolve, the connection is refused) are not retried, and the host is remembered as down
@@ -118,6 +121,11 @@ def download(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, mirror: Opti
     ``offline`` (default ``$PSP_ZOO_OFFLINE``) never touches the network; ``quiet`` hides the
     progress bar, which is only shown on a terminal anyway. Each URL the checkpoint is published
     at is tried in order. Raises DownloadError naming every URL tried and why it failed.
+
+    An entry with no URL (``download_page``: the PSPNet authors' files) is never downloaded: its
+    file is the one the user saved in the cache (DownloadError saying where from and where to when
+    it is not there), checked against the entry's sha256 if it has one, else the SHA-256 of the
+    first file loaded is recorded (:func:`first_sha256_record`) and a later change warned about.
     """
     target = _target(name_or_url, manifest, sha256)
     final = _cache_root(cache_dir) / target.filename

@@ -47,7 +47,8 @@ from .records import (DEFAULT_RESULTS_DIR, ImageCount, Metrics, ResultRecord, re
                       write_result)
 from .resume import PartialState
 from .scoring import score
-from .transforms import normalize_batch, target_scales
+from .semseg_inference import loader_scales
+from .transforms import normalize_batch
 
 __all__ = ["reproduce", "ReproduceOptions", "ReproduceReport", "select_checkpoints", "run_options"]
 
@@ -186,7 +187,7 @@ class _CheckpointRun:
         job = self.job
         pass_name = PASSES[ms_flip]
         data = SegmentationDataset(job.dataset, job.data_root, items=job.items, manifest=job.fetch.manifest,
-                                   img_scales=target_scales(self.settings.img_scale, ms_flip),
+                                   img_scales=loader_scales(self.settings, ms_flip),
                                    reduce_zero_label=self.target.dataset.reduce_zero_label)
         matrix = score(model, data.shard(job.dist.rank, job.dist.world_size), self.settings,
                        self.entry.num_classes, ms_flip=ms_flip, device=job.device,

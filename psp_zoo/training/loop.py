@@ -47,6 +47,7 @@ from ..manifest import Checkpoint, DatasetSpec, get_manifest
 from ..model import PSPNet
 from ..options import FetchOptions
 from ..scoring import score
+from ..semseg_inference import loader_scales
 from .checkpoints import BEST, LATEST, point, pointed, read_training_state, save_checkpoint
 from .data import TrainingSet, train_loader
 from .log import IntervalMeans, TrainLog, log_file_name
@@ -179,7 +180,7 @@ def _datasets(recipe: Recipe, data_root: PathLike, seed: int,
     spec = get_manifest(fetch.manifest).datasets[recipe.dataset]
     entry = get_manifest(fetch.manifest).get(recipe.name)
     items = list_items(recipe.dataset, data_root, manifest=fetch.manifest)
-    val = SegmentationDataset(recipe.dataset, data_root, img_scales=[entry.test.img_scale], items=items,
+    val = SegmentationDataset(recipe.dataset, data_root, img_scales=loader_scales(entry.test, False), items=items,
                               reduce_zero_label=spec.reduce_zero_label, manifest=fetch.manifest)
     return data, val
 

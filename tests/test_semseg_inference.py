@@ -1,6 +1,6 @@
 """The PSPNet authors' test protocol (hszhao/semseg tool/test.py) against an independent
 re-statement of it written here, on odd image sizes with narrow models; then evaluate and predict
-of a 'semseg'-mode entry through a user manifest and generated data."""
+of a 'semseg'-mode entry through a user manifest and generated data, and reproduce's two passes."""
 from __future__ import annotations
 
 import math
@@ -13,15 +13,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from psp_zoo import ConfusionMatrix, evaluate
+from psp_zoo import ConfusionMatrix, evaluate, reproduce
 from psp_zoo.cli import main
 from psp_zoo.manifest import EvalSettings
+from psp_zoo.measure import SEMSEG_CALL
+from psp_zoo.options import FetchOptions
 from psp_zoo.semseg_inference import (SEMSEG_MEAN, SEMSEG_MS_SCALES, labels_of_image, normalize, pad_to_crop,
                                       resize_probs, scale_probs, scaled_size, semseg_labels, semseg_probs,
                                       window_grid, window_probs, window_stride)
+from psp_zoo.testing import manifest_entry, write_manifest
 
 import minidata
-from helpers import assert_close_to_scale, tiny_checkpoint_path, tiny_model, write_tiny_ade_manifest
+from helpers import assert_close_to_scale, tiny_checkpoint_path, tiny_info, tiny_model, write_tiny_ade_manifest
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -118,6 +121,7 @@ def test_sizes_per_scale_follow_their_rounding():
 
 
 def test_padding_is_the_mean_centred_half_before():
+    assert SEMSEG_MEAN == pytest.approx((123.675, 116.28, 103.53), rel=1e-12)  # RGB, 255 x ImageNet's
     image = np.full((5, 7, 3), 9.0, dtype=np.float32)
     padded, (top, left) = pad_to_crop(image, (9, 12))
     assert padded.shape == (9, 12, 3) and padded.dtype == np.float32 and (top, left) == (2, 2)
@@ -313,3 +317,26 @@ def test_predict_command_runs_their_protocol(manifest, tmp_path, capsys):
         labels = np.load(out / "in.npy")
         expected = their_probs(model, image, 48, 33, scales, 5).argmax(2)
         assert labels.shape == (31, 23) and (labels == expected).mean() >= 0.999
+
+
+def test_reproduce_scores_both_passes_and_times_their_protocol(ade, tmp_path):
+    folder, _ = ade
+    checkpoint = tiny_checkpoint_path("r50")
+    arch = {k: v for k, v in tiny_info("r50")["config"].items() if k not in ("depth", "num_classes")}
+    test = {"mode": "semseg", "base_size": 48, "crop_size": [33, 33], "align_corners": True}
+    entry = manifest_entry(checkpoint, checkpoint.as_uri(), dataset="ade20k", num_classes=5, arch=arch, test=test)
+    manifest = write_manifest(tmp_path / "manifest.yml", [entry])
+    fetch = FetchOptions(manifest=manifest, cache_dir=tmp_path / "cache")
+    report = reproduce("ade20k", folder, models=entry["name"], device="cpu", results_dir=tmp_path / "results",
+                       fetch=fetch, num_workers=0, speed_images=3, speed_warmup=1, train_memory=False,
+                       progress=False)
+    (record,) = report.records
+    assert record.status == "complete", record.error
+    for ms_flip, metrics in ((False, record.single_scale), (True, record.ms_flip)):
+        expected = evaluate(entry["name"], folder, fetch=fetch, device="cpu", num_workers=0, progress=False,
+                            ms_flip=ms_flip)
+        assert metrics.miou == pytest.approx(expected.miou, abs=1e-9)
+        assert metrics.aacc == pytest.approx(expected.aacc, abs=1e-9)
+    assert record.settings["test"]["mode"] == "semseg"
+    assert record.settings["measure"]["timed_call"] == SEMSEG_CALL
+    assert record.speed.fps > 0 and record.fast_speed.fps > 0 and SEMSEG_CALL in record.speed.detail

@@ -340,3 +340,12 @@ def test_reproduce_scores_both_passes_and_times_their_protocol(ade, tmp_path):
     assert record.settings["test"]["mode"] == "semseg"
     assert record.settings["measure"]["timed_call"] == SEMSEG_CALL
     assert record.speed.fps > 0 and record.fast_speed.fps > 0 and SEMSEG_CALL in record.speed.detail
+
+
+def test_mmseg_functions_point_a_semseg_entry_to_its_protocol():
+    from psp_zoo.inference import predict_probs
+
+    settings = EvalSettings(mode="semseg", img_scale=(2048, 512), align_corners=True, crop_size=(19, 19),
+                            base_size=40)
+    with pytest.raises(ValueError, match="use psp_zoo.semseg_inference"):
+        predict_probs(Probe(), _image(31, 23), settings)

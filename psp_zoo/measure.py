@@ -44,7 +44,8 @@ from .model import PSPNet
 from .records import MemoryUse, Speed
 
 __all__ = ["measure_fps", "inference_peak_memory", "speed_and_memory", "training_memory", "PeakMemory",
-           "PublishedRun", "protocol_call", "SEMSEG_CALL", "timed_call", "AUX_LOSS_WEIGHT", "IGNORE_INDEX", "FP16_LOSS_SCALE"]
+           "PublishedRun", "protocol_call", "SEMSEG_CALL", "timed_call", "AUX_LOSS_WEIGHT", "IGNORE_INDEX",
+           "FP16_LOSS_SCALE"]
 
 AUX_LOSS_WEIGHT = 0.4
 #: ``Fp16OptimizerHook(loss_scale=512.)`` of mmseg's fp16 PSPNet config: the static loss scale

@@ -164,12 +164,10 @@ def resize_probs(probs: np.ndarray, size: Sequence[int], max_channels: int = CV_
     height, width = size
     channels = probs.shape[2]
     groups = -(-channels // max_channels)
-    out = np.empty((height, width, channels), dtype=probs.dtype)
     bounds = [round(i * channels / groups) for i in range(groups + 1)]
-    for lo, hi in zip(bounds, bounds[1:]):
-        part = cv2.resize(np.ascontiguousarray(probs[:, :, lo:hi]), (width, height), interpolation=cv2.INTER_LINEAR)
-        out[:, :, lo:hi] = part.reshape(height, width, hi - lo)
-    return out
+    parts = [cv2.resize(np.ascontiguousarray(probs[:, :, lo:hi]), (width, height), interpolation=cv2.INTER_LINEAR)
+             .reshape(height, width, hi - lo) for lo, hi in zip(bounds, bounds[1:])]
+    return parts[0] if groups == 1 else np.concatenate(parts, axis=2)
 
 
 def semseg_probs(model, image_rgb: np.ndarray, base_size: int, crop_size: Sequence[int],

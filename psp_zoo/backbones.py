@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from typing import Optional, Tuple
 
-__all__ = ["BACKBONE_RE", "BACKBONE_FORMS", "HEAD_CHANNELS", "DEFAULT_HEAD_CHANNELS", "parse_backbone",
-           "head_channels"]
+__all__ = ["BACKBONE_RE", "BACKBONE_FORMS", "HEAD_CHANNELS", "DEFAULT_HEAD_CHANNELS", "FAMILIES", "METHOD_NAMES",
+           "parse_backbone", "head_channels"]
 
 BACKBONE_RE = re.compile(r"R-(?P<depth>18|50|101)(?P<v1b>b?)-D(?P<stride>8|32)(?: rsb)?")
 BACKBONE_FORMS = ("'R-<depth>[b]-D<stride>[ rsb]' with depth 18, 50 or 101 and stride 8 or 32 "
@@ -19,6 +19,13 @@ BACKBONE_FORMS = ("'R-<depth>[b]-D<stride>[ rsb]' with depth 18, 50 or 101 and s
 # the published configs narrow both heads for R-18 (decode 128, auxiliary 64); deeper nets use 512 / 256
 HEAD_CHANNELS = {18: (128, 64)}
 DEFAULT_HEAD_CHANNELS = (512, 256)
+
+#: The families of published PSPNets and what each changes in the network (PSPNet keyword
+#: arguments): mmseg's (the default), and the PSPNet authors' (hszhao/semseg: a 64-64-128 deep
+#: stem, every block of the dilated stages at the full dilation).
+FAMILIES = {"mmseg": {}, "semseg": {"stem_channels": 128, "contract_dilation": False}}
+#: The results tables' Method cell of each family's rows.
+METHOD_NAMES = {"mmseg": "PSPNet", "semseg": "PSPNet (semseg)"}
 
 
 def parse_backbone(name: object) -> Optional[dict]:

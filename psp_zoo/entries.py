@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Tuple
 
-from .backbones import head_channels
+from .backbones import FAMILIES, METHOD_NAMES, head_channels
 from .errors import ManifestError, PspZooError
 
 __all__ = ["IGNORE_INDEX", "LABEL_MAPS", "PUBLISHED_FIELDS", "Published", "EvalSettings", "Layout", "DatasetSpec",
@@ -23,11 +23,16 @@ TEST_MODES = ("whole", "slide", "semseg")
 LABEL_MAPS = ("cityscapes_label_ids",)
 
 # Published-table column names as they appear in the manifest and in the README tables.
+# mAcc / aAcc: published by the PSPNet authors beside mIoU (mean class accuracy, pixel accuracy).
 PUBLISHED_FIELDS = {
     "mIoU": ("miou", 0.0, 100.0),
     "mIoU(ms+flip)": ("miou_ms_flip", 0.0, 100.0),
     "Mem (GB)": ("mem_gb", 0.0, 1000.0),
     "Inf time (fps)": ("fps", 0.0, 100000.0),
+    "mAcc": ("macc", 0.0, 100.0),
+    "aAcc": ("aacc", 0.0, 100.0),
+    "mAcc(ms+flip)": ("macc_ms_flip", 0.0, 100.0),
+    "aAcc(ms+flip)": ("aacc_ms_flip", 0.0, 100.0),
 }
 # The hashed file name convention: <anything>-<8 hex>.pth at the end of the URL path.
 _WEIGHTS_RE = re.compile(r"^(?P<stem>[^/?#]+-(?P<hash>[0-9a-f]{8}))\.pth$")
@@ -60,6 +65,10 @@ class Published:
     miou_ms_flip: Optional[float] = None
     mem_gb: Optional[float] = None
     fps: Optional[float] = None
+    macc: Optional[float] = None
+    aacc: Optional[float] = None
+    macc_ms_flip: Optional[float] = None
+    aacc_ms_flip: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -155,7 +164,7 @@ class Checkpoint:
     output_stride: int  # 8 (D8) or 32 (D32)
     crop_size: Tuple[int, int]
     schedule: int
-    urls: Tuple[str, ...]  # the same file's published locations, tried in order
+    urls: Tuple[str, ...]  # the same file's published locations, tried in order; () = downloaded by hand
     log_url: Optional[str]
     hash_prefix: str
     sha256: Optional[str]
@@ -174,11 +183,25 @@ class Checkpoint:
     train: Mapping[str, Any] = field(default_factory=dict, hash=False, repr=False)
     # the checkpoint a fine-tuned entry started from (schema.FINETUNED_FROM_FIELDS); empty for published ones
     finetuned_from: Mapping[str, str] = field(default_factory=dict, hash=False, repr=False)
+    # whose network and file layout: 'mmseg' or 'semseg' (the PSPNet authors'), backbones.FAMILIES
+    family: str = "mmseg"
+    # a file with no stable URL: the page to download it from by hand (then ``urls`` is empty)
+    download_page: Optional[str] = None
 
     @property
-    def url(self) -> str:
-        """The primary weights URL."""
-        return self.urls[0]
+    def url(self) -> Optional[str]:
+        """The primary weights URL; None for a file downloaded by hand (``download_page``)."""
+        return self.urls[0] if self.urls else None
+
+    @property
+    def by_hand(self) -> bool:
+        """True for a file with no download URL: the user fetches it from ``download_page``."""
+        return not self.urls
+
+    @property
+    def method(self) -> str:
+        """The results tables' Method cell: 'PSPNet', or 'PSPNet (semseg)' for the authors' models."""
+        return METHOD_NAMES[self.family]
 
     @property
     def datasets(self) -> Tuple[str, ...]:
@@ -218,7 +241,10 @@ class Checkpoint:
     @property
     def filename(self) -> str:
         """The hashed weight file name in the cache, e.g. ``<name>_<date>_<time>-<hash8>.pth``: the
-        URL's file name, with ``-<hash8>`` added when the URL's name does not carry it."""
+        URL's file name, with ``-<hash8>`` added when the URL's name does not carry it. A file
+        downloaded by hand is ``<name>.pth`` (``<name>-<hash8>.pth`` when the entry gives its sha256)."""
+        if self.by_hand:
+            return f"{self.name}-{self.hash_prefix}.pth" if self.hash_prefix else f"{self.name}.pth"
         name = self.url.rsplit("/", 1)[-1]
         if _WEIGHTS_RE.match(name):
             return name
@@ -246,6 +272,7 @@ class Checkpoint:
         """Keyword arguments for :class:`psp_zoo.PSPNet` that build this checkpoint's network."""
         channels, aux_channels = head_channels(self.depth)
         kwargs = {
+            **FAMILIES[self.family],
             "depth": self.depth,
             "deep_stem": self.deep_stem,
             "output_stride": self.output_stride,

@@ -18,25 +18,29 @@ transfer itself is :mod:`psp_zoo.fetching`; this module is the cache and the pub
 """
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 from urllib.parse import unquote, urlparse
 
 import filelock
 
-from .constants import HOME_ENV, OFFLINE_ENV, env_flag, env_text
+from .constants import HOME_ENV, MANIFEST_ENV, OFFLINE_ENV, env_flag, env_text
 from .errors import DownloadError, PspZooError
 from .fetching import (_fetch_first_that_serves, _fetch_with_retries, _from_live_host, _give_up,
-                       _housekeeping, _is_verified, _marker_matches, _Policy, _Target, _Unavailable, forget_failed_hosts,
+                       _housekeeping, _is_verified, _sha256_of, _marker_matches, _Policy, _Target, _Unavailable, forget_failed_hosts,
                        resolve_url)
+from .files import atomic_write
 from .manifest import Checkpoint, get_checkpoint
 
 __all__ = ["download", "fetch_file", "cache_dir", "cached_path", "cache_state", "is_cached", "resolve_url",
-           "forget_failed_hosts"]
+           "forget_failed_hosts", "first_sha256_record"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,8 @@ def _target(name_or_url: NameOrUrl, manifest: ManifestPaths = None, sha256: Opti
         return _Target((name_or_url,), filename, prefix, sha256, label=name_or_url)
     else:
         entry = get_checkpoint(name_or_url, manifest=manifest)
-    return _Target(tuple(entry.urls), entry.filename, entry.hash_prefix, sha256 or entry.sha256, label=entry.name)
+    return _Target(tuple(entry.urls), entry.filename, entry.hash_prefix, sha256 or entry.sha256, label=entry.name,
+                   download_page=entry.download_page)
 
 
 def cached_path(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, manifest: ManifestPaths = None) -> Path:
@@ -89,7 +94,8 @@ def cache_state(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, manifest:
     target = _target(name_or_url, manifest)
     final = _cache_root(cache_dir) / target.filename
     if final.is_file():
-        return "cached" if _is_verified(final, target) else "corrupt"
+        by_hand_unhashed = not target.urls and not target.sha256  # nothing to check it against
+        return "cached" if by_hand_unhashed or _is_verified(final, target) else "corrupt"
     return "partial" if _housekeeping(final, ".part").is_file() else "missing"
 
 
@@ -115,6 +121,8 @@ def download(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, mirror: Opti
     """
     target = _target(name_or_url, manifest, sha256)
     final = _cache_root(cache_dir) / target.filename
+    if not target.urls:
+        return _placed_by_hand(final, target)
     if final.is_file() and _marker_matches(final, target):
         return final  # the common case: no lock, no hashing
     offline = _offline_from_env() if offline is None else offline
@@ -184,6 +192,61 @@ class _locked:
 
     def __exit__(self, *exc_info):
         self.lock.release()
+
+
+# --------------------------------------------------------------------------------------------
+# files with no download URL (the PSPNet authors' models): placed in the cache by hand
+
+
+def _placed_by_hand(final: Path, target: _Target) -> Path:
+    """The file the user put at ``final``; checked against the entry's sha256 if it has one, else
+    its SHA-256 is recorded the first time and a later change is warned about."""
+    if not final.is_file():
+        raise DownloadError(
+            f"{target.label} has no download URL (its authors share it on a page with no stable link and "
+            f"no published hash): download it by hand from {target.download_page} and save it as {final}; "
+            f"or pass checkpoint=FILE, or declare it in a user manifest entry with the file's URL (e.g. on "
+            f"your mirror) and its sha256 (the manifest argument or {MANIFEST_ENV}; see docs/authors_models.md)",
+            cli_hint="on the command line: --checkpoint FILE or --manifest FILE")
+    if target.sha256:
+        if not _is_verified(final, target):
+            raise DownloadError(f"{final} is not the file of {target.label}: its SHA-256 is not the entry's "
+                                f"{target.sha256}; download it again from {target.download_page}")
+        return final
+    _check_first_sha256(final, target.label)
+    return final
+
+
+def first_sha256_record(final: Path) -> Path:
+    """Where the SHA-256 of the file first loaded from ``final`` (a file placed by hand) is recorded."""
+    return _housekeeping(Path(final), ".first-sha256")
+
+
+def _check_first_sha256(final: Path, label: str) -> None:
+    record = first_sha256_record(final)
+    try:
+        first = json.loads(record.read_text())
+        first = first if isinstance(first, dict) and isinstance(first.get("sha256"), str) else None
+    except (OSError, ValueError):
+        first = None
+    stat = final.stat()
+    if first is not None and (first.get("size"), first.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+        return  # the file recorded, untouched since
+    digest = _sha256_of(final).hexdigest()
+    if first is not None and digest != first["sha256"]:
+        warnings.warn(f"{final} changed since psp-zoo first loaded it for {label}: its SHA-256 is now {digest}, "
+                      f"was {first['sha256']} (recorded {first.get('recorded', '?')}); if you replaced it on "
+                      f"purpose, delete {record} to record the new file", stacklevel=3)
+        return
+    when = first.get("recorded") if first else datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    try:
+        atomic_write(record, json.dumps({"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                         "recorded": when}))
+    except OSError:  # a read-only shared cache: nothing recorded, nothing to compare with later
+        log.info("cannot record the SHA-256 of %s in %s", final, record.parent)
+        return
+    if first is None:
+        log.info("%s: recorded its SHA-256 %s in %s", label, digest, record)
 
 
 # --------------------------------------------------------------------------------------------

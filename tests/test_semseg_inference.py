@@ -17,11 +17,12 @@ from psp_zoo import ConfusionMatrix, evaluate, reproduce
 from psp_zoo.cli import main
 from psp_zoo.manifest import EvalSettings
 from psp_zoo.measure import SEMSEG_CALL
-from psp_zoo.options import FetchOptions
+from psp_zoo.options import FetchOptions, SpeedOptions
+from psp_zoo.prediction import Predictor
 from psp_zoo.semseg_inference import (SEMSEG_MEAN, SEMSEG_MS_SCALES, labels_of_image, normalize, pad_to_crop,
                                       resize_probs, scale_probs, scaled_size, semseg_labels, semseg_probs,
                                       window_grid, window_probs, window_stride)
-from psp_zoo.testing import manifest_entry, write_manifest
+from psp_zoo.testing import TINY_SEMSEG_ARCH, manifest_entry, tiny_semseg_model, write_manifest, write_semseg_checkpoint
 
 import minidata
 from helpers import assert_close_to_scale, tiny_checkpoint_path, tiny_info, tiny_model, write_tiny_ade_manifest
@@ -94,7 +95,9 @@ def their_probs(model, image: np.ndarray, base: int, crop: int, scales, classes:
                 sums[y:y + crop, x:x + crop] += _their_window(model, padded[y:y + crop, x:x + crop], flip)
                 count[y:y + crop, x:x + crop] += 1
         mean = (sums / count)[ph // 2:ph // 2 + sh, pw // 2:pw // 2 + sw]
-        total += cv2.resize(mean, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, classes)
+        for lo in range(0, classes, 100):  # OpenCV 5 takes at most 128 channels at once
+            part = np.ascontiguousarray(mean[:, :, lo:lo + 100])
+            total[:, :, lo:lo + 100] += cv2.resize(part, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, -1)
     return total / len(scales)
 
 
@@ -299,6 +302,8 @@ def test_evaluate_scores_a_semseg_entry_by_their_protocol(ade, manifest, ms_flip
     assert metrics is not None and (result.single_scale is None) is ms_flip
     assert result.miou == pytest.approx(expected["mIoU"] * 100, abs=1e-9)
     assert result.aacc == pytest.approx(expected["aAcc"] * 100, abs=1e-9)
+    for index, value in enumerate(expected["IoU"]):  # several classes predicted, each scored alike
+        assert result.iou[str(index)] == pytest.approx(value * 100, abs=1e-9)
     test = result.settings["test"]
     assert (test["mode"], test["base_size"], test["crop_size"]) == ("semseg", 48, [33, 33])
     assert result.settings["ms_flip_ratios"] == (list(SEMSEG_MS_SCALES) if ms_flip else None)
@@ -349,3 +354,31 @@ def test_mmseg_functions_point_a_semseg_entry_to_its_protocol():
                             base_size=40)
     with pytest.raises(ValueError, match="use psp_zoo.semseg_inference"):
         predict_probs(Probe(), _image(31, 23), settings)
+
+
+def test_an_authors_entry_with_their_file_runs_their_protocol(ade, tmp_path):
+    """The built-in semseg_pspnet50_ade20k (their network, narrowed by a user manifest, 150 classes:
+    the probabilities are resized in channel groups) with a file in their format, on generated ADE20K."""
+    folder, names = ade
+    model = tiny_semseg_model(num_classes=150, seed=3)
+    path = write_semseg_checkpoint(tmp_path / "train_epoch_100.pth", model)
+    test = {"mode": "semseg", "base_size": 48, "crop_size": [33, 33], "align_corners": True}
+    manifest = write_manifest(tmp_path / "narrow.yml", [{
+        "name": "semseg_pspnet50_ade20k", "model": {**TINY_SEMSEG_ARCH, "num_classes": 150}, "test": test}])
+    plain = SpeedOptions(fuse_bn=False, channels_last=False, factorize_head=False, winograd=False)
+    predictor = Predictor.create("semseg_pspnet50_ade20k", manifest=str(manifest), checkpoint=path, device="cpu",
+                                 speed=plain)
+    metric = ConfusionMatrix(150)
+    for name in names:
+        image = _rgb(folder / "images" / "validation" / f"{name}.jpg")
+        expected = their_probs(model, image, 48, 33, (1.0,), 150).argmax(2)
+        labels = predictor(image)
+        assert (labels == expected).mean() >= 0.999 and len(np.unique(expected)) > 1
+        label = np.array(Image.open(folder / "annotations" / "validation" / f"{name}.png")).astype(np.int64)
+        metric.update(torch.from_numpy(labels.astype(np.int64)),
+                      torch.from_numpy(np.where(label == 0, 255, label - 1)))
+    result = evaluate("semseg_pspnet50_ade20k", folder, manifest=str(manifest), checkpoint=path, device="cpu",
+                      num_workers=0, progress=False, speed=plain)
+    assert result.aacc == pytest.approx(metric.compute()["aAcc"] * 100, abs=1e-9)
+    assert result.settings["test"] == {"mode": "semseg", "img_scale": [2048, 512], "align_corners": True,
+                                       "crop_size": [33, 33], "stride": None, "base_size": 48}

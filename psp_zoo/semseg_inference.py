@@ -186,8 +186,12 @@ def semseg_probs(model, image_rgb: np.ndarray, base_size: int, crop_size: Sequen
         scaled = resize_image(image, scaled_size(height, width, base_size, scale))
         probs = scale_probs(model, scaled, crop_size, device=device, batch_size=batch_size)
         resized = resize_probs(probs.permute(1, 2, 0).cpu().numpy(), (height, width))
-        prediction = resized if prediction is None else prediction + resized
-    return prediction / len(scales)
+        if prediction is None:
+            prediction = resized  # a fresh array (cv2's output, or their concatenation)
+        else:
+            prediction += resized
+    prediction /= len(scales)
+    return prediction
 
 
 def semseg_labels(model, image_rgb: np.ndarray, base_size: int, crop_size: Sequence[int],

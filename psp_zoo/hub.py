@@ -9,6 +9,9 @@ Nothing half-written ever sits under the final name: bytes go to ``.part`` (resu
 Range request after a dropped connection), are hashed while they stream, and only a file whose
 SHA-256 matches is moved into place with ``os.replace``.
 
+A file with no URL (the PSPNet authors' models) is saved in the cache by hand; without a published
+hash, the SHA-256 of the first one loaded is recorded beside it and a later change is warned about.
+
 A checkpoint may be published at several URLs; they are tried in order and the first that serves
 a file with the right hash wins. Connection failures that another attempt cannot fix (the host name
 does not resolve, the connection is refused) are not retried, and the host is remembered as down
@@ -118,6 +121,11 @@ def download(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, mirror: Opti
     ``offline`` (default ``$PSP_ZOO_OFFLINE``) never touches the network; ``quiet`` hides the
     progress bar, which is only shown on a terminal anyway. Each URL the checkpoint is published
     at is tried in order. Raises DownloadError naming every URL tried and why it failed.
+
+    An entry with no URL (``download_page``: the PSPNet authors' files) is never downloaded: its
+    file is the one the user saved in the cache (DownloadError saying where from and where to when
+    it is not there), checked against the entry's sha256 if it has one, else the SHA-256 of the
+    first file loaded is recorded (:func:`first_sha256_record`) and a later change warned about.
     """
     target = _target(name_or_url, manifest, sha256)
     final = _cache_root(cache_dir) / target.filename
@@ -202,12 +210,15 @@ def _placed_by_hand(final: Path, target: _Target) -> Path:
     """The file the user put at ``final``; checked against the entry's sha256 if it has one, else
     its SHA-256 is recorded the first time and a later change is warned about."""
     if not final.is_file():
+        where = f"download it by hand from {target.download_page} and save it as {final}"
+        others = (f"pass checkpoint=FILE, or declare it in a user manifest entry with the file's URL (e.g. on your "
+                  f"mirror) and its sha256 (the manifest argument or {MANIFEST_ENV}; see docs/authors_models.md)")
         raise DownloadError(
             f"{target.label} has no download URL (its authors share it on a page with no stable link and "
-            f"no published hash): download it by hand from {target.download_page} and save it as {final}; "
-            f"or pass checkpoint=FILE, or declare it in a user manifest entry with the file's URL (e.g. on "
-            f"your mirror) and its sha256 (the manifest argument or {MANIFEST_ENV}; see docs/authors_models.md)",
-            cli_hint="on the command line: --checkpoint FILE or --manifest FILE")
+            f"no published hash): {where}; or {others}",
+            cli_hint="on the command line: --checkpoint FILE or --manifest FILE",
+            summary=f"no download URL: {where}",
+            advice=f"a file with no download URL is saved by hand where said; or {others}")
     if target.sha256:
         if not _is_verified(final, target):
             raise DownloadError(f"{final} is not the file of {target.label}: its SHA-256 is not the entry's "

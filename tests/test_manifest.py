@@ -713,13 +713,13 @@ def test_semseg_test_mode_carries_base_size_and_crop(tmp_path):
         get_checkpoint("pspnet_r50-d8_512x512_80k_ade20k").test.with_overrides({"mode": "semseg", "crop_size": (9, 9)})
 
 
-@pytest.mark.parametrize("test_line,field", [
-    (SEMSEG_TEST.replace("base_size: 512, ", ""), "test.base_size"),
-    (SEMSEG_TEST.replace("crop_size: [473, 473], ", ""), "test.crop_size"),
-    (SEMSEG_TEST.replace("base_size: 512", "base_size: 0"), "test.base_size"),
-    (SEMSEG_TEST.replace("base_size: 512", "base_size: 512, stride: [316, 316]"), "test.stride"),
-    (SEMSEG_TEST.replace("mode: semseg", "mode: sliding"), "test.mode"),
+@pytest.mark.parametrize("test_line,field,said", [
+    (SEMSEG_TEST.replace("base_size: 512, ", ""), "test.base_size", "required when mode is 'semseg'"),
+    (SEMSEG_TEST.replace("crop_size: [473, 473], ", ""), "test.crop_size", "required when mode is 'semseg'"),
+    (SEMSEG_TEST.replace("base_size: 512", "base_size: 0"), "test.base_size", "expected a positive integer"),
+    (SEMSEG_TEST.replace("base_size: 512", "base_size: 512, stride: [316, 316]"), "test.stride", "not used"),
+    (SEMSEG_TEST.replace("mode: semseg", "mode: sliding"), "test.mode", "'whole', 'slide', 'semseg'"),
 ])
-def test_semseg_test_mode_refuses_missing_or_wrong_fields(tmp_path, test_line, field):
-    with pytest.raises(ManifestError, match=re.escape(f"field '{field}'")):
+def test_semseg_test_mode_refuses_missing_or_wrong_fields(tmp_path, test_line, field, said):
+    with pytest.raises(ManifestError, match=re.escape(f"field '{field}': ") + ".*" + re.escape(said)):
         load_manifest(_write(tmp_path, GOOD_ENTRY + test_line))

@@ -87,13 +87,14 @@ def test_get_says_where_to_download_and_where_to_put_it(tmp_path, capsys):
     cache = tmp_path / "cache"
     code, out, err = run_cli(capsys, "get", "semseg_pspnet101_cityscapes", "--cache-dir", cache)
     assert code == 1 and out == ""
-    line = err.strip()
-    assert len(line.splitlines()) == 1
-    assert DRIVE in line and str(cache / "semseg_pspnet101_cityscapes.pth") in line
-    assert "--checkpoint FILE" in line and "sha256" in line and "download it by hand" in line
+    error, fix = err.strip().splitlines()  # what to do for this file, then the other ways, as get says them
+    assert error.startswith("psp-zoo get: error: semseg_pspnet101_cityscapes: no download URL: download it by hand")
+    assert DRIVE in error and error.endswith(f"save it as {cache / 'semseg_pspnet101_cityscapes.pth'}")
+    assert fix.startswith("psp-zoo get: to fix: ") and "--checkpoint FILE" in fix and "sha256" in fix
     assert not cache.exists() or not any(cache.rglob("*"))  # nothing written
-    with pytest.raises(DownloadError, match="download it by hand"):
+    with pytest.raises(DownloadError, match="download it by hand.*or pass checkpoint=FILE.*sha256") as caught:
         create_model("semseg_pspnet101_cityscapes", cache_dir=str(cache))
+    assert DRIVE in str(caught.value) and str(cache / "semseg_pspnet101_cityscapes.pth") in str(caught.value)
 
 
 def test_the_first_file_loaded_is_recorded_and_a_change_warned(tmp_path, capsys):

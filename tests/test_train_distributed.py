@@ -1,4 +1,4 @@
-"""torchrun: 2 CPU processes x 1 image step like 1 process x 2 images (SyncBN, averaged gradients, dropout
+"""torchrun: 2 CPU processes x 1 image step like 1 process x 2 images (SyncBN, DDP's averaged gradients, dropout
 drawn per sample); rank 0 alone speaks, and nothing is written before every check has passed."""
 from __future__ import annotations
 
@@ -65,9 +65,9 @@ def test_two_processes_of_one_image_equal_one_process_of_two(tmp_path):
             assert torch.equal(shared, alone), key
             continue
         scale = alone.abs().max().clamp(min=1e-12)
-        # float64 gives 5e-10 at most (the pyramid pooling's BN running_var: the variance of two pooled values,
-        # which SyncBN forms as E[x^2] - E[x]^2); dropout keyed by the process put them 1.7 apart here
-        assert ((shared - alone).abs().max() / scale).item() <= 1e-7, key
+        # through DistributedDataParallel float64 gives 2.4e-11 at most (a pyramid pooling BN's running_var);
+        # dropout keyed by the process put them 1.7 apart here
+        assert ((shared - alone).abs().max() / scale).item() <= 1e-9, key
     # the weights did move: the comparison is between trained states, not two copies of the start
     first = torch.load(tmp_path / "one" / "iter_3.pth", weights_only=True)["optimizer"]["state"]
     moved = sum(int(state["momentum_buffer"].abs().max() > 0) for state in first.values())

@@ -3,6 +3,7 @@
 the one of a single process with the whole batch; torch's SyncBatchNorm is the converter on CUDA."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -142,3 +143,33 @@ def test_torch_syncbatchnorm_converts_on_cuda_and_psp_zoos_on_cpu():
     model = convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
     assert isinstance(model[1], SyncBatchNorm2d) and list(model.state_dict()) == [
         "0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"]
+
+
+def _gpu_check(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_train_check.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_the_gpu_check_runs_its_variants_and_writes_its_record_in_a_dry_run(tmp_path):
+    done = _gpu_check("--dry-run", "--out-dir", tmp_path, "--steps", "1")
+    assert done.returncode == 0, done.stderr[-4000:]
+    [path] = tmp_path.glob("gpu_train_check_cpu*_torch*.json")
+    record = json.loads(path.read_text())
+    environment = record["environment"]
+    assert environment["device_kind"] == "cpu" and environment["dry_run"] is True
+    assert environment["tf32"] == {"matmul": False, "cudnn": False}
+    assert environment["recipe"] == CITYSCAPES and environment["input"] == "batch 2 x 3 x 32 x 64"
+    rows = {row["variant"]: row for row in record["results"]}
+    assert set(rows) == {"plain_fp32", "ddp1_fp32"}  # AMP needs CUDA: its rows only on a GPU
+    assert all(row["median_ms"] > 0 and len(row["times_ms"]) == 1 and row["peak_memory_mib"] > 0
+               for row in rows.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_the_gpu_check_without_cuda_says_so_and_writes_nothing(tmp_path):
+    done = _gpu_check("--out-dir", tmp_path)
+    assert done.returncode == 2 and "no CUDA device here" in done.stderr and "--dry-run" in done.stderr
+    bad = _gpu_check("--dry-run", "--out-dir", tmp_path, "--size", "16")
+    assert bad.returncode == 2 and "--size must be HxW" in bad.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -17,6 +17,7 @@ import io
 import os
 import sys
 import threading
+from collections import OrderedDict
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
@@ -28,12 +29,15 @@ import yaml
 
 from .errors import PspZooError
 from .files import atomic_write
+from .manifest.backbones import FAMILIES
 from .model import PSPNet
+from .model.checkpoint import to_semseg_names
 
 __all__ = ["TINY_ARCH", "SHAPE_CLASSES", "write_shapes_ade20k", "EXAMPLE_CLASSES", "EXAMPLE_PALETTE",
            "example_declaration", "example_sample", "write_example_split", "write_example_dataset",
            "write_example_manifest", "write_example", "SELFTEST_NAME", "SELFTEST_TEST_SETTINGS",
-           "calibrate_batchnorm", "write_tiny_checkpoint", "write_mini_cityscapes", "manifest_entry", "write_manifest",
+           "calibrate_batchnorm", "write_tiny_checkpoint", "TINY_SEMSEG_ARCH", "tiny_semseg_model",
+           "write_semseg_checkpoint", "write_mini_cityscapes", "manifest_entry", "write_manifest",
            "serve_folder", "LocalHTTPServer", "no_proxy_for_localhost"]
 
 PathLike = Union[str, Path]
@@ -99,6 +103,36 @@ def write_tiny_checkpoint(folder: PathLike, name: str = SELFTEST_NAME, *, num_cl
     final = _hashed_name(folder, name, stamp, hashlib.sha256(data).hexdigest())
     atomic_write(final, data)
     return final
+
+
+#: The tiny widths of the PSPNet authors' network (family 'semseg': 8, 8, 16 stem channels), in their
+#: proportions: the pyramid and ``cls`` a quarter of stage 4's width, ``aux`` a quarter of stage 3's.
+TINY_SEMSEG_ARCH = {"stem_channels": 16, "base_channels": 8, "channels": 64, "aux_channels": 32}
+
+
+def tiny_semseg_model(*, num_classes: int = 19, depth: int = 50, seed: int = 0) -> PSPNet:
+    """The authors' network (``FAMILIES['semseg']``) at ``TINY_SEMSEG_ARCH`` widths, seeded random
+    weights with calibrated BatchNorm, in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = PSPNet(depth=depth, num_classes=num_classes, align_corners=True,
+                       **{**FAMILIES["semseg"], **TINY_SEMSEG_ARCH})
+        calibrate_batchnorm(model, [torch.randn(2, 3, 65, 65) for _ in range(2)])
+    return model
+
+
+def write_semseg_checkpoint(path: PathLike, model: Optional[torch.nn.Module] = None, *, epoch: int = 100,
+                            **model_kwargs) -> Path:
+    """``model`` (default :func:`tiny_semseg_model` of ``model_kwargs``) saved as the PSPNet authors
+    publish theirs: ``{'epoch', 'state_dict', 'optimizer'}``, keys under their names with DDP's
+    ``module.`` prefix, an SGD state beside them."""
+    model = model if model is not None else tiny_semseg_model(**model_kwargs)
+    state = OrderedDict((f"module.{key}", value) for key, value in to_semseg_names(model.state_dict()).items())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    buffer = io.BytesIO()
+    torch.save({"epoch": epoch, "state_dict": state, "optimizer": optimizer.state_dict()}, buffer)
+    atomic_write(Path(path), buffer.getvalue())
+    return Path(path)
 
 
 def manifest_entry(checkpoint_file: PathLike, url: str, *, dataset: str = "cityscapes",

@@ -89,8 +89,9 @@ def _published(p):
 def test_manifest_equals_the_family_table_for_all_54_checkpoints():
     manifest, keys = load_manifest(), _dataset_keys()
     rows = [r for r in _family_rows() if keys[r["dataset"]] not in ("dark_zurich", "night_driving")]
-    assert len(rows) == len(manifest) == 54
-    assert manifest.names == [r["name_0x"] for r in rows]  # mmseg's page order
+    mmseg = [c.name for c in manifest if c.family == "mmseg"]
+    assert len(rows) == len(mmseg) == 54
+    assert mmseg == [r["name_0x"] for r in rows]  # mmseg's page order
     for row in rows:
         ckpt = manifest.get(row["name_0x"])
         assert ckpt.name == row["name_0x"]
@@ -157,12 +158,12 @@ def test_url_trap_rsb_checkpoint_lists_both_folders_in_order():
     assert {u.rsplit("/", 1)[1] for u in entry.urls} == {entry.filename}  # one file, one hash
     assert entry.log_url == row["log_url"] and "/pspnet_r50-d8_512x1024_80k_cityscapes/" in entry.log_url
     assert get_checkpoint(entry.file_stem) is entry
-    assert all(len(c.urls) == 1 for c in load_manifest() if c.name != RSB_D8)
+    assert all(len(c.urls) == 1 for c in load_manifest() if c.name != RSB_D8 and not c.by_hand)
 
 
 def test_url_trap_hosts_and_log_names():
     manifest = load_manifest()
-    for ckpt in manifest:
+    for ckpt in (c for c in manifest if c.family == "mmseg"):
         assert all(u.startswith(HOST + ckpt.name + "/") or ckpt.name == RSB_D8 for u in ckpt.urls)
         assert ckpt.log_url.startswith(HOST)
     # mmseg 1.x's metafile has download.oz1z1penmmlab.com for this one
@@ -259,8 +260,8 @@ def test_checkpoint_records_are_frozen():
 
 def test_list_models_filters():
     # counts follow the whole family now (was 8 Cityscapes and no Pascal Context 59 checkpoint)
-    assert len(list_models(dataset="cityscapes")) == 21
-    assert len(list_models(dataset="ade20k")) == 4
+    assert len(list_models(dataset="cityscapes")) == 21 + 2  # mmseg's and the PSPNet authors' two
+    assert len(list_models(dataset="ade20k")) == 4 + 2
     assert list_models(dataset="pascal_context") == [
         "pspnet_r101-d8_480x480_40k_pascal_context", "pspnet_r101-d8_480x480_80k_pascal_context"]
     assert list_models(dataset="pascal_context_59") == [
@@ -271,7 +272,8 @@ def test_list_models_filters():
     assert list_models(pattern="*_dark") == list_models(dataset="dark_zurich")  # cross-row names match too
     keys = _dataset_keys()
     for key in set(load_manifest().datasets) - {"dark_zurich", "night_driving"}:
-        assert list_models(dataset=key) == [r["name_0x"] for r in _family_rows() if keys[r["dataset"]] == key]
+        mmseg = [n for n in list_models(dataset=key) if get_checkpoint(n).family == "mmseg"]
+        assert mmseg == [r["name_0x"] for r in _family_rows() if keys[r["dataset"]] == key]
     with pytest.raises(psp_zoo.PspZooError, match="unknown dataset 'kitti'.*cityscapes"):
         list_models(dataset="kitti")
 
@@ -281,7 +283,8 @@ def test_unknown_name_lists_closest_names():
         get_checkpoint("pspnet_r50-d8_512x1024_40k_cityscape")
     assert "did you mean" in str(info.value)
     assert "pspnet_r50-d8_512x1024_40k_cityscapes" in str(info.value)
-    with pytest.raises(UnknownModelError, match="pspnet_r50-d8_512x1024_40k_cityscapes"):
+    # the PSPNet authors' semseg_pspnet50_cityscapes is the closest now; mmseg's R-50 rows follow
+    with pytest.raises(UnknownModelError, match=r"semseg_pspnet50_cityscapes.*pspnet_r50-d8_\w+_cityscapes"):
         get_checkpoint("pspnet_r50_cityscapes")
 
 
@@ -317,7 +320,7 @@ def test_user_manifest_adds_and_overrides(tmp_path, monkeypatch):
     model: {num_classes: 5, base_channels: 8}
 """)
     manifest = load_manifest(path)
-    assert len(manifest) == 55
+    assert len(manifest) == 54 + 6 + 1  # mmseg's, the PSPNet authors', the user's
     assert manifest.get("my_pspnet").published.miou == 40.0
     override = manifest.get("pspnet_r50-d8_512x1024_40k_cityscapes")
     assert override.url.startswith("http://mirror.local/")
@@ -696,3 +699,31 @@ def test_the_manifest_page_documents_every_entry_and_dataset_field(tmp_path):
     entry = load_manifest(path).get("my_pspnet")  # the example is a complete, loadable entry and dataset
     assert entry.dataset == "roads" and entry.filename == f"my_pspnet-{entry.sha256[:8]}.pth"
     assert load_manifest(path).datasets["roads"].classes == ("background", "road", "marking")
+
+
+SEMSEG_TEST = "    test: {mode: semseg, base_size: 512, crop_size: [473, 473], align_corners: true}\n"
+
+
+def test_semseg_test_mode_carries_base_size_and_crop(tmp_path):
+    """The PSPNet authors' protocol: mode 'semseg' with base_size and crop_size, no stride."""
+    entry = load_manifest(_write(tmp_path, GOOD_ENTRY + SEMSEG_TEST)).get("my_pspnet")
+    assert (entry.test.mode, entry.test.base_size, entry.test.crop_size) == ("semseg", 512, (473, 473))
+    assert entry.test.stride is None and entry.test.align_corners is True
+    assert entry.as_dict()["test"]["base_size"] == 512
+    # overrides are checked the same way, and other modes carry no base_size
+    assert entry.test.with_overrides({"base_size": 2048}).base_size == 2048
+    assert entry.test.with_overrides({"mode": "whole"}).base_size is None
+    with pytest.raises(psp_zoo.PspZooError, match="semseg inference needs base_size"):
+        get_checkpoint("pspnet_r50-d8_512x512_80k_ade20k").test.with_overrides({"mode": "semseg", "crop_size": (9, 9)})
+
+
+@pytest.mark.parametrize("test_line,field,said", [
+    (SEMSEG_TEST.replace("base_size: 512, ", ""), "test.base_size", "required when mode is 'semseg'"),
+    (SEMSEG_TEST.replace("crop_size: [473, 473], ", ""), "test.crop_size", "required when mode is 'semseg'"),
+    (SEMSEG_TEST.replace("base_size: 512", "base_size: 0"), "test.base_size", "expected a positive integer"),
+    (SEMSEG_TEST.replace("base_size: 512", "base_size: 512, stride: [316, 316]"), "test.stride", "not used"),
+    (SEMSEG_TEST.replace("mode: semseg", "mode: sliding"), "test.mode", "'whole', 'slide', 'semseg'"),
+])
+def test_semseg_test_mode_refuses_missing_or_wrong_fields(tmp_path, test_line, field, said):
+    with pytest.raises(ManifestError, match=re.escape(f"field '{field}': ") + ".*" + re.escape(said)):
+        load_manifest(_write(tmp_path, GOOD_ENTRY + test_line))

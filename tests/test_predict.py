@@ -209,14 +209,14 @@ def test_an_image_that_fails_in_the_model_is_one_line_and_the_rest_are_done(caps
     folder = tmp_path / "in"
     for stem, seed in (("a", 6), ("big", 7), ("c", 8)):
         _write_image(folder / f"{stem}.png", 30 if stem != "big" else 41, 40, seed)
-    real = prediction.predict_labels
+    real = prediction.labels_of_image
 
     def failing_on_big(model, image_rgb, *args, **kwargs):
         if image_rgb.shape[0] == 41:
             raise failure
         return real(model, image_rgb, *args, **kwargs)
 
-    monkeypatch.setattr(prediction, "predict_labels", failing_on_big)
+    monkeypatch.setattr(prediction, "labels_of_image", failing_on_big)
     code, lines, err = _predict(capsys, manifest, folder, "--out", tmp_path / "out", "--format", "npy")
     assert code == 1
     assert lines == [str(tmp_path / "out" / "a.npy"), str(tmp_path / "out" / "c.npy")]  # the one after it too

@@ -16,6 +16,8 @@ EXIT_USAGE = 2   # bad input: nothing was done
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 MS_FLIP_COST = "about 13x the single-scale time: 12 model passes, most at larger scales"
+#: What --ms-flip means for an entry on the PSPNet authors' protocol (test mode 'semseg').
+SEMSEG_MS = "the PSPNet authors' checkpoints: their six scales 0.5-1.75, their single scale being flipped too"
 
 
 # --------------------------------------------------------------------------------------------

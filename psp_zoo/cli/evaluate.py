@@ -19,7 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="score on another dataset the checkpoint is published on (e.g. dark_zurich)")
     _options.add_checkpoint_option(parser)
     parser.add_argument("--ms-flip", action="store_true",
-                        help=f"multi-scale + flip test instead of single-scale ({_options.MS_FLIP_COST})")
+                        help=f"multi-scale + flip test instead of single-scale ({_options.MS_FLIP_COST}; "
+                             f"{_options.SEMSEG_MS})")
     parser.add_argument("--onnx", metavar="FILE", default=None,
                         help="score this ONNX file (written by `psp-zoo export`) with onnxruntime instead of "
                              "the PyTorch model; needs pip install 'psp-zoo[onnx]'")

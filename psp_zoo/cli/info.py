@@ -34,7 +34,7 @@ def _fields(args: argparse.Namespace) -> dict:
     fields["arch"] = dict(entry.arch)
     fields.update(
         filename=entry.filename,
-        download_url=resolve_url(entry.url, args.mirror),
+        download_url=None if entry.by_hand else resolve_url(entry.url, args.mirror),
         cache_path=str(cached_path(entry, cache_dir=args.cache_dir)),
         cache_state=cache_state(entry, cache_dir=args.cache_dir),
     )

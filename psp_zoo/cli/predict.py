@@ -30,7 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "cityscapes: Cityscapes benchmark files, the official labelIds in a greyscale "
                              "PNG named like the image (<city>_<seq>_<frame>_leftImg8bit.png)")
     parser.add_argument("--ms-flip", action="store_true",
-                        help=f"multi-scale + flip test-time augmentation ({_options.MS_FLIP_COST})")
+                        help=f"multi-scale + flip test-time augmentation "
+                             f"({_options.MS_FLIP_COST}; {_options.SEMSEG_MS})")
     _options.add_device_option(parser)
     _options.add_checkpoint_option(parser)
     _options.add_fetch_options(parser)

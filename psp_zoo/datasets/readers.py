@@ -351,8 +351,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """The validation set of ``dataset`` under ``data_root``, transformed for testing.
 
     ``img_scales`` lists the resize targets (long, short): the test img_scale, or the six ms+flip
-    scales (``transforms.target_scales``). Default: the dataset's img_scale from the manifest
-    (``manifest``: as for ``get_manifest``; a dataset a user manifest declares is read the same way).
+    scales (``transforms.target_scales``), or None for the image as read (the authors' protocol,
+    which scales the image itself: ``evaluation.semseg_inference.loader_scales``). Default: the
+    dataset's img_scale from the manifest (``manifest``: as for ``get_manifest``; a dataset a user
+    manifest declares is read the same way).
     """
 
     def __init__(self, dataset: str, data_root: PathLike, *, img_scales: Optional[Sequence[Sequence[int]]] = None,
@@ -365,7 +367,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.dataset = dataset
         self.data_root = Path(data_root)
         self.manifest = manifest
-        self.img_scales = [tuple(scale) for scale in img_scales]
+        self.img_scales = [None if scale is None else tuple(scale) for scale in img_scales]
         self.reduce_zero_label = reduce_zero_label
         self._ignore_index = ignore_index
         self.items = list(items) if items is not None else list_items(dataset, data_root, limit, manifest=manifest)

@@ -6,7 +6,7 @@ uint8 image, upscaling allowed, no padding. Labels are never resized.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -63,15 +63,16 @@ def target_scales(img_scale: Sequence[int], ms_flip: bool) -> List[Tuple[int, in
     return ms_flip_scales(img_scale) if ms_flip else [tuple(img_scale)]
 
 
-def resized_inputs(image_rgb: np.ndarray, img_scales: Sequence[Sequence[int]]) -> List[torch.Tensor]:
-    """One resized 3 x h x w uint8 tensor per target scale, from an H x W x 3 uint8 RGB image.
+def resized_inputs(image_rgb: np.ndarray, img_scales: Sequence[Optional[Sequence[int]]]) -> List[torch.Tensor]:
+    """One resized 3 x h x w uint8 tensor per target scale, from an H x W x 3 uint8 RGB image; a
+    target of None is the image as it is (a protocol that scales the image itself).
 
     Normalization is left to ``normalize_batch`` on the model's device: uint8 is a quarter of
     the bytes to pass from loader workers and to copy to a GPU, and the float32 result is the same.
     """
     if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
         raise ValueError(f"expected an H x W x 3 uint8 RGB image, got {image_rgb.dtype} {image_rgb.shape}")
-    return [to_tensor(resize_image(image_rgb, scale)) for scale in img_scales]
+    return [to_tensor(image_rgb if scale is None else resize_image(image_rgb, scale)) for scale in img_scales]
 
 
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:

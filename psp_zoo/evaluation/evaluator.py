@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..datasets.readers import SegmentationDataset, list_items
-from ..datasets.transforms import MS_FLIP_RATIOS, target_scales
+from ..datasets.transforms import MS_FLIP_RATIOS
 from ..deploy.runtime import OnnxModel, onnx_backend_info
 from ..environment import environment_info, exact_float32_flags
 from ..errors import PspZooError
@@ -24,6 +24,7 @@ from ..model.factory import Resolved, resolve
 from ..model.optimization import optimize
 from ..results.records import ImageCount, Metrics, ResultRecord
 from .scoring import score
+from .semseg_inference import SEMSEG_MODE, loader_scales, semseg_scales
 
 __all__ = ["evaluate", "recorded_settings"]
 
@@ -59,7 +60,7 @@ def evaluate(name_or_model, data_root: Union[str, Path], *, dataset: Optional[st
     speed.check(target.device)  # before anything is downloaded or built
     items = list_items(target.dataset.key, data_root, limit=limit, manifest=fetch.manifest)
     model, backend = _runner(target, speed, onnx, threads)
-    scales = target_scales(target.settings.img_scale, ms_flip)
+    scales = loader_scales(target.settings, ms_flip)
     data = SegmentationDataset(target.dataset.key, data_root, img_scales=scales, items=items,
                                reduce_zero_label=target.dataset.reduce_zero_label, manifest=fetch.manifest)
     matrix = score(model, data, target.settings, target.num_classes, ms_flip=ms_flip, device=target.device,
@@ -87,12 +88,20 @@ def _runner(target: Resolved, speed: SpeedOptions, onnx: Union[None, str, Path],
     return session, {**onnx_backend_info(session), "threads": threads, "spinning": session.spinning}
 
 
+def _ms_flip_ratios(settings, ms_flip: bool) -> Optional[list]:
+    """The scales of an ms+flip pass: mmseg's ratios of the img_scale, or the authors' scales of the
+    base size (for mode 'semseg', whose single scale is flipped too)."""
+    if not ms_flip:
+        return None
+    return list(semseg_scales(True) if settings.mode == SEMSEG_MODE else MS_FLIP_RATIOS)
+
+
 def recorded_settings(target: Resolved, ms_flip: bool, data_root: Union[str, Path]) -> dict:
     """The test settings a record states: how the images were run, on which data and files."""
     entry = target.entry
     return {"test": dataclasses.asdict(target.settings), "num_classes": target.num_classes,
             "reduce_zero_label": target.dataset.reduce_zero_label,
-            "ms_flip_ratios": list(MS_FLIP_RATIOS) if ms_flip else None,
+            "ms_flip_ratios": _ms_flip_ratios(target.settings, ms_flip),
             "checkpoint_file": str(target.checkpoint) if target.checkpoint else (entry.filename if entry else None),
             "sha256": entry.sha256 if entry and not target.checkpoint else None, "data_root": str(data_root),
             "float32": exact_float32_flags()}  # scoring.score runs under exact_float32

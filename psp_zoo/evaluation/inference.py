@@ -121,6 +121,9 @@ def mode_logits(model: Model, img: torch.Tensor, ori_size: Sequence[int], settin
                                ori_size=ori_size, align_corners=settings.align_corners)
     if settings.mode == "whole":
         return whole_inference(model, img, ori_size, align_corners=settings.align_corners)
+    if settings.mode == "semseg":
+        raise ValueError("test mode 'semseg' is the PSPNet authors' protocol, which mmseg's pipeline here does not "
+                         "run: use psp_zoo.evaluation.semseg_inference (semseg_probs, labels_of_image)")
     raise ValueError(f"unknown test mode {settings.mode!r}; expected 'whole' or 'slide'")
 
 

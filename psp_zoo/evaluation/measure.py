@@ -41,9 +41,11 @@ from ..manifest.loading import IGNORE_INDEX  # declared once, with the datasets
 from ..model import PSPNet
 from ..results.records import MemoryUse, Speed
 from .inference import single_scale_labels
+from .semseg_inference import SEMSEG_MODE, labels_of_inputs
 
 __all__ = ["measure_fps", "inference_peak_memory", "speed_and_memory", "training_memory", "PeakMemory",
-           "PublishedRun", "protocol_call", "AUX_LOSS_WEIGHT", "IGNORE_INDEX", "FP16_LOSS_SCALE"]
+           "PublishedRun", "protocol_call", "SEMSEG_CALL", "timed_call", "AUX_LOSS_WEIGHT", "IGNORE_INDEX",
+           "FP16_LOSS_SCALE"]
 
 AUX_LOSS_WEIGHT = 0.4
 #: ``Fp16OptimizerHook(loss_scale=512.)`` of mmseg's fp16 PSPNet config: the static loss scale
@@ -232,6 +234,16 @@ def speed_and_memory(model_call: Callable[[Any], Any], inputs: Iterable[Any], *,
 
 PROTOCOL_CALL = ("copy of the normalized float image to the device, the model one sliding window at a "
                  "time, resize to the original size, softmax, argmax, labels copied to the host")
+#: The timed call of an entry on the PSPNet authors' protocol (test mode 'semseg'): their test loop
+#: times everything from the image as read, so the call does too.
+SEMSEG_CALL = ("the authors' protocol from the image as read: float resize to the scale, mean padding, "
+               "each window with its flip through the model (windows per call as stated), softmax, "
+               "float64 averaging, cv2 resize to the original size, argmax, labels copied to the host")
+
+
+def timed_call(settings: Any) -> str:
+    """What :func:`protocol_call` times for these test settings."""
+    return SEMSEG_CALL if settings.mode == SEMSEG_MODE else PROTOCOL_CALL
 
 
 def protocol_call(model: Callable[[torch.Tensor], torch.Tensor], settings: Any, device: DeviceLike,
@@ -241,12 +253,18 @@ def protocol_call(model: Callable[[torch.Tensor], torch.Tensor], settings: Any, 
     ``image`` is the normalized 1 x 3 x h x w float32 image in host memory, as mmseg's loader
     hands it over; the call returns the H x W labels on the host. ``windows_per_call`` stays 1
     for the published protocol (mmseg's slide loop); psp-zoo's own figure may batch windows.
+    For test mode 'semseg' ``image`` is the 1 x 3 x H x W uint8 image as read and the call runs
+    the authors' single scale (:data:`SEMSEG_CALL`).
     """
     device = torch.device(device)
 
     def call(item: Tuple[torch.Tensor, Sequence[int]]) -> torch.Tensor:
         image, ori_size = item
-        labels = single_scale_labels(model, image.to(device), ori_size, settings, batch_size=windows_per_call)
+        if settings.mode == SEMSEG_MODE:
+            labels = labels_of_inputs(model, [image[0]], ori_size, settings, False, device=device,
+                                      batch_size=windows_per_call)
+        else:
+            labels = single_scale_labels(model, image.to(device), ori_size, settings, batch_size=windows_per_call)
         return labels.cpu()
     return call
 

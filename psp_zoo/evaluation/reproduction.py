@@ -32,7 +32,7 @@ import torch
 
 from ..constants import MIN_SPEED_IMAGES
 from ..datasets.readers import Item, SegmentationDataset, list_items, make_loader
-from ..datasets.transforms import normalize_batch, target_scales
+from ..datasets.transforms import normalize_batch
 from ..distributed import Distributed
 from ..environment import environment_info, exact_float32_flags, on_device, usable_device
 from ..errors import PspZooError, ResultsError
@@ -52,9 +52,10 @@ from ..results.records import (
 )
 from .evaluator import recorded_settings
 from .inference import default_slide_batch
-from .measure import PROTOCOL_CALL, PublishedRun, protocol_call, speed_and_memory, training_memory
+from .measure import PublishedRun, protocol_call, speed_and_memory, timed_call, training_memory
 from .resume import PartialState
 from .scoring import score
+from .semseg_inference import SEMSEG_MODE, loader_scales
 
 __all__ = ["reproduce", "ReproduceOptions", "ReproduceReport", "select_checkpoints", "run_options"]
 
@@ -167,7 +168,7 @@ class _CheckpointRun:
         device = self.job.device
         return {"published_precision": self.published.precision, "loss_scale": self.published.loss_scale,
                 "plain_precision": self.published.precision_on(device), "plain_windows_per_call": 1,
-                "prepared_windows_per_call": default_slide_batch(device), "timed_call": PROTOCOL_CALL,
+                "prepared_windows_per_call": default_slide_batch(device), "timed_call": timed_call(self.settings),
                 "float32": exact_float32_flags(),
                 "training": "cudnn.benchmark on, one extra gradient-sized buffer for DDP's gradient buckets, "
                             "BN in place of SyncBN"}
@@ -193,7 +194,7 @@ class _CheckpointRun:
         job = self.job
         pass_name = PASSES[ms_flip]
         data = SegmentationDataset(job.dataset, job.data_root, items=job.items, manifest=job.fetch.manifest,
-                                   img_scales=target_scales(self.settings.img_scale, ms_flip),
+                                   img_scales=loader_scales(self.settings, ms_flip),
                                    reduce_zero_label=self.target.dataset.reduce_zero_label)
         matrix = score(model, data.shard(job.dist.rank, job.dist.world_size), self.settings,
                        self.entry.num_classes, ms_flip=ms_flip, device=job.device,
@@ -211,7 +212,8 @@ class _CheckpointRun:
 
     def speed_inputs(self) -> Tuple[Callable[[], Iterator[Tuple[torch.Tensor, Tuple[int, int]]]], int, int]:
         """(a fresh pass over the speed images as the reference's loader hands them over: normalized
-        float images in host memory, pinned for a GPU; the image count; the warm-up count)."""
+        float images in host memory, pinned for a GPU, or for the authors' protocol the images as
+        read; the image count; the warm-up count)."""
         job, options, entry = self.job, self.options, self.entry
         count = min(_speed_count(options, job.device), len(job.items))
         warmup = min(options.speed_warmup, count - 1)  # few images: still time one; the record says so
@@ -219,14 +221,16 @@ class _CheckpointRun:
             log.warning("%s: only %d image(s) for speed: %d warm-up, %d timed (published: 5 and 195); "
                         "the record and the table say so", entry.name, count, warmup, count - warmup)
         data = SegmentationDataset(job.dataset, job.data_root, items=job.items[:count], manifest=job.fetch.manifest,
-                                   img_scales=[self.settings.img_scale],
+                                   img_scales=loader_scales(self.settings, False),
                                    reduce_zero_label=self.target.dataset.reduce_zero_label)
+        raw = self.settings.mode == SEMSEG_MODE  # their protocol prepares the image inside the timed call
         # on CPU, loader workers would compete with the timed model for the cores
         workers = 0 if job.device.type == "cpu" else options.num_workers
 
         def inputs() -> Iterator[Tuple[torch.Tensor, Tuple[int, int]]]:
             for sample in make_loader(data, num_workers=workers, device=job.device):
-                image = normalize_batch(sample.inputs[0].unsqueeze(0))  # preprocessing: not timed
+                image = sample.inputs[0].unsqueeze(0)
+                image = image if raw else normalize_batch(image)  # mmseg's preprocessing: not timed
                 yield (image.pin_memory() if job.device.type == "cuda" else image), sample.ori_size
         return inputs, count, warmup
 
@@ -240,7 +244,7 @@ class _CheckpointRun:
         precision = self.published.precision_on(job.device) if protocol else job.speed.precision
         log.info("%s %s: timing the %s model, %d image(s) after %d warm-up, peak memory on the same pass",
                  job.position(self.entry), self.entry.name, "plain" if protocol else "prepared", count - warmup, warmup)
-        detail = (f"{PROTOCOL_CALL}; {windows} window(s) per model call"
+        detail = (f"{timed_call(self.settings)}; {windows} window(s) per model call"
                   + (f"; {self.published.describe(job.device)}" if protocol else ""))
         speed, memory = speed_and_memory(protocol_call(model, self.settings, job.device, windows_per_call=windows),
                                          inputs(), warmup=warmup, total=count, device=job.device,

@@ -1,9 +1,10 @@
 """The one scoring loop: a model x a validation set -> a confusion matrix.
 
 ``evaluate``, ``reproduce`` and the selftest all score through :func:`score`: each image goes
-through the test pipeline (``inference.infer_labels``: whole / slide / ms+flip, logits resized to
-the original size), its label map is compared with the ground truth, and the counts are summed in
-a :class:`~psp_zoo.evaluation.metrics.ConfusionMatrix`. With a :class:`~psp_zoo.evaluation.resume.PartialState` the
+through the checkpoint's test protocol (``semseg_inference.labels_of_inputs``: mmseg's whole /
+slide / ms+flip with logits resized to the original size, or the PSPNet authors' protocol), its
+label map is compared with the ground truth, and the counts are summed in a
+:class:`~psp_zoo.evaluation.metrics.ConfusionMatrix`. With a :class:`~psp_zoo.evaluation.resume.PartialState` the
 counts are saved every N images, so a killed run resumes at its last save with equal counts.
 
 Progress is a tqdm bar on a terminal; elsewhere (nohup, CI, a log file) one plain line every
@@ -22,9 +23,9 @@ from tqdm import tqdm
 from ..datasets.readers import Sample, SegmentationDataset, make_loader
 from ..environment import exact_float32
 from ..manifest.loading import EvalSettings
-from .inference import infer_labels
 from .metrics import ConfusionMatrix
 from .resume import PartialState
+from .semseg_inference import labels_of_inputs
 
 __all__ = ["score", "label_maps", "progress"]
 
@@ -36,8 +37,8 @@ def label_maps(model, samples: Iterable[Sample], settings: EvalSettings, *, ms_f
                device: torch.device, batch_size: Optional[int] = None) -> Iterator[Tuple[Sample, torch.Tensor]]:
     """(sample, H x W predicted class indices on ``device``) for each sample, in order."""
     for sample in samples:
-        labels = infer_labels(model, sample.inputs, sample.ori_size, settings, ms_flip, device=device,
-                              batch_size=batch_size)
+        labels = labels_of_inputs(model, sample.inputs, sample.ori_size, settings, ms_flip, device=device,
+                                  batch_size=batch_size)
         yield sample, labels
 
 

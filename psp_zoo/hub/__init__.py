@@ -8,10 +8,11 @@ from .cache import (  # the public names of the module this package replaced
     cached_path,
     download,
     fetch_file,
+    first_sha256_record,
     forget_failed_hosts,
     is_cached,
     resolve_url,
 )
 
 __all__ = ["download", "fetch_file", "cache_dir", "cached_path", "cache_state", "is_cached", "resolve_url",
-           "forget_failed_hosts"]
+           "forget_failed_hosts", "first_sha256_record"]

@@ -13,6 +13,9 @@ A file a ``file://`` URL names (a user manifest's local checkpoint, a fine-tuned
 ``psp-zoo train --from`` writes) is used where it is once its hash checks out: never copied into
 the cache, hashed again at each use (it lives outside the cache, where anything may change it).
 
+A file with no URL (the PSPNet authors' models) is saved in the cache by hand; without a published
+hash, the SHA-256 of the first one loaded is recorded beside it and a later change is warned about.
+
 A checkpoint may be published at several URLs; they are tried in order and the first that serves
 a file with the right hash wins. Connection failures that another attempt cannot fix (the host name
 does not resolve, the connection is refused) are not retried, and the host is remembered as down
@@ -22,10 +25,13 @@ transfer itself is :mod:`psp_zoo.hub.fetching`; this module is the cache and the
 """
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 from urllib.parse import unquote, urlparse
@@ -33,8 +39,9 @@ from urllib.request import url2pathname
 
 import filelock
 
-from ..constants import HOME_ENV, OFFLINE_ENV, env_flag, env_text
+from ..constants import HOME_ENV, MANIFEST_ENV, OFFLINE_ENV, env_flag, env_text
 from ..errors import DownloadError, PspZooError
+from ..files import atomic_write
 from ..manifest.loading import Checkpoint, get_checkpoint
 from .fetching import (
     Policy,
@@ -53,7 +60,7 @@ from .fetching import (
 )
 
 __all__ = ["download", "fetch_file", "cache_dir", "cached_path", "cache_state", "is_cached", "resolve_url",
-           "forget_failed_hosts"]
+           "forget_failed_hosts", "first_sha256_record"]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +100,8 @@ def _target(name_or_url: NameOrUrl, manifest: ManifestPaths = None, sha256: Opti
         return Target((name_or_url,), filename, prefix, sha256, label=name_or_url)
     else:
         entry = get_checkpoint(name_or_url, manifest=manifest)
-    return Target(tuple(entry.urls), entry.filename, entry.hash_prefix, sha256 or entry.sha256, label=entry.name)
+    return Target(tuple(entry.urls), entry.filename, entry.hash_prefix, sha256 or entry.sha256, label=entry.name,
+                  download_page=entry.download_page)
 
 
 def _local_file(target: Target) -> Optional[Path]:
@@ -127,7 +135,8 @@ def cache_state(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, manifest:
         return "cached"
     final = _cache_root(cache_dir) / target.filename
     if final.is_file():
-        return "cached" if is_verified(final, target) else "corrupt"
+        by_hand_unhashed = not target.urls and not target.sha256  # nothing to check it against
+        return "cached" if by_hand_unhashed or is_verified(final, target) else "corrupt"
     if local is not None:
         return "corrupt"
     return "partial" if housekeeping(final, ".part").is_file() else "missing"
@@ -155,12 +164,19 @@ def download(name_or_url: NameOrUrl, *, cache_dir: CacheDir = None, mirror: Opti
 
     A file a ``file://`` URL names is returned where it is once its SHA-256 checks out (also
     offline), never copied into the cache.
+
+    An entry with no URL (``download_page``: the PSPNet authors' files) is never downloaded: its
+    file is the one the user saved in the cache (DownloadError saying where from and where to when
+    it is not there), checked against the entry's sha256 if it has one, else the SHA-256 of the
+    first file loaded is recorded (:func:`first_sha256_record`) and a later change warned about.
     """
     target = _target(name_or_url, manifest, sha256)
     local = _local_file(target)
     if local is not None and _local_is_verified(local, target):
         return local
     final = _cache_root(cache_dir) / target.filename
+    if not target.urls:
+        return _placed_by_hand(final, target)
     if final.is_file() and marker_matches(final, target):
         return final  # the common case: no lock, no hashing
     offline = _offline_from_env() if offline is None else offline
@@ -230,6 +246,65 @@ class _locked:
 
     def __exit__(self, *exc_info):
         self.lock.release()
+
+
+# --------------------------------------------------------------------------------------------
+# files with no download URL (the PSPNet authors' models): placed in the cache by hand
+
+
+def _placed_by_hand(final: Path, target: Target) -> Path:
+    """The file the user put at ``final``; checked against the entry's sha256 if it has one, else
+    its SHA-256 is recorded the first time and a later change is warned about."""
+    if not final.is_file():
+        where = f"download it by hand from {target.download_page} and save it as {final}"
+        others = (f"pass checkpoint=FILE, or declare it in a user manifest entry with the file's URL (e.g. on your "
+                  f"mirror) and its sha256 (the manifest argument or {MANIFEST_ENV}; see docs/authors_models.md)")
+        raise DownloadError(
+            f"{target.label} has no download URL (its authors share it on a page with no stable link and "
+            f"no published hash): {where}; or {others}",
+            cli_hint="on the command line: --checkpoint FILE or --manifest FILE",
+            summary=f"no download URL: {where}",
+            advice=f"a file with no download URL is saved by hand where said; or {others}")
+    if target.sha256:
+        if not is_verified(final, target):
+            raise DownloadError(f"{final} is not the file of {target.label}: its SHA-256 is not the entry's "
+                                f"{target.sha256}; download it again from {target.download_page}")
+        return final
+    _check_first_sha256(final, target.label)
+    return final
+
+
+def first_sha256_record(final: Path) -> Path:
+    """Where the SHA-256 of the file first loaded from ``final`` (a file placed by hand) is recorded."""
+    return housekeeping(Path(final), ".first-sha256")
+
+
+def _check_first_sha256(final: Path, label: str) -> None:
+    record = first_sha256_record(final)
+    try:
+        first = json.loads(record.read_text())
+        first = first if isinstance(first, dict) and isinstance(first.get("sha256"), str) else None
+    except (OSError, ValueError):
+        first = None
+    stat = final.stat()
+    if first is not None and (first.get("size"), first.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+        return  # the file recorded, untouched since
+    digest = sha256_of(final).hexdigest()
+    if first is not None and digest != first["sha256"]:
+        warnings.warn(f"{final} changed since psp-zoo first loaded it for {label}: its SHA-256 is now {digest}, "
+                      f"was {first['sha256']} (recorded {first.get('recorded', '?')}); if you replaced it on "
+                      f"purpose, delete {record} to record the new file", stacklevel=3)
+        return
+    now = datetime.datetime.now(datetime.timezone.utc)
+    when = first.get("recorded") if first else now.isoformat(timespec="seconds")
+    try:
+        atomic_write(record, json.dumps({"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                         "recorded": when}))
+    except OSError:  # a read-only shared cache: nothing recorded, nothing to compare with later
+        log.info("cannot record the SHA-256 of %s in %s", final, record.parent)
+        return
+    if first is None:
+        log.info("%s: recorded its SHA-256 %s in %s", label, digest, record)
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,11 +65,12 @@ _NOT_THERE_STATUS = {401, 403, 404, 410}
 class Target:
     """One file to fetch: where from, under which name, and the hash it must have."""
 
-    urls: Tuple[str, ...]  # where it is published, tried in order
+    urls: Tuple[str, ...]  # where it is published, tried in order; () for a file downloaded by hand
     filename: str
     hash_prefix: str
     sha256: Optional[str]
     label: str  # what the user asked for, for messages
+    download_page: Optional[str] = None  # where people download a file that has no URL
 
     def accepts(self, digest: str) -> bool:
         return digest.startswith(self.hash_prefix) and (self.sha256 is None or digest == self.sha256)

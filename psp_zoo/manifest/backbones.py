@@ -10,7 +10,7 @@ import re
 from typing import Optional, Tuple
 
 __all__ = ["STAGE_BLOCKS", "DEPTHS", "DEPTH_WORDS", "STAGE_STRIDES", "OUTPUT_STRIDES", "BACKBONE_RE", "BACKBONE_FORMS",
-           "HEAD_CHANNELS", "DEFAULT_HEAD_CHANNELS", "parse_backbone", "head_channels"]
+           "HEAD_CHANNELS", "DEFAULT_HEAD_CHANNELS", "FAMILIES", "METHOD_NAMES", "parse_backbone", "head_channels"]
 
 #: The published ResNet depths and their blocks per stage (R-18 in basic blocks, deeper nets in
 #: bottlenecks): the one table the manifest, the backbone files and ``model/resnet.py`` read.
@@ -29,6 +29,13 @@ BACKBONE_FORMS = (f"'R-<depth>[b]-D<stride>[ rsb]' with depth {DEPTH_WORDS} and 
 # the published configs narrow both heads for R-18 (decode 128, auxiliary 64); deeper nets use 512 / 256
 HEAD_CHANNELS = {18: (128, 64)}
 DEFAULT_HEAD_CHANNELS = (512, 256)
+
+#: The families of published PSPNets and what each changes in the network (PSPNet keyword
+#: arguments): mmseg's (the default), and the PSPNet authors' (hszhao/semseg: a 64-64-128 deep
+#: stem, every block of the dilated stages at the full dilation).
+FAMILIES = {"mmseg": {}, "semseg": {"stem_channels": 128, "contract_dilation": False}}
+#: The results tables' Method cell of each family's rows.
+METHOD_NAMES = {"mmseg": "PSPNet", "semseg": "PSPNet (semseg)"}
 
 
 def parse_backbone(name: object) -> Optional[dict]:

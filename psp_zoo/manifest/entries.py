@@ -8,23 +8,31 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Tuple
 
 from ..errors import ManifestError, PspZooError
-from .backbones import head_channels
+from .backbones import FAMILIES, METHOD_NAMES, head_channels
 
 __all__ = ["IGNORE_INDEX", "LABEL_MAPS", "PUBLISHED_FIELDS", "Published", "EvalSettings", "Layout", "DatasetSpec",
            "Checkpoint"]
 
 #: Label value that is never scored (mmseg's ignore_index), unless a dataset declares another.
 IGNORE_INDEX = 255
-TEST_FIELDS = ("mode", "img_scale", "crop_size", "stride", "align_corners")
+TEST_FIELDS = ("mode", "img_scale", "crop_size", "stride", "align_corners", "base_size")
+#: The test modes: mmseg's whole-image and sliding-window inference, and the PSPNet authors' protocol
+#: (semseg's tool/test.py: long side scaled to ``base_size``, ``crop_size`` windows, flip always).
+TEST_MODES = ("whole", "slide", "semseg")
 #: Named id mappings a layout's ``label_map`` may ask for (applied to its fallback label files).
 LABEL_MAPS = ("cityscapes_label_ids",)
 
 # Published-table column names as they appear in the manifest and in the README tables.
+# mAcc / aAcc: published by the PSPNet authors beside mIoU (mean class accuracy, pixel accuracy).
 PUBLISHED_FIELDS = {
     "mIoU": ("miou", 0.0, 100.0),
     "mIoU(ms+flip)": ("miou_ms_flip", 0.0, 100.0),
     "Mem (GB)": ("mem_gb", 0.0, 1000.0),
     "Inf time (fps)": ("fps", 0.0, 100000.0),
+    "mAcc": ("macc", 0.0, 100.0),
+    "aAcc": ("aacc", 0.0, 100.0),
+    "mAcc(ms+flip)": ("macc_ms_flip", 0.0, 100.0),
+    "aAcc(ms+flip)": ("aacc_ms_flip", 0.0, 100.0),
 }
 # The hashed file name convention: <anything>-<8 hex>.pth at the end of the URL path.
 WEIGHTS_RE = re.compile(r"^(?P<stem>[^/?#]+-(?P<hash>[0-9a-f]{8}))\.pth$")
@@ -57,17 +65,24 @@ class Published:
     miou_ms_flip: Optional[float] = None
     mem_gb: Optional[float] = None
     fps: Optional[float] = None
+    macc: Optional[float] = None
+    aacc: Optional[float] = None
+    macc_ms_flip: Optional[float] = None
+    aacc_ms_flip: Optional[float] = None
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How a checkpoint is evaluated: the resize target, whole or sliding-window inference."""
+    """How a checkpoint is evaluated: the resize target, whole or sliding-window inference, or the
+    PSPNet authors' protocol (``mode='semseg'``: ``base_size`` and ``crop_size``, no ``stride``,
+    which that protocol derives from the crop)."""
 
     mode: str
     img_scale: Tuple[int, int]
     align_corners: bool
     crop_size: Optional[Tuple[int, int]] = None
     stride: Optional[Tuple[int, int]] = None
+    base_size: Optional[int] = None
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "EvalSettings":
         """These settings with ``overrides`` applied and checked (slide needs crop_size and stride)."""
@@ -79,6 +94,8 @@ class EvalSettings:
         merged = {**self.__dict__, **overrides}
         if merged["mode"] == "slide" and (merged["crop_size"] is None or merged["stride"] is None):
             raise PspZooError("slide inference needs crop_size=(h, w) and stride=(h, w)")
+        if merged["mode"] == "semseg" and (merged["crop_size"] is None or merged["base_size"] is None):
+            raise PspZooError("semseg inference needs base_size=N (the long side at scale 1) and crop_size=(h, w)")
         plain = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
         return parse_test(Where("test settings", "overrides"), plain, self, "")
 
@@ -147,7 +164,7 @@ class Checkpoint:
     output_stride: int  # 8 (D8) or 32 (D32)
     crop_size: Tuple[int, int]
     schedule: int
-    urls: Tuple[str, ...]  # the same file's published locations, tried in order
+    urls: Tuple[str, ...]  # the same file's published locations, tried in order; () = downloaded by hand
     log_url: Optional[str]
     hash_prefix: str
     sha256: Optional[str]
@@ -166,11 +183,25 @@ class Checkpoint:
     train: Mapping[str, Any] = field(default_factory=dict, hash=False, repr=False)
     # the checkpoint a fine-tuned entry started from (schema.FINETUNED_FROM_FIELDS); empty for published ones
     finetuned_from: Mapping[str, str] = field(default_factory=dict, hash=False, repr=False)
+    # whose network and file layout: 'mmseg' or 'semseg' (the PSPNet authors'), backbones.FAMILIES
+    family: str = "mmseg"
+    # a file with no stable URL: the page to download it from by hand (then ``urls`` is empty)
+    download_page: Optional[str] = None
 
     @property
-    def url(self) -> str:
-        """The primary weights URL."""
-        return self.urls[0]
+    def url(self) -> Optional[str]:
+        """The primary weights URL; None for a file downloaded by hand (``download_page``)."""
+        return self.urls[0] if self.urls else None
+
+    @property
+    def by_hand(self) -> bool:
+        """True for a file with no download URL: the user fetches it from ``download_page``."""
+        return not self.urls
+
+    @property
+    def method(self) -> str:
+        """The results tables' Method cell: 'PSPNet', or 'PSPNet (semseg)' for the authors' models."""
+        return METHOD_NAMES[self.family]
 
     @property
     def datasets(self) -> Tuple[str, ...]:
@@ -210,7 +241,10 @@ class Checkpoint:
     @property
     def filename(self) -> str:
         """The hashed weight file name in the cache, e.g. ``<name>_<date>_<time>-<hash8>.pth``: the
-        URL's file name, with ``-<hash8>`` added when the URL's name does not carry it."""
+        URL's file name, with ``-<hash8>`` added when the URL's name does not carry it. A file
+        downloaded by hand is ``<name>.pth`` (``<name>-<hash8>.pth`` when the entry gives its sha256)."""
+        if self.by_hand:
+            return f"{self.name}-{self.hash_prefix}.pth" if self.hash_prefix else f"{self.name}.pth"
         name = self.url.rsplit("/", 1)[-1]
         if WEIGHTS_RE.match(name):
             return name
@@ -238,6 +272,7 @@ class Checkpoint:
         """Keyword arguments for :class:`psp_zoo.PSPNet` that build this checkpoint's network."""
         channels, aux_channels = head_channels(self.depth)
         kwargs = {
+            **FAMILIES[self.family],
             "depth": self.depth,
             "deep_stem": self.deep_stem,
             "output_stride": self.output_stride,
@@ -299,8 +334,8 @@ def parse_test(where: Where, raw: Mapping, base: Optional[EvalSettings], fld: st
     merged = dict(base.__dict__) if base else {}
     merged.update(raw)
     mode = merged.get("mode")
-    if mode not in ("whole", "slide"):
-        where.fail(f"{fld}.mode", f"expected 'whole' or 'slide', got {mode!r}")
+    if mode not in TEST_MODES:
+        where.fail(f"{fld}.mode", f"expected one of {', '.join(map(repr, TEST_MODES))}, got {mode!r}")
     if "img_scale" not in merged:
         where.fail(f"{fld}.img_scale", "missing")
     settings = {
@@ -309,10 +344,19 @@ def parse_test(where: Where, raw: Mapping, base: Optional[EvalSettings], fld: st
         "align_corners": where.boolean(merged.get("align_corners", False), f"{fld}.align_corners"),
         "crop_size": None,
         "stride": None,
+        "base_size": None,
     }
     if mode == "slide":
         for key in ("crop_size", "stride"):
             if merged.get(key) is None:
                 where.fail(f"{fld}.{key}", "required when mode is 'slide'")
             settings[key] = where.pair(merged[key], f"{fld}.{key}")
+    if mode == "semseg":
+        if raw.get("stride") is not None:
+            where.fail(f"{fld}.stride", "not used when mode is 'semseg': its windows step by ceil(2/3 crop_size)")
+        for key in ("base_size", "crop_size"):
+            if merged.get(key) is None:
+                where.fail(f"{fld}.{key}", "required when mode is 'semseg'")
+        settings["base_size"] = where.pos_int(merged["base_size"], f"{fld}.base_size")
+        settings["crop_size"] = where.pair(merged["crop_size"], f"{fld}.crop_size")
     return EvalSettings(**settings)

@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from ..errors import ManifestError
-from .backbones import BACKBONE_FORMS, DEPTH_WORDS, DEPTHS, parse_backbone
+from .backbones import BACKBONE_FORMS, DEPTH_WORDS, DEPTHS, FAMILIES, parse_backbone
 from .entries import (
     IGNORE_INDEX,
     LABEL_MAPS,
@@ -39,7 +39,8 @@ ENTRY_REQUIRED = ("name", "dataset", "crop_size", "schedule", "weights", "publis
 # one of the two is required: backbone or depth
 ENTRY_EITHER = (("backbone", "depth"),)
 # hash and sha256: the hash prefix comes from the weights file name or sha256; given, they must agree
-ENTRY_OPTIONAL = ("hash", "sha256", "aliases", "log", "test", "model", "published_on", "train", "finetuned_from")
+ENTRY_OPTIONAL = ("hash", "sha256", "aliases", "log", "test", "model", "published_on", "train", "finetuned_from",
+                  "family", "download_page")
 # what a fine-tuned entry says about the checkpoint it started from
 FINETUNED_FROM_FIELDS = ("name", "sha256", "url")
 # Results-table backbone names: R-<depth>[b]-D<output stride>[ rsb] ('b': ResNetV1b stem; 'rsb': the
@@ -227,6 +228,12 @@ def _parse_weights(where: Where, raw: Mapping) -> Tuple[Tuple[str, ...], str]:
     file named otherwise, the first 8 digits of the entry's full ``sha256``.
     """
     value = raw["weights"]
+    page = raw.get("download_page")
+    if page is not None and (not isinstance(page, str) or not re.match(r"^https?://", page)):
+        where.fail("download_page",
+                   f"expected the http(s):// address of the page to download the file from, got {page!r}")
+    if value is None or page is not None:
+        return _by_hand(where, raw, value, page)
     urls = value if isinstance(value, list) else [value]
     if not urls:
         where.fail("weights", "expected a URL or a list of URLs of the same file, got an empty list")
@@ -253,6 +260,28 @@ def _parse_weights(where: Where, raw: Mapping) -> Tuple[Tuple[str, ...], str]:
     if sha256 is not None and not sha256.startswith(hash_prefix):
         where.fail("sha256", f"expected 64 lowercase hex digits starting with {hash_prefix!r}, got {sha256!r}")
     return tuple(urls), hash_prefix
+
+
+def _by_hand(where: Where, raw: Mapping, value: Any, page: Any) -> Tuple[Tuple[str, ...], str]:
+    """A file with no stable URL (``weights: null``): ``download_page`` says where people get it; its
+    hash prefix is that of the optional ``sha256`` (then the file placed by hand is checked against it)."""
+    if value is not None:
+        where.fail("weights", "must be null when download_page is given (the file is downloaded by hand)")
+    if page is None:
+        where.fail("weights", "null needs download_page: the address of the page to download the file from")
+    sha256 = raw.get("sha256")
+    if sha256 is not None and (not isinstance(sha256, str) or not _HEX64_RE.match(sha256)):
+        where.fail("sha256", f"expected 64 lowercase hex digits, got {sha256!r}")
+    if raw.get("hash") is not None and (sha256 is None or raw["hash"] != sha256[:8]):
+        where.fail("hash", "a file downloaded by hand has no hashed name: give its full sha256 instead")
+    return (), "" if sha256 is None else sha256[:8]
+
+
+def _parse_family(where: Where, raw: Mapping) -> str:
+    family = raw.get("family", "mmseg")
+    if family not in FAMILIES:
+        where.fail("family", f"expected one of {', '.join(FAMILIES)}, got {family!r}")
+    return family
 
 
 def _parse_backbone(where: Where, raw: Mapping) -> Tuple[str, dict]:
@@ -369,6 +398,8 @@ def parse_entry(source: str, index: int, raw: Any, datasets: Mapping[str, Datase
         _tests=ReadOnlyMap(tests),
         train=ReadOnlyMap(where.mapping(raw.get("train") or {}, "train")),
         finetuned_from=_parse_finetuned_from(where, raw.get("finetuned_from")),
+        family=_parse_family(where, raw),
+        download_page=raw.get("download_page"),
         **net,
     )
 
@@ -413,6 +444,7 @@ def overridden(previous: Mapping, override: Mapping) -> dict:
     return {**{key: value for key, value in previous.items() if key not in replaced}, **override}
 
 
-_REPLACED_WITH = {"weights": ("hash", "sha256"), "dataset": ("published_on",), "model": ("published_on",)}
+_REPLACED_WITH = {"weights": ("hash", "sha256", "download_page"), "dataset": ("published_on",),
+                  "model": ("published_on",)}
 
 

@@ -10,7 +10,7 @@ import pickle
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Mapping, Tuple, Union
+from typing import Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from torch import nn
 
 from ..errors import CheckpointError
 
-__all__ = ["load_checkpoint", "read_checkpoint", "read_safetensors", "load_checkpoint_file", "checkpoint_parts"]
+__all__ = ["load_checkpoint", "read_checkpoint", "read_safetensors", "load_checkpoint_file", "checkpoint_parts",
+           "SEMSEG_NAMES", "semseg_name", "is_semseg_layout", "to_semseg_names"]
 
 _SHOW = 5  # mismatches named in an error message
 
@@ -71,7 +72,8 @@ def _refused_global(exc: BaseException) -> str:
 def read_checkpoint(path: Union[str, Path]) -> Tuple["OrderedDict[str, torch.Tensor]", dict]:
     """Return ``(state_dict, meta)`` from a published file, without ever unpickling arbitrary code.
 
-    Accepts ``{'meta': ..., 'state_dict': ...}``, a bare state dict, and ``module.``-prefixed keys.
+    Accepts ``{'meta': ..., 'state_dict': ...}`` (other top-level fields, such as the PSPNet authors'
+    ``epoch`` and ``optimizer``, are ignored), a bare state dict, and ``module.``-prefixed keys.
     """
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -139,8 +141,72 @@ def read_safetensors(path: Union[str, Path]) -> Tuple["OrderedDict[str, torch.Te
     return state_dict, meta
 
 
-def _mismatches(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list:
-    expected = model.state_dict()
+# --------------------------------------------------------------------------------------------
+# the PSPNet authors' files (hszhao/semseg): their module names for psp-zoo's tensors
+
+#: psp-zoo's key prefix -> the authors' (model/pspnet.py: ``layer0`` is the deep stem's Sequential
+#: with the same indices, ``ppm.features.{i}`` pool / conv / BN / ReLU, ``cls`` and ``aux`` conv / BN
+#: / ReLU / Dropout2d / conv). The rest of a key (``weight``, ``bn2.running_var``...) is the same.
+SEMSEG_NAMES = (
+    (r"backbone\.stem\.", "layer0."),
+    (r"backbone\.(layer[1-4])\.", r"\1."),
+    (r"decode_head\.psp_modules\.(\d+)\.1\.conv\.", r"ppm.features.\1.1."),
+    (r"decode_head\.psp_modules\.(\d+)\.1\.bn\.", r"ppm.features.\1.2."),
+    (r"decode_head\.bottleneck\.conv\.", "cls.0."),
+    (r"decode_head\.bottleneck\.bn\.", "cls.1."),
+    (r"decode_head\.conv_seg\.", "cls.4."),
+    (r"auxiliary_head\.convs\.0\.conv\.", "aux.0."),
+    (r"auxiliary_head\.convs\.0\.bn\.", "aux.1."),
+    (r"auxiliary_head\.conv_seg\.", "aux.4."),
+)
+_SEMSEG_RULES = tuple((re.compile(pattern), repl) for pattern, repl in SEMSEG_NAMES)
+_SEMSEG_TOP = re.compile(r"^(layer[0-4]|ppm|cls|aux)\.")
+
+
+def semseg_name(key: str) -> Optional[str]:
+    """The PSPNet authors' name of psp-zoo's state-dict key, or None where their network has none."""
+    for pattern, repl in _SEMSEG_RULES:
+        if pattern.match(key):
+            return pattern.sub(repl, key, count=1)
+    return None
+
+
+def is_semseg_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """True for a state dict in the authors' names (``layer0..4``, ``ppm``, ``cls``, ``aux``)."""
+    return bool(state_dict) and all(_SEMSEG_TOP.match(key) for key in state_dict)
+
+
+def to_semseg_names(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """psp-zoo's state dict of the authors' network under the authors' names (for writing their format)."""
+    renamed = OrderedDict()
+    for key, value in state_dict.items():
+        name = semseg_name(key)
+        if name is None:
+            raise CheckpointError(f"{key} has no counterpart in the PSPNet authors' network; build the model "
+                                  f"with their family (deep stem, 128 stem channels)")
+        renamed[name] = value
+    return renamed
+
+
+def _from_semseg_names(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                       path: Path) -> "OrderedDict[str, torch.Tensor]":
+    """The authors' state dict under psp-zoo's names, exactly and strictly: every key of the file must
+    be one of the model's under its authors' name and vice versa; mismatches are named as the file names them."""
+    ours = {name: key for key in model.state_dict() for name in [semseg_name(key)] if name is not None}
+    expected = OrderedDict((name, model.state_dict()[key]) for name, key in ours.items())
+    unnamed = [key for key in model.state_dict() if semseg_name(key) is None]
+    problems = _mismatches(expected, state_dict)
+    if unnamed:
+        problems.append(f"the model has {len(unnamed)} key(s) the authors' network lacks: "
+                        f"{', '.join(unnamed[:_SHOW])}")
+    if problems:
+        raise CheckpointError(
+            f"{path.name} (the PSPNet authors' layout) does not fit {type(model).__name__}: {'; '.join(problems)}. "
+            f"Check that the model is their network (family 'semseg') with the file's depth and num_classes")
+    return OrderedDict((ours[name], value) for name, value in state_dict.items())
+
+
+def _mismatches(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> list:
     problems = []
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -156,9 +222,16 @@ def _mismatches(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> lis
 
 
 def load_checkpoint(model: nn.Module, path: Union[str, Path]) -> dict:
-    """Load a published file into ``model`` strictly (every key and shape must match); return meta."""
+    """Load a published file into ``model`` strictly (every key and shape must match); return meta.
+
+    A file of the PSPNet authors (``{'epoch', 'state_dict', 'optimizer'}``, keys ``module.layer0...``)
+    is read the same way (``optimizer`` ignored, DDP's ``module.`` stripped) and its keys are mapped
+    onto the model's one by one (:data:`SEMSEG_NAMES`): nothing unexpected, nothing missing.
+    """
     state_dict, meta = read_checkpoint(path)
-    problems = _mismatches(model, state_dict)
+    if is_semseg_layout(state_dict):
+        state_dict = _from_semseg_names(model, state_dict, Path(path))
+    problems = _mismatches(model.state_dict(), state_dict)
     if problems:
         raise CheckpointError(
             f"{Path(path).name} does not fit {type(model).__name__}: {'; '.join(problems)}. "

@@ -35,6 +35,12 @@ class PSPNet(nn.Module):
     ``output_stride`` 8 or 32 picks D8 or D32. ``channels``/``aux_channels`` default to the
     published head widths for ``depth``. Both heads' inputs follow the backbone's stage widths.
 
+    The PSPNet authors' network (hszhao/semseg, ``manifest.backbones.FAMILIES['semseg']``) is this class
+    with ``stem_channels=128`` (their deep stem: 64, 64, 128), ``contract_dilation=False`` (every
+    block of stages 3 and 4 at dilation 2 and 4) and ``align_corners=True`` (pyramid and output
+    resize); their output size ``(H - 1) / 8 * 8 + 1`` is ``H`` for the inputs they run
+    (``(H - 1) % 8 == 0``). Their files' key names are mapped by :mod:`psp_zoo.model.checkpoint`.
+
     ``model(x)`` is mmseg's ``encode_decode``: the decode head's logits resized bilinearly (with
     the head's ``align_corners``) to x's height and width. ``x`` is a normalized RGB batch.
     """
@@ -42,7 +48,8 @@ class PSPNet(nn.Module):
     def __init__(self, *, depth: int = 50, num_classes: int, align_corners: bool = False,
                  deep_stem: bool = True, output_stride: int = 8,
                  stem_channels: int = 64, base_channels: int = 64, channels: Optional[int] = None,
-                 aux_channels: Optional[int] = None, pool_scales: Sequence[int] = (1, 2, 3, 6)):
+                 aux_channels: Optional[int] = None, pool_scales: Sequence[int] = (1, 2, 3, 6),
+                 contract_dilation: bool = True):
         super().__init__()
         check_backbone(depth, output_stride)
         default_channels, default_aux = head_channels(depth)
@@ -51,7 +58,8 @@ class PSPNet(nn.Module):
         self.num_classes = num_classes
         self.align_corners = align_corners
         self.backbone = ResNet(depth, stem_channels=stem_channels, base_channels=base_channels,
-                               strides=STAGE_STRIDES[output_stride], deep_stem=deep_stem)
+                               strides=STAGE_STRIDES[output_stride], deep_stem=deep_stem,
+                               contract_dilation=contract_dilation)
         c3, c4 = self.backbone.out_channels[2:]
         self.decode_head = PSPHead(c4, channels, num_classes, pool_scales, align_corners)
         self.auxiliary_head = FCNHead(c3, aux_channels, num_classes)

@@ -69,14 +69,16 @@ def check_backbone(depth: int, output_stride: int) -> None:
 
 
 def make_layer(block: Type[nn.Module], inplanes: int, planes: int, blocks: int,
-               stride: int, dilation: int) -> nn.Sequential:
-    """One stage: a projection shortcut where the shape changes, the first block's dilation contracted."""
+               stride: int, dilation: int, contract_dilation: bool = True) -> nn.Sequential:
+    """One stage: a projection shortcut where the shape changes, the first block's dilation
+    contracted (mmseg), or every block at the stage's dilation (``contract_dilation=False``: the
+    PSPNet authors' network)."""
     out = planes * block.expansion
     downsample = None
     if stride != 1 or inplanes != out:
         downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
     # contract_dilation: halved whenever > 1, whatever the stride (so D32's stride-2 blocks dilate too)
-    first_dilation = dilation // 2 if dilation > 1 else dilation
+    first_dilation = dilation // 2 if dilation > 1 and contract_dilation else dilation
     layers = [block(inplanes, planes, stride, downsample, dilation=first_dilation)]
     layers += [block(out, planes, dilation=dilation) for _ in range(1, blocks)]
     return nn.Sequential(*layers)
@@ -87,11 +89,12 @@ class ResNet(nn.Module):
 
     ``deep_stem=False`` is V1b (7x7 ``conv1``/``bn1``), ``True`` is V1c (``stem.*``). The stage
     outputs have strides (4, 8, 8, 8) with the default D8 strides, (4, 8, 16, 32) with D32's.
+    ``contract_dilation=False`` dilates every block of a dilated stage fully (the PSPNet authors').
     """
 
     def __init__(self, depth: int = 50, stem_channels: int = 64, base_channels: int = 64,
                  strides: Sequence[int] = STAGE_STRIDES[8], dilations: Sequence[int] = STAGE_DILATIONS,
-                 deep_stem: bool = False):
+                 deep_stem: bool = False, contract_dilation: bool = True):
         super().__init__()
         if depth not in ARCH:
             raise ModelConfigError(f"ResNet depth must be one of {sorted(ARCH)}, got {depth!r}")
@@ -112,7 +115,8 @@ class ResNet(nn.Module):
         self.out_channels: List[int] = []
         for i, (blocks, stride, dilation) in enumerate(zip(stage_blocks, strides, dilations)):
             planes = base_channels * 2**i
-            self.add_module(f"layer{i + 1}", make_layer(block, inplanes, planes, blocks, stride, dilation))
+            self.add_module(f"layer{i + 1}", make_layer(block, inplanes, planes, blocks, stride, dilation,
+                                                        contract_dilation))
             inplanes = planes * block.expansion
             self.out_channels.append(inplanes)
 

@@ -1,10 +1,11 @@
 """Segment your own images with a checkpoint: label maps, palette PNGs, overlays and legends.
 
-Every image goes through the checkpoint's own test pipeline (its resize, whole or sliding-window
-mode and ``align_corners``) via :func:`psp_zoo.evaluation.inference.predict_labels`, so a
-prediction here is exactly what the evaluation scores, in memory that does not grow with classes x
-pixels. ``Predictor`` loads the model once for many images; ``predict`` is the one-call form for a
-single image.
+Every image goes through the checkpoint's own test pipeline via
+:func:`psp_zoo.evaluation.semseg_inference.labels_of_image`, so a prediction here is exactly what the
+evaluation scores: mmseg's (its resize, whole or sliding-window mode and ``align_corners``; in memory
+that does not grow with classes x pixels) or, for the PSPNet authors' checkpoints (test mode
+``semseg``), their protocol. ``Predictor`` loads the model once for many images; ``predict`` is the
+one-call form for a single image.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 
 from ..datasets.readers import cityscapes_train_ids_to_label_ids, decode_image
 from ..errors import PspZooError
-from ..evaluation.inference import predict_labels
+from ..evaluation.semseg_inference import labels_of_image
 from ..hub.options import FetchOptions, SpeedOptions, split_options
 from ..manifest.loading import DatasetSpec, EvalSettings
 from ..model.factory import resolve
@@ -81,7 +82,7 @@ class Predictor:
 
     def __call__(self, image_rgb: np.ndarray) -> np.ndarray:
         """The H x W uint8 label map (class ids) of one H x W x 3 uint8 RGB image."""
-        labels = predict_labels(self.model, image_rgb, self.settings, self.ms_flip, device=self.device)
+        labels = labels_of_image(self.model, image_rgb, self.settings, self.ms_flip, device=self.device)
         return labels.to(torch.uint8).cpu().numpy()
 
     def write(self, image_rgb: np.ndarray, labels: np.ndarray, out_dir: PathLike, stem: str,

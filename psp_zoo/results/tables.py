@@ -43,6 +43,8 @@ __all__ = ["COLUMNS", "DatasetTable", "build_tables", "render", "summary", "upda
 COLUMNS = ("Method", "Backbone", "Crop Size", "Lr schd", "Mem (GB)", "Inf time (fps)", "mIoU",
            "mIoU(ms+flip)", "download")
 METRIC_COLUMNS = ("Mem (GB)", "Inf time (fps)", "mIoU", "mIoU(ms+flip)")
+# Published by the PSPNet authors beside mIoU; in CSV and JSON (the Markdown keeps the published layout).
+ACCURACY_COLUMNS = ("mAcc", "aAcc", "mAcc(ms+flip)", "aAcc(ms+flip)")
 # Columns whose published separator is '---:'; the others are plain '---' (as published).
 _COLON_COLUMNS = {"Lr schd", "mIoU", "mIoU(ms+flip)"}
 _NUMERIC_COLUMNS = {"Lr schd", "psp-zoo fps", *METRIC_COLUMNS}
@@ -71,10 +73,10 @@ def _published_text(column: str, value: Optional[float]) -> str:
 
 
 def _reproduced_value(record: ResultRecord, column: str) -> Optional[float]:
-    if column == "mIoU":
-        return record.single_scale.miou if record.single_scale else None
-    if column == "mIoU(ms+flip)":
-        return record.ms_flip.miou if record.ms_flip else None
+    if column in ("mIoU", "mAcc", "aAcc"):
+        return getattr(record.single_scale, column.lower()) if record.single_scale else None
+    if column in ("mIoU(ms+flip)", "mAcc(ms+flip)", "aAcc(ms+flip)"):
+        return getattr(record.ms_flip, column[:4].lower()) if record.ms_flip else None
     if column == "Inf time (fps)":
         return record.speed.fps if record.speed else None
     return record.training_memory.gb if record.training_memory else None
@@ -82,12 +84,13 @@ def _reproduced_value(record: ResultRecord, column: str) -> Optional[float]:
 
 def _comparable(record: ResultRecord, column: str) -> bool:
     """fps and memory compare with the V100 numbers only when measured on a GPU."""
-    return column in ("mIoU", "mIoU(ms+flip)") or record.device_kind == "cuda"
+    return column not in ("Mem (GB)", "Inf time (fps)") or record.device_kind == "cuda"
 
 
 def _published_values(ckpt: Checkpoint, dataset: str) -> Dict[str, Optional[float]]:
     p = ckpt.published_on[dataset]
-    return {"Mem (GB)": p.mem_gb, "Inf time (fps)": p.fps, "mIoU": p.miou, "mIoU(ms+flip)": p.miou_ms_flip}
+    return {"Mem (GB)": p.mem_gb, "Inf time (fps)": p.fps, "mIoU": p.miou, "mIoU(ms+flip)": p.miou_ms_flip,
+            "mAcc": p.macc, "aAcc": p.aacc, "mAcc(ms+flip)": p.macc_ms_flip, "aAcc(ms+flip)": p.aacc_ms_flip}
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +162,7 @@ class DatasetTable:
 
 
 def _row(ckpt: Checkpoint, dataset: str, record: Optional[ResultRecord], label: Optional[str]) -> dict:
-    row = {"Dataset": dataset, "Training Dataset": ckpt.dataset, "Checkpoint": ckpt.name, "Method": "PSPNet",
+    row = {"Dataset": dataset, "Training Dataset": ckpt.dataset, "Checkpoint": ckpt.name, "Method": ckpt.method,
            "Backbone": ckpt.backbone, "Crop Size": "x".join(map(str, ckpt.crop_size)),
            "Lr schd": ckpt.schedule}
     for column, published in _published_values(ckpt, dataset).items():
@@ -174,7 +177,7 @@ def _row(ckpt: Checkpoint, dataset: str, record: Optional[ResultRecord], label: 
     row[f"{FAST_COLUMN} reproduced"] = record.fast_speed.fps if record is not None and record.fast_speed else None
     failed = record.failed_steps if record else None
     row["Failed steps"] = "; ".join(f"{k}: {v}" for k, v in failed.items()) if failed else None
-    row.update({"model": ckpt.url, "log": ckpt.log_url, "Label": label,
+    row.update({"model": ckpt.url, "log": ckpt.log_url, "download_page": ckpt.download_page, "Label": label,
                 "Reproduced on": None, "Images": None if record is None else record.images.count})
     return row
 
@@ -248,6 +251,8 @@ def _cell(row: pd.Series, column: str) -> str:
 
 
 def _download(row: pd.Series) -> str:
+    if not isinstance(row["model"], str):  # no URL: the page to download it from by hand
+        return f"[model (by hand)]({row['download_page']})"
     cell = f"[model]({row['model']})"
     return cell if not isinstance(row["log"], str) else f"{cell} &#124; [log]({row['log']})"
 
@@ -267,7 +272,7 @@ def _display_frame(table: DatasetTable) -> pd.DataFrame:
     fast = int(not cross and f"{FAST_COLUMN} reproduced" in table.frame and bool(
         table.frame[f"{FAST_COLUMN} reproduced"].notna().any() or table.frame["Failed steps"].notna().any()))
     for _, row in table.frame.iterrows():
-        method = "PSPNet" if not isinstance(row["Label"], str) else f"PSPNet {row['Label']}"
+        method = row["Method"] if not isinstance(row["Label"], str) else f"{row['Method']} {row['Label']}"
         if cross:  # a checkpoint trained elsewhere, scored here: the page's columns for such sections
             rows.append([method, row["Backbone"], table.titles[row["Training Dataset"]], table.title,
                          _cell(row, "mIoU"), _download(row)])

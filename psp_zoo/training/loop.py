@@ -49,6 +49,7 @@ from ..distributed import Distributed
 from ..environment import environment_info, usable_device
 from ..errors import DatasetError, PspZooError
 from ..evaluation.scoring import score
+from ..evaluation.semseg_inference import loader_scales
 from ..files import check_writable_folder
 from ..hub.options import FetchOptions
 from ..manifest.loading import Checkpoint, DatasetSpec, get_manifest
@@ -276,7 +277,7 @@ def _datasets(recipe: Recipe, entry: Checkpoint, data_root: PathLike, items: lis
     transform = transform_for(recipe, spec.ignore_index)
     data = TrainingSet(recipe.dataset, data_root, transform, seed=seed, global_batch=recipe.total_batch,
                        items=items, manifest=manifest)
-    val = SegmentationDataset(recipe.dataset, data_root, img_scales=[entry.test.img_scale],
+    val = SegmentationDataset(recipe.dataset, data_root, img_scales=loader_scales(entry.test, False),
                               items=list_items(recipe.dataset, data_root, manifest=manifest),
                               reduce_zero_label=spec.reduce_zero_label, manifest=manifest)
     return data, val

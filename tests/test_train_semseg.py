@@ -67,7 +67,7 @@ def _their_poly(base_lr: float, curr_iter: int, max_iter: int, power: float = 0.
     return base_lr * (1 - float(curr_iter) / max_iter) ** power  # util/util.py poly_learning_rate
 
 
-def _their_steps(model: PSPNet, images, labels, steps: int, max_iter: int, gpus: int):
+def _their_steps(model: PSPNet, images, labels, steps: int, max_iter: int, gpus: int, sync_bn: bool = True):
     """tool/train.py's loop re-stated: SGD over layer0-4 at base_lr and ppm/cls/aux at 10 x, each GPU's
     nn.CrossEntropyLoss(ignore_index=255) mean over its images (SyncBN: one forward for the batch), DDP's
     mean over GPUs, the lr set after each step from current_iter = i + 1. Returns the losses."""
@@ -83,14 +83,24 @@ def _their_steps(model: PSPNet, images, labels, steps: int, max_iter: int, gpus:
     model.train()
     losses = []
     for i in range(steps):
-        features = model.backbone(images)
-        size = labels.shape[-2:]
-        main = F.interpolate(model.decode_head(features), size=size, mode="bilinear", align_corners=True)
-        aux = F.interpolate(model.auxiliary_head(features), size=size, mode="bilinear", align_corners=True)
         per_gpu = labels.shape[0] // gpus
-        loss = sum(criterion(main[g * per_gpu:(g + 1) * per_gpu], labels[g * per_gpu:(g + 1) * per_gpu])
-                   + 0.4 * criterion(aux[g * per_gpu:(g + 1) * per_gpu], labels[g * per_gpu:(g + 1) * per_gpu])
-                   for g in range(gpus)) / gpus
+        parts = [slice(g * per_gpu, (g + 1) * per_gpu) for g in range(gpus)]
+        size = labels.shape[-2:]
+        if sync_bn:  # SyncBN: BatchNorm over every GPU's images, one forward
+            features = model.backbone(images)
+            main = F.interpolate(model.decode_head(features), size=size, mode="bilinear", align_corners=True)
+            aux = F.interpolate(model.auxiliary_head(features), size=size, mode="bilinear", align_corners=True)
+            mains, auxes = [main[p] for p in parts], [aux[p] for p in parts]
+        else:  # plain BN under DDP: each GPU's forward alone
+            mains, auxes = [], []
+            for p in parts:
+                features = model.backbone(images[p])
+                mains.append(F.interpolate(model.decode_head(features), size=size, mode="bilinear",
+                                           align_corners=True))
+                auxes.append(F.interpolate(model.auxiliary_head(features), size=size, mode="bilinear",
+                                           align_corners=True))
+        loss = sum(criterion(main, labels[p]) + 0.4 * criterion(aux, labels[p])
+                   for main, aux, p in zip(mains, auxes, parts)) / gpus
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -120,6 +130,20 @@ def test_trainer_step_equals_their_train_loop_step(batch_size, gpus):
     mmseg = Trainer(_narrow_model().double(), _recipe(batch_size=batch_size, gpus=gpus, avg_non_ignore=False),
                     device="cpu", dtype=torch.float64)
     assert abs(mmseg.step(images, labels).loss - expected[0]) > 1e-3 * abs(expected[0])
+
+
+def test_accumulation_chunks_step_like_their_gpus_without_syncbn():
+    """One process accumulating 2 chunks of their 2 GPUs' images = their DDP step with plain BatchNorm
+    (each chunk's BatchNorm alone, the documented difference), each GPU averaged over its own pixels."""
+    images, labels = _batch(images=4)
+    model = _narrow_model().double()
+    theirs = copy.deepcopy(model)
+    trainer = Trainer(model, _recipe(batch_size=2, gpus=2), device="cpu", dtype=torch.float64, accumulation=2)
+    ours = [trainer.step(images, labels).loss for _ in range(3)]
+    assert_close_to_scale(ours, _their_steps(theirs, images, labels, 3, max_iter=5, gpus=2, sync_bn=False), 1e-10)
+    for key, value in theirs.state_dict().items():
+        if value.is_floating_point():
+            assert_close_to_scale(trainer.model.state_dict()[key], value, 1e-9)
 
 
 def test_lr_per_group_follows_their_loop_over_a_schedule():

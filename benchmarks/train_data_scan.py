@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import List, Optional
 
 import cv2
-import numpy as np
 import torch
 from PIL import Image
 from tabulate import tabulate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmark the checkout this script lives in
+
+from train_pipeline_speed import smooth_sample  # noqa: E402  (beside this script)
 
 from psp_zoo.datasets.check import SCAN_RECORD, check_dataset, scan_for_training  # noqa: E402
 from psp_zoo.environment import cpu_flags, environment_info  # noqa: E402
@@ -50,17 +51,7 @@ DISTINCT = 16  # distinct pictures; every file is one of them under its own name
 
 def _pair(seed: int):
     """A smooth noisy picture (JPEG bytes) and a label of blocks of ADE20K's ids 0..150 (PNG bytes)."""
-    rng = np.random.default_rng(seed)
-    h, w = SIZE
-    smooth = cv2.resize(rng.integers(0, 256, (h // 32, w // 32, 3), dtype=np.uint8), (w, h))
-    image = np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
-    label = cv2.resize(rng.integers(0, 151, (h // 64, w // 64), dtype=np.uint8), (w, h),
-                       interpolation=cv2.INTER_NEAREST)
-    label_path = Path(tempfile.mkstemp(suffix=".png")[1])
-    Image.fromarray(label).save(label_path)
-    png = label_path.read_bytes()
-    label_path.unlink()
-    return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes(), png
+    return smooth_sample(SIZE, ".jpg", classes=151, seed=seed, params=(cv2.IMWRITE_JPEG_QUALITY, 90))
 
 
 def write_dataset(root: Path, pairs: int) -> int:

@@ -46,16 +46,18 @@ CASES = [  # name, (h, w), encoding, img_scale, crop
 ]
 
 
-def _sample(size, suffix, seed=0):
+def smooth_sample(size, suffix, classes=19, seed=0, params=()):
+    """A smooth noisy picture encoded as ``suffix`` and a PNG label of blocks of ids 0..classes-1 (bytes each):
+    compressible like a photograph and its annotation, so a large generated set stays small on disk."""
     rng = np.random.default_rng(seed)
     h, w = size
     smooth = cv2.resize(rng.integers(0, 256, (h // 32, w // 32, 3), dtype=np.uint8), (w, h))
     image = np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
-    label = cv2.resize(rng.integers(0, 19, (h // 64, w // 64), dtype=np.uint8), (w, h),
+    label = cv2.resize(rng.integers(0, classes, (h // 64, w // 64), dtype=np.uint8), (w, h),
                        interpolation=cv2.INTER_NEAREST)
     png = io.BytesIO()
     Image.fromarray(label).save(png, format="PNG")
-    return cv2.imencode(suffix, image)[1], png.getvalue()
+    return cv2.imencode(suffix, image, list(params))[1].tobytes(), png.getvalue()
 
 
 def _ms(call) -> float:
@@ -67,7 +69,7 @@ def _ms(call) -> float:
 def measure(rounds: int) -> List[dict]:
     rows = []
     for name, size, suffix, img_scale, crop in CASES:
-        image_bytes, label_bytes = _sample(size, suffix)
+        image_bytes, label_bytes = smooth_sample(size, suffix)
         transform = TrainTransform(crop_size=crop, img_scale=img_scale)
         image = cv2.imdecode(image_bytes, cv2.IMREAD_COLOR)
         label = np.array(Image.open(io.BytesIO(label_bytes)))

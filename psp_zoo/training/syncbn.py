@@ -1,19 +1,23 @@
-"""Synchronized BatchNorm for every backend: batch statistics over all processes of a torchrun job.
+"""Synchronized BatchNorm for a torchrun job: batch statistics over all its processes.
 
 The published checkpoints were trained with SyncBN: in training mode each BatchNorm normalizes
-with the mean and variance of the images of ALL GPUs. ``torch.nn.SyncBatchNorm`` does this on CUDA
-only; :class:`SyncBatchNorm2d` does it with differentiable all-reduces (gloo on CPU as well), so
-N processes x B images give the statistics, outputs and gradients of one process with N x B
-images (the all-reduce of the statistics sums their gradients across processes in the
-backward pass). It is a ``BatchNorm2d``: its state-dict keys are plain BN's.
+with the mean and variance of the images of ALL GPUs. On CUDA that is torch's own
+``torch.nn.SyncBatchNorm`` (NCCL). Torch has none for CPU, so there psp-zoo uses its own
+:class:`SyncBatchNorm2d`, which does it with differentiable all-reduces (gloo): N processes x B
+images give the statistics, outputs and gradients of one process with N x B images (the
+all-reduce of the statistics sums their gradients across processes in the backward pass). It is a
+``BatchNorm2d``: its state-dict keys are plain BN's. :func:`sync_batchnorm_converter` says which of
+the two a device gets.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["SyncBatchNorm2d", "convert_sync_batchnorm", "all_reduce_sum"]
+__all__ = ["SyncBatchNorm2d", "convert_sync_batchnorm", "sync_batchnorm_converter", "all_reduce_sum"]
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -69,15 +73,20 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
 
 
+def sync_batchnorm_converter(device: torch.device) -> Callable[[nn.Module], nn.Module]:
+    """The function that synchronizes a model's BatchNorm on ``device``: torch's
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` on CUDA, psp-zoo's :class:`SyncBatchNorm2d` elsewhere."""
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm
+    return _convert
+
+
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
-    """``model`` with every BatchNorm2d synchronized: torch's SyncBatchNorm on CUDA, ours elsewhere.
+    """``model`` with every BatchNorm2d synchronized, by :func:`sync_batchnorm_converter` of its device.
 
     The weights and running statistics are kept (the same tensors); the keys do not change.
     """
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return _convert(model)
+    return sync_batchnorm_converter(next(model.parameters()).device)(model)
 
 
 def _convert(module: nn.Module) -> nn.Module:

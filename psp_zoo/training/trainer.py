@@ -7,9 +7,11 @@ declared) averaged over ALL label pixels (ignored and padded ones count 0, mmseg
 ``avg_non_ignore=False``), the auxiliary loss is weighted 0.4, and the optimizer (SGD or AdamW over
 every parameter, weight decay on all of them) steps. Under torchrun the BatchNorm layers are
 synchronized (SyncBN: statistics over every process's images, as the published runs had) and the
-gradients averaged over the processes, so N processes x B images step exactly like one process with
-N x B images. Gradient accumulation splits a step's images into chunks (the loss of each scaled by 1
-/ chunks); BatchNorm then sees each chunk alone, which is the one way it differs from the larger
+model runs inside torch's ``DistributedDataParallel``, which averages the gradients over the
+processes in buckets while the backward pass runs, so N processes x B images step exactly like one
+process with N x B images. Gradient accumulation splits a step's images into chunks (the loss of
+each scaled by 1 / chunks; DDP's ``no_sync`` on all but the last, so gradients are averaged once
+per step); BatchNorm then sees each chunk alone, which is the one way it differs from the larger
 batch.
 
 The PSPNet authors' recipe (``avg_non_ignore``, ``head_lr_mult``) differs in two places. Their
@@ -27,6 +29,8 @@ uninterrupted one draws, and N processes draw what one process draws for the sam
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -35,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import Distributed
 from ..errors import PspZooError
@@ -141,12 +146,27 @@ class Trainer:
     float32 rounding, which a few steps of a small PSPNet amplify (for exact comparisons).
     ``iteration`` counts the steps taken (0-based index of the next one).
     ``ignore_index``: the label value the losses skip, the dataset's (``DatasetSpec.ignore_index``).
+    ``ddp``: run the model inside ``DistributedDataParallel`` (default: when more than one process
+    trains; True with one process measures the wrapper's cost, and needs a process group).
+
+    Under DDP, ``engine`` is the ``DistributedDataParallel`` module (``model`` stays the plain
+    PSPNet: its state dict, and so every checkpoint, keeps the published keys). It is built after
+    the backbone is frozen (frozen parameters take no gradient, so they are in none of its buckets)
+    and after SyncBN's conversion; its buckets are the gradients themselves
+    (``gradient_as_bucket_view``: no second copy), in the parameters' dtype (float64 included); no
+    ``find_unused_parameters``, since both heads are used in every step. ``broadcast_buffers`` is
+    off (``forward_sync_buffers`` from torch 2.14 on), as for mmseg's ``MMDistributedDataParallel``
+    users with SyncBN: every process computes the same running statistics from the same all-reduced
+    sums (the processes' buffers stay bit-identical, tests/test_train_ddp.py), and a frozen
+    BatchNorm's never change, so rank 0's buffers broadcast before every forward pass would only
+    overwrite equal values.
     """
 
     def __init__(self, model: nn.Module, recipe: Recipe, *, device: Union[None, str, torch.device] = None,
                  distributed: Optional[Distributed] = None, accumulation: int = 1, amp: Optional[bool] = None,
                  channels_last: bool = False, compile: bool = False, seed: int = 0,
-                 dtype: Optional[torch.dtype] = None, ignore_index: int = IGNORE_INDEX):
+                 dtype: Optional[torch.dtype] = None, ignore_index: int = IGNORE_INDEX,
+                 ddp: Optional[bool] = None):
         self.recipe, self.ignore_index = recipe, ignore_index
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.distributed = distributed or Distributed()
@@ -169,7 +189,10 @@ class Trainer:
         self.model = model.train()
         self.optimizer, self._lr_multiples = _optimizer(model, recipe)
         self.scaler = _scaler(recipe, self.amp)
-        forward = _HeadsForward(model)
+        forward: nn.Module = _HeadsForward(model)
+        self.engine: Optional[DistributedDataParallel] = None
+        if self.distributed.world_size > 1 if ddp is None else ddp:
+            self.engine = forward = _wrap(forward, self.device)
         self._forward = torch.compile(forward) if compile else forward
 
     def _use_amp(self, amp: Optional[bool]) -> bool:
@@ -206,11 +229,13 @@ class Trainer:
         parts = torch.zeros(5, dtype=torch.float64)
         size = count // self.accumulation
         for start in range(0, count, size):
-            parts += self._backward(images[start:start + size], labels[start:start + size],
-                                    samples[start:start + size],
-                                    None if weights is None else weights[start:start + size])
+            last = start + size == count
+            # DDP averages the gradients in the last chunk's backward pass, over every chunk's sum
+            with self.engine.no_sync() if self.engine is not None and not last else contextlib.nullcontext():
+                parts += self._backward(images[start:start + size], labels[start:start + size],
+                                        samples[start:start + size],
+                                        None if weights is None else weights[start:start + size])
         parts /= self.accumulation
-        self._average_gradients()
         self._optimizer_step()
         self.iteration += 1
         loss, decode, aux, decode_acc, aux_acc = self._averaged(parts).tolist()
@@ -258,19 +283,6 @@ class Trainer:
     def _parameters(self) -> List[torch.Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _average_gradients(self) -> None:
-        """DDP's averaging: every process's gradients summed in one all-reduce, divided by their number."""
-        if self.distributed.world_size == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._parameters()]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.distributed.world_size
-        offset = 0
-        for param, grad in zip(self._parameters(), grads):
-            param.grad = flat[offset:offset + grad.numel()].view_as(grad).clone()
-            offset += grad.numel()
-
     def _optimizer_step(self) -> None:
         if self.scaler is not None:
             if self.recipe.grad_clip is not None:
@@ -305,6 +317,20 @@ class Trainer:
         self.seed = int(state.get("seed", self.seed))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+
+def _wrap(forward: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``forward`` inside DistributedDataParallel, set as the Trainer's docstring says."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise PspZooError("DistributedDataParallel needs a process group: run under torchrun (or call "
+                          "torch.distributed.init_process_group first), or train without ddp=True")
+    # buffers synchronized at construction only (all equal then): torch 2.14 renamed broadcast_buffers
+    no_forward_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+        DistributedDataParallel).parameters else "broadcast_buffers"
+    device_ids = [torch.cuda.current_device() if device.index is None else device.index] \
+        if device.type == "cuda" else None
+    return DistributedDataParallel(forward, device_ids=device_ids, gradient_as_bucket_view=True,
+                                   **{no_forward_sync: False})
 
 
 def _plain_state_dict(model: nn.Module) -> "dict[str, torch.Tensor]":

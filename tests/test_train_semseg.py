@@ -415,3 +415,44 @@ def test_info_shows_their_recipe(capsys):
     for part in ("pipeline=semseg", "head_lr_mult=10.0", "avg_non_ignore=True", "epochs=200", "max_iters=37200",
                  "min_lr=0.0", "weight_decay=0.0001", "crop_size=[713, 713]", "gpus=8", "batch_size=2"):
         assert part in line, part
+
+
+_TWO_PROCESS_SCRIPT = """
+import sys, torch
+from psp_zoo.distributed import Distributed
+from psp_zoo.training.trainer import Trainer
+from tests.test_train_semseg import _batch, _narrow_model, _recipe
+
+dist, device = Distributed.from_env(torch.device("cpu"))
+images, labels = _batch(images=4)
+part = slice(2 * dist.rank, 2 * dist.rank + 2)
+per_gpu, gpus = int(sys.argv[2]), int(sys.argv[3])
+trainer = Trainer(_narrow_model().double(), _recipe(batch_size=per_gpu, gpus=gpus), device="cpu",
+                  dtype=torch.float64, distributed=dist)
+losses = [trainer.step(images[part], labels[part]).loss for _ in range(2)]
+if dist.is_main:
+    torch.save({"losses": losses, "state": trainer.state_dict()["model"]}, sys.argv[1])
+dist.close()
+"""
+
+
+@pytest.mark.parametrize("per_gpu,gpus", [(2, 2), (4, 1)])
+def test_two_processes_average_each_gpu_over_its_own_pixels(tmp_path, per_gpu, gpus):
+    """torchrun, 2 CPU processes x 2 images (SyncBN, DDP) = 1 process with the 4 images, their recipe, in
+    float64; with one published GPU of 4 images its pixel count adds both processes' images."""
+    script = tmp_path / "two.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               str(tmp_path / "two.pt"), str(per_gpu), str(gpus)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    images, labels = _batch(images=4)
+    alone = Trainer(_narrow_model().double(), _recipe(batch_size=per_gpu, gpus=gpus), device="cpu",
+                    dtype=torch.float64)
+    assert_close_to_scale(two["losses"], [alone.step(images, labels).loss for _ in range(2)], 1e-9)
+    state = alone.state_dict()["model"]
+    for key, value in state.items():
+        if value.is_floating_point():
+            assert_close_to_scale(two["state"][key], value, 1e-8)

@@ -12,15 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from psp_zoo.errors import PspZooError
 from psp_zoo.hub.options import FetchOptions
 from psp_zoo.manifest.loading import get_manifest
 from psp_zoo.model import PSPNet
 from psp_zoo.results.published_logs import read_log
 from psp_zoo.results.records import read_result
 from psp_zoo.testing import write_shapes_ade20k
-from psp_zoo.training.checkpoints import LATEST, pointed, save_checkpoint
+from psp_zoo.training.checkpoints import LATEST, point, pointed, save_checkpoint
 from psp_zoo.training.loop import RUN_OPTIONS, train
 from psp_zoo.training.recipe import RECIPE_FIELDS, recipe_for
+from psp_zoo.training.schedule import learning_rate
 from psp_zoo.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,3 +223,73 @@ def test_best_pth_follows_a_validation_between_checkpoints(shapes, tmp_path, mon
     assert result.best.resolve().name == "iter_2.pth" and result.best_miou == pytest.approx(50.0)
     assert torch.load(result.best, weights_only=True)["meta"]["psp_zoo"]["best"] == {"miou": 0.5, "iteration": 2}
     assert result.checkpoint.name == "iter_3.pth"
+
+
+def _files(work: Path) -> dict:
+    return {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in work.iterdir()}
+
+
+def test_a_larger_max_iters_continues_a_finished_run_on_the_new_schedule(shapes, tmp_path):
+    """A finished 4-iteration run rerun with --max-iters 20 trains on to 20 from iter_4.pth: the lr of the
+    continued steps is the poly schedule over 20 (as mmseg resumes a config whose max_iters was raised), the
+    intervals follow 20 (every 2), and the log's meta line says the run was extended (it was refused as
+    "other settings")."""
+    work = tmp_path / "run"
+    _run(_command(shapes, work, "--max-iters", "4", "--eval-interval", "4", "--checkpoint-interval", "4"))
+    assert not (work / "iter_2.pth").exists()
+    extended = _run(_command(shapes, work, "--max-iters", "20"))
+    assert "resumed at iteration 4 of 20; extended from 4 to 20 iterations" in extended.stderr
+    assert {f"iter_{n}.pth" for n in range(4, 21, 2)} <= {path.name for path in work.iterdir()}
+    assert pointed(work, LATEST).name == "iter_20.pth"
+    last = torch.load(work / "iter_20.pth", weights_only=True)["meta"]["psp_zoo"]
+    assert last["iteration"] == 20 and last["recipe"]["max_iters"] == 20 and last["recipe"]["eval_interval"] == 2
+    lines = [json.loads(line) for log in sorted(work.glob("*.log.json")) for line in log.read_text().splitlines()]
+    metas = [line for line in lines if "exp_name" in line]
+    assert [meta.get("extended", "") for meta in metas][-1].startswith("from 4 to 20 iterations at iteration 4")
+    recipe = recipe_for(NAME, manifest=str(shapes / "manifest.yml"), max_iters=20)
+    vals = {line["train_iter"]: line["lr"] for line in lines if line.get("mode") == "val" and line["train_iter"] > 4}
+    assert sorted(vals) == list(range(6, 21, 2))
+    for done, lr in vals.items():  # a val line's lr is that of the step just taken (0-based iteration done - 1)
+        expected = learning_rate(recipe, done - 1)
+        assert abs(lr - expected) <= 1e-6 * recipe.lr, (done, lr, expected)
+    assert abs(vals[6] - learning_rate(recipe_for(NAME, manifest=str(shapes / "manifest.yml"), max_iters=4), 3)) \
+        > 0.1 * recipe.lr  # the old schedule would have been told apart
+
+
+def _api_train(shapes: Path, work: Path, **settings):
+    return train(NAME, data_root=shapes, work_dir=work, device="cpu", num_workers=0, progress=False,
+                 fetch=FetchOptions(manifest=str(shapes / "manifest.yml")), **settings)
+
+
+def test_a_resume_refuses_fewer_iterations_than_done_and_any_other_change(shapes, tmp_path):
+    """max_iters under the iterations done, or any other recipe field changed (with or without a new
+    max_iters, intervals alone included), is refused in one line before anything is written."""
+    work = tmp_path / "run"
+    _api_train(shapes, work, max_iters=4, eval_interval=4, checkpoint_interval=2)
+    before = _files(work)
+    with pytest.raises(PspZooError, match=r"holds a run 4 iterations in \(of 4\); max_iters 3 would not "
+                                          r"continue it: give more than 4") as refused:
+        _api_train(shapes, work, max_iters=3, eval_interval=4, checkpoint_interval=2)
+    assert "\n" not in str(refused.value)
+    same = {"max_iters": 4, "eval_interval": 4, "checkpoint_interval": 2}
+    for changed, named in [({"max_iters": 8, "lr": 0.02}, "lr"), ({**same, "lr": 0.02}, "lr"),
+                           ({"max_iters": 8, "crop_size": 32}, "crop_size"), ({**same, "eval_interval": 1},
+                                                                              "eval_interval")]:
+        with pytest.raises(PspZooError, match=rf"holds a run with other settings \({named}\); resume it with "
+                                              r"the same settings \(a larger max_iters alone continues it\)"):
+            _api_train(shapes, work, **changed)
+    assert _files(work) == before
+
+
+def test_a_new_max_iters_continues_an_unfinished_run(shapes, tmp_path):
+    """An unfinished run (at 2 of 4) continues to a new max_iters above the iterations done, with the given
+    intervals; the latest checkpoint's recipe is the new one, so rerunning it is a finished run."""
+    work = tmp_path / "run"
+    _api_train(shapes, work, max_iters=4, eval_interval=4, checkpoint_interval=2)
+    (work / "iter_4.pth").unlink()
+    point(work / "iter_2.pth", LATEST)  # as a run killed after its checkpoint at 2 leaves it
+    assert pointed(work, LATEST).name == "iter_2.pth"
+    result = _api_train(shapes, work, max_iters=6, eval_interval=3, checkpoint_interval=3)
+    assert result.iterations == 6 and result.checkpoint.name == "iter_6.pth" and (work / "iter_3.pth").exists()
+    again = _api_train(shapes, work, max_iters=6, eval_interval=3, checkpoint_interval=3)
+    assert again.already_finished

@@ -16,6 +16,8 @@ from psp_zoo.training.recipe import recipe_for
 from psp_zoo.training.schedule import learning_rate, poly_lr, step_lr
 from psp_zoo.training.trainer import Trainer, segmentation_loss
 
+from helpers import max_rel_diff
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mmseg"
 CITYSCAPES = "pspnet_r50-d8_512x1024_40k_cityscapes"
 RSB = "pspnet_r50-d8_rsb-pretrain_512x1024_adamw_80k_cityscapes"
@@ -196,3 +198,29 @@ def test_fixture_describes_what_the_test_assumes():
     case = _case()
     assert case["schedule"]["type"] == "poly" and case["optimizer"]["type"] == "SGD"
     assert json.dumps(case["about"]).count("avg_non_ignore False") == 1
+
+
+@pytest.mark.compile
+def test_compiled_training_draws_the_eager_dropout_masks():
+    """Under Trainer(compile=True) the keyed dropout masks are drawn outside the compiled graph: for two
+    different (iteration, slots) keys the compiled heads' logits are the eager ones (float32 rounding of the
+    compiled kernels apart, relative to the logits' scale), while the two keys' draws differ far more; one
+    step's loss is eager's."""
+    case = _case()
+    images, labels = case["inputs"], case["labels"]
+    recipe = recipe_for(CITYSCAPES, max_iters=10, dropout=0.5)
+    eager = Trainer(_tiny_model(case), recipe, device="cpu", seed=3)
+    compiled = Trainer(_tiny_model(case), recipe, device="cpu", seed=3, compile=True)
+    outputs = []
+    for iteration, slots in [(0, (0, 1)), (1, (5, 2))]:
+        for trainer in (eager, compiled):
+            for dropout in trainer._dropouts:
+                dropout.keys = (3, iteration, slots)
+        with torch.no_grad():
+            ours, reference = compiled._forward(images), eager._forward(images)
+        for out, ref in zip(ours, reference):
+            assert max_rel_diff(out, ref) <= 1e-3
+        outputs.append(reference)
+    assert all(max_rel_diff(a, b) > 0.05 for a, b in zip(*outputs))  # the keys decide the masks
+    ours, reference = compiled.step(images, labels, (5, 2)), eager.step(images, labels, (5, 2))
+    assert ours.loss == pytest.approx(reference.loss, rel=1e-5)

@@ -64,10 +64,13 @@ class TrainLog:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
 
-    def meta(self, *, env_info: str, config: str, seed: int, exp_name: str, batch: str = "") -> None:
-        """The first line; ``batch`` says how the total batch was made (psp-zoo's addition)."""
+    def meta(self, *, env_info: str, config: str, seed: int, exp_name: str, batch: str = "", extended: str = "",
+             shortened: str = "") -> None:
+        """The first line; psp-zoo's additions: ``batch`` says how the total batch was made, ``extended`` /
+        ``shortened`` how a resumed run's max_iters changed."""
         record = {"env_info": env_info, "config": config, "seed": seed, "exp_name": exp_name}
-        self._write({**record, "batch": batch} if batch else record)
+        notes = {"batch": batch, "extended": extended, "shortened": shortened}
+        self._write({**record, **{key: value for key, value in notes.items() if value}})
 
     def train(self, *, epoch: int, iteration: int, lr: float, means: Mapping[str, float],
               memory_mb: Optional[int] = None) -> None:

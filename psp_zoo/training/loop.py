@@ -22,7 +22,10 @@ slot in the global batch), so 1 process and N processes train alike.
 A run killed at any point loses at most the iterations since its last checkpoint: rerunning it
 into the same ``work_dir`` continues from ``latest.pth`` with the optimizer, the iteration and the
 seed, and so the same batches and dropout draws as an uninterrupted run (bit-identical on the same
-machine). Rerunning a finished run says so and leaves its files as they are. Ctrl-C (or SIGTERM)
+machine). Rerunning a finished run says so and leaves its files as they are. A resume with a new
+``max_iters`` (more than the iterations done; the intervals follow it unless given) continues from
+``latest.pth`` on the new schedule (the poly lr recomputed over the new max_iters, as mmseg resumes a
+config whose max_iters was raised), said in the log's meta line; any other recipe change is refused. Ctrl-C (or SIGTERM)
 finishes the current iteration, saves, and raises KeyboardInterrupt (the command line exits 130).
 """
 from __future__ import annotations
@@ -185,14 +188,16 @@ def _run(recipe: Recipe, entry: Checkpoint, data_root: PathLike, work_dir: Path,
                       accumulation=accumulation, channels_last=options.channels_last, compile=options.compile,
                       dtype=torch.float64 if options.float64 else None, ignore_index=data.transform.ignore_index)
     best, saved = (dict(resumed.best), resumed.path) if resumed else ({}, None)
+    change = _schedule_change(resumed, recipe)
     if resumed:
         trainer.load_state_dict(resumed.trainer_state)
-        _say(dist, "resumed at iteration %d of %d", trainer.iteration, recipe.max_iters)
+        _say(dist, "resumed at iteration %d of %d%s", trainer.iteration, recipe.max_iters,
+             "".join(f"; {how} {text}" for how, text in change.items()))
     spec = get_manifest(manifest).datasets[recipe.dataset]
     train_log = TrainLog(work_dir / log_file_name() if dist.is_main else None)
     batch_line = _batch_line(recipe, recipe_from_entry(entry, manifest), dist.world_size, accumulation)
     train_log.meta(env_info=json.dumps(environment_info(device)), config=json.dumps(recipe.as_dict()), seed=seed,
-                   exp_name=recipe.name, batch=batch_line)
+                   exp_name=recipe.name, batch=batch_line, **change)
     _say(dist, "%s", batch_line)
     means = IntervalMeans()
     progress = _Progress(recipe, trainer.iteration, options.progress if dist.is_main else False)
@@ -235,6 +240,12 @@ class _Resumed(NamedTuple):
     seed: int
     best: dict  # {"miou": fraction, "iteration": N} or empty
     trainer_state: dict
+    max_iters: int  # the saved run's; a resume with a new one follows the new schedule from here
+
+
+#: The recipe fields a resume may change: a new ``max_iters`` (more than the iterations done) and the
+#: intervals, which follow it (max_iters / 10) unless given.
+_SCHEDULE_LENGTH = ("max_iters", "eval_interval", "checkpoint_interval")
 
 
 def _resumable(work_dir: Path, resume: Optional[bool], recipe: Recipe) -> Optional[_Resumed]:
@@ -245,14 +256,32 @@ def _resumable(work_dir: Path, resume: Optional[bool], recipe: Recipe) -> Option
         return None
     log.info("resuming from %s", latest)
     state_dict, optimizer, own = read_training_state(latest)
-    saved = own.get("recipe", {})
+    saved, done = own.get("recipe", {}), int(own["iteration"])
+    max_iters = saved.get("max_iters", recipe.max_iters)
     differs = sorted(key for key, value in recipe.as_dict().items() if saved.get(key) != value)
+    if recipe.max_iters != max_iters:  # a new schedule length: its intervals may follow it, nothing else changes
+        if recipe.max_iters <= done:
+            raise PspZooError(f"{work_dir} holds a run {done} iterations in (of {max_iters}); max_iters "
+                              f"{recipe.max_iters} would not continue it: give more than {done}, or train into "
+                              f"a new work dir", cli_hint="--max-iters")
+        differs = [key for key in differs if key not in _SCHEDULE_LENGTH]
     if differs:
         raise PspZooError(f"{work_dir} holds a run with other settings ({', '.join(differs)}); resume it with "
-                          f"the same settings, or train into a new work dir")
-    state = {"model": state_dict, "optimizer": optimizer, "iteration": own["iteration"], "seed": own["seed"],
+                          f"the same settings (a larger max_iters alone continues it), or train into a new "
+                          f"work dir")
+    state = {"model": state_dict, "optimizer": optimizer, "iteration": done, "seed": own["seed"],
              "scaler": own.get("scaler")}
-    return _Resumed(latest, int(own["iteration"]), int(own["seed"]), dict(own.get("best") or {}), state)
+    return _Resumed(latest, done, int(own["seed"]), dict(own.get("best") or {}), state, int(max_iters))
+
+
+def _schedule_change(resumed: Optional[_Resumed], recipe: Recipe) -> Dict[str, str]:
+    """How the resumed run's length changed, under "extended" or "shortened" (empty when it did not), for the
+    log's meta line and the resumed message."""
+    if resumed is None or resumed.max_iters == recipe.max_iters:
+        return {}
+    how = "extended" if recipe.max_iters > resumed.max_iters else "shortened"
+    return {how: f"from {resumed.max_iters} to {recipe.max_iters} iterations at iteration {resumed.iteration} "
+                 f"(the lr schedule recomputed over {recipe.max_iters})"}
 
 
 def _finished(work_dir: Path, recipe: Recipe, resumed: _Resumed, dist: Distributed) -> TrainResult:

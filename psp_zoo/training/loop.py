@@ -61,9 +61,9 @@ from ..model.checkpoint import load_checkpoint
 from .checkpoints import BEST, LATEST, point, pointed, read_training_state, save_checkpoint
 from .data import TrainingSet, train_loader, training_items
 from .log import IntervalMeans, TrainLog, log_file_name
-from .pipeline import TrainTransform
 from .pretrained import init_weights, load_pretrained_backbone
 from .recipe import Recipe, recipe_for, recipe_from_entry
+from .semseg_pipeline import transform_for
 from .trainer import Trainer
 
 __all__ = ["train", "TrainResult", "RunOptions", "RUN_OPTIONS", "run_options", "check_batch", "listed_training_items"]
@@ -175,6 +175,7 @@ def _run(recipe: Recipe, entry: Checkpoint, data_root: PathLike, work_dir: Path,
     """The run itself, in order: every check (nothing written before), the network, then the iterations."""
     manifest = options.fetch.manifest
     items = listed_training_items(recipe.dataset, data_root, work_dir, manifest)
+    recipe = recipe.for_training_set(len(items))
     accumulation = check_batch(recipe, dist.world_size, len(items))
     resumed = _resumable(work_dir, options.resume, recipe)
     scan_for_training(recipe.dataset, data_root, work_dir, manifest=manifest)  # every image and label, read
@@ -302,9 +303,7 @@ def _datasets(recipe: Recipe, entry: Checkpoint, data_root: PathLike, items: lis
               manifest) -> Tuple[TrainingSet, SegmentationDataset]:
     """The training split (every global batch planned) and the validation set."""
     spec = get_manifest(manifest).datasets[recipe.dataset]
-    transform = TrainTransform(crop_size=recipe.crop_size, img_scale=recipe.img_scale, ratio_range=recipe.ratio_range,
-                               cat_max_ratio=recipe.cat_max_ratio, flip_prob=recipe.flip_prob,
-                               ignore_index=spec.ignore_index)
+    transform = transform_for(recipe, spec.ignore_index)
     data = TrainingSet(recipe.dataset, data_root, transform, seed=seed, global_batch=recipe.total_batch,
                        items=items, manifest=manifest)
     val = SegmentationDataset(recipe.dataset, data_root, img_scales=loader_scales(entry.test, False),

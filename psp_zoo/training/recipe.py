@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 from ..errors import PspZooError
 from ..manifest.loading import Checkpoint, DatasetSpec, get_manifest
+from .schedule import iterations_per_epoch
 
 __all__ = ["Recipe", "recipe_for", "recipe_from_entry", "base_recipe", "default_interval", "checked_settings",
            "check_dataset_train", "dataset_train_where", "RECIPE_FIELDS", "IDENTITY_FIELDS", "DEFAULT_GPUS"]
@@ -27,6 +28,9 @@ __all__ = ["Recipe", "recipe_for", "recipe_from_entry", "base_recipe", "default_
 DEFAULT_GPUS = 4
 OPTIMIZERS = ("sgd", "adamw")
 POLICIES = ("poly", "step")
+#: the training transforms a recipe selects: mmseg's (training/pipeline.py) or the PSPNet authors'
+#: (training/semseg_pipeline.py, their util/transform.py as their tool/train.py composes it)
+PIPELINES = ("mmseg", "semseg")
 #: What a recipe is of (the run's name, its dataset and class count), not how it trains: never overridden,
 #: not part of an entry's ``train:`` block.
 IDENTITY_FIELDS = ("name", "dataset", "num_classes")
@@ -58,6 +62,8 @@ class Recipe:
     ratio_range: Tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
+    pipeline: str = "mmseg"  # PIPELINES
+    rotate_range: Tuple[float, float] = (-10.0, 10.0)  # degrees; the semseg pipeline's RandRotate
     # model
     pretrained: Optional[str] = None  # a ``backbones:`` name; None trains the backbone from scratch
     aux_weight: float = 0.4
@@ -67,9 +73,14 @@ class Recipe:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    head_lr_mult: float = 1.0  # lr of decode_head and auxiliary_head = this x the backbone's (semseg: 10)
     grad_clip: Optional[float] = None  # max L2 norm of all gradients
     loss_scale: Optional[float] = None  # mixed precision with this static loss scale
+    # loss: False averages each cross-entropy over all label pixels (mmseg 0.x); True over the non-ignored
+    # pixels of each published GPU's ``batch_size`` images, then over the GPUs (nn.CrossEntropyLoss's mean)
+    avg_non_ignore: bool = False
     # schedule (by iteration)
+    epochs: Optional[int] = None  # set: max_iters = epochs x iterations_per_epoch(training images, ...)
     max_iters: int = 80000
     policy: str = "poly"
     power: float = 0.9
@@ -104,6 +115,20 @@ class Recipe:
         recipe._check_consistent(where)
         return recipe
 
+    def for_training_set(self, images: int) -> "Recipe":
+        """This recipe for a training set of ``images`` files: with ``epochs`` set, ``max_iters`` is
+        ``epochs x iterations_per_epoch`` (the authors' ``epochs * len(train_loader)``) and intervals
+        left at a tenth of the schedule follow it; without, the recipe unchanged."""
+        if self.epochs is None:
+            return self
+        max_iters = self.epochs * iterations_per_epoch(images, self.gpus, self.batch_size)
+        if max_iters < 1:
+            raise PspZooError(f"{images} training images make no batch of {self.batch_size} images on each of "
+                              f"{self.gpus} GPUs; use more images or a smaller batch")
+        moved = {key: default_interval(max_iters) for key in ("eval_interval", "checkpoint_interval")
+                 if getattr(self, key) == default_interval(self.max_iters)}
+        return replace(self, max_iters=max_iters, **moved)
+
     def _check_consistent(self, where: str) -> None:
         if self.policy == "step" and not self.steps:
             raise PspZooError(f"{where}: the step schedule needs steps, e.g. steps=(60000, 72000)")
@@ -128,20 +153,35 @@ class Recipe:
         optimizer = (f"{self.optimizer.upper()} lr {self.lr:g}"
                      + (f" momentum {self.momentum:g}" if self.optimizer == "sgd" else "")
                      + f" weight_decay {self.weight_decay:g}"
+                     + (f", decode/auxiliary heads at {self.head_lr_mult:g} x lr" if self.head_lr_mult != 1 else "")
                      + (f", grad clip {self.grad_clip:g}" if self.grad_clip else ""))
         schedule = (f"poly {self.power:g} to {self.min_lr:g}" if self.policy == "poly"
                     else f"step x{self.gamma:g} at {', '.join(map(str, self.steps))}")
         if self.warmup:
             schedule += f", {self.warmup} warm-up {self.warmup_iters} iterations from {self.warmup_ratio:g} x lr"
+        length = f"{self.max_iters} iterations"
+        if self.epochs is not None:
+            length = (f"{self.epochs} epochs of floor(ceil(training images / {self.gpus}) / {self.batch_size}) "
+                      f"iterations ({self.max_iters} on the published training set)")
+        crop = f"crop {self.crop_size[0]}x{self.crop_size[1]}"
+        if self.pipeline == "semseg":
+            data = (f"data: {self.dataset}, the PSPNet authors' pipeline: scale the image x {self.ratio_range[0]:g}"
+                    f"-{self.ratio_range[1]:g}, rotate {self.rotate_range[0]:g}..{self.rotate_range[1]:g} degrees "
+                    f"(p 0.5), Gaussian blur 5x5 (p 0.5), flip {self.flip_prob:g}, random {crop} (rotation and "
+                    f"crop pad with the mean and the ignore label)")
+        else:
+            data = (f"data: {self.dataset}, img_scale {self.img_scale[0]}x{self.img_scale[1]} x {self.ratio_range[0]:g}"
+                    f"-{self.ratio_range[1]:g}, {crop} (cat_max_ratio {self.cat_max_ratio:g}), flip "
+                    f"{self.flip_prob:g}, photometric distortion")
+        average = ("the non-ignored pixels of each GPU's images" if self.avg_non_ignore else "all label pixels")
         return "\n".join([
-            f"data: {self.dataset}, img_scale {self.img_scale[0]}x{self.img_scale[1]} x {self.ratio_range[0]:g}"
-            f"-{self.ratio_range[1]:g}, crop {self.crop_size[0]}x{self.crop_size[1]} (cat_max_ratio "
-            f"{self.cat_max_ratio:g}), flip {self.flip_prob:g}, photometric distortion",
+            data,
             f"batch: {self.batch_size} images x {self.gpus} GPUs = {self.total_batch}",
             f"optimizer: {optimizer}" + (f", mixed precision (loss scale {self.loss_scale:g})"
                                          if self.loss_scale else ""),
-            f"schedule: {self.max_iters} iterations, {schedule}",
-            f"loss: decode CE + {self.aux_weight:g} x auxiliary CE (dropout {self.dropout:g})",
+            f"schedule: {length}, {schedule}",
+            f"loss: decode CE + {self.aux_weight:g} x auxiliary CE, each averaged over {average} "
+            f"(dropout {self.dropout:g})",
             f"backbone: {self.pretrained or 'from scratch'}",
             f"checkpoint every {self.checkpoint_interval}, validation every {self.eval_interval}, "
             f"log every {self.log_interval} iterations",
@@ -149,7 +189,7 @@ class Recipe:
 
 
 RECIPE_FIELDS: Tuple[str, ...] = tuple(f.name for f in fields(Recipe) if f.name not in IDENTITY_FIELDS)
-_NULLABLE = ("pretrained", "grad_clip", "loss_scale", "warmup")
+_NULLABLE = ("pretrained", "grad_clip", "loss_scale", "warmup", "epochs")
 
 
 def _is_number(value: Any) -> bool:
@@ -179,6 +219,13 @@ def _steps(value: Any) -> Optional[Tuple[int, ...]]:
     return None
 
 
+def _rotate_range(value: Any) -> Optional[Tuple[float, float]]:
+    if (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value)
+            and -180 <= value[0] <= value[1] <= 180):
+        return (float(value[0]), float(value[1]))
+    return None
+
+
 def _ratio_range(value: Any) -> Optional[Tuple[float, float]]:
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) and v > 0 for v in value):
         return (float(value[0]), float(value[1]))
@@ -200,12 +247,16 @@ _CHECKS = {
     **{key: _whole(1) for key in ("batch_size", "gpus", "max_iters", "eval_interval", "checkpoint_interval",
                                    "log_interval")},
     "warmup_iters": _whole(0),
-    "freeze_backbone": ((lambda value: value if isinstance(value, bool) else None), "true or false"),
+    "epochs": _whole(1),
+    **{key: ((lambda value: value if isinstance(value, bool) else None), "true or false")
+       for key in ("freeze_backbone", "avg_non_ignore")},
     "img_scale": (_pair, "two positive whole numbers like (2048, 1024)"),
     "crop_size": (_pair, "two positive whole numbers like (512, 1024), or one for a square"),
     "steps": (_steps, "increasing iteration numbers like (60000, 72000)"),
     "ratio_range": (_ratio_range, "two positive numbers like (0.5, 2.0)"),
+    "rotate_range": (_rotate_range, "two angles in degrees, low <= high, like (-10, 10)"),
     "optimizer": _choice(*OPTIMIZERS),
+    "pipeline": _choice(*PIPELINES),
     "policy": _choice(*POLICIES),
     "warmup": _choice("linear"),
     "pretrained": ((lambda value: value if isinstance(value, str) and value else None),
@@ -213,6 +264,7 @@ _CHECKS = {
     **{key: _number(0, 1) for key in ("cat_max_ratio", "flip_prob", "dropout", "momentum", "power", "gamma",
                                       "warmup_ratio")},
     **{key: _number(0) for key in ("lr", "weight_decay", "min_lr", "aux_weight", "grad_clip", "loss_scale")},
+    "head_lr_mult": _number(1e-6),
 }
 
 

@@ -14,6 +14,14 @@ each scaled by 1 / chunks; DDP's ``no_sync`` on all but the last, so gradients a
 per step); BatchNorm then sees each chunk alone, which is the one way it differs from the larger
 batch.
 
+The PSPNet authors' recipe (``avg_non_ignore``, ``head_lr_mult``) differs in two places. Their
+``nn.CrossEntropyLoss(ignore_index=255)`` averages over the non-ignored pixels of one GPU's images
+and DDP averages the GPUs' gradients: here the images of each published GPU (global-batch slots
+``g * batch_size`` onwards) are averaged over their own non-ignored pixels (a GPU with none
+contributes 0, where theirs would give NaN), then the GPUs averaged, however many processes run.
+And the backbone's parameters form one SGD group at the schedule's lr, the decode and auxiliary
+heads' another at ``head_lr_mult`` x it (their ``modules_new`` at 10 x ``base_lr``).
+
 The one randomness inside a step, the heads' Dropout2d, is drawn per sample, as the crops are:
 each sample's channel mask is keyed by (seed, iteration, the sample's slot in the global batch,
 the layer) and by nothing else (:class:`KeyedDropout2d`), so a resumed run draws what an
@@ -62,15 +70,22 @@ class StepResult:
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, *, align_corners: bool,
-                      ignore_index: int = IGNORE_INDEX) -> Tuple[torch.Tensor, torch.Tensor]:
+                      ignore_index: int = IGNORE_INDEX,
+                      sample_weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy averaged over all label pixels, accuracy in percent over non-ignored pixels).
 
     The logits are resized to the labels' size in float32 first, as mmseg's ``losses`` does.
+    ``sample_weights`` (N,) given: the loss is instead the sum over samples of each one's summed
+    pixel losses times its weight (``Trainer``'s non-ignored averaging).
     """
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=align_corners)
-    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none").mean()
+    pixel_losses = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    if sample_weights is None:
+        loss = pixel_losses.mean()
+    else:
+        loss = (pixel_losses.flatten(1).sum(1) * sample_weights.to(pixel_losses.dtype)).sum()
     with torch.no_grad():
         valid = labels != ignore_index
         correct = (logits.argmax(1) == labels) & valid
@@ -172,7 +187,7 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self._dropouts = _keyed_dropout(model, recipe.dropout)
         self.model = model.train()
-        self.optimizer = _optimizer(model, recipe)
+        self.optimizer, self._lr_multiples = _optimizer(model, recipe)
         self.scaler = _scaler(recipe, self.amp)
         forward: nn.Module = _HeadsForward(model)
         self.engine: Optional[DistributedDataParallel] = None
@@ -206,10 +221,11 @@ class Trainer:
         if len(samples) != count:
             raise PspZooError(f"{len(samples)} sample slots given for {count} images; give one per image")
         lr = self.lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group, multiple in zip(self.optimizer.param_groups, self._lr_multiples):
+            group["lr"] = learning_rate(self.recipe, self.iteration, self.recipe.lr * multiple)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        weights = self._sample_weights(labels, samples) if self.recipe.avg_non_ignore else None
         parts = torch.zeros(5, dtype=torch.float64)
         size = count // self.accumulation
         for start in range(0, count, size):
@@ -217,14 +233,35 @@ class Trainer:
             # DDP averages the gradients in the last chunk's backward pass, over every chunk's sum
             with self.engine.no_sync() if self.engine is not None and not last else contextlib.nullcontext():
                 parts += self._backward(images[start:start + size], labels[start:start + size],
-                                        samples[start:start + size])
+                                        samples[start:start + size],
+                                        None if weights is None else weights[start:start + size])
         parts /= self.accumulation
         self._optimizer_step()
         self.iteration += 1
         loss, decode, aux, decode_acc, aux_acc = self._averaged(parts).tolist()
         return StepResult(lr, loss, decode, aux, decode_acc, aux_acc)
 
-    def _backward(self, images: torch.Tensor, labels: torch.Tensor, samples: Tuple[int, ...]) -> torch.Tensor:
+    def _sample_weights(self, labels: torch.Tensor, samples: Tuple[int, ...]) -> torch.Tensor:
+        """Per image: the weight of its summed pixel losses that makes this process's chunk losses, scaled
+        by 1 / chunks and averaged over processes, the mean over published GPUs of each GPU's loss
+        averaged over its non-ignored pixels."""
+        slots = self.distributed.world_size * labels.shape[0]
+        counts = torch.zeros(slots, dtype=torch.float64)
+        if max(samples) >= slots:
+            raise PspZooError(f"sample slot {max(samples)} lies outside the global batch of {slots} images")
+        counts[list(samples)] = (labels != self.ignore_index).flatten(1).sum(1).double().cpu()
+        if self.distributed.world_size > 1:
+            reduced = counts.to(self.device, torch.float64 if self.device.type == "cpu" else torch.float32)
+            dist.all_reduce(reduced)
+            counts = reduced.double().cpu()
+        groups = torch.arange(slots) // self.recipe.batch_size
+        per_group = torch.zeros(int(groups.max()) + 1, dtype=torch.float64).index_add_(0, groups, counts)
+        scale = self.distributed.world_size * self.accumulation / per_group.numel()
+        weights = torch.where(per_group > 0, scale / per_group.clamp(min=1), torch.zeros_like(per_group))
+        return weights[groups[list(samples)]].to(self.device)
+
+    def _backward(self, images: torch.Tensor, labels: torch.Tensor, samples: Tuple[int, ...],
+                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         for dropout in self._dropouts:
             dropout.keys = (self.seed, self.iteration, samples)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -234,9 +271,9 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             decode_logits, aux_logits = self._forward(images)
         decode_loss, decode_acc = segmentation_loss(decode_logits, labels, align_corners=align_corners,
-                                                    ignore_index=self.ignore_index)
+                                                    ignore_index=self.ignore_index, sample_weights=weights)
         aux_loss, aux_acc = segmentation_loss(aux_logits, labels, align_corners=align_corners,
-                                              ignore_index=self.ignore_index)
+                                              ignore_index=self.ignore_index, sample_weights=weights)
         aux_loss = aux_loss * self.recipe.aux_weight
         loss = decode_loss + aux_loss
         scaled = loss / self.accumulation
@@ -317,11 +354,22 @@ def _keyed_dropout(model: nn.Module, p: float) -> List[KeyedDropout2d]:
     return keyed
 
 
-def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, recipe: Recipe) -> Tuple[torch.optim.Optimizer, Tuple[float, ...]]:
+    """The optimizer, and each parameter group's lr as a multiple of the recipe's: one group, or with a
+    ``head_lr_mult`` the backbone's then the heads' (everything outside ``model.backbone``)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    groups, multiples = [{"params": params}], (1.0,)
+    if recipe.head_lr_mult != 1:
+        backbone = {id(p) for p in model.backbone.parameters()}
+        groups = [{"params": [p for p in params if id(p) in backbone]},
+                  {"params": [p for p in params if id(p) not in backbone], "lr": recipe.lr * recipe.head_lr_mult}]
+        multiples = (1.0, recipe.head_lr_mult)
+        if not groups[0]["params"]:  # a frozen backbone
+            groups, multiples = groups[1:], multiples[1:]
     if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+        return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay), multiples
+    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum,
+                           weight_decay=recipe.weight_decay), multiples
 
 
 def _scaler(recipe: Recipe, amp: bool) -> Optional[torch.amp.GradScaler]:

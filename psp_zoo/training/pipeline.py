@@ -30,7 +30,7 @@ from ..datasets.transforms import IMG_MEAN, IMG_STD, rescale_size
 from ..errors import PspZooError
 from ..manifest.entries import IGNORE_INDEX  # the default; a dataset may declare its own
 
-__all__ = [
+__all__ = ["check_pair", 
     "TrainTransform", "Draws", "sample_rng", "random_scale", "resize", "crop_box", "crop_is_acceptable",
     "random_crop", "random_flip", "photometric_distortion", "normalize", "pad",
 ]
@@ -238,6 +238,15 @@ def _check_pair(value: Sequence, name: str, kind: type) -> Tuple:
     return tuple(kind(v) for v in value)
 
 
+def check_pair(image: np.ndarray, label: np.ndarray) -> None:
+    """Refuse what a training transform cannot take: an H x W x 3 uint8 BGR image, its H x W uint8 label."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise PspZooError(f"expected an H x W x 3 uint8 BGR image, got {image.dtype} {image.shape}")
+    if label.shape != image.shape[:2] or label.dtype != np.uint8:
+        raise PspZooError(f"expected an H x W uint8 label of the image's size {image.shape[:2]}, "
+                          f"got {label.dtype} {label.shape}")
+
+
 @dataclass(frozen=True)
 class TrainTransform:
     """One training sample as the published recipes made it.
@@ -292,11 +301,7 @@ class TrainTransform:
         return random_flip(draws, image, label, self.flip_prob)
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: Rng) -> Tuple[np.ndarray, np.ndarray]:
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise PspZooError(f"expected an H x W x 3 uint8 BGR image, got {image.dtype} {image.shape}")
-        if label.shape != image.shape[:2] or label.dtype != np.uint8:
-            raise PspZooError(f"expected an H x W uint8 label of the image's size {image.shape[:2]}, "
-                              f"got {label.dtype} {label.shape}")
+        check_pair(image, label)
         draws = Draws(rng)
         image, label = self.geometric(image, label, draws)
         if self.photometric:

@@ -35,7 +35,7 @@ import numpy as np
 from ..datasets.transforms import IMG_MEAN, IMG_STD
 from ..errors import PspZooError
 from ..manifest.entries import IGNORE_INDEX
-from .pipeline import Draws, Rng, TrainTransform
+from .pipeline import Draws, Rng, TrainTransform, check_pair
 
 __all__ = ["SemsegTransform", "BLUR_KERNEL", "ROTATE_PROB", "BLUR_PROB", "transform_for"]
 
@@ -110,11 +110,7 @@ class SemsegTransform:
         return image[top:top + crop_h, left:left + crop_w], label[top:top + crop_h, left:left + crop_w]
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: Rng) -> Tuple[np.ndarray, np.ndarray]:
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise PspZooError(f"expected an H x W x 3 uint8 BGR image, got {image.dtype} {image.shape}")
-        if label.shape != image.shape[:2] or label.dtype != np.uint8:
-            raise PspZooError(f"expected an H x W uint8 label of the image's size {image.shape[:2]}, "
-                              f"got {label.dtype} {label.shape}")
+        check_pair(image, label)
         rgb = np.ascontiguousarray(image[:, :, ::-1]).astype(np.float32)
         rgb, label = self.geometric(rgb, np.ascontiguousarray(label), Draws(rng))
         mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
